@@ -1,0 +1,151 @@
+"""The Control contract: one small interface every guarded piece of state implements.
+
+The engine owns the policies (debounce, one transaction at a time, rollback, flap damping); a
+control only knows how to observe its state, say what it should be, and plan the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.paths import SystemRoot
+
+
+@dataclass(frozen=True)
+class DriftItem:
+    """One way the observed state differs from the desired one."""
+
+    what: str  # e.g. "permitrootlogin", "include", "conflict"
+    where: str  # the file (system path) or "effective" for the running tool's view
+    expected: str
+    actual: str
+    line: int | None = None
+
+    def describe(self) -> str:
+        place = f"{self.where}:{self.line}" if self.line else self.where
+        return f"{place}: {self.what} is {self.actual!r}, expected {self.expected!r}"
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Plain data: what drifted, where, and a unified diff of the effective state."""
+
+    control: str
+    items: tuple[DriftItem, ...]
+    diff: str
+
+    @property
+    def primary_path(self) -> str | None:
+        for item in self.items:
+            if item.where.startswith("/"):
+                return item.where
+        return None
+
+    def summary(self) -> str:
+        return "; ".join(item.describe() for item in self.items)
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: Path  # real path under the root
+    system_path: str  # as the guarded system names it
+    content: bytes | None  # None: delete
+    mode: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What plan() would do; --dry-run and `vps-agentctl diff` print it."""
+
+    files: tuple[FileChange, ...] = ()
+    notes: tuple[str, ...] = ()
+    diff: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.files
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A failed lockout invariant: the control changes nothing and says why."""
+
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(self.reasons)
+
+
+class ObserveError(Exception):
+    """The effective state cannot be read (the tool rejects the current config, a file is unsafe)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class ValidationError(Exception):
+    """The real tool rejected the planned configuration."""
+
+
+@dataclass
+class ReloadOutcome:
+    ok: bool
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Control(ABC):
+    name: str
+
+    def __init__(self, root: SystemRoot) -> None:
+        self.root = root
+
+    @abstractmethod
+    def watches(self, config: Config) -> Sequence[Path]:
+        """Directories whose changes may change this control's state (watched non-recursively)."""
+
+    @abstractmethod
+    def observe(self) -> Any:
+        """The effective state as the system sees it; raises ObserveError."""
+
+    @abstractmethod
+    def desired(self, config: Config) -> Any: ...
+
+    @abstractmethod
+    def diff(self, observed: Any, desired: Any) -> Drift | None: ...
+
+    @abstractmethod
+    def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes: ...
+
+    @abstractmethod
+    def preconditions(self, observed: Any, desired: Any) -> Blocked | None:
+        """The lockout invariants for going from observed to desired; Blocked means change nothing."""
+
+    @abstractmethod
+    def validate(self, changes: Changes) -> None:
+        """Ask the real tool; raises ValidationError with the tool's words."""
+
+    @abstractmethod
+    def reload(self) -> ReloadOutcome: ...
+
+    def enabled(self, config: Config) -> bool:
+        return True
+
+    def facts(self, observed: Any) -> dict[str, Any]:
+        """A few observed facts for `status` (e.g. the port sshd really uses)."""
+        return {}
+
+
+def unified(before: str, after: str, label: str) -> str:
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True), f"a{label}", f"b{label}", n=1
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)

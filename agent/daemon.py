@@ -1,0 +1,255 @@
+"""`vps-agent run`: wires config, controls, engine, IPC and sd_notify, then keeps the watchdog fed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent import events as ev
+from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.controls.base import Control
+from agent.controls.sshd import SshdControl
+from agent.engine import transaction as tx
+from agent.engine.engine import Engine
+from agent.ipc import IpcError, IpcServer, Request
+from agent.paths import SystemRoot
+from agent.system import fs, namespace
+from agent.system.sdnotify import Notifier
+
+LAST_GOOD_CONFIG = "config.last-good.yaml"
+
+
+def build_controls(root: SystemRoot) -> list[Control]:
+    return [SshdControl(root)]
+
+
+def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
+    return tx.TransactionContext(events, fs.BackupStore(root.backups_dir, config.backups.keep), fs.EchoFilter())
+
+
+class Daemon:
+    def __init__(self, root: SystemRoot, config_path: Path) -> None:
+        self.root = root
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
+        self.config_error: str | None = None
+        config = self._initial_config()
+        self.events = ev.Events(
+            ev.EventSinks(
+                root.path(config.events.file), to_stdout=config.events.stdout, ring_size=config.events.ring_size
+            )
+        )
+        self.engine = Engine(build_controls(root), config, transaction_context(root, config, self.events))
+        self.ipc = IpcServer(root.socket, self.handle)
+
+    def _initial_config(self) -> Config:
+        """The config file, or the last good one when the file is broken: the guards never go unmanned."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            fallback = self.root.state_dir / LAST_GOOD_CONFIG
+            if not fallback.is_file():
+                raise
+            self.config_error = str(exc)
+            return load_config(fallback)
+        self._remember_good_config()
+        return config
+
+    def _remember_good_config(self) -> None:
+        if self.config_path.is_file():
+            fs.ensure_dir(self.root.state_dir, 0o755)
+            data = fs.read_regular(self.config_path, follow_symlinks=True) or b""
+            fs.atomic_write(self.root.state_dir / LAST_GOOD_CONFIG, data, mode=0o600)
+
+    # lifecycle ----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        for directory in (self.root.state_dir, self.root.backups_dir):
+            fs.ensure_dir(directory, 0o700 if directory == self.root.backups_dir else 0o755)
+        self.events.emit(
+            ev.AGENT_STARTED, outcome="success", message=f"vps-agent {__version__} started (root {self.root.prefix})",
+            version=__version__, root=str(self.root.prefix), pid=os.getpid(),
+        )
+        if self.config_error:
+            self.events.emit(
+                ev.CONFIG_REJECTED, outcome="failure", level="error", file_path=str(self.config_path),
+                message=f"config rejected, running on the last good config: {self.config_error}",
+                error=self.config_error,
+            )
+        self.ipc.start()
+        self.engine.start()
+        self.engine.reconcile_all("start-up reconcile")
+        self.notifier.ready(self.summary())
+        interval = self.notifier.watchdog_interval()
+        last_status = ""
+        try:
+            while not self.stopping.is_set():
+                self.stopping.wait(interval if interval else 60.0)
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload_config()
+                # feed the watchdog only while every control's worker is alive and not wedged
+                if interval and not self.engine.stuck_runners():
+                    self.notifier.watchdog()
+                summary = self.summary()
+                if summary != last_status:
+                    self.notifier.status(summary)
+                    last_status = summary
+        finally:
+            self.notifier.stopping()
+            self.events.emit(ev.AGENT_STOPPING, outcome="success", message="vps-agent stopping")
+            self.ipc.stop()
+            self.engine.stop()
+            self.events.sinks.close()
+        return 0
+
+    def reload_config(self) -> dict[str, Any]:
+        """SIGHUP and `vps-agentctl reload`: re-read the config (keep the old on error), reopen the log."""
+        self.notifier.reloading()
+        self.events.sinks.reopen()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.config_error = str(exc)
+            self.events.emit(
+                ev.CONFIG_REJECTED, outcome="failure", level="error", file_path=str(self.config_path),
+                message=f"new config rejected, the previous one stays in force: {exc}", error=str(exc),
+            )
+            self.notifier.ready(self.summary())
+            return {"ok": False, "error": str(exc)}
+        self.config_error = None
+        self._remember_good_config()
+        self.engine.ctx.backups.keep = config.backups.keep
+        self.engine.replace_config(config)
+        self.events.emit(
+            ev.CONFIG_RELOADED, outcome="success", file_path=str(self.config_path), message="config reloaded"
+        )
+        self.notifier.ready(self.summary())
+        return {"ok": True}
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for item in self.engine.status():
+            counts[item["status"]] = counts.get(item["status"], 0) + 1
+        text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        return f"{text}" + (" (config rejected: running on the previous one)" if self.config_error else "")
+
+    # IPC ----------------------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Any:
+        verb, args = request.verb, request.args
+        if verb == "status":
+            return self.status()
+        if verb == "events":
+            return self._events(args)
+        if verb == "pause":
+            return self._pause(args)
+        if verb == "resume":
+            selected = self._select(args)
+            for runner in selected:
+                runner.resume()
+                self.events.emit(ev.RESUMED, outcome="success", control=runner.name, message=f"{runner.name}: resumed")
+            return {"resumed": [r.name for r in selected]}
+        if verb == "converge":
+            outcomes = {}
+            for runner in self._select(args):
+                outcome = runner.converge_and_wait("vps-agentctl converge")
+                outcomes[runner.name] = outcome.status if outcome else "timeout"
+            return {"outcomes": outcomes, "status": self.status()}
+        if verb == "reload":
+            return self.reload_config()
+        raise IpcError(f"unknown verb {verb!r}")
+
+    def status(self) -> dict[str, Any]:
+        config = self.engine.config()
+        return {
+            "host": socket.gethostname(),
+            "version": __version__,
+            "pid": os.getpid(),
+            "root": str(self.root.prefix),
+            "started_at": self.engine.started_at,
+            "config": {"path": str(self.config_path), "error": self.config_error},
+            "reconcile_interval": format_duration(config.engine.reconcile_interval),
+            "watched": self.engine.watcher.watched(),
+            "events_file_error": self.events.sinks.file_error,
+            "controls": self.engine.status(),
+        }
+
+    def _select(self, args: Any) -> list[Any]:
+        name = args.get("control")
+        if name is None:
+            return list(self.engine.runners.values())
+        if name not in self.engine.runners:
+            raise IpcError(f"no control named {name!r}; controls: {', '.join(self.engine.runners)}")
+        return [self.engine.runners[name]]
+
+    def _pause(self, args: Any) -> dict[str, Any]:
+        duration = args.get("for")
+        if duration is None:
+            until = float("inf")
+        else:
+            try:
+                until = time.time() + parse_duration(duration)
+            except ValueError as exc:
+                raise IpcError(f"--for {duration!r}: expected a duration like 30m, 1h, 1d ({exc})") from exc
+        names = []
+        for runner in self._select(args):
+            runner.pause(until)
+            names.append(runner.name)
+            self.events.emit(
+                ev.PAUSED, outcome="success", control=runner.name,
+                message=f"{runner.name}: paused " + ("until resumed" if until == float("inf") else f"for {duration}"),
+                paused_until=None if until == float("inf") else until,
+            )
+        return {"paused": names, "until": None if until == float("inf") else until}
+
+    def _events(self, args: Any) -> Any:
+        count = int(args.get("n", 20))
+        control = args.get("control")
+        if args.get("follow"):
+            return self._follow(count, control)
+        return self.events.sinks.recent(count, control)
+
+    def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
+        yield from self.events.sinks.recent(count, control)
+        yield from self.events.sinks.follow(control, self.stopping)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vps-agent",
+        description="Keep this VPS at its hardened baseline and heal drift within milliseconds.",
+    )
+    parser.add_argument("--version", action="version", version=f"vps-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the resident daemon (systemd starts this as vps-agent.service)")
+    run.add_argument("--root", default="/", metavar="DIR", help="guard the system under DIR instead of / (tests, demos)")
+    run.add_argument("--config", metavar="FILE", help="config file (default: ROOT/etc/vps-agent/config.yaml)")
+    args = parser.parse_args(argv)
+    root = SystemRoot.at(args.root)
+    config_path = Path(args.config) if args.config else root.config_file
+    try:
+        namespace.isolate_fake_root(root)
+        daemon = Daemon(root, config_path)
+    except (ConfigError, namespace.NamespaceError) as exc:
+        print(f"vps-agent: {exc}", file=sys.stderr)
+        return 2
+    return daemon.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The engine: the controls' runners, the watches that feed them, the config they all read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent.config import Config
+from agent.controls.base import Control
+from agent.engine import transaction as tx
+from agent.engine.runner import ControlRunner
+from agent.engine.watch import DirectoryWatcher
+
+STUCK_AFTER = 120.0  # a transaction running longer than this means the agent is wedged
+
+
+class Engine:
+    def __init__(self, controls: Sequence[Control], config: Config, ctx: tx.TransactionContext) -> None:
+        self._config = config
+        self._config_lock = threading.Lock()
+        self.ctx = ctx
+        self.watcher = DirectoryWatcher(ctx.echo)
+        self.runners = {c.name: ControlRunner(c, self.config, ctx, self.refresh_watches) for c in controls}
+        self.started_at = time.time()
+
+    def config(self) -> Config:
+        with self._config_lock:
+            return self._config
+
+    def replace_config(self, config: Config) -> None:
+        with self._config_lock:
+            self._config = config
+        self.refresh_watches()
+        for runner in self.runners.values():
+            runner.trigger("config reloaded", immediate=True)
+
+    def start(self) -> None:
+        self.refresh_watches()
+        self.watcher.start()
+        for runner in self.runners.values():
+            runner.start()
+
+    def reconcile_all(self, reason: str, timeout: float = 120.0) -> dict[str, tx.Outcome | None]:
+        """Converge every control now and wait (the start-up reconcile, `vps-agentctl converge`)."""
+        results: dict[str, tx.Outcome | None] = {}
+        threads = []
+        for name, runner in self.runners.items():
+            def work(n: str = name, r: ControlRunner = runner) -> None:
+                results[n] = r.converge_and_wait(reason, timeout)
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(timeout)
+        self.refresh_watches()
+        return results
+
+    def refresh_watches(self) -> None:
+        """(Re)arm each control's directory watches; runs after every converge, so a directory deleted
+        and made again (sshd_config.d) or a new Include target gets watched."""
+        config = self.config()
+        for name, runner in self.runners.items():
+            control = runner.control
+            directories = control.watches(config) if control.enabled(config) else []
+            self.watcher.set_watches(name, directories, runner.trigger)
+
+    def stuck_runners(self) -> list[str]:
+        now = time.monotonic()
+        return [n for n, r in self.runners.items() if r.busy_since is not None and now - r.busy_since > STUCK_AFTER]
+
+    def status(self) -> list[dict[str, Any]]:
+        return [r.state.snapshot(n) for n, r in self.runners.items()]
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        for runner in self.runners.values():
+            runner.stop()

@@ -1,0 +1,268 @@
+"""One thread per control: debounce triggers, run one transaction at a time, damp flapping, honour pauses."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import events as ev
+from agent.config import Config, format_duration
+from agent.controls.base import Control
+from agent.engine import transaction as tx
+
+# Status words `vps-agentctl status` shows; COMPLIANT/HEALED count as in compliance.
+PAUSED = "paused"
+FLAPPING = "flapping"
+DISABLED = "disabled"
+STARTING = "starting"
+_MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
+_MAX_BACKOFF = 3600.0
+
+
+@dataclass
+class ControlState:
+    status: str = STARTING
+    since: float = field(default_factory=time.time)
+    why: str = ""
+    last_transaction: str = ""
+    last_heal_at: float | None = None
+    last_converge_at: float | None = None
+    heals: int = 0
+    paused_until: float | None = None  # wall clock; float("inf") = until resumed
+    backoff_until: float | None = None  # monotonic
+    facts: dict[str, Any] = field(default_factory=dict)
+    drift: list[str] = field(default_factory=list)
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        paused = None
+        if self.paused_until is not None:
+            paused = "until resumed" if self.paused_until == float("inf") else self.paused_until
+        return {
+            "control": name,
+            "status": self.status,
+            "since": self.since,
+            "why": self.why,
+            "heals": self.heals,
+            "last_heal_at": self.last_heal_at,
+            "last_converge_at": self.last_converge_at,
+            "last_transaction": self.last_transaction,
+            "paused_until": paused,
+            "facts": self.facts,
+            "drift": self.drift,
+        }
+
+
+class ControlRunner:
+    def __init__(
+        self,
+        control: Control,
+        get_config: Callable[[], Config],
+        ctx: tx.TransactionContext,
+        after_converge: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._after_converge = after_converge
+        self.control = control
+        self.get_config = get_config
+        self.ctx = ctx
+        self.state = ControlState()
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: str | None = None  # why a converge is wanted
+        self._first_trigger = 0.0
+        self._deadline = 0.0
+        self._heal_times: collections.deque[float] = collections.deque()
+        self._backoff_level = 0
+        self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"control-{control.name}", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return self.control.name
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def trigger(self, reason: str, *, immediate: bool = False) -> None:
+        """Something this control watches may have changed; converge after the debounce."""
+        now = self._clock()
+        debounce = 0.0 if immediate else self.get_config().engine.debounce
+        with self._cond:
+            if self._pending is None:
+                self._pending = reason
+                self._first_trigger = now
+            latest = self._first_trigger + debounce * _MAX_DEBOUNCE_FACTOR
+            self._deadline = min(now + debounce, latest)
+            if immediate:
+                self.state.backoff_until = None  # an admin's explicit converge overrides flap damping
+            self._cond.notify_all()
+
+    def converge_and_wait(self, reason: str, timeout: float = 120.0) -> tx.Outcome | None:
+        done = threading.Event()
+        box: list[tx.Outcome] = []
+        with self._cond:
+            self._waiters.append((done, box))
+        self.trigger(reason, immediate=True)
+        done.wait(timeout)
+        return box[0] if box else None
+
+    def pause(self, until: float) -> None:
+        with self._cond:
+            self.state.paused_until = until
+            self._set_status(PAUSED, "paused by the admin: drift is reported, not reverted")
+
+    def resume(self) -> None:
+        with self._cond:
+            self.state.paused_until = None
+            self.state.backoff_until = None
+            self._heal_times.clear()
+            self._backoff_level = 0
+            self.state.status = STARTING
+        self.trigger("resumed", immediate=True)
+
+    def _set_status(self, status: str, why: str) -> None:
+        if status != self.state.status or why != self.state.why:
+            if status != self.state.status:
+                self.state.since = time.time()
+            self.state.status = status
+            self.state.why = why
+
+    # the loop ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                reason = self._wait_for_work()
+                if reason is None:
+                    return
+            self.busy_since = time.monotonic()
+            try:
+                self._run_once(reason)
+                self._after_converge()
+            except Exception as exc:  # a bug must not silently end the guarding of this control
+                with self._cond:
+                    self._set_status(tx.ERROR, f"internal error: {type(exc).__name__}: {exc}")
+                self.ctx.events.emit(
+                    ev.REMEDIATION_FAILED, outcome="failure", control=self.name, level="error",
+                    message=f"{self.name}: internal error: {type(exc).__name__}: {exc}",
+                )
+                self._release_waiters(None)
+            finally:
+                self.busy_since = None
+                self.heartbeat = time.monotonic()
+
+    def _wait_for_work(self) -> str | None:
+        """Block until a converge is due; returns its reason, or None to stop. Holds self._cond."""
+        while not self._stop:
+            self.heartbeat = time.monotonic()
+            now = self._clock()
+            config = self.get_config()
+            if self.state.paused_until is not None and self.state.paused_until != float("inf"):
+                if time.time() >= self.state.paused_until:
+                    self.state.paused_until = None
+                    self._pending = self._pending or "pause expired"
+                    self._deadline = now
+            reconcile_due = (
+                self.state.last_converge_at + config.engine.reconcile_interval
+                if self.state.last_converge_at is not None
+                else float("inf")  # the start-up reconcile is explicit
+            )
+            wake_at = self._deadline if self._pending is not None else reconcile_due
+            if self.state.backoff_until is not None:
+                wake_at = max(wake_at, self.state.backoff_until)
+            if self.state.paused_until is not None:
+                # while paused, still look (and report) on triggers, but never heal
+                wake_at = self._deadline if self._pending is not None else reconcile_due
+            if now >= wake_at:
+                reason = self._pending or "periodic reconcile"
+                self._pending = None
+                return reason
+            self._cond.wait(timeout=min(max(wake_at - now, 0.001), 3600.0))
+        return None
+
+    def _run_once(self, reason: str) -> None:
+        config = self.get_config()
+        if not self.control.enabled(config):
+            with self._cond:
+                self._set_status(DISABLED, "disabled in the config")
+                self.state.last_converge_at = self._clock()
+            self._release_waiters(None)
+            return
+        paused = self.state.paused_until is not None
+        outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused)
+        with self._cond:
+            self.state.last_converge_at = self._clock()
+            self.state.last_transaction = outcome.transaction_id
+            if outcome.facts:
+                self.state.facts = outcome.facts
+            self.state.drift = [i.describe() for i in outcome.drift.items] if outcome.drift else []
+            if paused:
+                drifted = outcome.status not in (tx.COMPLIANT,)
+                self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
+            elif outcome.status == tx.HEALED:
+                self.state.heals += 1
+                self.state.last_heal_at = time.time()
+                self._record_heal(config)
+                if self.state.status != FLAPPING:
+                    self._set_status(tx.HEALED, outcome.detail)
+            elif outcome.status == tx.COMPLIANT:
+                if self.state.status == FLAPPING and self._heal_times:
+                    pass  # stay flapping until the window has passed
+                elif self.state.status != tx.HEALED:
+                    self._set_status(tx.COMPLIANT, "")
+            else:
+                self._set_status(outcome.status, outcome.detail)
+            self._maybe_leave_flapping(config)
+        self._release_waiters(outcome)
+
+    def _record_heal(self, config: Config) -> None:
+        now = self._clock()
+        self._heal_times.append(now)
+        while self._heal_times and now - self._heal_times[0] > config.engine.flap_window:
+            self._heal_times.popleft()
+        if len(self._heal_times) > config.engine.flap_max_heals:
+            backoff = min(config.engine.flap_backoff * (2**self._backoff_level), _MAX_BACKOFF)
+            self._backoff_level += 1
+            self.state.backoff_until = now + backoff
+            why = (
+                f"reverted {len(self._heal_times)} times in {format_duration(config.engine.flap_window)}; "
+                f"something keeps changing it: backing off {format_duration(backoff)}, last good state kept"
+            )
+            self._set_status(FLAPPING, why)
+            self.ctx.events.emit(
+                ev.FLAPPING, outcome="failure", control=self.name, level="error",
+                message=f"{self.name}: flapping: {why}", backoff_seconds=backoff, heals=len(self._heal_times),
+            )
+
+    def _maybe_leave_flapping(self, config: Config) -> None:
+        if self.state.status != FLAPPING:
+            return
+        now = self._clock()
+        while self._heal_times and now - self._heal_times[0] > config.engine.flap_window:
+            self._heal_times.popleft()
+        if not self._heal_times and (self.state.backoff_until is None or now >= self.state.backoff_until):
+            self.state.backoff_until = None
+            self._backoff_level = 0
+            self._set_status(tx.COMPLIANT, "")
+
+    def _release_waiters(self, outcome: tx.Outcome | None) -> None:
+        with self._cond:
+            waiters, self._waiters = self._waiters, []
+        for done, box in waiters:
+            if outcome is not None:
+                box.append(outcome)
+            done.set()

@@ -1,0 +1,143 @@
+"""The converge transaction: observe -> diff -> preconditions -> backup -> apply -> validate -> reload ->
+observe again -> commit, or restore the backups, reload, and report. The only code that writes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import events as ev
+from agent.config import Config
+from agent.controls.base import Blocked, Changes, Control, Drift, ObserveError, ValidationError
+from agent.events import Events
+from agent.system import fs
+
+COMPLIANT = "compliant"
+HEALED = "healed"
+DRIFTED = "drifted"  # seen but not healed on purpose (check, dry run)
+BLOCKED = "blocked"
+FAILED = "failed"
+ERROR = "error"  # the state could not even be observed
+
+
+@dataclass
+class Outcome:
+    control: str
+    status: str
+    detail: str = ""
+    drift: Drift | None = None
+    changes: Changes | None = None
+    blocked: Blocked | None = None
+    duration_ms: float = 0.0
+    transaction_id: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TransactionContext:
+    events: Events
+    backups: fs.BackupStore
+    echo: fs.EchoFilter
+
+
+def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:
+    """One transaction for one control; heal=False only observes and plans (check, diff, dry run)."""
+    started = time.monotonic()
+    txid = uuid.uuid4().hex[:12]
+
+    def elapsed() -> float:
+        return round((time.monotonic() - started) * 1000, 2)
+
+    try:
+        observed = control.observe()
+        desired = control.desired(config)
+    except (ObserveError, ValidationError, fs.UnsafeFile, OSError) as exc:
+        path = getattr(exc, "path", None)
+        if heal:
+            ctx.events.emit(
+                ev.OBSERVE_FAILED, outcome="failure", control=control.name, level="error",
+                message=f"{control.name}: cannot read the effective state, nothing changed: {exc}",
+                file_path=str(path) if path else None, reason=reason, transaction_id=txid,
+            )
+        return Outcome(control.name, ERROR, str(exc), duration_ms=elapsed(), transaction_id=txid)
+
+    facts = control.facts(observed)
+    drift = control.diff(observed, desired)
+    if drift is None:
+        return Outcome(control.name, COMPLIANT, "", duration_ms=elapsed(), transaction_id=txid, facts=facts)
+
+    blocked = control.preconditions(observed, desired)
+    try:
+        changes = control.plan(observed, desired, drift)
+    except fs.UnsafeFile as exc:
+        changes = None
+        plan_error = str(exc)
+    else:
+        plan_error = ""
+    if not heal:
+        status = BLOCKED if blocked else DRIFTED
+        return Outcome(control.name, status, str(blocked or drift.summary()), drift, changes, blocked,
+                       elapsed(), txid, facts)
+
+    ctx.events.emit(
+        ev.DRIFT_DETECTED, outcome="unknown", control=control.name, level="warning",
+        message=f"{control.name}: drift detected: {drift.summary()}",
+        file_path=drift.primary_path, diff=drift.diff, reason=reason, transaction_id=txid,
+        drift=[item.describe() for item in drift.items],
+    )
+    if blocked is not None:
+        ctx.events.emit(
+            ev.REMEDIATION_BLOCKED, outcome="failure", control=control.name, level="error",
+            message=f"{control.name}: blocked, nothing changed: {blocked}", reasons=list(blocked.reasons),
+            transaction_id=txid, duration_ms=elapsed(),
+        )
+        return Outcome(control.name, BLOCKED, str(blocked), drift, changes, blocked, elapsed(), txid, facts)
+    if changes is None:
+        ctx.events.emit(
+            ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
+            message=f"{control.name}: cannot plan a fix, nothing changed: {plan_error}",
+            transaction_id=txid, duration_ms=elapsed(),
+        )
+        return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
+
+    backup = ctx.backups.begin(control.name, txid)
+    try:
+        for change in changes.files:
+            backup.save(change.path)
+        for change in changes.files:
+            if change.content is None:
+                fs.remove(change.path, echo=ctx.echo)
+            else:
+                fs.ensure_dir(change.path.parent)
+                fs.atomic_write(change.path, change.content, mode=change.mode, echo=ctx.echo)
+        control.validate(changes)
+        reloaded = control.reload()
+        if not reloaded.ok:
+            raise ValidationError(f"reload failed: {reloaded.detail}")
+        after = control.observe()
+        remaining = control.diff(after, desired)
+        if remaining is not None:
+            raise ValidationError(f"still drifted after the change: {remaining.summary()}")
+    except (ValidationError, ObserveError, fs.UnsafeFile, OSError) as exc:
+        restored = backup.restore(echo=ctx.echo)
+        rollback = control.reload() if restored else None
+        ctx.events.emit(
+            ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
+            message=f"{control.name}: fix rolled back: {exc}", file_path=drift.primary_path,
+            diff=changes.diff, transaction_id=txid, duration_ms=elapsed(),
+            restored=[str(p) for p in restored], rollback_reload=rollback.detail if rollback else None,
+            backup=str(backup.directory),
+        )
+        ctx.backups.prune(control.name)
+        return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts)
+    ctx.backups.prune(control.name)
+    ctx.events.emit(
+        ev.DRIFT_REVERTED, outcome="success", control=control.name,
+        message=f"{control.name}: drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
+        file_path=drift.primary_path, diff=changes.diff, transaction_id=txid, duration_ms=elapsed(),
+        backup=str(backup.directory), reload=reloaded.detail,
+    )
+    return Outcome(control.name, HEALED, "; ".join(changes.notes), drift, changes, None, elapsed(), txid,
+                   control.facts(after))

@@ -1,0 +1,187 @@
+"""The one event emitter: structlog (22.3 API) -> ECS-named JSON -> stdout, a JSON-lines file, a ring buffer."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+# event.action values users and scripts match on; keep them stable.
+AGENT_STARTED = "agent-started"
+AGENT_STOPPING = "agent-stopping"
+CONFIG_RELOADED = "config-reloaded"
+CONFIG_REJECTED = "config-rejected"
+DRIFT_DETECTED = "drift-detected"
+DRIFT_REVERTED = "drift-reverted"
+REMEDIATION_FAILED = "remediation-failed"
+REMEDIATION_BLOCKED = "remediation-blocked"
+OBSERVE_FAILED = "observe-failed"
+FLAPPING = "flapping"
+PAUSED = "paused"
+RESUMED = "resumed"
+SERVICE_STARTED = "service-started"
+
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def _utc_timestamp() -> str:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+class EventSinks:
+    """Where rendered events go: stdout (journald captures it), a reopenable file, and a ring buffer."""
+
+    def __init__(self, file_path: Path | None, *, to_stdout: bool, ring_size: int) -> None:
+        self.file_path = file_path
+        self.to_stdout = to_stdout
+        self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=ring_size)
+        self._lock = threading.Lock()
+        self._new_event = threading.Condition(self._lock)
+        self._sequence = 0
+        self._file: IO[str] | None = None
+        self.file_error: str | None = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Reopen the events file: logrotate moved it away, SIGHUP brings us here."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self.file_path is None:
+                return
+            try:
+                self.file_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+                fd = os.open(self.file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+                self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+                self.file_error = None
+            except OSError as exc:
+                self.file_error = f"{self.file_path}: {exc.strerror}"
+
+    def write(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        with self._lock:
+            self._sequence += 1
+            self.ring.append(event)
+            if self._file is not None:
+                try:
+                    self._file.write(line + "\n")
+                except OSError as exc:
+                    self.file_error = f"{self.file_path}: {exc.strerror}"
+            self._new_event.notify_all()
+        if self.to_stdout:
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+    def recent(self, count: int, control: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            items = [e for e in self.ring if control is None or e.get("control") == control]
+        return items[-count:] if count > 0 else []
+
+    def follow(self, control: str | None = None, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+        """Yield events as they arrive (for `vps-agentctl events -f`)."""
+        with self._lock:
+            seen = self._sequence
+        while stop is None or not stop.is_set():
+            with self._lock:
+                self._new_event.wait_for(lambda: self._sequence > seen, timeout=1.0)
+                fresh = self._sequence - seen
+                batch = list(self.ring)[-fresh:] if fresh else []
+                seen = self._sequence
+            for event in batch:
+                if control is None or event.get("control") == control:
+                    yield event
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class _SinkLogger:
+    """structlog's "logger": receives the finished event dict from the processor chain."""
+
+    def __init__(self, sinks: EventSinks) -> None:
+        self._sinks = sinks
+
+    def msg(self, event: dict[str, Any]) -> None:
+        self._sinks.write(event)
+
+    info = debug = warning = error = critical = msg
+
+
+def _to_ecs(logger: object, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """Shape a flat structlog event into ECS-named fields."""
+    action = event_dict.pop("event")
+    shaped: dict[str, Any] = {
+        "@timestamp": event_dict.pop("timestamp", None) or _utc_timestamp(),
+        "message": event_dict.pop("message", None) or action,
+        "log": {"level": method if method in _LEVELS else "info", "logger": "vps-agent"},
+        "host": {"name": event_dict.pop("host_name")},
+        "event": {
+            "kind": "event",
+            "module": "vps-agent",
+            "action": action,
+            "outcome": event_dict.pop("outcome", "unknown"),
+        },
+    }
+    control = event_dict.pop("control", None)
+    if control is not None:
+        shaped["control"] = control
+    file_path = event_dict.pop("file_path", None)
+    if file_path is not None:
+        shaped["file"] = {"path": file_path}
+    transaction_id = event_dict.pop("transaction_id", None)
+    if transaction_id is not None:
+        shaped["transaction"] = {"id": transaction_id}
+    duration_ms = event_dict.get("duration_ms")
+    if duration_ms is not None:
+        shaped["event"]["duration"] = int(duration_ms * 1_000_000)
+    shaped.update(event_dict)
+    return ((shaped,), {})
+
+
+class Events:
+    """emit(action, ...) is the only way the agent says anything."""
+
+    def __init__(self, sinks: EventSinks, host_name: str | None = None) -> None:
+        self.sinks = sinks
+        self._log = structlog.wrap_logger(
+            _SinkLogger(sinks),
+            processors=[structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"), _to_ecs],
+            wrapper_class=structlog.BoundLogger,
+            host_name=host_name or socket.gethostname(),
+        )
+
+    def emit(
+        self,
+        action: str,
+        *,
+        outcome: str = "unknown",
+        message: str | None = None,
+        control: str | None = None,
+        level: str = "info",
+        **fields: Any,
+    ) -> None:
+        clean = {k: v for k, v in fields.items() if v is not None}
+        method = getattr(self._log, level if level in _LEVELS else "info")
+        method(action, outcome=outcome, message=message, control=control, **clean)
+
+
+def null_events() -> Events:
+    """Events that go only to the ring buffer (for `check` and tests)."""
+    return Events(EventSinks(None, to_stdout=False, ring_size=100))

@@ -1,0 +1,118 @@
+"""Every absolute path the agent uses, derived from one SystemRoot so tests and sandboxes re-root it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+AGENT_DROPIN_NAME = "00-vps-agent.conf"
+
+
+@dataclass(frozen=True)
+class SystemRoot:
+    """The root of the system the agent guards: "/" in production, a fake root in tests."""
+
+    prefix: Path = Path("/")
+
+    @classmethod
+    def at(cls, prefix: str | os.PathLike[str]) -> SystemRoot:
+        return cls(Path(os.path.abspath(prefix)))
+
+    @property
+    def is_host(self) -> bool:
+        return self.prefix == Path("/")
+
+    def path(self, absolute: str | os.PathLike[str]) -> Path:
+        """Map an absolute path as the guarded system names it onto this root."""
+        text = os.fspath(absolute)
+        if not text.startswith("/"):
+            raise ValueError(f"expected an absolute path, got {text!r}")
+        return self.prefix / text.lstrip("/")
+
+    def system_name(self, path: str | os.PathLike[str]) -> str:
+        """The absolute path as the guarded system names it (inverse of path())."""
+        rel = os.path.relpath(os.fspath(path), self.prefix)
+        if rel == ".":
+            return "/"
+        if rel.startswith(".."):
+            return os.fspath(path)
+        return "/" + rel
+
+    # agent's own files
+    @property
+    def config_file(self) -> Path:
+        return self.path("/etc/vps-agent/config.yaml")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path("/var/lib/vps-agent")
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.state_dir / "backups"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path("/run/vps-agent")
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path("/var/log/vps-agent")
+
+    # sshd
+    @property
+    def ssh_dir(self) -> Path:
+        return self.path("/etc/ssh")
+
+    @property
+    def sshd_config(self) -> Path:
+        return self.ssh_dir / "sshd_config"
+
+    @property
+    def sshd_config_d(self) -> Path:
+        return self.ssh_dir / "sshd_config.d"
+
+    @property
+    def sshd_dropin(self) -> Path:
+        return self.sshd_config_d / AGENT_DROPIN_NAME
+
+    @property
+    def sshd_privsep_dir(self) -> Path:
+        return self.path("/run/sshd")
+
+    # accounts
+    @property
+    def passwd(self) -> Path:
+        return self.path("/etc/passwd")
+
+    @property
+    def shadow(self) -> Path:
+        return self.path("/etc/shadow")
+
+    @property
+    def group(self) -> Path:
+        return self.path("/etc/group")
+
+    @property
+    def sudoers(self) -> Path:
+        return self.path("/etc/sudoers")
+
+    @property
+    def sudoers_d(self) -> Path:
+        return self.path("/etc/sudoers.d")
+
+    @property
+    def systemd_run_dir(self) -> Path:
+        """Exists only when systemd is the running init (sd_booted)."""
+        return self.path("/run/systemd/system")
+
+    # Directories that tools resolve by absolute path (sshd's Include): in a fake root they are
+    # bind-mounted over the real ones inside a private mount namespace (see system.namespace).
+    @property
+    def tool_visible_dirs(self) -> tuple[str, ...]:
+        return ("/etc/ssh",)

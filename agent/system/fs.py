@@ -1,0 +1,274 @@
+"""The one door to files the agent guards: safe reads, atomic writes, versioned backups, echo fingerprints."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_CONFIG_BYTES = 1024 * 1024
+TMP_MARKER = ".vps-agent-tmp-"
+
+
+class UnsafeFile(Exception):
+    """A path the agent refuses to read or write through (a symlink, a FIFO, a device, too large)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"{path}: {why}")
+
+
+def read_regular(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: bool = False) -> bytes | None:
+    """Bytes of a regular file, None when it does not exist; never blocks on a FIFO, never reads past limit."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(path, f"is a symlink to {os.readlink(path)!r}; not following it") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(path, "is not a regular file")
+        if info.st_size > limit:
+            raise UnsafeFile(path, f"is {info.st_size} bytes, over the {limit}-byte limit for config files")
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(65536, remaining))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise UnsafeFile(path, f"grew past the {limit}-byte limit for config files")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: bool = False) -> str | None:
+    data = read_regular(path, limit=limit, follow_symlinks=follow_symlinks)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UnsafeFile(path, f"line {line}: expected UTF-8 text, found byte 0x{data[exc.start]:02x}") from exc
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> Fingerprint | None:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return cls(info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+class EchoFilter:
+    """Remembers the agent's own writes so their inotify echo does not trigger another converge."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._written: dict[str, tuple[Fingerprint | None, float]] = {}
+
+    def record(self, path: Path) -> None:
+        with self._lock:
+            self._written[os.fspath(path)] = (Fingerprint.of(path), time.monotonic() + self._ttl)
+
+    def is_echo(self, path: str) -> bool:
+        if TMP_MARKER in os.path.basename(path):
+            return True
+        with self._lock:
+            entry = self._written.get(path)
+            if entry is None:
+                return False
+            fingerprint, expires = entry
+            if time.monotonic() > expires:
+                del self._written[path]
+                return False
+        return Fingerprint.of(Path(path)) == fingerprint
+
+
+def atomic_write(
+    path: Path,
+    content: bytes,
+    *,
+    mode: int | None = None,
+    owner: tuple[int, int] | None = None,
+    echo: EchoFilter | None = None,
+) -> None:
+    """Write by rename in the same directory: readers see the old or the new file, never half of one.
+
+    A symlink at path is replaced, never followed. Mode and owner default to the existing file's.
+    """
+    directory = path.parent
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        mode = stat.S_IMODE(existing.st_mode) if mode is None else mode
+        owner = (existing.st_uid, existing.st_gid) if owner is None else owner
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644 if mode is None else mode)
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(handle.fileno(), *owner)
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(directory)
+    if echo is not None:
+        echo.record(path)
+
+
+def remove(path: Path, *, echo: EchoFilter | None = None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        _fsync_dir(path.parent)
+    if echo is not None:
+        echo.record(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def ensure_dir(path: Path, mode: int = 0o755) -> None:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+@dataclass
+class SavedFile:
+    """One file as it was before a transaction touched it."""
+
+    path: Path
+    existed: bool
+    content: bytes = b""
+    symlink_target: str | None = None
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class BackupSet:
+    """The pre-change copies for one converge transaction, on disk and in memory."""
+
+    directory: Path
+    saved: dict[Path, SavedFile] = field(default_factory=dict)
+
+    def save(self, path: Path) -> SavedFile:
+        if path in self.saved:
+            return self.saved[path]
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            entry = SavedFile(path, existed=False)
+        else:
+            if stat.S_ISLNK(info.st_mode):
+                entry = SavedFile(path, True, symlink_target=os.readlink(path), uid=info.st_uid, gid=info.st_gid)
+            elif stat.S_ISREG(info.st_mode):
+                data = read_regular(path) or b""
+                entry = SavedFile(path, True, data, None, stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
+            else:
+                raise UnsafeFile(path, "is not a regular file or a symlink; refusing to back it up or replace it")
+        self.saved[path] = entry
+        self._persist(entry)
+        return entry
+
+    def _persist(self, entry: SavedFile) -> None:
+        files_dir = self.directory / "files"
+        target = files_dir / str(entry.path).lstrip("/")
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if entry.existed and entry.symlink_target is None:
+            atomic_write(target, entry.content, mode=0o600, owner=(0, 0))
+        manifest = [
+            {
+                "path": str(item.path),
+                "existed": item.existed,
+                "symlink_target": item.symlink_target,
+                "mode": oct(item.mode),
+                "uid": item.uid,
+                "gid": item.gid,
+            }
+            for item in self.saved.values()
+        ]
+        atomic_write(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode(), mode=0o600)
+
+    def restore(self, *, echo: EchoFilter | None = None) -> list[Path]:
+        """Put every saved file back as it was; returns the paths restored."""
+        restored = []
+        for entry in self.saved.values():
+            if not entry.existed:
+                remove(entry.path, echo=echo)
+            elif entry.symlink_target is not None:
+                remove(entry.path)
+                os.symlink(entry.symlink_target, entry.path)
+                if echo is not None:
+                    echo.record(entry.path)
+            else:
+                atomic_write(entry.path, entry.content, mode=entry.mode, owner=(entry.uid, entry.gid), echo=echo)
+            restored.append(entry.path)
+        return restored
+
+
+class BackupStore:
+    """Versioned backups under /var/lib/vps-agent/backups/<control>/<time>-<transaction>/, newest `keep` kept."""
+
+    def __init__(self, directory: Path, keep: int) -> None:
+        self.directory = directory
+        self.keep = keep
+
+    def begin(self, control: str, transaction_id: str) -> BackupSet:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.directory / control / f"{stamp}-{transaction_id}"
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        return BackupSet(target)
+
+    def prune(self, control: str) -> None:
+        sets = self.list(control)
+        for old in sets[: max(0, len(sets) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list(self, control: str) -> list[Path]:
+        base = self.directory / control
+        if not base.is_dir():
+            return []
+        return sorted(p for p in base.iterdir() if p.is_dir())
+

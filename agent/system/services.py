@@ -1,0 +1,86 @@
+"""The one door to services: systemctl when systemd runs the system, signals to a pidfile otherwise."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.paths import SystemRoot
+from agent.system import fs
+from agent.system.run import Completed, run
+
+
+@dataclass(frozen=True)
+class ServiceResult:
+    ok: bool
+    action: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service as both service managers know it: its systemd unit and its pidfile."""
+
+    unit: str
+    pidfile: str  # absolute, as the guarded system names it
+    process_name: str
+    start_argv: tuple[str, ...]
+
+
+class ServiceManager:
+    """Reload, start and query services of the guarded system.
+
+    In a fake root the agent never starts anything and only signals a process whose pidfile lives
+    inside that root: a test can run a real daemon in a namespace; the host's daemons stay untouched.
+    """
+
+    def __init__(self, root: SystemRoot) -> None:
+        self.root = root
+        self.use_systemd = root.is_host and root.systemd_run_dir.is_dir()
+
+    def is_running(self, service: Service) -> bool:
+        if self.use_systemd:
+            return run(["systemctl", "is-active", "--quiet", service.unit], timeout=10).ok
+        return self._pid(service) is not None
+
+    def reload(self, service: Service) -> ServiceResult:
+        if self.use_systemd:
+            if not self.is_running(service):
+                return self._systemctl("start", service)
+            return self._systemctl("reload", service)
+        pid = self._pid(service)
+        if pid is None:
+            if not self.root.is_host:
+                return ServiceResult(True, "none", f"{service.process_name} is not running in this fake root")
+            return self._start_without_systemd(service)
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return ServiceResult(False, "reload", f"{service.process_name} (pid {pid}) vanished before SIGHUP")
+        return ServiceResult(True, "reload", f"sent SIGHUP to {service.process_name} (pid {pid})")
+
+    def _systemctl(self, verb: str, service: Service) -> ServiceResult:
+        result: Completed = run(["systemctl", verb, service.unit], timeout=60)
+        return ServiceResult(result.ok, verb, f"systemctl {verb} {service.unit}" if result.ok else result.error_text())
+
+    def _start_without_systemd(self, service: Service) -> ServiceResult:
+        result = run(list(service.start_argv), timeout=30)
+        return ServiceResult(result.ok, "start", "started " + service.process_name if result.ok else result.error_text())
+
+    def _pid(self, service: Service) -> int | None:
+        """The live pid named by the service's pidfile, if that process is really the service."""
+        pidfile: Path = self.root.path(service.pidfile)
+        try:
+            text = fs.read_text(pidfile, limit=64)
+        except fs.UnsafeFile:
+            return None
+        if not text or not text.strip().isdigit():
+            return None
+        pid = int(text.strip())
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return None
+        return pid if comm == service.process_name else None

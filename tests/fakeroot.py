@@ -1,0 +1,108 @@
+"""Build a fake system root: Debian 12's stock sshd_config, a host key, accounts, a sudo admin with a key.
+
+Used by the tests and by `make demo`; run as `python3 -m tests.fakeroot DIR [--no-admin]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+_KEY_CACHE = Path(os.environ.get("VPS_AGENT_TEST_CACHE", "/tmp/vps-agent-test-cache"))
+
+PASSWD = """root:x:0:0:root:/root:/bin/bash
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+sshd:x:100:65534::/run/sshd:/usr/sbin/nologin
+"""
+SHADOW = """root:$y$j9T$abcdefghijklmnopqrstuv$0123456789012345678901234567890123456789012:19000:0:99999:7:::
+daemon:*:19000:0:99999:7:::
+sshd:*:19000:0:99999:7:::
+"""
+GROUP = """root:x:0:
+daemon:x:1:
+sudo:x:27:
+nogroup:x:65534:
+"""
+SUDOERS = """Defaults\tenv_reset
+root\tALL=(ALL:ALL) ALL
+%sudo\tALL=(ALL:ALL) ALL
+@includedir /etc/sudoers.d
+"""
+CONFIG = """# demo config for a fake root: see config.example.yaml for every key
+ssh:
+  port: 2222
+  permit_root_login: "no"
+  password_authentication: false
+engine:
+  reconcile_interval: 5m
+"""
+
+
+def host_key() -> tuple[bytes, bytes]:
+    """One ed25519 host key per machine, reused: ssh-keygen per test would cost more than the test."""
+    key = _KEY_CACHE / "ssh_host_ed25519_key"
+    if not key.exists():
+        _KEY_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key.read_bytes(), key.with_suffix(".pub").read_bytes()
+
+
+def client_key() -> bytes:
+    key = _KEY_CACHE / "admin_ed25519"
+    if not key.exists():
+        _KEY_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@demo", "-f", str(key)], check=True)
+    return key.with_suffix(".pub").read_bytes()
+
+
+def write(path: Path, text: str | bytes, mode: int = 0o644) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.chmod(path, mode)
+    return path
+
+
+def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True, config: str = CONFIG) -> Path:
+    ssh = root / "etc/ssh"
+    (ssh / "sshd_config.d").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DATA / "sshd_config.debian12", ssh / "sshd_config")
+    private, public = host_key()
+    write(ssh / "ssh_host_ed25519_key", private, 0o600)
+    write(ssh / "ssh_host_ed25519_key.pub", public)
+    passwd, shadow, group = PASSWD, SHADOW, GROUP
+    if admin:
+        passwd += f"{admin}:x:1000:1000:Admin:/home/{admin}:/bin/bash\n"
+        shadow += f"{admin}:$y$j9T$abcdefghijklmnopqrstuv$0123456789012345678901234567890123456789012:19000:0:99999:7:::\n"
+        group = group.replace("sudo:x:27:", f"sudo:x:27:{admin}") + f"{admin}:x:1000:\n"
+        home = root / "home" / admin
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o750)
+        if admin_key:
+            write(home / ".ssh/authorized_keys", client_key(), 0o600)
+            os.chmod(home / ".ssh", 0o700)
+    write(root / "etc/passwd", passwd)
+    write(root / "etc/shadow", shadow, 0o640)
+    write(root / "etc/group", group)
+    write(root / "etc/sudoers", SUDOERS, 0o440)
+    (root / "etc/sudoers.d").mkdir(parents=True, exist_ok=True)
+    write(root / "etc/vps-agent/config.yaml", config)
+    for directory in ("run", "var/lib/vps-agent", "var/log/vps-agent"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("directory")
+    parser.add_argument("--no-admin", action="store_true", help="no sudo user: the SSH guard must block")
+    args = parser.parse_args()
+    root = make_root(Path(args.directory), admin=None if args.no_admin else "admin")
+    print(f"fake root ready at {root}")
+
+
+if __name__ == "__main__":
+    main()
