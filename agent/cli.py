@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DaemonUnreachable as exc:
-        print(f"vps-agentctl: the daemon is unreachable: {exc} (is vps-agent.service running?)", file=sys.stderr)
+        print(f"vps-agentctl: the daemon is unreachable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except IpcError as exc:
         print(f"vps-agentctl: {exc}", file=sys.stderr)

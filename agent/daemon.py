@@ -33,7 +33,8 @@ def build_controls(root: SystemRoot) -> list[Control]:
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
-    return tx.TransactionContext(events, fs.BackupStore(root.backups_dir, config.backups.keep), fs.EchoFilter())
+    backups = fs.BackupStore(root.backups_dir, config.backups.keep, root.system_name)
+    return tx.TransactionContext(events, backups, fs.EchoFilter())
 
 
 class Daemon:

@@ -18,6 +18,14 @@ from agent.paths import SystemRoot
 
 
 @dataclass(frozen=True)
+class WatchSpec:
+    """A directory to watch (non-recursively), optionally only some names in it."""
+
+    directory: Path
+    names: frozenset[str] | None = None  # None: every entry
+
+
+@dataclass(frozen=True)
 class DriftItem:
     """One way the observed state differs from the desired one."""
 
@@ -109,8 +117,8 @@ class Control(ABC):
         self.root = root
 
     @abstractmethod
-    def watches(self, config: Config) -> Sequence[Path]:
-        """Directories whose changes may change this control's state (watched non-recursively)."""
+    def watches(self, config: Config) -> Sequence[WatchSpec]:
+        """Where a change may change this control's state or its preconditions."""
 
     @abstractmethod
     def observe(self) -> Any:

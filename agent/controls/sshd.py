@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent import accounts
@@ -25,6 +24,7 @@ from agent.controls.base import (
     ObserveError,
     ReloadOutcome,
     ValidationError,
+    WatchSpec,
     unified,
 )
 from agent.controls.sshd_config import (
@@ -53,6 +53,7 @@ _ACCESS_KEYWORDS = (
     "denygroups",
     "authorizedkeysfile",
 )
+_ACCOUNT_FILES = frozenset({"passwd", "shadow", "group", "gshadow", "sudoers"})
 _SYNONYMS = {"without-password": "prohibit-password"}
 
 
@@ -94,15 +95,23 @@ class SshdControl(Control):
     def enabled(self, config: Config) -> bool:
         return config.ssh.enabled
 
-    def watches(self, config: Config) -> Sequence[Path]:
+    def watches(self, config: Config) -> Sequence[WatchSpec]:
         dirs = {self.root.ssh_dir, self.root.sshd_config_d}
+        dirs.update(self.root.path(p).parent for p, _ in read_graph(self.root).texts)
+        specs = [WatchSpec(d) for d in sorted(dirs)]
+        # the lockout invariants: a blocked guard unblocks as soon as an admin gets a way in
+        specs.append(WatchSpec(self.root.path("/etc"), _ACCOUNT_FILES))
+        specs.append(WatchSpec(self.root.sudoers_d))
         try:
-            graph = read_graph(self.root)
-        except OSError:
-            graph = None
-        if graph is not None:
-            dirs.update(self.root.path(p).parent for p, _ in graph.texts)
-        return sorted(dirs)
+            facts = accounts.read_facts(self.root)
+        except (fs.UnsafeFile, OSError):
+            return specs
+        for account in facts.accounts.values():
+            if account.uid == 0 or account.uid >= 1000 and account.home.startswith("/home/"):
+                home = self.root.path(account.home)
+                specs.append(WatchSpec(home, frozenset({".ssh"})))
+                specs.append(WatchSpec(home / ".ssh"))
+        return specs
 
     # observe ------------------------------------------------------------------------------------------
 

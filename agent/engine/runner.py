@@ -181,12 +181,14 @@ class ControlRunner:
                 if self.state.last_converge_at is not None
                 else float("inf")  # the start-up reconcile is explicit
             )
-            wake_at = self._deadline if self._pending is not None else reconcile_due
-            if self.state.backoff_until is not None:
+            wake_at = min(reconcile_due, self._deadline) if self._pending is not None else reconcile_due
+            paused_until = self.state.paused_until
+            if paused_until is not None:
+                # while paused, triggers are still looked at (and reported) but never healed
+                if paused_until != float("inf"):
+                    wake_at = min(wake_at, now + max(paused_until - time.time(), 0.0))
+            elif self.state.backoff_until is not None:
                 wake_at = max(wake_at, self.state.backoff_until)
-            if self.state.paused_until is not None:
-                # while paused, still look (and report) on triggers, but never heal
-                wake_at = self._deadline if self._pending is not None else reconcile_due
             if now >= wake_at:
                 reason = self._pending or "periodic reconcile"
                 self._pending = None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
+from agent.controls.base import WatchSpec
 from agent.system.fs import EchoFilter
 
 Trigger = Callable[[str], None]
@@ -39,7 +39,8 @@ class DirectoryWatcher:
         self._observer.daemon = True
         self._lock = threading.Lock()
         self._watches: dict[str, tuple[ObservedWatch, int]] = {}  # directory -> (watch, its inode)
-        self._interested: dict[str, set[str]] = {}  # directory -> control names
+        # directory -> control name -> names of interest in it (None: all)
+        self._interested: dict[str, dict[str, frozenset[str] | None]] = {}
         self._triggers: dict[str, Trigger] = {}
         self._handler = _DirectoryHandler(self)
 
@@ -50,18 +51,24 @@ class DirectoryWatcher:
         self._observer.stop()
         self._observer.join(10)
 
-    def set_watches(self, control: str, directories: Iterable[Path], trigger: Trigger) -> None:
-        """(Re)declare the directories a control watches; missing ones are watched via their parent."""
+    def set_watches(self, control: str, specs: Iterable[WatchSpec], trigger: Trigger) -> None:
+        """(Re)declare where a control looks; a missing directory is watched through its parent."""
+        wanted: dict[str, frozenset[str] | None] = {}
+        for spec in specs:
+            directory, names = _watchable(spec)
+            if directory in wanted and (wanted[directory] is None or names is None):
+                wanted[directory] = None
+            else:
+                wanted[directory] = (wanted.get(directory) or frozenset()) | names if names is not None else None
         with self._lock:
             self._triggers[control] = trigger
-            wanted = {os.fspath(_existing_ancestor(d)) for d in directories}
-            for directory, names in list(self._interested.items()):
-                names.discard(control)
-                if not names and directory not in wanted:
+            for directory, controls in list(self._interested.items()):
+                controls.pop(control, None)
+                if not controls and directory not in wanted:
                     del self._interested[directory]
                     self._unschedule(directory)
-            for directory in wanted:
-                self._interested.setdefault(directory, set()).add(control)
+            for directory, names in wanted.items():
+                self._interested.setdefault(directory, {})[control] = names
                 inode = _inode(directory)
                 current = self._watches.get(directory)
                 if current is not None and current[1] != inode:
@@ -87,16 +94,27 @@ class DirectoryWatcher:
     def dispatch(self, paths: list[str]) -> None:
         if all(self._echo.is_echo(p) for p in paths):
             return
+        hits: set[str] = set()
         with self._lock:
-            hits = {
-                name
-                for p in paths
-                for directory in (os.path.dirname(p), p)
-                for name in self._interested.get(directory, ())
-            }
-            triggers = [(self._triggers[n], n) for n in hits if n in self._triggers]
-        for trigger, _ in triggers:
+            for path in paths:
+                directory, name = os.path.split(path)
+                for control, names in self._interested.get(directory, {}).items():
+                    if names is None or name in names:
+                        hits.add(control)
+                for control in self._interested.get(path, {}):
+                    hits.add(control)  # an event on a watched directory itself (deleted, moved)
+            triggers = [self._triggers[n] for n in hits if n in self._triggers]
+        for trigger in triggers:
             trigger(paths[-1])
+
+
+def _watchable(spec: WatchSpec) -> tuple[str, frozenset[str] | None]:
+    """The nearest existing directory, and the names in it that matter."""
+    directory, names = spec.directory, spec.names
+    while not directory.is_dir() and directory.parent != directory:
+        names = frozenset({directory.name})
+        directory = directory.parent
+    return os.fspath(directory), names
 
 
 def _inode(directory: str) -> int | None:
@@ -104,10 +122,3 @@ def _inode(directory: str) -> int | None:
         return os.stat(directory).st_ino
     except OSError:
         return None
-
-
-def _existing_ancestor(directory: Path) -> Path:
-    current = directory
-    while not current.is_dir() and current.parent != current:
-        current = current.parent
-    return current

@@ -11,6 +11,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,7 @@ class BackupSet:
     """The pre-change copies for one converge transaction, on disk and in memory."""
 
     directory: Path
+    system_name: Callable[[Path], str] = os.fspath  # how the guarded system names a path
     saved: dict[Path, SavedFile] = field(default_factory=dict)
 
     def save(self, path: Path) -> SavedFile:
@@ -213,13 +215,13 @@ class BackupSet:
 
     def _persist(self, entry: SavedFile) -> None:
         files_dir = self.directory / "files"
-        target = files_dir / str(entry.path).lstrip("/")
+        target = files_dir / self.system_name(entry.path).lstrip("/")
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if entry.existed and entry.symlink_target is None:
             atomic_write(target, entry.content, mode=0o600, owner=(0, 0))
         manifest = [
             {
-                "path": str(item.path),
+                "path": self.system_name(item.path),
                 "existed": item.existed,
                 "symlink_target": item.symlink_target,
                 "mode": oct(item.mode),
@@ -250,16 +252,19 @@ class BackupSet:
 class BackupStore:
     """Versioned backups under /var/lib/vps-agent/backups/<control>/<time>-<transaction>/, newest `keep` kept."""
 
-    def __init__(self, directory: Path, keep: int) -> None:
+    def __init__(self, directory: Path, keep: int, system_name: Callable[[Path], str] = os.fspath) -> None:
         self.directory = directory
         self.keep = keep
+        self.system_name = system_name
 
     def begin(self, control: str, transaction_id: str) -> BackupSet:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        now = time.time()
+        # microseconds in the name so sets sort by time even within one second
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
         target = self.directory / control / f"{stamp}-{transaction_id}"
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        return BackupSet(target)
+        return BackupSet(target, self.system_name)
 
     def prune(self, control: str) -> None:
         sets = self.list(control)

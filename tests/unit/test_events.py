@@ -1,0 +1,64 @@
+"""Events: one JSON object per state change with the ECS fields collectors and scripts rely on."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+from pathlib import Path
+
+from agent import events as ev
+
+
+def make(tmp_path: Path) -> tuple[ev.Events, Path]:
+    path = tmp_path / "log/events.jsonl"
+    return ev.Events(ev.EventSinks(path, to_stdout=False, ring_size=10), host_name="vps1"), path
+
+
+def test_every_event_carries_the_documented_fields(tmp_path: Path) -> None:
+    events, path = make(tmp_path)
+    events.emit(
+        ev.DRIFT_REVERTED, outcome="success", control="ssh", message="healed", file_path="/etc/ssh/sshd_config",
+        diff="-a\n+b\n", duration_ms=12.5, transaction_id="abc123",
+    )
+    [line] = path.read_text().splitlines()
+    event = json.loads(line)
+    stamp = datetime.datetime.fromisoformat(event["@timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert event["host"]["name"] == "vps1"
+    assert event["event"]["action"] == "drift-reverted" and event["event"]["outcome"] == "success"
+    assert event["event"]["duration"] == 12_500_000
+    assert event["control"] == "ssh" and event["file"]["path"] == "/etc/ssh/sshd_config"
+    assert event["transaction"]["id"] == "abc123" and event["duration_ms"] == 12.5 and event["diff"] == "-a\n+b\n"
+    assert event["log"]["level"] == "info"
+
+
+def test_reopen_after_logrotate_moves_the_file(tmp_path: Path) -> None:
+    events, path = make(tmp_path)
+    events.emit(ev.AGENT_STARTED, outcome="success")
+    path.rename(path.with_suffix(".jsonl.1"))
+    events.sinks.reopen()
+    events.emit(ev.AGENT_STOPPING, outcome="success")
+    assert json.loads(path.read_text())["event"]["action"] == "agent-stopping"
+    assert json.loads(path.with_suffix(".jsonl.1").read_text())["event"]["action"] == "agent-started"
+
+
+def test_ring_buffer_serves_recent_events_per_control(tmp_path: Path) -> None:
+    events, _ = make(tmp_path)
+    for n in range(15):
+        events.emit(ev.DRIFT_DETECTED, control="ssh" if n % 2 else "firewall", message=str(n))
+    assert [e["message"] for e in events.sinks.recent(3, "ssh")] == ["9", "11", "13"]
+    assert len(events.sinks.recent(100)) == 10  # bounded by ring_size
+
+
+def test_unwritable_events_file_is_reported_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "log").write_text("a file where the directory should be")
+    events, _ = make(tmp_path)
+    events.emit(ev.AGENT_STARTED, outcome="success")
+    assert events.sinks.file_error is not None and "events.jsonl" in events.sinks.file_error
+    assert events.sinks.recent(1)[0]["event"]["action"] == "agent-started"
+
+
+def test_runs_on_the_structlog_debian_12_ships() -> None:
+    major, minor = (int(x) for x in importlib.metadata.version("structlog").split(".")[:2])
+    assert (major, minor) >= (22, 3)

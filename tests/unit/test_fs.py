@@ -1,0 +1,82 @@
+"""The file door: never follows a planted symlink, never blocks on a FIFO, never leaves half a file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.system import fs
+
+
+def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    link = tmp_path / "dropin.conf"
+    os.symlink(victim, link)
+    fs.atomic_write(link, b"Port 2222\n", mode=0o644)
+    assert victim.read_text() == "root:secret\n"
+    assert not link.is_symlink() and link.read_text() == "Port 2222\n"
+
+
+def test_read_refuses_symlinks_fifos_and_oversized_files(tmp_path: Path) -> None:
+    os.symlink("/etc/passwd", tmp_path / "link")
+    with pytest.raises(fs.UnsafeFile, match="symlink"):
+        fs.read_regular(tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(fs.UnsafeFile, match="not a regular file"):
+        fs.read_regular(tmp_path / "fifo")
+    (tmp_path / "big").write_bytes(b"x" * 2048)
+    with pytest.raises(fs.UnsafeFile, match="over the 1024-byte limit"):
+        fs.read_regular(tmp_path / "big", limit=1024)
+    assert fs.read_regular(tmp_path / "missing") is None
+
+
+def test_binary_garbage_is_reported_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"Port 22\nPermitRootLogin \xff\xfe\n")
+    with pytest.raises(fs.UnsafeFile, match="line 2: expected UTF-8"):
+        fs.read_text(tmp_path / "f")
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "sshd_config"
+    target.write_text("old\n")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        fs.atomic_write(target, b"new\n")
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["sshd_config"]
+
+
+def test_backup_and_restore_round_trip_files_symlinks_and_absence(tmp_path: Path) -> None:
+    regular, link, absent = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    regular.write_text("A\n")
+    os.chmod(regular, 0o600)
+    os.symlink("/nowhere", link)
+    store = fs.BackupStore(tmp_path / "backups", keep=5)
+    backup = store.begin("ssh", "tx1")
+    for path in (regular, link, absent):
+        backup.save(path)
+    regular.write_text("changed\n")
+    link.unlink()
+    link.write_text("now a file\n")
+    absent.write_text("created\n")
+    backup.restore()
+    assert regular.read_text() == "A\n" and os.stat(regular).st_mode & 0o777 == 0o600
+    assert os.readlink(link) == "/nowhere"
+    assert not absent.exists()
+
+
+def test_echo_filter_recognises_only_the_agents_own_write(tmp_path: Path) -> None:
+    echo = fs.EchoFilter()
+    target = tmp_path / "f"
+    fs.atomic_write(target, b"ours\n", echo=echo)
+    assert echo.is_echo(str(target))
+    target.write_text("someone else's\n")
+    assert not echo.is_echo(str(target))
+    assert echo.is_echo(str(tmp_path / f".f{fs.TMP_MARKER}abc"))

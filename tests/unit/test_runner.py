@@ -1,0 +1,101 @@
+"""The per-control loop: debounce, flap damping, pause and resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import parse_config
+from agent.engine import transaction as tx
+from agent.engine.runner import FLAPPING, PAUSED, ControlRunner
+from agent.events import null_events
+from agent.paths import SystemRoot
+from agent.system import fs
+from tests.unit.test_transaction import FileControl
+
+CONFIG = parse_config(
+    "engine: {debounce: 20ms, flap_max_heals: 3, flap_window: 1m, flap_backoff: 5m, reconcile_interval: 1h}"
+)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[ControlRunner]:
+    root = SystemRoot.at(tmp_path / "root")
+    (tmp_path / "root/etc").mkdir(parents=True)
+    control = FileControl(root)
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    instance = ControlRunner(control, lambda: CONFIG, ctx)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def tamper(runner: ControlRunner, text: str = "tampered\n") -> None:
+    runner.control.file.write_text(text)  # type: ignore[attr-defined]
+    runner.trigger(str(runner.control.file))  # type: ignore[attr-defined]
+
+
+def actions(runner: ControlRunner) -> list[str]:
+    return [e["event"]["action"] for e in runner.ctx.events.sinks.recent(1000)]
+
+
+def test_a_burst_of_events_is_one_transaction(runner: ControlRunner) -> None:
+    runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    for _ in range(20):
+        runner.trigger("burst")
+    assert wait_until(lambda: runner.state.heals == 1)
+    time.sleep(0.2)
+    assert runner.state.heals == 1 and actions(runner).count("drift-reverted") == 1
+
+
+def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(runner: ControlRunner) -> None:
+    for n in range(4):
+        tamper(runner, f"attacker {n}\n")
+        assert wait_until(lambda n=n: runner.state.heals == n + 1)
+    assert runner.state.status == FLAPPING
+    assert "backing off 5m" in runner.state.why
+    flapping = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "flapping"]
+    assert len(flapping) == 1 and flapping[0]["backoff_seconds"] == 300
+    tamper(runner, "attacker again\n")
+    time.sleep(0.3)
+    # backing off: the last good state was written, the loop does not fight on
+    assert runner.state.heals == 4
+    assert runner.control.file.read_text() == "attacker again\n"  # type: ignore[attr-defined]
+
+
+def test_pause_reports_drift_without_healing_and_resume_heals_at_once(runner: ControlRunner) -> None:
+    runner.pause(float("inf"))
+    tamper(runner)
+    assert wait_until(lambda: bool(runner.state.drift))
+    assert runner.state.status == PAUSED and "drift" in runner.state.why
+    assert runner.control.file.read_text() == "tampered\n"  # type: ignore[attr-defined]
+    assert "drift-reverted" not in actions(runner)
+    runner.resume()
+    assert wait_until(lambda: runner.state.status == tx.HEALED)
+    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+
+
+def test_a_timed_pause_ends_by_itself(runner: ControlRunner) -> None:
+    runner.pause(time.time() + 0.3)
+    tamper(runner)
+    time.sleep(0.1)
+    assert runner.control.file.read_text() == "tampered\n"  # type: ignore[attr-defined]
+    assert wait_until(lambda: runner.control.file.read_text() == "good\n", timeout=5)  # type: ignore[attr-defined]
+
+
+def test_converge_and_wait_returns_the_outcome(runner: ControlRunner) -> None:
+    runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    outcome = runner.converge_and_wait("admin")
+    assert outcome is not None and outcome.status == tx.HEALED

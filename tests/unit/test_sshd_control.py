@@ -1,0 +1,143 @@
+"""The SSH guard's decisions on a fake root (sshd itself is faked here; tests/integration uses the real one)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.config import parse_config
+from agent.controls.sshd import SshdControl
+from agent.paths import SystemRoot
+from tests.unit import fake_sshd
+
+CONFIG = parse_config('ssh: {port: 2222, permit_root_login: "no", password_authentication: false}')
+
+
+@pytest.fixture
+def control(fake_root: Path, commands: object) -> SshdControl:
+    root = SystemRoot.at(fake_root)
+    fake_sshd.install(commands, root)
+    return SshdControl(root)
+
+
+def drift_of(control: SshdControl):
+    observed = control.observe()
+    desired = control.desired(CONFIG)
+    return observed, desired, control.diff(observed, desired)
+
+
+def test_stock_debian_config_drifts_on_all_three_keywords_and_the_missing_dropin(control: SshdControl) -> None:
+    _, _, drift = drift_of(control)
+    assert drift is not None
+    what = {item.what for item in drift.items}
+    assert {"port", "permitrootlogin", "passwordauthentication", "agent drop-in"} <= what
+    assert "-port 22" in drift.diff and "+port 2222" in drift.diff
+
+
+def test_plan_writes_only_the_agent_dropin_when_nothing_conflicts(control: SshdControl) -> None:
+    observed, desired, drift = drift_of(control)
+    changes = control.plan(observed, desired, drift)
+    assert [c.system_path for c in changes.files] == ["/etc/ssh/sshd_config.d/00-vps-agent.conf"]
+    body = changes.files[0].content.decode()
+    assert "Port 2222\nPermitRootLogin no\nPasswordAuthentication no\n" in body
+    assert "+PermitRootLogin no" in changes.diff
+
+
+def test_dropin_with_permitrootlogin_yes_is_neutralised_with_a_marker(control: SshdControl, fake_root: Path) -> None:
+    evil = fake_root / "etc/ssh/sshd_config.d/00-evil.conf"
+    evil.write_text("# planted\nPermitRootLogin yes\nX11Forwarding no\n")
+    observed, desired, drift = drift_of(control)
+    assert any(i.where == "/etc/ssh/sshd_config.d/00-evil.conf" and i.line == 2 for i in drift.items)
+    changes = control.plan(observed, desired, drift)
+    edited = {c.system_path: c.content.decode() for c in changes.files}["/etc/ssh/sshd_config.d/00-evil.conf"]
+    lines = edited.splitlines()
+    assert lines[0] == "# planted" and lines[2] == "X11Forwarding no"
+    assert lines[1].startswith("# [vps-agent ") and "neutralised" in lines[1] and lines[1].endswith("PermitRootLogin yes")
+
+
+def test_agreeing_directive_elsewhere_is_left_alone(control: SshdControl, fake_root: Path) -> None:
+    (fake_root / "etc/ssh/sshd_config.d/50-cloud.conf").write_text("PermitRootLogin no\nPasswordAuthentication no\n")
+    observed, desired, drift = drift_of(control)
+    changes = control.plan(observed, desired, drift)
+    assert "/etc/ssh/sshd_config.d/50-cloud.conf" not in {c.system_path for c in changes.files}
+
+
+def test_prohibit_password_and_without_password_are_the_same_value(control: SshdControl, fake_root: Path) -> None:
+    config = parse_config('ssh: {port: 22, permit_root_login: prohibit-password, password_authentication: false}')
+    (fake_root / "etc/ssh/sshd_config.d/50-x.conf").write_text("PermitRootLogin without-password\n")
+    observed = control.observe()
+    desired = control.desired(config)
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    assert not any(i.where.endswith("50-x.conf") for i in drift.items)
+
+
+def test_extra_port_and_listenaddress_with_another_port_are_conflicts(control: SshdControl, fake_root: Path) -> None:
+    main = fake_root / "etc/ssh/sshd_config"
+    main.write_text(main.read_text() + "Port 22\nListenAddress 0.0.0.0:22\nListenAddress [::]:2222\nListenAddress 10.0.0.1\n")
+    observed, desired, drift = drift_of(control)
+    conflicts = [(i.what, i.actual) for i in drift.items if i.where == "/etc/ssh/sshd_config"]
+    assert ("port", "22") in conflicts and ("listenaddress", "0.0.0.0:22") in conflicts
+    assert ("listenaddress", "[::]:2222") not in conflicts and ("listenaddress", "10.0.0.1") not in conflicts
+
+
+def test_removed_include_is_restored_before_the_first_directive(control: SshdControl, fake_root: Path) -> None:
+    main = fake_root / "etc/ssh/sshd_config"
+    original = main.read_text()
+    main.write_text(original.replace("Include /etc/ssh/sshd_config.d/*.conf\n", ""))
+    observed, desired, drift = drift_of(control)
+    assert any(i.what == "include" for i in drift.items)
+    changes = control.plan(observed, desired, drift)
+    new_main = {c.system_path: c.content.decode() for c in changes.files}["/etc/ssh/sshd_config"]
+    directives = [line for line in new_main.splitlines() if line.strip() and not line.startswith("#")]
+    assert directives[0] == "Include /etc/ssh/sshd_config.d/*.conf"
+    assert new_main.startswith("\n# This is the sshd server system-wide configuration file.")
+
+
+def test_include_inside_a_match_block_does_not_count(control: SshdControl, fake_root: Path) -> None:
+    main = fake_root / "etc/ssh/sshd_config"
+    text = main.read_text().replace("Include /etc/ssh/sshd_config.d/*.conf\n", "")
+    main.write_text(text + "Match User backup\n    Include /etc/ssh/sshd_config.d/*.conf\n")
+    _, _, drift = drift_of(control)
+    assert any(i.what == "include" for i in drift.items)
+
+
+def test_symlink_at_the_dropin_path_is_drift_and_is_replaced_not_followed(
+    control: SshdControl, fake_root: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, fake_root / "etc/ssh/sshd_config.d/00-vps-agent.conf")
+    observed, desired, drift = drift_of(control)
+    assert any(i.what == "agent drop-in" and "symlink" in i.actual for i in drift.items)
+    changes = control.plan(observed, desired, drift)
+    assert changes.files[0].system_path == "/etc/ssh/sshd_config.d/00-vps-agent.conf"
+
+
+def test_compliant_after_the_plan_is_applied(control: SshdControl) -> None:
+    observed, desired, drift = drift_of(control)
+    for change in control.plan(observed, desired, drift).files:
+        change.path.write_bytes(change.content)
+    assert control.diff(control.observe(), desired) is None
+
+
+def test_invalid_current_config_is_an_observe_error_naming_file_and_line(fake_root: Path, commands: object) -> None:
+    from agent.controls.base import ObserveError
+
+    root = SystemRoot.at(fake_root)
+    fake_sshd.install(commands, root, reject="/etc/ssh/sshd_config line 3: Bad configuration option: \\377garbage")
+    with pytest.raises(ObserveError, match="sshd_config line 3"):
+        SshdControl(root).observe()
+
+
+def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, commands: object) -> None:
+    from agent.controls.base import ObserveError
+
+    root = SystemRoot.at(fake_root)
+    fake_sshd.install(commands, root)
+    with open(fake_root / "etc/ssh/sshd_config", "a") as handle:
+        handle.write("# padding\n" * 1_100_000)
+    with pytest.raises(ObserveError, match="over the 1048576-byte limit"):
+        SshdControl(root).observe()

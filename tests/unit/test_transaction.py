@@ -1,0 +1,170 @@
+"""The converge transaction: backups first, atomic writes, validate, reload, observe again, or roll back."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import Config, default_config
+from agent.controls.base import (
+    Blocked,
+    Changes,
+    Control,
+    Drift,
+    DriftItem,
+    FileChange,
+    ReloadOutcome,
+    ValidationError,
+    WatchSpec,
+)
+from agent.engine import transaction as tx
+from agent.events import null_events
+from agent.paths import SystemRoot
+from agent.system import fs
+
+
+class FileControl(Control):
+    """Wants one file to hold one text; knobs make validation, reload or preconditions fail."""
+
+    name = "demo"
+
+    def __init__(self, root: SystemRoot, want: str = "good\n") -> None:
+        super().__init__(root)
+        self.file = root.path("/etc/demo.conf")
+        self.want = want
+        self.validate_error: str | None = None
+        self.reload_ok = True
+        self.blocked: Blocked | None = None
+        self.reloads = 0
+        self.sabotage_after_apply = False
+
+    def watches(self, config: Config) -> Sequence[WatchSpec]:
+        return [WatchSpec(self.file.parent)]
+
+    def observe(self) -> str | None:
+        data = fs.read_regular(self.file)
+        return None if data is None else data.decode()
+
+    def desired(self, config: Config) -> str:
+        return self.want
+
+    def diff(self, observed: Any, desired: Any) -> Drift | None:
+        if observed == desired:
+            return None
+        return Drift(self.name, (DriftItem("content", "/etc/demo.conf", desired, str(observed)),), "")
+
+    def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes:
+        return Changes((FileChange(self.file, "/etc/demo.conf", desired.encode(), None, "rewrite"),), ("rewrite",))
+
+    def preconditions(self, observed: Any, desired: Any) -> Blocked | None:
+        return self.blocked
+
+    def validate(self, changes: Changes) -> None:
+        if self.validate_error:
+            raise ValidationError(self.validate_error)
+        if self.sabotage_after_apply:
+            self.file.write_text("someone else\n")
+
+    def reload(self) -> ReloadOutcome:
+        self.reloads += 1
+        return ReloadOutcome(self.reload_ok, "reloaded" if self.reload_ok else "reload refused")
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[FileControl, tx.TransactionContext]:
+    root = SystemRoot.at(tmp_path / "root")
+    (tmp_path / "root/etc").mkdir(parents=True)
+    control = FileControl(root)
+    control.file.write_text("tampered\n")
+    os.chmod(control.file, 0o640)
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "backups", keep=3), fs.EchoFilter())
+    return control, ctx
+
+
+def actions(ctx: tx.TransactionContext) -> list[str]:
+    return [e["event"]["action"] for e in ctx.events.sinks.recent(100)]
+
+
+def test_heal_writes_backs_up_the_pre_change_file_and_reports(setup: Any) -> None:
+    control, ctx = setup
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.HEALED
+    assert control.file.read_text() == "good\n"
+    assert oct(os.stat(control.file).st_mode & 0o777) == "0o640"  # the file keeps its mode
+    assert actions(ctx) == ["drift-detected", "drift-reverted"]
+    [backup] = ctx.backups.list("demo")
+    assert (backup / "files" / str(control.file).lstrip("/")).read_text() == "tampered\n"
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest[0]["existed"] is True and manifest[0]["mode"] == "0o640"
+    reverted = ctx.events.sinks.recent(1)[0]
+    assert reverted["transaction"]["id"] == outcome.transaction_id and reverted["duration_ms"] >= 0
+
+
+def test_compliant_state_writes_and_says_nothing(setup: Any) -> None:
+    control, ctx = setup
+    control.file.write_text("good\n")
+    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.COMPLIANT
+    assert actions(ctx) == [] and ctx.backups.list("demo") == []
+
+
+def test_validation_failure_restores_the_file_byte_for_byte_and_reloads(setup: Any) -> None:
+    control, ctx = setup
+    control.validate_error = "line 3: Bad configuration option"
+    before = os.stat(control.file)
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "Bad configuration option" in outcome.detail
+    assert control.file.read_text() == "tampered\n"
+    assert os.stat(control.file).st_mode == before.st_mode
+    assert actions(ctx) == ["drift-detected", "remediation-failed"]
+    assert control.reloads == 1  # the rollback reload
+    assert not [p for p in control.file.parent.iterdir() if fs.TMP_MARKER in p.name]
+
+
+def test_a_file_that_did_not_exist_is_removed_again_on_rollback(setup: Any) -> None:
+    control, ctx = setup
+    control.file.unlink()
+    control.reload_ok = False
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "reload failed" in outcome.detail
+    assert not control.file.exists()
+
+
+def test_still_drifted_after_apply_rolls_back(setup: Any) -> None:
+    control, ctx = setup
+    control.sabotage_after_apply = True
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "still drifted" in outcome.detail
+    assert control.file.read_text() == "tampered\n"
+
+
+def test_blocked_changes_nothing_and_says_why(setup: Any) -> None:
+    control, ctx = setup
+    control.blocked = Blocked(("no admin could log in",))
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.BLOCKED
+    assert control.file.read_text() == "tampered\n" and control.reloads == 0
+    event = ctx.events.sinks.recent(1)[0]
+    assert event["event"]["action"] == "remediation-blocked" and event["reasons"] == ["no admin could log in"]
+    assert ctx.backups.list("demo") == []
+
+
+def test_check_mode_observes_and_plans_but_never_writes(setup: Any) -> None:
+    control, ctx = setup
+    outcome = tx.converge(control, default_config(), ctx, reason="check", heal=False)
+    assert outcome.status == tx.DRIFTED and outcome.changes is not None
+    assert control.file.read_text() == "tampered\n" and actions(ctx) == []
+
+
+def test_backup_retention_keeps_the_newest_sets(setup: Any) -> None:
+    control, ctx = setup
+    for n in range(5):
+        control.file.write_text(f"tampered {n}\n")
+        assert tx.converge(control, default_config(), ctx, reason="test").status == tx.HEALED
+    sets = ctx.backups.list("demo")
+    assert len(sets) == 3
+    assert (sets[-1] / "files" / str(control.file).lstrip("/")).read_text() == "tampered 4\n"
