@@ -118,15 +118,19 @@ class SshdControl(Control):
     def observe(self) -> SshdObserved:
         self._ensure_privsep_dir()
         graph = read_graph(self.root)
-        if graph.unreadable:
-            path, why = graph.unreadable[0]
+        for path, why in graph.unreadable:
             if path != self._dropin_system_path:
                 raise ObserveError(f"{path}: {why}", path)
-        result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
-        if not result.ok:
-            raise ObserveError(f"sshd -T rejects the current configuration: {result.error_text()}", MAIN_CONFIG)
         dropin, problem = self._read_dropin()
-        return SshdObserved(parse_effective(result.stdout), graph, dropin, problem, self._running(parse_effective(result.stdout)))
+        result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+        if result.ok:
+            effective = parse_effective(result.stdout)
+            return SshdObserved(effective, graph, dropin, problem, self._running(effective))
+        error = result.error_text()
+        if problem is None and self._dropin_system_path not in error:
+            raise ObserveError(f"sshd -T rejects the current configuration: {error}", MAIN_CONFIG)
+        # the agent's own drop-in broke sshd's parse (garbage in it, a link to something else): ours to rewrite
+        return SshdObserved({}, graph, dropin, problem or f"sshd rejects it: {error}", None)
 
     def _read_dropin(self) -> tuple[bytes | None, str | None]:
         try:
@@ -263,6 +267,11 @@ class SshdControl(Control):
             notes.append(f"restore 'Include {DEFAULT_INCLUDE}' at the top of {MAIN_CONFIG}")
         files: list[FileChange] = []
         diffs: list[str] = []
+        for system_path in edits:
+            if self.root.path(system_path).is_symlink():
+                raise fs.UnsafeFile(
+                    self.root.path(system_path), "is a symlink; the agent edits files in place and does not follow links"
+                )
         for system_path, lines in edits.items():
             before = observed.graph.text_of(system_path) or ""
             after = "\n".join(lines) + "\n"

@@ -51,9 +51,18 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         return round((time.monotonic() - started) * 1000, 2)
 
     try:
-        observed = control.observe()
         desired = control.desired(config)
-    except (ObserveError, ValidationError, fs.UnsafeFile, OSError) as exc:
+    except ValidationError as exc:
+        if heal:
+            ctx.events.emit(
+                ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
+                message=f"{control.name}: the configured settings are refused, nothing changed: {exc}",
+                reason=reason, transaction_id=txid,
+            )
+        return Outcome(control.name, FAILED, str(exc), duration_ms=elapsed(), transaction_id=txid)
+    try:
+        observed = control.observe()
+    except (ObserveError, fs.UnsafeFile, OSError) as exc:
         path = getattr(exc, "path", None)
         if heal:
             ctx.events.emit(
