@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -43,7 +44,11 @@ class Daemon:
         self.config_path = config_path
         self.notifier = Notifier()
         self.stopping = threading.Event()
-        self.reload_requested = threading.Event()
+        self.reload_requested = False
+        self._stop_requested = False
+        self._reload_lock = threading.Lock()
+        # self-pipe: a signal handler may not take locks (Event.set could deadlock the main thread)
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.config_error: str | None = None
         config = self._initial_config()
         self.events = ev.Events(
@@ -76,9 +81,8 @@ class Daemon:
     # lifecycle ----------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
         for directory in (self.root.state_dir, self.root.backups_dir):
             fs.ensure_dir(directory, 0o700 if directory == self.root.backups_dir else 0o755)
         self.events.emit(
@@ -99,9 +103,12 @@ class Daemon:
         last_status = ""
         try:
             while not self.stopping.is_set():
-                self.stopping.wait(interval if interval else 60.0)
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
+                select.select([self._wake_read], [], [], interval if interval else 60.0)
+                self._drain_wakeups()
+                if self.stopping.is_set():
+                    break
+                if self.reload_requested:
+                    self.reload_requested = False
                     self.reload_config()
                 # feed the watchdog only while every control's worker is alive and not wedged
                 if interval and not self.engine.stuck_runners():
@@ -118,8 +125,31 @@ class Daemon:
             self.events.sinks.close()
         return 0
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self._stop_requested = True
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the main loop is already awake
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self._stop_requested:
+            self.stopping.set()
+
     def reload_config(self) -> dict[str, Any]:
         """SIGHUP and `vps-agentctl reload`: re-read the config (keep the old on error), reopen the log."""
+        with self._reload_lock:
+            return self._reload_config()
+
+    def _reload_config(self) -> dict[str, Any]:
         self.notifier.reloading()
         self.events.sinks.reopen()
         try:

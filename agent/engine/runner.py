@@ -228,6 +228,8 @@ class ControlRunner:
                     self._set_status(tx.COMPLIANT, "")
             else:
                 self._set_status(outcome.status, outcome.detail)
+                if outcome.status == tx.FAILED:
+                    self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
             self._maybe_leave_flapping(config)
         self._release_waiters(outcome)
 

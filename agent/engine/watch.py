@@ -21,7 +21,8 @@ class _DirectoryHandler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type == "opened":
+        if event.event_type == "opened" or (event.is_directory and event.event_type == "modified"):
+            # a directory's "modified" is the echo of an entry changing in it, reported on its own
             return
         paths = [event.src_path]
         dest = getattr(event, "dest_path", "")

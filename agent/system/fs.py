@@ -95,9 +95,13 @@ class EchoFilter:
         self._lock = threading.Lock()
         self._written: dict[str, tuple[Fingerprint | None, float]] = {}
 
-    def record(self, path: Path) -> None:
+    def expect(self, path: Path, fingerprint: Fingerprint | None) -> None:
+        """Called *before* the agent's own change lands, so its event can never arrive first."""
         with self._lock:
-            self._written[os.fspath(path)] = (Fingerprint.of(path), time.monotonic() + self._ttl)
+            self._written[os.fspath(path)] = (fingerprint, time.monotonic() + self._ttl)
+
+    def record(self, path: Path) -> None:
+        self.expect(path, Fingerprint.of(path))
 
     def is_echo(self, path: str) -> bool:
         if TMP_MARKER in os.path.basename(path):
@@ -142,22 +146,24 @@ def atomic_write(
             if owner is not None and os.geteuid() == 0:
                 os.fchown(handle.fileno(), *owner)
             os.fsync(handle.fileno())
+            written = os.fstat(handle.fileno())
+        if echo is not None:
+            # rename keeps inode, mtime and size: this is what the file will look like once in place
+            echo.expect(path, Fingerprint(written.st_ino, written.st_mtime_ns, written.st_size))
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(directory)
-    if echo is not None:
-        echo.record(path)
 
 
 def remove(path: Path, *, echo: EchoFilter | None = None) -> None:
+    if echo is not None:
+        echo.expect(path, None)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
         _fsync_dir(path.parent)
-    if echo is not None:
-        echo.record(path)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from tests.fakeroot import client_key, make_root
@@ -61,6 +62,9 @@ def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path:
     failed = agent.wait_event("remediation-failed")
     assert "sshd -t" in failed["message"] and "bad addr or host: ::1" in failed["message"]
     assert failed["restored"] and failed["backup"]
+    time.sleep(1.0)
+    # its own rollback must not look like new drift: one attempt, not a fail/rollback loop
+    assert [e["event"]["action"] for e in agent.events()].count("remediation-failed") == 1
     assert tree_snapshot(root / "etc/ssh") == before
     assert effective_core(root) == STOCK
     assert agent.ctl("status").returncode == 2

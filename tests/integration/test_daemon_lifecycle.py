@@ -1,0 +1,191 @@
+"""The daemon as an admin and systemd meet it: pause/resume, reload, sd_notify, logrotate, flapping, sshd reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fakeroot import make_root
+from tests.integration.harness import effective_sshd, wait_for
+
+DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
+
+
+def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, start_agent) -> None:
+    agent = start_agent(fake_root)
+    paused = agent.ctl("pause", "--for", "30m", "ssh")
+    assert paused.returncode == 0 and "paused ssh until" in paused.stdout
+    mark = agent.mark()
+    evil = fake_root / "etc/ssh/sshd_config.d/00-by-hand.conf"
+    evil.write_text("PasswordAuthentication yes\n")
+    wait_for(lambda: agent.status()["ssh"]["drift"], what="the paused guard to notice the drift")
+    status = agent.ctl("status")
+    assert status.returncode == 1 and "paused" in status.stdout
+    assert evil.read_text() == "PasswordAuthentication yes\n"
+    assert "drift-reverted" not in [e["event"]["action"] for e in agent.events()[mark:]]
+    assert agent.ctl("resume", "ssh").returncode == 0
+    agent.wait_event("drift-reverted", mark)
+    assert effective_sshd(fake_root)["passwordauthentication"] == ["no"]
+    assert agent.ctl("status").returncode == 0
+
+
+def test_pause_with_a_bad_duration_is_refused(fake_root: Path, start_agent) -> None:
+    agent = start_agent(fake_root)
+    result = agent.ctl("pause", "--for", "soon")
+    assert result.returncode == 2 and "expected a duration like 30m" in result.stderr
+
+
+def test_sighup_rereads_the_config_and_converges_to_it(fake_root: Path, start_agent) -> None:
+    agent = start_agent(fake_root)
+    config = fake_root / "etc/vps-agent/config.yaml"
+    config.write_text(config.read_text().replace("port: 2222", "port: 2200"))
+    mark = agent.mark()
+    agent.signal(signal.SIGHUP)
+    agent.wait_event("config-reloaded", mark, control=None)
+    agent.wait_event("drift-reverted", mark)
+    assert effective_sshd(fake_root)["port"] == ["2200"]
+
+
+def test_sighup_reopens_the_events_file_for_logrotate(fake_root: Path, start_agent) -> None:
+    agent = start_agent(fake_root)
+    rotated = agent.events_file.with_name("events.jsonl.1")
+    agent.events_file.rename(rotated)
+    agent.signal(signal.SIGHUP)
+    wait_for(agent.events_file.exists, what="a new events file")
+    (fake_root / DROPIN).unlink()
+    agent.wait_event("drift-reverted")
+    assert "agent-started" in rotated.read_text()
+
+
+def test_converge_from_the_console_waits_and_reports(fake_root: Path, start_agent) -> None:
+    agent = start_agent(fake_root)
+    result = agent.ctl("converge", "ssh")
+    assert result.returncode == 0 and "ssh" in result.stdout
+
+
+def test_status_without_a_daemon_exits_3_and_check_still_works(fake_root: Path) -> None:
+    from tests.integration.harness import Agent
+
+    probe = Agent.__new__(Agent)
+    probe.root = fake_root
+    status = probe.ctl("status")
+    assert status.returncode == 3 and "unreachable" in status.stderr
+    check = probe.ctl("check", "--json")
+    assert check.returncode == 1
+    report = json.loads(check.stdout)["controls"][0]
+    assert report["status"] == "drifted" and "write /etc/ssh/sshd_config.d/00-vps-agent.conf" in report["plan"]
+    assert not (fake_root / DROPIN).exists()  # check changes nothing
+    diff = probe.ctl("diff")
+    assert diff.returncode == 1 and "+PermitRootLogin no" in diff.stdout
+
+
+def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent) -> None:
+    config = "ssh: {port: 2222}\nengine: {flap_max_heals: 2, flap_window: 1m, flap_backoff: 10m}\n"
+    root = make_root(tmp_path / "root", config=config)
+    agent = start_agent(root)
+    mark = agent.mark()
+
+    def heals() -> int:
+        return sum(e["event"]["action"] == "drift-reverted" for e in agent.events())
+
+    for _ in range(2):  # the start-up heal, then two more within the window: 3 > flap_max_heals
+        before = heals()
+        (root / DROPIN).unlink()
+        wait_for(lambda b=before: heals() > b, what="a heal")
+    flapping = agent.wait_event("flapping", mark)
+    assert flapping["backoff_seconds"] == 600
+    status = agent.ctl("status")
+    assert status.returncode == 1 and "flapping" in status.stdout and "backing off 10m" in status.stdout
+    (root / DROPIN).unlink()
+    time.sleep(0.5)
+    assert not (root / DROPIN).exists()  # backing off: no fight
+    assert agent.ctl("converge", "ssh").returncode in (0, 1)  # an admin's converge overrides the back-off
+    assert (root / DROPIN).exists()
+
+
+def test_sd_notify_ready_status_watchdog_reloading_stopping(fake_root: Path, start_agent, tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    notify.bind(str(path))
+    notify.settimeout(10)
+    agent = start_agent(fake_root, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+
+    def receive_until(field: str) -> list[str]:
+        seen: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            message = notify.recv(4096).decode()
+            seen.append(message)
+            if field in message.splitlines():
+                return seen
+        raise AssertionError(f"no {field}; got {seen}")
+
+    ready = receive_until("READY=1")
+    assert any(line.startswith("STATUS=") for m in ready for line in m.splitlines())
+    receive_until("WATCHDOG=1")
+    agent.signal(signal.SIGHUP)
+    reloading = receive_until("RELOADING=1")
+    assert any(line.startswith("MONOTONIC_USEC=") for line in reloading[-1].splitlines())
+    receive_until("READY=1")
+    agent.signal(signal.SIGTERM)
+    receive_until("STOPPING=1")
+    notify.close()
+
+
+def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path, start_agent) -> None:
+    """A real sshd in its own network namespace, its pidfile inside the fake root: the agent SIGHUPs it."""
+    pidfile = fake_root / "run/sshd.pid"
+    script = (
+        'mount --make-rprivate / && mount --bind "$0/etc/ssh" /etc/ssh && mkdir -p /run/sshd && ip link set lo up && '
+        f'exec /usr/sbin/sshd -D -o PidFile={pidfile}'
+    )
+    sshd = subprocess.Popen(["unshare", "--mount", "--net", "sh", "-c", script, str(fake_root)])
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="sshd's pidfile")
+        pid = int(pidfile.read_text())
+
+        def listening() -> set[str]:
+            out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], capture_output=True, text=True).stdout
+            return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines() if line.strip()}
+
+        assert wait_for(lambda: listening() == {"22"}, what="sshd on port 22")
+        agent = start_agent(fake_root)
+        reverted = agent.wait_event("drift-reverted")
+        assert f"sent SIGHUP to sshd (pid {pid})" in reverted["reload"]
+        wait_for(lambda: listening() == {"2222"}, what="sshd re-executed on port 2222")
+        assert sshd.poll() is None  # never stopped, only reloaded
+    finally:
+        sshd.terminate()
+        sshd.wait(10)
+
+
+@pytest.mark.parametrize("verb", ["pause", "resume", "converge", "reload"])
+def test_mutating_verbs_need_root(fake_root: Path, start_agent, verb: str) -> None:
+    agent = start_agent(fake_root)
+    socket_path = fake_root / "run/vps-agent/agent.sock"
+    os.chmod(socket_path, 0o666)  # let the unprivileged caller reach the socket; SO_PEERCRED must still refuse
+    for parent in [socket_path.parent, *socket_path.parents]:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    code = (
+        "import os,sys; os.setgid(65534); os.setuid(65534); sys.path.insert(0, sys.argv[1]);"
+        "from agent.cli import main; sys.exit(main(['--root', sys.argv[2], sys.argv[3]]))"
+    )
+    from tests.integration.harness import REPO
+
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", code, str(REPO), str(fake_root), verb], capture_output=True, text=True, cwd="/"
+    )
+    assert result.returncode == 2 and "needs root" in result.stderr
+    readonly = subprocess.run(
+        ["/usr/bin/python3", "-c", code, str(REPO), str(fake_root), "status"], capture_output=True, text=True, cwd="/"
+    )
+    assert readonly.returncode == 0, readonly.stderr
