@@ -15,8 +15,8 @@ integration:
 	$(PYTEST) -q tests/integration
 
 lint:
-	$(PYTHON) -m ruff check agent tests bench
-	$(PYTHON) -m mypy
+	ruff check agent tests bench
+	mypy
 
 demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, its status and a healed tamper
 	./bench/demo.sh $(DEMO_ROOT)

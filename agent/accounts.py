@@ -63,7 +63,9 @@ def read_facts(root: SystemRoot) -> AccountsFacts:
             continue
         entry = shadow_by_user.get(fields[0])
         password, expired = _password_state(fields[1], entry, today)
-        accounts[fields[0]] = Account(fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6], password, expired)
+        accounts[fields[0]] = Account(
+            fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6], password, expired
+        )
     members: dict[str, set[str]] = {}
     gid_to_group: dict[int, str] = {}
     for line in group.splitlines():
@@ -76,9 +78,7 @@ def read_facts(root: SystemRoot) -> AccountsFacts:
         primary = gid_to_group.get(account.gid)
         if primary:
             members.setdefault(primary, set()).add(account.name)
-    return AccountsFacts(
-        accounts, {g: frozenset(m) for g, m in members.items()}, tuple(_read_sudoers(root))
-    )
+    return AccountsFacts(accounts, {g: frozenset(m) for g, m in members.items()}, tuple(_read_sudoers(root)))
 
 
 def _read_optional(path: Path) -> str:
@@ -169,7 +169,9 @@ def ways_to_root(root: SystemRoot, facts: AccountsFacts, policy: AccessPolicy) -
         elif policy.password_authentication and usable_password:
             ways.append(f"{account.name} (sudo) with a password")
         else:
-            needed = "an authorized_keys entry" + ("" if not policy.password_authentication else " or a usable password")
+            needed = "an authorized_keys entry" + (
+                "" if not policy.password_authentication else " or a usable password"
+            )
             problems.append(f"{account.name} has sudo rights but no way in: needs {needed}")
     if not any(not w.startswith("root") for w in ways) and not problems:
         problems.append("no non-root account with sudo rights exists (members of group sudo, or a sudoers rule)")

@@ -82,7 +82,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return exit_code_for(status["controls"])
-    print(f"vps-agent {status['version']} on {status['host']} (pid {status['pid']}), up since {_ago(status['started_at'])}")
+    print(
+        f"vps-agent {status['version']} on {status['host']} (pid {status['pid']}), "
+        f"up since {_ago(status['started_at'])}"
+    )
     if status["config"]["error"]:
         print(f"config REJECTED, running on the previous one: {status['config']['error']}")
     if status.get("events_file_error"):
@@ -142,7 +145,11 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
         return
     action = event.get("event", {}).get("action", "?")
     outcome = event.get("event", {}).get("outcome", "")
-    print(f"{event.get('@timestamp', '')}  {event.get('control', '-'):<8} {action:<20} {outcome:<8} {event.get('message', '')}", flush=True)
+    print(
+        f"{event.get('@timestamp', '')}  {event.get('control', '-'):<8} {action:<20} {outcome:<8} "
+        f"{event.get('message', '')}",
+        flush=True,
+    )
     if event.get("diff") and action in ("drift-detected", "drift-reverted"):
         for line in str(event["diff"]).splitlines():
             print(f"    {line}")
@@ -156,7 +163,11 @@ def cmd_pause(args: argparse.Namespace) -> int:
             print(f"vps-agentctl: --for {args.duration!r}: expected a duration like 30m, 1h, 1d", file=sys.stderr)
             return EXIT_ERROR
     result = _client(args).call("pause", control=args.control, **{"for": args.duration})
-    until = "until `vps-agentctl resume`" if result["until"] is None else f"until {time.strftime('%H:%M:%S', time.localtime(result['until']))}"
+    until = (
+        "until `vps-agentctl resume`"
+        if result["until"] is None
+        else f"until {time.strftime('%H:%M:%S', time.localtime(result['until']))}"
+    )
     print(f"paused {', '.join(result['paused'])} {until}: drift is reported, not reverted")
     return EXIT_OK
 

@@ -86,12 +86,19 @@ class Daemon:
         for directory in (self.root.state_dir, self.root.backups_dir):
             fs.ensure_dir(directory, 0o700 if directory == self.root.backups_dir else 0o755)
         self.events.emit(
-            ev.AGENT_STARTED, outcome="success", message=f"vps-agent {__version__} started (root {self.root.prefix})",
-            version=__version__, root=str(self.root.prefix), pid=os.getpid(),
+            ev.AGENT_STARTED,
+            outcome="success",
+            message=f"vps-agent {__version__} started (root {self.root.prefix})",
+            version=__version__,
+            root=str(self.root.prefix),
+            pid=os.getpid(),
         )
         if self.config_error:
             self.events.emit(
-                ev.CONFIG_REJECTED, outcome="failure", level="error", file_path=str(self.config_path),
+                ev.CONFIG_REJECTED,
+                outcome="failure",
+                level="error",
+                file_path=str(self.config_path),
                 message=f"config rejected, running on the last good config: {self.config_error}",
                 error=self.config_error,
             )
@@ -157,8 +164,12 @@ class Daemon:
         except ConfigError as exc:
             self.config_error = str(exc)
             self.events.emit(
-                ev.CONFIG_REJECTED, outcome="failure", level="error", file_path=str(self.config_path),
-                message=f"new config rejected, the previous one stays in force: {exc}", error=str(exc),
+                ev.CONFIG_REJECTED,
+                outcome="failure",
+                level="error",
+                file_path=str(self.config_path),
+                message=f"new config rejected, the previous one stays in force: {exc}",
+                error=str(exc),
             )
             self.notifier.ready(self.summary())
             return {"ok": False, "error": str(exc)}
@@ -242,7 +253,9 @@ class Daemon:
             runner.pause(until)
             names.append(runner.name)
             self.events.emit(
-                ev.PAUSED, outcome="success", control=runner.name,
+                ev.PAUSED,
+                outcome="success",
+                control=runner.name,
                 message=f"{runner.name}: paused " + ("until resumed" if until == float("inf") else f"for {duration}"),
                 paused_until=None if until == float("inf") else until,
             )
@@ -268,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"vps-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the resident daemon (systemd starts this as vps-agent.service)")
-    run.add_argument("--root", default="/", metavar="DIR", help="guard the system under DIR instead of / (tests, demos)")
+    run.add_argument(
+        "--root", default="/", metavar="DIR", help="guard the system under DIR instead of / (tests, demos)"
+    )
     run.add_argument("--config", metavar="FILE", help="config file (default: ROOT/etc/vps-agent/config.yaml)")
     args = parser.parse_args(argv)
     root = SystemRoot.at(args.root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import json
 import os
 import socket
@@ -34,7 +35,7 @@ _LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 
 def _utc_timestamp() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
@@ -62,7 +63,9 @@ class EventSinks:
                 return
             try:
                 self.file_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-                fd = os.open(self.file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+                fd = os.open(
+                    self.file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+                )
                 self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
                 self.file_error = None
             except OSError as exc:
@@ -97,13 +100,16 @@ class EventSinks:
             seen = self._sequence
         while stop is None or not stop.is_set():
             with self._lock:
-                self._new_event.wait_for(lambda: self._sequence > seen, timeout=1.0)
+                self._new_event.wait_for(functools.partial(self._newer_than, seen), timeout=1.0)
                 fresh = self._sequence - seen
                 batch = list(self.ring)[-fresh:] if fresh else []
                 seen = self._sequence
             for event in batch:
                 if control is None or event.get("control") == control:
                     yield event
+
+    def _newer_than(self, sequence: int) -> bool:
+        return self._sequence > sequence
 
     def close(self) -> None:
         with self._lock:

@@ -76,7 +76,9 @@ def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True
     passwd, shadow, group = PASSWD, SHADOW, GROUP
     if admin:
         passwd += f"{admin}:x:1000:1000:Admin:/home/{admin}:/bin/bash\n"
-        shadow += f"{admin}:$y$j9T$abcdefghijklmnopqrstuv$0123456789012345678901234567890123456789012:19000:0:99999:7:::\n"
+        shadow += (
+            f"{admin}:$y$j9T$abcdefghijklmnopqrstuv$0123456789012345678901234567890123456789012:19000:0:99999:7:::\n"
+        )
         group = group.replace("sudo:x:27:", f"sudo:x:27:{admin}") + f"{admin}:x:1000:\n"
         home = root / "home" / admin
         home.mkdir(parents=True, exist_ok=True)

@@ -225,7 +225,9 @@ class SshdControl(Control):
 
     def _include_present(self, graph: ConfigGraph) -> bool:
         return any(
-            d.keyword == "include" and d.path == MAIN_CONFIG and not d.in_match
+            d.keyword == "include"
+            and d.path == MAIN_CONFIG
+            and not d.in_match
             and include_covers(self.root, d, self._dropin_system_path)
             for d in graph.directives
         )
@@ -251,26 +253,32 @@ class SshdControl(Control):
     # plan ---------------------------------------------------------------------------------------------
 
     def plan(self, observed: SshdObserved, desired: SshdDesired, drift: Drift) -> Changes:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         edits: dict[str, list[str]] = {}
         notes: list[str] = []
         for directive in self._conflicts(observed.graph, desired):
             lines = edits.setdefault(directive.path, _lines_of(observed.graph, directive.path))
             original = lines[directive.line - 1]
             wanted = _wanted_text(desired, directive.keyword)
-            lines[directive.line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}"
+            lines[directive.line - 1] = (
+                f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}"
+            )
             notes.append(f"comment out {directive.path}:{directive.line} ({original.strip()})")
         if not self._include_present(observed.graph):
             lines = edits.setdefault(MAIN_CONFIG, _lines_of(observed.graph, MAIN_CONFIG))
             at = _first_directive_index(lines)
-            lines[at:at] = [f"# [{MARKER} {stamp}] Include restored: the agent's settings live in sshd_config.d", f"Include {DEFAULT_INCLUDE}"]
+            lines[at:at] = [
+                f"# [{MARKER} {stamp}] Include restored: the agent's settings live in sshd_config.d",
+                f"Include {DEFAULT_INCLUDE}",
+            ]
             notes.append(f"restore 'Include {DEFAULT_INCLUDE}' at the top of {MAIN_CONFIG}")
         files: list[FileChange] = []
         diffs: list[str] = []
         for system_path in edits:
             if self.root.path(system_path).is_symlink():
                 raise fs.UnsafeFile(
-                    self.root.path(system_path), "is a symlink; the agent edits files in place and does not follow links"
+                    self.root.path(system_path),
+                    "is a symlink; the agent edits files in place and does not follow links",
                 )
         for system_path, lines in edits.items():
             before = observed.graph.text_of(system_path) or ""
@@ -280,7 +288,10 @@ class SshdControl(Control):
         current = observed.dropin.decode("utf-8", "replace") if observed.dropin is not None else ""
         if observed.dropin_problem or current != desired.dropin_text:
             files.insert(
-                0, FileChange(self.root.sshd_dropin, self._dropin_system_path, desired.dropin_text.encode(), 0o644, "drop-in")
+                0,
+                FileChange(
+                    self.root.sshd_dropin, self._dropin_system_path, desired.dropin_text.encode(), 0o644, "drop-in"
+                ),
             )
             diffs.insert(0, unified(current, desired.dropin_text, self._dropin_system_path))
             notes.insert(0, f"write {self._dropin_system_path}")
@@ -310,7 +321,8 @@ class SshdControl(Control):
         ways, problems = accounts.ways_to_root(self.root, facts, policy)
         if ways:
             return None
-        rules = f"PermitRootLogin {policy.permit_root_login}, PasswordAuthentication {'yes' if policy.password_authentication else 'no'}"
+        password = "yes" if policy.password_authentication else "no"
+        rules = f"PermitRootLogin {policy.permit_root_login}, PasswordAuthentication {password}"
         return Blocked((f"applying {rules} would leave no way to get root over SSH",) + tuple(problems))
 
     # validate / reload --------------------------------------------------------------------------------

@@ -47,8 +47,10 @@ class Engine:
         results: dict[str, tx.Outcome | None] = {}
         threads = []
         for name, runner in self.runners.items():
+
             def work(n: str = name, r: ControlRunner = runner) -> None:
                 results[n] = r.converge_and_wait(reason, timeout)
+
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             threads.append(thread)

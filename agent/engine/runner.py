@@ -157,7 +157,10 @@ class ControlRunner:
                 with self._cond:
                     self._set_status(tx.ERROR, f"internal error: {type(exc).__name__}: {exc}")
                 self.ctx.events.emit(
-                    ev.REMEDIATION_FAILED, outcome="failure", control=self.name, level="error",
+                    ev.REMEDIATION_FAILED,
+                    outcome="failure",
+                    control=self.name,
+                    level="error",
                     message=f"{self.name}: internal error: {type(exc).__name__}: {exc}",
                 )
                 self._release_waiters(None)
@@ -248,8 +251,13 @@ class ControlRunner:
             )
             self._set_status(FLAPPING, why)
             self.ctx.events.emit(
-                ev.FLAPPING, outcome="failure", control=self.name, level="error",
-                message=f"{self.name}: flapping: {why}", backoff_seconds=backoff, heals=len(self._heal_times),
+                ev.FLAPPING,
+                outcome="failure",
+                control=self.name,
+                level="error",
+                message=f"{self.name}: flapping: {why}",
+                backoff_seconds=backoff,
+                heals=len(self._heal_times),
             )
 
     def _maybe_leave_flapping(self, config: Config) -> None:

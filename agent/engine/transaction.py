@@ -55,9 +55,13 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     except ValidationError as exc:
         if heal:
             ctx.events.emit(
-                ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
+                ev.REMEDIATION_FAILED,
+                outcome="failure",
+                control=control.name,
+                level="error",
                 message=f"{control.name}: the configured settings are refused, nothing changed: {exc}",
-                reason=reason, transaction_id=txid,
+                reason=reason,
+                transaction_id=txid,
             )
         return Outcome(control.name, FAILED, str(exc), duration_ms=elapsed(), transaction_id=txid)
     try:
@@ -66,9 +70,14 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         path = getattr(exc, "path", None)
         if heal:
             ctx.events.emit(
-                ev.OBSERVE_FAILED, outcome="failure", control=control.name, level="error",
+                ev.OBSERVE_FAILED,
+                outcome="failure",
+                control=control.name,
+                level="error",
                 message=f"{control.name}: cannot read the effective state, nothing changed: {exc}",
-                file_path=str(path) if path else None, reason=reason, transaction_id=txid,
+                file_path=str(path) if path else None,
+                reason=reason,
+                transaction_id=txid,
             )
         return Outcome(control.name, ERROR, str(exc), duration_ms=elapsed(), transaction_id=txid)
 
@@ -87,27 +96,43 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         plan_error = ""
     if not heal:
         status = BLOCKED if blocked else DRIFTED
-        return Outcome(control.name, status, str(blocked or drift.summary()), drift, changes, blocked,
-                       elapsed(), txid, facts)
+        return Outcome(
+            control.name, status, str(blocked or drift.summary()), drift, changes, blocked, elapsed(), txid, facts
+        )
 
     ctx.events.emit(
-        ev.DRIFT_DETECTED, outcome="unknown", control=control.name, level="warning",
+        ev.DRIFT_DETECTED,
+        outcome="unknown",
+        control=control.name,
+        level="warning",
         message=f"{control.name}: drift detected: {drift.summary()}",
-        file_path=drift.primary_path, diff=drift.diff, reason=reason, transaction_id=txid,
+        file_path=drift.primary_path,
+        diff=drift.diff,
+        reason=reason,
+        transaction_id=txid,
         drift=[item.describe() for item in drift.items],
     )
     if blocked is not None:
         ctx.events.emit(
-            ev.REMEDIATION_BLOCKED, outcome="failure", control=control.name, level="error",
-            message=f"{control.name}: blocked, nothing changed: {blocked}", reasons=list(blocked.reasons),
-            transaction_id=txid, duration_ms=elapsed(),
+            ev.REMEDIATION_BLOCKED,
+            outcome="failure",
+            control=control.name,
+            level="error",
+            message=f"{control.name}: blocked, nothing changed: {blocked}",
+            reasons=list(blocked.reasons),
+            transaction_id=txid,
+            duration_ms=elapsed(),
         )
         return Outcome(control.name, BLOCKED, str(blocked), drift, changes, blocked, elapsed(), txid, facts)
     if changes is None:
         ctx.events.emit(
-            ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
+            ev.REMEDIATION_FAILED,
+            outcome="failure",
+            control=control.name,
+            level="error",
             message=f"{control.name}: cannot plan a fix, nothing changed: {plan_error}",
-            transaction_id=txid, duration_ms=elapsed(),
+            transaction_id=txid,
+            duration_ms=elapsed(),
         )
         return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
 
@@ -133,20 +158,34 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         restored = backup.restore(echo=ctx.echo)
         rollback = control.reload() if restored else None
         ctx.events.emit(
-            ev.REMEDIATION_FAILED, outcome="failure", control=control.name, level="error",
-            message=f"{control.name}: fix rolled back: {exc}", file_path=drift.primary_path,
-            diff=changes.diff, transaction_id=txid, duration_ms=elapsed(),
-            restored=[str(p) for p in restored], rollback_reload=rollback.detail if rollback else None,
+            ev.REMEDIATION_FAILED,
+            outcome="failure",
+            control=control.name,
+            level="error",
+            message=f"{control.name}: fix rolled back: {exc}",
+            file_path=drift.primary_path,
+            diff=changes.diff,
+            transaction_id=txid,
+            duration_ms=elapsed(),
+            restored=[str(p) for p in restored],
+            rollback_reload=rollback.detail if rollback else None,
             backup=str(backup.directory),
         )
         ctx.backups.prune(control.name)
         return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts)
     ctx.backups.prune(control.name)
     ctx.events.emit(
-        ev.DRIFT_REVERTED, outcome="success", control=control.name,
+        ev.DRIFT_REVERTED,
+        outcome="success",
+        control=control.name,
         message=f"{control.name}: drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
-        file_path=drift.primary_path, diff=changes.diff, transaction_id=txid, duration_ms=elapsed(),
-        backup=str(backup.directory), reload=reloaded.detail,
+        file_path=drift.primary_path,
+        diff=changes.diff,
+        transaction_id=txid,
+        duration_ms=elapsed(),
+        backup=str(backup.directory),
+        reload=reloaded.detail,
     )
-    return Outcome(control.name, HEALED, "; ".join(changes.notes), drift, changes, None, elapsed(), txid,
-                   control.facts(after))
+    return Outcome(
+        control.name, HEALED, "; ".join(changes.notes), drift, changes, None, elapsed(), txid, control.facts(after)
+    )

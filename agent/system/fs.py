@@ -174,7 +174,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-
 def ensure_dir(path: Path, mode: int = 0o755) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
 
@@ -282,4 +281,3 @@ class BackupStore:
         if not base.is_dir():
             return []
         return sorted(p for p in base.iterdir() if p.is_dir())
-

@@ -67,7 +67,9 @@ class ServiceManager:
 
     def _start_without_systemd(self, service: Service) -> ServiceResult:
         result = run(list(service.start_argv), timeout=30)
-        return ServiceResult(result.ok, "start", "started " + service.process_name if result.ok else result.error_text())
+        return ServiceResult(
+            result.ok, "start", "started " + service.process_name if result.ok else result.error_text()
+        )
 
     def _pid(self, service: Service) -> int | None:
         """The live pid named by the service's pidfile, if that process is really the service."""

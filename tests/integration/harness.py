@@ -19,7 +19,7 @@ SSHD = "/usr/sbin/sshd"
 def effective_sshd(root: Path) -> dict[str, list[str]]:
     """`sshd -T` as sshd itself sees the fake root (its /etc/ssh bound over /etc/ssh in a private namespace)."""
     script = (
-        "mount --make-rprivate / && mount --bind \"$0/etc/ssh\" /etc/ssh && mkdir -p /run/sshd && "
+        'mount --make-rprivate / && mount --bind "$0/etc/ssh" /etc/ssh && mkdir -p /run/sshd && '
         f"exec {SSHD} -T -f /etc/ssh/sshd_config"
     )
     result = subprocess.run(["unshare", "--mount", "sh", "-c", script, str(root)], capture_output=True, text=True)
@@ -82,7 +82,9 @@ class Agent:
     def mark(self) -> int:
         return len(self.events())
 
-    def wait_event(self, action: str, since: int = 0, timeout: float = 10.0, control: str | None = "ssh") -> dict[str, Any]:
+    def wait_event(
+        self, action: str, since: int = 0, timeout: float = 10.0, control: str | None = "ssh"
+    ) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
             for event in self.events()[since:]:
                 if event["event"]["action"] == action and (control is None or event.get("control") == control):
@@ -98,7 +100,10 @@ class Agent:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "agent.cli", "--root", str(self.root), *args],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def status(self) -> dict[str, Any]:

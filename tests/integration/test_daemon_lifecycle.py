@@ -144,7 +144,7 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
     pidfile = fake_root / "run/sshd.pid"
     script = (
         'mount --make-rprivate / && mount --bind "$0/etc/ssh" /etc/ssh && mkdir -p /run/sshd && ip link set lo up && '
-        f'exec /usr/sbin/sshd -D -o PidFile={pidfile}'
+        f"exec /usr/sbin/sshd -D -o PidFile={pidfile}"
     )
     sshd = subprocess.Popen(["unshare", "--mount", "--net", "sh", "-c", script, str(fake_root)])
     try:
@@ -152,7 +152,9 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
         pid = int(pidfile.read_text())
 
         def listening() -> set[str]:
-            out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], capture_output=True, text=True
+            ).stdout
             return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines() if line.strip()}
 
         assert wait_for(lambda: listening() == {"22"}, what="sshd on port 22")
@@ -168,7 +170,7 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
 
 @pytest.mark.parametrize("verb", ["pause", "resume", "converge", "reload"])
 def test_mutating_verbs_need_root(fake_root: Path, start_agent, verb: str) -> None:
-    agent = start_agent(fake_root)
+    start_agent(fake_root)
     socket_path = fake_root / "run/vps-agent/agent.sock"
     os.chmod(socket_path, 0o666)  # let the unprivileged caller reach the socket; SO_PEERCRED must still refuse
     for parent in [socket_path.parent, *socket_path.parents]:

@@ -45,16 +45,24 @@ def test_sed_i_of_permitrootlogin_yes_into_sshd_config(fake_root: Path, start_ag
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     reverted = heal_after(
-        agent, fake_root,
-        lambda: subprocess.run(["sed", "-i", "s/^#PermitRootLogin prohibit-password/PermitRootLogin yes/", str(main)], check=True),
+        agent,
+        fake_root,
+        lambda: subprocess.run(
+            ["sed", "-i", "s/^#PermitRootLogin prohibit-password/PermitRootLogin yes/", str(main)], check=True
+        ),
     )
     assert reverted["file"]["path"] == "/etc/ssh/sshd_config"
     text = main.read_text()
-    assert "\nPermitRootLogin yes" not in text and "neutralised, the agent keeps PermitRootLogin no: PermitRootLogin yes" in text
+    assert (
+        "\nPermitRootLogin yes" not in text
+        and "neutralised, the agent keeps PermitRootLogin no: PermitRootLogin yes" in text
+    )
     assert b"\nPermitRootLogin yes\n" in backup_of(fake_root, reverted["transaction"]["id"], "/etc/ssh/sshd_config")
 
 
-def test_sed_i_inserting_permitrootlogin_yes_above_the_include_wins_over_the_dropin(fake_root: Path, start_agent) -> None:
+def test_sed_i_inserting_permitrootlogin_yes_above_the_include_wins_over_the_dropin(
+    fake_root: Path, start_agent
+) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     mark = agent.mark()
@@ -68,7 +76,9 @@ def test_sed_i_inserting_permitrootlogin_yes_above_the_include_wins_over_the_dro
 def test_a_new_00_evil_conf_is_neutralised(fake_root: Path, start_agent) -> None:
     agent = start_agent(fake_root)
     evil = fake_root / "etc/ssh/sshd_config.d/00-evil.conf"
-    reverted = heal_after(agent, fake_root, lambda: evil.write_text("PasswordAuthentication yes\nPermitRootLogin yes\n"))
+    reverted = heal_after(
+        agent, fake_root, lambda: evil.write_text("PasswordAuthentication yes\nPermitRootLogin yes\n")
+    )
     assert all(line.startswith("# [vps-agent ") for line in evil.read_text().splitlines())
     assert backup_of(fake_root, reverted["transaction"]["id"], "/etc/ssh/sshd_config.d/00-evil.conf") == (
         b"PasswordAuthentication yes\nPermitRootLogin yes\n"
@@ -99,12 +109,16 @@ def test_sshd_config_replaced_by_rename(fake_root: Path, start_agent) -> None:
     replacement = fake_root / "etc/ssh/sshd_config.new"
 
     def ansible_style_replace() -> None:
-        replacement.write_text("PermitRootLogin yes\nPasswordAuthentication yes\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
+        replacement.write_text(
+            "PermitRootLogin yes\nPasswordAuthentication yes\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+        )
         os.rename(replacement, main)
 
     reverted = heal_after(agent, fake_root, ansible_style_replace)
     assert first_directive(main.read_text()) == "Include /etc/ssh/sshd_config.d/*.conf"
-    assert backup_of(fake_root, reverted["transaction"]["id"], "/etc/ssh/sshd_config").startswith(b"PermitRootLogin yes\n")
+    assert backup_of(fake_root, reverted["transaction"]["id"], "/etc/ssh/sshd_config").startswith(
+        b"PermitRootLogin yes\n"
+    )
 
 
 def test_port_22_added(fake_root: Path, start_agent) -> None:

@@ -10,7 +10,6 @@ import pytest
 
 from agent.system import run as run_door
 
-
 Answer = Callable[[list[str]], tuple[int, str, str]]
 
 

@@ -18,8 +18,14 @@ def make(tmp_path: Path) -> tuple[ev.Events, Path]:
 def test_every_event_carries_the_documented_fields(tmp_path: Path) -> None:
     events, path = make(tmp_path)
     events.emit(
-        ev.DRIFT_REVERTED, outcome="success", control="ssh", message="healed", file_path="/etc/ssh/sshd_config",
-        diff="-a\n+b\n", duration_ms=12.5, transaction_id="abc123",
+        ev.DRIFT_REVERTED,
+        outcome="success",
+        control="ssh",
+        message="healed",
+        file_path="/etc/ssh/sshd_config",
+        diff="-a\n+b\n",
+        duration_ms=12.5,
+        transaction_id="abc123",
     )
     [line] = path.read_text().splitlines()
     event = json.loads(line)

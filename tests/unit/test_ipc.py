@@ -252,9 +252,7 @@ def test_mutating_verb_from_a_non_root_peer_is_refused_but_read_only_verbs_work(
     tmp_path: Path, handler: RecordingHandler
 ) -> None:
     if os.getuid() != 0:
-        pytest.skip(
-            "NOT TESTED: SO_PEERCRED permission check needs root to fork a child that drops to uid 65534"
-        )
+        pytest.skip("NOT TESTED: SO_PEERCRED permission check needs root to fork a child that drops to uid 65534")
     socket_dir = tmp_path / "run"
     socket_dir.mkdir(mode=0o755)
     # World-connectable for this test only: uid 65534 is not in group adm.
@@ -342,9 +340,7 @@ def test_start_replaces_a_stale_socket(socket_path: Path, handler: RecordingHand
         ipc_server.stop()
 
 
-def test_start_refuses_to_replace_a_file_that_is_not_a_socket(
-    socket_path: Path, handler: RecordingHandler
-) -> None:
+def test_start_refuses_to_replace_a_file_that_is_not_a_socket(socket_path: Path, handler: RecordingHandler) -> None:
     socket_path.parent.mkdir(parents=True)
     socket_path.write_text("precious\n")
     with pytest.raises(FileExistsError, match="not a socket"):

@@ -54,7 +54,9 @@ def test_dropin_with_permitrootlogin_yes_is_neutralised_with_a_marker(control: S
     edited = {c.system_path: c.content.decode() for c in changes.files}["/etc/ssh/sshd_config.d/00-evil.conf"]
     lines = edited.splitlines()
     assert lines[0] == "# planted" and lines[2] == "X11Forwarding no"
-    assert lines[1].startswith("# [vps-agent ") and "neutralised" in lines[1] and lines[1].endswith("PermitRootLogin yes")
+    assert (
+        lines[1].startswith("# [vps-agent ") and "neutralised" in lines[1] and lines[1].endswith("PermitRootLogin yes")
+    )
 
 
 def test_agreeing_directive_elsewhere_is_left_alone(control: SshdControl, fake_root: Path) -> None:
@@ -65,7 +67,7 @@ def test_agreeing_directive_elsewhere_is_left_alone(control: SshdControl, fake_r
 
 
 def test_prohibit_password_and_without_password_are_the_same_value(control: SshdControl, fake_root: Path) -> None:
-    config = parse_config('ssh: {port: 22, permit_root_login: prohibit-password, password_authentication: false}')
+    config = parse_config("ssh: {port: 22, permit_root_login: prohibit-password, password_authentication: false}")
     (fake_root / "etc/ssh/sshd_config.d/50-x.conf").write_text("PermitRootLogin without-password\n")
     observed = control.observe()
     desired = control.desired(config)
@@ -76,7 +78,9 @@ def test_prohibit_password_and_without_password_are_the_same_value(control: Sshd
 
 def test_extra_port_and_listenaddress_with_another_port_are_conflicts(control: SshdControl, fake_root: Path) -> None:
     main = fake_root / "etc/ssh/sshd_config"
-    main.write_text(main.read_text() + "Port 22\nListenAddress 0.0.0.0:22\nListenAddress [::]:2222\nListenAddress 10.0.0.1\n")
+    main.write_text(
+        main.read_text() + "Port 22\nListenAddress 0.0.0.0:22\nListenAddress [::]:2222\nListenAddress 10.0.0.1\n"
+    )
     observed, desired, drift = drift_of(control)
     conflicts = [(i.what, i.actual) for i in drift.items if i.where == "/etc/ssh/sshd_config"]
     assert ("port", "22") in conflicts and ("listenaddress", "0.0.0.0:22") in conflicts
