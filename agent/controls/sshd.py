@@ -127,6 +127,8 @@ class SshdControl(Control):
             effective = parse_effective(result.stdout)
             return SshdObserved(effective, graph, dropin, problem, self._running(effective))
         error = result.error_text()
+        if result.returncode == 127:
+            raise ObserveError(f"{SSHD} not found: is openssh-server installed?", MAIN_CONFIG)
         if problem is None and self._dropin_system_path not in error:
             raise ObserveError(f"sshd -T rejects the current configuration: {error}", MAIN_CONFIG)
         # the agent's own drop-in broke sshd's parse (garbage in it, a link to something else): ours to rewrite
