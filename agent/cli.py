@@ -66,8 +66,8 @@ def render_table(controls: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _client(args: argparse.Namespace) -> IpcClient:
-    return IpcClient(Path(args.socket) if args.socket else SystemRoot.at(args.root).socket)
+def _client(args: argparse.Namespace, timeout: float = 10.0) -> IpcClient:
+    return IpcClient(Path(args.socket) if args.socket else SystemRoot.at(args.root).socket, timeout)
 
 
 def _print_json(value: Any) -> None:
@@ -179,7 +179,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_converge(args: argparse.Namespace) -> int:
-    result = _client(args).call("converge", control=args.control)
+    # a converge waits for every control's transaction (each may take up to 2 minutes)
+    result = _client(args, timeout=300.0).call("converge", control=args.control)
     controls = [c for c in result["status"]["controls"] if args.control in (None, c["control"])]
     print(render_table(controls))
     return exit_code_for(controls)
@@ -256,6 +257,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return result
     code = EXIT_OK
     for outcome in result[1]:
+        if outcome.status in (tx.ERROR, tx.FAILED) and outcome.drift is None:
+            print(f"# {outcome.control}: cannot plan: {outcome.detail}", file=sys.stderr)
+            code = EXIT_ERROR
+            continue
         if outcome.drift is None:
             continue
         code = max(code, EXIT_ERROR if outcome.status in _ERROR_STATUSES else EXIT_DRIFT)

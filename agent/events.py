@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import datetime
 import functools
+import grp
 import json
 import os
 import socket
@@ -66,6 +67,7 @@ class EventSinks:
                 fd = os.open(
                     self.file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
                 )
+                _share_with_log_readers(fd)
                 self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
                 self.file_error = None
             except OSError as exc:
@@ -116,6 +118,16 @@ class EventSinks:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _share_with_log_readers(fd: int) -> None:
+    """Debian's convention for logs: root:adm 0640, so collectors in group adm can ship them."""
+    try:
+        adm = grp.getgrnam("adm").gr_gid
+    except KeyError:
+        return
+    if os.geteuid() == 0:
+        os.fchown(fd, 0, adm)
 
 
 class _SinkLogger:

@@ -78,6 +78,7 @@ class ControlRunner:
         self._first_trigger = 0.0
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
+        self._paused_drift = ""
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -218,6 +219,7 @@ class ControlRunner:
             if paused:
                 drifted = outcome.status not in (tx.COMPLIANT,)
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
+                self._report_paused_drift(outcome)
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
@@ -236,6 +238,23 @@ class ControlRunner:
             self._maybe_leave_flapping(config)
         self._release_waiters(outcome)
 
+    def _report_paused_drift(self, outcome: tx.Outcome) -> None:
+        """While paused, drift is still an event (once per distinct drift), so collectors see hand edits."""
+        summary = outcome.drift.summary() if outcome.drift else ""
+        if summary and summary != self._paused_drift:
+            self.ctx.events.emit(
+                ev.DRIFT_DETECTED,
+                outcome="unknown",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: drift detected while paused, not reverted: {summary}",
+                diff=outcome.drift.diff if outcome.drift else None,
+                paused=True,
+                file_path=outcome.drift.primary_path if outcome.drift else None,
+                transaction_id=outcome.transaction_id,
+            )
+        self._paused_drift = summary
+
     def _record_heal(self, config: Config) -> None:
         now = self._clock()
         self._heal_times.append(now)
@@ -247,7 +266,8 @@ class ControlRunner:
             self.state.backoff_until = now + backoff
             why = (
                 f"reverted {len(self._heal_times)} times in {format_duration(config.engine.flap_window)}; "
-                f"something keeps changing it: backing off {format_duration(backoff)}, last good state kept"
+                f"something keeps changing it: backing off {format_duration(backoff)} "
+                "(not reverted until then; every version is in the backups)"
             )
             self._set_status(FLAPPING, why)
             self.ctx.events.emit(

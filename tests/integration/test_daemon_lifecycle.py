@@ -29,6 +29,8 @@ def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, sta
     status = agent.ctl("status")
     assert status.returncode == 1 and "paused" in status.stdout
     assert evil.read_text() == "PasswordAuthentication yes\n"
+    reported = agent.wait_event("drift-detected", mark)
+    assert reported["paused"] is True and reported["file"]["path"].endswith("00-by-hand.conf")
     assert "drift-reverted" not in [e["event"]["action"] for e in agent.events()[mark:]]
     assert agent.ctl("resume", "ssh").returncode == 0
     agent.wait_event("drift-reverted", mark)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from agent.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, exit_code_for, main, render_table
@@ -49,6 +50,10 @@ def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path:
     root = SystemRoot.at(tmp_path)
     (tmp_path / "run").mkdir()
     sleeper = subprocess.Popen(["sleep", "60"])
+    comm = Path(f"/proc/{sleeper.pid}/comm")
+    deadline = time.monotonic() + 5
+    while comm.read_text().strip() != "sleep" and time.monotonic() < deadline:
+        time.sleep(0.01)  # Popen can return before the child has finished exec
     try:
         service = Service("demo.service", "/run/demo.pid", "sleep", ("/bin/false",))
         manager = ServiceManager(root)

@@ -70,7 +70,7 @@ def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(runner:
     assert len(flapping) == 1 and flapping[0]["backoff_seconds"] == 300
     tamper(runner, "attacker again\n")
     time.sleep(0.3)
-    # backing off: the last good state was written, the loop does not fight on
+    # backing off: the loop does not fight on
     assert runner.state.heals == 4
     assert runner.control.file.read_text() == "attacker again\n"  # type: ignore[attr-defined]
 
@@ -82,6 +82,11 @@ def test_pause_reports_drift_without_healing_and_resume_heals_at_once(runner: Co
     assert runner.state.status == PAUSED and "drift" in runner.state.why
     assert runner.control.file.read_text() == "tampered\n"  # type: ignore[attr-defined]
     assert "drift-reverted" not in actions(runner)
+    paused_events = [e for e in runner.ctx.events.sinks.recent(100) if e.get("paused")]
+    assert [e["event"]["action"] for e in paused_events] == ["drift-detected"]  # reported once, not reverted
+    runner.trigger("same drift again")
+    time.sleep(0.2)
+    assert len([e for e in runner.ctx.events.sinks.recent(100) if e.get("paused")]) == 1
     runner.resume()
     assert wait_until(lambda: runner.state.status == tx.HEALED)
     assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
