@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 PYTEST ?= $(PYTHON) -m pytest
 DEMO_ROOT ?= $(CURDIR)/demo-root
 
-.PHONY: test unit integration lint demo demo-clean bench
+.PHONY: test unit integration lint demo demo-clean bench deb deb-clean
 
 test:  ## every test: unit, integration (real sshd in namespaces), timeline (the real daemon loop)
 	$(PYTEST) -q tests
@@ -26,3 +26,42 @@ demo-clean:
 
 bench:  ## drift-to-healed latency and RSS through the real loop; writes bench/RESULTS.md
 	$(PYTHON) bench/heal_latency.py --runs 200 --results bench/RESULTS.md
+
+# The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never
+# ship; uncommitted edits to tracked files do) to build/vps-agent-<version>/, with packaging/debian/
+# as debian/, builds build/vps-agent_<version>_all.deb there with dpkg-buildpackage, and fails on any
+# lintian error or warning. `make deb VERSION=0.0.9` builds the same tree as another version, e.g. the
+# "previous" package the upgrade tests need: in the build copy only, a changelog entry for that version
+# is added and agent.__version__ set to it (so `vps-agent --version` tells the packages apart);
+# packaging/debian/changelog and agent/__init__.py are never touched. VERSION counts only on the
+# command line, so a VERSION variable in the environment cannot change what gets built.
+DEB_CHANGELOG_VERSION = $(shell dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+DEB_VERSION = $(if $(filter command line,$(origin VERSION)),$(VERSION),$(DEB_CHANGELOG_VERSION))
+DEB_TREE = build/vps-agent-$(DEB_VERSION)
+
+deb:
+	@printf '%s\n' '$(DEB_VERSION)' | grep -Eqx '[0-9][A-Za-z0-9.+~]*' || { \
+	  echo "make deb: '$(DEB_VERSION)' is not a native package version (digits first, then A-Za-z0-9.+~)" >&2; exit 2; }
+	rm -rf $(DEB_TREE) $(DEB_TREE).files build/vps-agent_$(DEB_VERSION)_*
+	mkdir -p $(DEB_TREE)
+	git ls-files -z > $(DEB_TREE).files
+	tar --null --ignore-failed-read -T $(DEB_TREE).files -cf - | tar -xf - -C $(DEB_TREE)
+	cp -R $(DEB_TREE)/packaging/debian $(DEB_TREE)/debian
+	set -e; if [ "$(DEB_VERSION)" != "$(DEB_CHANGELOG_VERSION)" ]; then \
+	  cd $(DEB_TREE)/debian; \
+	  maintainer=$$(dpkg-parsechangelog -l changelog -S Maintainer); test -n "$$maintainer"; \
+	  { printf 'vps-agent (%s) unstable; urgency=medium\n\n' "$(DEB_VERSION)"; \
+	    printf '  * Built with make deb VERSION=%s from the %s tree.\n\n' "$(DEB_VERSION)" "$(DEB_CHANGELOG_VERSION)"; \
+	    printf ' -- %s  %s\n\n' "$$maintainer" "$$(date -R)"; \
+	    cat changelog; } > changelog.new; \
+	  mv changelog.new changelog; \
+	  sed -i 's/^__version__ = .*/__version__ = "$(DEB_VERSION)"/' ../agent/__init__.py; \
+	  grep -qx '__version__ = "$(DEB_VERSION)"' ../agent/__init__.py; \
+	fi
+	cd $(DEB_TREE) && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error,warning --display-info \
+	  build/vps-agent_$(DEB_VERSION)_$$(dpkg --print-architecture).changes
+	@ls -l build/vps-agent_$(DEB_VERSION)_all.deb
+
+deb-clean:
+	rm -rf build/vps-agent-* build/vps-agent_*
