@@ -318,6 +318,7 @@ def other_version() -> Iterator[str]:
     version = f"{changelog_version()}~pkgtest1"
     yield version
     shutil.rmtree(REPO / "build" / f"vps-agent-{version}", ignore_errors=True)
+    (REPO / "build" / f"vps-agent-{version}.files").unlink(missing_ok=True)
     for artifact in (REPO / "build").glob(f"vps-agent_{version}_*"):
         artifact.unlink()
 
