@@ -138,8 +138,9 @@ class Control(ABC):
         """The lockout invariants for going from observed to desired; Blocked means change nothing."""
 
     @abstractmethod
-    def validate(self, changes: Changes) -> None:
-        """Ask the real tool; raises ValidationError with the tool's words."""
+    def validate(self, changes: Changes) -> Any | None:
+        """Ask the real tool; raises ValidationError with the tool's words. May return the observed
+        state the check produced when the reload cannot change it (saves observing twice)."""
 
     @abstractmethod
     def reload(self) -> ReloadOutcome: ...

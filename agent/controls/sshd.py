@@ -329,11 +329,17 @@ class SshdControl(Control):
 
     # validate / reload --------------------------------------------------------------------------------
 
-    def validate(self, changes: Changes) -> None:
+    def validate(self, changes: Changes) -> SshdObserved:
+        """sshd's own check of the written config. `sshd -T` is its extended test mode: every check of
+        `sshd -t`, plus the effective config, which serves as the transaction's observe-again (the
+        reload does not change what the files say) and saves a third sshd run per heal."""
         self._ensure_privsep_dir()
-        result = run([SSHD, "-t", "-f", MAIN_CONFIG], timeout=15)
+        result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
         if not result.ok:
-            raise ValidationError(f"sshd -t: {result.error_text()}")
+            raise ValidationError(f"sshd test mode (sshd -T) rejects it: {result.error_text()}")
+        dropin, problem = self._read_dropin()
+        # running stays unknown here: the reload that follows starts sshd when it was down
+        return SshdObserved(parse_effective(result.stdout), read_graph(self.root), dropin, problem, None)
 
     def reload(self) -> ReloadOutcome:
         outcome = self.services.reload(self._service())

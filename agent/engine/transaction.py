@@ -146,11 +146,11 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             else:
                 fs.ensure_dir(change.path.parent)
                 fs.atomic_write(change.path, change.content, mode=change.mode, echo=ctx.echo)
-        control.validate(changes)
+        validated = control.validate(changes)
         reloaded = control.reload()
         if not reloaded.ok:
             raise ValidationError(f"reload failed: {reloaded.detail}")
-        after = control.observe()
+        after = validated if validated is not None else control.observe()
         remaining = control.diff(after, desired)
         if remaining is not None:
             raise ValidationError(f"still drifted after the change: {remaining.summary()}")

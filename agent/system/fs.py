@@ -124,6 +124,7 @@ def atomic_write(
     mode: int | None = None,
     owner: tuple[int, int] | None = None,
     echo: EchoFilter | None = None,
+    durable: bool = True,
 ) -> None:
     """Write by rename in the same directory: readers see the old or the new file, never half of one.
 
@@ -145,7 +146,8 @@ def atomic_write(
             os.fchmod(handle.fileno(), 0o644 if mode is None else mode)
             if owner is not None and os.geteuid() == 0:
                 os.fchown(handle.fileno(), *owner)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
             written = os.fstat(handle.fileno())
         if echo is not None:
             # rename keeps inode, mtime and size: this is what the file will look like once in place
@@ -155,7 +157,8 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def remove(path: Path, *, echo: EchoFilter | None = None) -> None:
@@ -223,7 +226,8 @@ class BackupSet:
         target = files_dir / self.system_name(entry.path).lstrip("/")
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if entry.existed and entry.symlink_target is None:
-            atomic_write(target, entry.content, mode=0o600, owner=(0, 0))
+            # no fsync: the rollback uses the in-memory copy; these are the admin's record
+            atomic_write(target, entry.content, mode=0o600, owner=(0, 0), durable=False)
         manifest = [
             {
                 "path": self.system_name(item.path),
@@ -235,7 +239,9 @@ class BackupSet:
             }
             for item in self.saved.values()
         ]
-        atomic_write(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode(), mode=0o600)
+        atomic_write(
+            self.directory / "manifest.json", json.dumps(manifest, indent=2).encode(), mode=0o600, durable=False
+        )
 
     def restore(self, *, echo: EchoFilter | None = None) -> list[Path]:
         """Put every saved file back as it was; returns the paths restored."""

@@ -60,7 +60,7 @@ def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path:
     before = tree_snapshot(root / "etc/ssh")
     agent = start_agent(root)
     failed = agent.wait_event("remediation-failed")
-    assert "sshd -t" in failed["message"] and "bad addr or host: ::1" in failed["message"]
+    assert "sshd -T" in failed["message"] and "bad addr or host: ::1" in failed["message"]
     assert failed["restored"] and failed["backup"]
     time.sleep(1.0)
     # its own rollback must not look like new drift: one attempt, not a fail/rollback loop
