@@ -46,7 +46,8 @@ class EventSinks:
     def __init__(self, file_path: Path | None, *, to_stdout: bool, ring_size: int) -> None:
         self.file_path = file_path
         self.to_stdout = to_stdout
-        self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=ring_size)
+        # (control, rendered JSON line): a line is a third of the memory of the dict it came from
+        self.ring: collections.deque[tuple[str | None, str]] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
         self._new_event = threading.Condition(self._lock)
         self._sequence = 0
@@ -77,7 +78,7 @@ class EventSinks:
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
         with self._lock:
             self._sequence += 1
-            self.ring.append(event)
+            self.ring.append((event.get("control"), line))
             if self._file is not None:
                 try:
                     self._file.write(line + "\n")
@@ -93,8 +94,8 @@ class EventSinks:
 
     def recent(self, count: int, control: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            items = [e for e in self.ring if control is None or e.get("control") == control]
-        return items[-count:] if count > 0 else []
+            lines = [line for owner, line in self.ring if control is None or owner == control]
+        return [json.loads(line) for line in lines[-count:]] if count > 0 else []
 
     def follow(self, control: str | None = None, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
         """Yield events as they arrive (for `vps-agentctl events -f`)."""
@@ -106,9 +107,9 @@ class EventSinks:
                 fresh = self._sequence - seen
                 batch = list(self.ring)[-fresh:] if fresh else []
                 seen = self._sequence
-            for event in batch:
-                if control is None or event.get("control") == control:
-                    yield event
+            for owner, line in batch:
+                if control is None or owner == control:
+                    yield json.loads(line)
 
     def _newer_than(self, sequence: int) -> bool:
         return self._sequence > sequence
