@@ -67,6 +67,7 @@ class Engine:
             control = runner.control
             directories = control.watches(config) if control.enabled(config) else []
             self.watcher.set_watches(name, directories, runner.trigger)
+        self.watcher.forget_move_records()
 
     def stuck_runners(self) -> list[str]:
         now = time.monotonic()

@@ -80,6 +80,15 @@ class DirectoryWatcher:
                     watch = self._observer.schedule(self._handler, directory, recursive=False)
                     self._watches[directory] = (watch, inode)
 
+    def forget_move_records(self) -> None:
+        """Work around watchdog 2.2.1's inotify leak (upstream issue #1041): every rename in a watched
+        directory is remembered forever. Called when quiet (after a converge); losing the pairing of a
+        move in flight only turns it into a "created" event, which triggers a converge just the same."""
+        for emitter in list(getattr(self._observer, "emitters", ())):
+            records = getattr(getattr(getattr(emitter, "_inotify", None), "_inotify", None), "_moved_from_events", None)
+            if isinstance(records, dict):
+                records.clear()
+
     def _unschedule(self, directory: str) -> None:
         entry = self._watches.pop(directory, None)
         if entry is not None:

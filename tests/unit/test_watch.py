@@ -1,0 +1,81 @@
+"""Watches on parent directories: rename-over saves are seen, own echoes are not, memory stays bounded."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from agent.controls.base import WatchSpec
+from agent.engine.watch import DirectoryWatcher
+from agent.system import fs
+
+
+def watcher_on(directory: Path, names: frozenset[str] | None = None) -> tuple[DirectoryWatcher, list[str]]:
+    hits: list[str] = []
+    watcher = DirectoryWatcher(fs.EchoFilter())
+    watcher.set_watches("demo", [WatchSpec(directory, names)], hits.append)
+    watcher.start()
+    return watcher, hits
+
+
+def settle(hits: list[str], count: int = 1, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(hits) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+
+
+def test_a_rename_over_save_is_seen_and_only_named_files_count(tmp_path: Path) -> None:
+    watcher, hits = watcher_on(tmp_path, frozenset({"passwd"}))
+    try:
+        (tmp_path / "unrelated").write_text("x")
+        (tmp_path / ".passwd.new").write_text("alice:x:1000\n")
+        os.rename(tmp_path / ".passwd.new", tmp_path / "passwd")
+        settle(hits)
+        assert hits and all(h.endswith("/passwd") for h in hits)
+    finally:
+        watcher.stop()
+
+
+def test_the_agents_own_atomic_write_is_not_a_trigger(tmp_path: Path) -> None:
+    echo = fs.EchoFilter()
+    hits: list[str] = []
+    watcher = DirectoryWatcher(echo)
+    watcher.set_watches("demo", [WatchSpec(tmp_path)], hits.append)
+    watcher.start()
+    try:
+        fs.atomic_write(tmp_path / "dropin.conf", b"Port 2222\n", echo=echo)
+        time.sleep(0.3)
+        assert hits == []
+        (tmp_path / "dropin.conf").write_text("Port 22\n")
+        settle(hits)
+        assert hits
+    finally:
+        watcher.stop()
+
+
+def test_a_missing_directory_is_watched_through_its_parent(tmp_path: Path) -> None:
+    watcher, hits = watcher_on(tmp_path / "sshd_config.d")
+    try:
+        assert watcher.watched() == [str(tmp_path)]
+        (tmp_path / "sshd_config.d").mkdir()
+        settle(hits)
+        assert hits
+    finally:
+        watcher.stop()
+
+
+def test_move_records_do_not_grow_without_bound(tmp_path: Path) -> None:
+    watcher, hits = watcher_on(tmp_path)
+    try:
+        for n in range(200):
+            (tmp_path / f".f{n}").write_text("x")
+            os.rename(tmp_path / f".f{n}", tmp_path / "f")
+        settle(hits, 200)
+        records = [getattr(e._inotify._inotify, "_moved_from_events", {}) for e in watcher._observer.emitters]
+        assert sum(len(r) for r in records) > 0  # watchdog 2.2.1 keeps every rename (its issue #1041)
+        watcher.forget_move_records()
+        assert sum(len(r) for r in records) == 0
+    finally:
+        watcher.stop()
