@@ -7,7 +7,6 @@ launchers run from there with their private directory pointed at the unpacked co
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -18,58 +17,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root_and_tools
+from tests.debs import BUILD_TOOLS, built_deb, changelog_version, make_deb, make_env, run, tracked_files
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ("make", "git", "tar", "dpkg-buildpackage", "dpkg-parsechangelog", "dpkg-deb", "lintian")
+TOOLS = BUILD_TOOLS
 PRIVATE_DIR = "/usr/share/vps-agent"
 DEBIAN_PYTHON = "/usr/bin/python3"
 RUNTIME_DEPENDS = ("python3-yaml", "python3-structlog", "python3-watchdog", "python3-psutil")
 
 
-def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def make_env() -> dict[str, str]:
-    """The environment for `make deb`: no variables inherited from an outer make (`make test`)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VERSION")}
-    env["LC_ALL"] = "C.UTF-8"
-    return env
-
-
-def make_deb(*variables: str) -> None:
-    done = run("make", "deb", *variables, env=make_env())
-    if done.returncode != 0:
-        pytest.fail(f"make deb {' '.join(variables)} failed ({done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr}")
-
-
-def changelog_version() -> str:
-    return run("dpkg-parsechangelog", "-l", "packaging/debian/changelog", "-S", "Version").stdout.strip()
-
-
-def tracked_files() -> list[Path]:
-    names = run("git", "ls-files", "-z").stdout.split("\0")
-    return [REPO / n for n in names if n and os.path.lexists(REPO / n)]
-
-
-def is_fresh(deb: Path) -> bool:
-    """Built after the last change to any tracked file (what `make deb` copies into the package)."""
-    if not deb.exists():
-        return False
-    newest = max(p.lstat().st_mtime for p in tracked_files())
-    return deb.stat().st_mtime > newest
-
-
 @pytest.fixture(scope="module")
 def deb() -> Path:
     require_root_and_tools(*TOOLS)
-    version = changelog_version()
-    assert version, "packaging/debian/changelog has no version"
-    path = REPO / "build" / f"vps-agent_{version}_all.deb"
-    if not is_fresh(path):
-        make_deb()
-    assert path.is_file(), f"make deb did not leave {path}"
-    return path
+    return built_deb()
 
 
 @pytest.fixture(scope="module")
