@@ -218,7 +218,7 @@ class EngineConfig:
 class EventsConfig:
     file: str = "/var/log/vps-agent/events.jsonl"
     stdout: bool = True
-    ring_size: int = 1000
+    ring_size: int = 500
 
 
 @dataclass(frozen=True)

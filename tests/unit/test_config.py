@@ -54,7 +54,7 @@ def test_defaults_are_the_safe_baseline() -> None:
     assert config.engine == EngineConfig(
         debounce=0.015, reconcile_interval=300, flap_max_heals=5, flap_window=60, flap_backoff=300
     )
-    assert config.events == EventsConfig(file="/var/log/vps-agent/events.jsonl", stdout=True, ring_size=1000)
+    assert config.events == EventsConfig(file="/var/log/vps-agent/events.jsonl", stdout=True, ring_size=500)
     assert config.backups == BackupsConfig(keep=20)
     assert config.source == "<defaults>"
 

@@ -1,0 +1,182 @@
+"""The .deb on a booted Debian 12 VPS, the way a user meets it: installed, configured, attacked, killed,
+power-cycled, upgraded and purged. systemd is PID 1 inside; the admin logs in with a real ssh."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root_and_tools
+from tests.debs import BUILD_TOOLS, built_deb
+from tests.e2e.sandbox import Sandbox
+
+TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", *BUILD_TOOLS)
+PREVIOUS_VERSION = "0.0.9"
+USER_CONFIG = """# written by the admin after install
+ssh:
+  port: 2222
+  permit_root_login: "no"
+  password_authentication: false
+"""
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def sshd_effective(vps: Sandbox) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in vps.exec(["sshd", "-T"]).stdout.splitlines():
+        key, _, value = line.partition(" ")
+        values.setdefault(key, []).append(value)
+    return values
+
+
+def hardened(vps: Sandbox, port: str = "2222") -> bool:
+    effective = sshd_effective(vps)
+    return (
+        effective["port"] == [port]
+        and effective["permitrootlogin"] == ["no"]
+        and effective["passwordauthentication"] == ["no"]
+    )
+
+
+def main_pid(vps: Sandbox) -> int:
+    return int(vps.exec(["systemctl", "show", "-p", "MainPID", "--value", "vps-agent"]).stdout.strip())
+
+
+def agent_active(vps: Sandbox) -> bool:
+    return vps.exec(["systemctl", "is-active", "vps-agent"], check=False).stdout.strip() == "active"
+
+
+def status_code(vps: Sandbox) -> int:
+    return vps.exec(["vps-agentctl", "status"], check=False).returncode
+
+
+def events(vps: Sandbox) -> list[dict[str, object]]:
+    text = vps.exec(["cat", "/var/log/vps-agent/events.jsonl"], check=False).stdout
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def configure(vps: Sandbox) -> None:
+    vps.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=USER_CONFIG)
+    vps.exec(["systemctl", "reload", "vps-agent"])
+    wait_for("the agent to apply the admin's config", lambda: hardened(vps) and status_code(vps) == 0)
+
+
+@pytest.fixture(scope="module")
+def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """One VPS for the module: fresh Debian 12, the .deb installed before first boot, then booted."""
+    require_root_and_tools(*TOOLS)
+    sandbox = Sandbox(tmp_path_factory.mktemp("vps") / "root")
+    sandbox.create(debs=[built_deb()])
+    try:
+        sandbox.boot()
+        wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)
+        configure(sandbox)
+        yield sandbox
+    finally:
+        sandbox.destroy()
+
+
+def test_installed_agent_is_active_compliant_and_the_admin_still_gets_in(vps: Sandbox) -> None:
+    assert agent_active(vps)
+    assert vps.exec(["systemctl", "is-enabled", "vps-agent"]).stdout.strip() == "enabled"
+    status = vps.exec(["vps-agentctl", "status"])
+    assert "ssh" in status.stdout and ("compliant" in status.stdout or "healed" in status.stdout)
+    assert hardened(vps)
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+    root_login = vps.ssh("id -un", user="root", port=2222, check=False)
+    assert root_login.returncode != 0
+    old_port = vps.ssh("true", port=22, check=False, timeout=30)
+    assert old_port.returncode != 0
+
+
+def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sandbox) -> None:
+    drifts = [
+        ["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"],
+        ["sh", "-c", "printf 'PasswordAuthentication yes\\nPort 22\\n' > /etc/ssh/sshd_config.d/00-evil.conf"],
+        ["rm", "-f", "/etc/ssh/sshd_config.d/00-vps-agent.conf"],
+        ["sed", "-i", "/^Include /d", "/etc/ssh/sshd_config"],
+    ]
+    for drift in drifts:
+        healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))  # type: ignore[index]
+        vps.exec(drift)
+        wait_for(
+            f"the heal of {' '.join(drift)}",
+            lambda b=healed_before: sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > b  # type: ignore[index]
+            and hardened(vps),
+            20,
+        )
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def test_kill_9_is_restarted_by_systemd(vps: Sandbox) -> None:
+    before = main_pid(vps)
+    vps.exec(["kill", "-9", str(before)])
+    wait_for("a new agent process", lambda: agent_active(vps) and main_pid(vps) not in (0, before), 30)
+    wait_for("status to answer again", lambda: status_code(vps) == 0, 30)
+
+
+def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
+    # the shipped WatchdogSec is 30 s; a drop-in shortens it so the test does not wait that long
+    vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])
+    vps.exec(["sh", "-c", "printf '[Service]\\nWatchdogSec=3\\n' > /etc/systemd/system/vps-agent.service.d/wd.conf"])
+    vps.exec(["systemctl", "daemon-reload"])
+    vps.exec(["systemctl", "restart", "vps-agent"])
+    wait_for("the restarted agent", lambda: status_code(vps) == 0, 30)
+    before = main_pid(vps)
+    vps.exec(["kill", "-STOP", str(before)])
+    wait_for("the watchdog to replace the stopped agent", lambda: main_pid(vps) not in (0, before), 30)
+    wait_for("status to answer again", lambda: status_code(vps) == 0, 30)
+    journal = vps.exec(["journalctl", "-u", "vps-agent", "--no-pager", "-n", "200"]).stdout
+    assert "Watchdog timeout" in journal or "watchdog" in journal.lower()
+
+
+def test_power_cycle_comes_back_compliant(vps: Sandbox) -> None:
+    vps.power_cycle()
+    wait_for("vps-agent.service after boot", lambda: agent_active(vps), 60)
+    wait_for("compliance after boot", lambda: status_code(vps) == 0 and hardened(vps), 60)
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def test_upgrade_from_the_previous_version_then_purge(tmp_path_factory: pytest.TempPathFactory) -> None:
+    require_root_and_tools(*TOOLS)
+    previous, current = built_deb(PREVIOUS_VERSION), built_deb()
+    with Sandbox(tmp_path_factory.mktemp("upgrade") / "root") as vps:
+        vps.create(debs=[previous])
+        vps.boot()
+        wait_for("the previous version running", lambda: agent_active(vps), 60)
+        assert PREVIOUS_VERSION in vps.exec(["vps-agentctl", "--version"]).stdout
+        configure(vps)
+        pid_before = main_pid(vps)
+
+        (vps.root / "root" / current.name).write_bytes(current.read_bytes())
+        upgrade = vps.exec(["apt-get", "install", "-y", "--no-download", f"/root/{current.name}"], check=False, timeout=300)
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert "error" not in upgrade.stderr.lower()
+        assert current.name.split("_")[1] in vps.exec(["vps-agentctl", "--version"]).stdout
+        wait_for("the upgraded agent restarted", lambda: agent_active(vps) and main_pid(vps) != pid_before, 30)
+        assert "port: 2222" in vps.exec(["cat", "/etc/vps-agent/config.yaml"]).stdout  # the admin's conffile kept
+        wait_for("compliance after the upgrade", lambda: status_code(vps) == 0 and hardened(vps), 30)
+
+        purge = vps.exec(["apt-get", "purge", "-y", "vps-agent"], check=False, timeout=300)
+        assert purge.returncode == 0, purge.stdout + purge.stderr
+        assert "error" not in purge.stderr.lower() and "warning: while removing" not in purge.stdout.lower()
+        leftovers = vps.exec(
+            ["sh", "-c", "ls -d /var/lib/vps-agent /var/log/vps-agent /etc/vps-agent /usr/share/vps-agent 2>/dev/null"],
+            check=False,
+        ).stdout
+        assert leftovers.strip() == ""
+        assert vps.exec(["dpkg-query", "-W", "vps-agent"], check=False).returncode != 0
+        assert hardened(vps)  # purge never undoes the hardening
+        assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
