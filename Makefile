@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 PYTEST ?= $(PYTHON) -m pytest
 DEMO_ROOT ?= $(CURDIR)/demo-root
 
-.PHONY: test unit integration lint demo demo-clean bench deb deb-clean
+.PHONY: test unit integration lint sandbox demo demo-clean bench deb deb-clean
 
 test:  ## every test: unit, integration (real sshd in namespaces), timeline (the real daemon loop)
 	$(PYTEST) -q tests
@@ -17,6 +17,9 @@ integration:
 lint:
 	ruff check agent tests bench
 	mypy
+
+sandbox: deb  ## boot a Debian 12 VPS with the .deb installed, show status, a heal and a real ssh login
+	tests/e2e/sandbox-demo
 
 demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, its status and a healed tamper
 	./bench/demo.sh $(DEMO_ROOT)
