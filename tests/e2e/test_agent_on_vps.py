@@ -100,6 +100,19 @@ def test_installed_agent_is_active_compliant_and_the_admin_still_gets_in(vps: Sa
     assert old_port.returncode != 0
 
 
+def test_unit_verifies_clean_and_reports_its_exposure(vps: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    # --man=no: a minimal VPS has no man-db to resolve the Documentation= pages with
+    verify = vps.exec(["systemd-analyze", "verify", "--man=no", "/lib/systemd/system/vps-agent.service"], check=False)
+    assert verify.returncode == 0 and verify.stdout.strip() == "" and verify.stderr.strip() == "", verify.stderr
+    security = vps.exec(["systemd-analyze", "security", "--no-pager", "vps-agent.service"]).stdout
+    overall = [line for line in security.splitlines() if "Overall exposure level" in line]
+    assert overall, security
+    exposure = float(overall[0].split(":")[1].split()[0])
+    with capsys.disabled():  # shown in every run, pass or fail
+        print(f"\n[e2e] systemd-analyze security vps-agent.service: exposure {exposure} (0 best, 10 worst)")
+    assert exposure <= 4.0  # "OK" or better: the agent is root but fenced in
+
+
 def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sandbox) -> None:
     drifts = [
         ["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"],
