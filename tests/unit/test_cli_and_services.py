@@ -49,7 +49,8 @@ def test_validate_config_names_file_line_and_key(tmp_path: Path, capsys) -> None
 def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path: Path) -> None:
     root = SystemRoot.at(tmp_path)
     (tmp_path / "run").mkdir()
-    sleeper = subprocess.Popen(["sleep", "60"])
+    # SIGHUP back to its default: under nohup (or a CI runner that ignores it) sleep would survive it
+    sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     comm = Path(f"/proc/{sleeper.pid}/comm")
     deadline = time.monotonic() + 5
     while comm.read_text().strip() != "sleep" and time.monotonic() < deadline:
