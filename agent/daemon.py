@@ -18,6 +18,7 @@ from agent import __version__
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
 from agent.controls.base import Control
+from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
@@ -30,7 +31,7 @@ LAST_GOOD_CONFIG = "config.last-good.yaml"
 
 
 def build_controls(root: SystemRoot) -> list[Control]:
-    return [SshdControl(root)]
+    return [SshdControl(root), FirewallControl(root)]
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
@@ -226,7 +227,7 @@ class Daemon:
             "started_at": self.engine.started_at,
             "config": {"path": str(self.config_path), "error": self.config_error},
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
-            "watched": self.engine.watcher.watched(),
+            "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
             "controls": self.engine.status(),
         }

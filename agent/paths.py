@@ -53,6 +53,11 @@ class SystemRoot:
         return self.state_dir / "backups"
 
     @property
+    def firewall_canonical(self) -> Path:
+        """How iptables-save prints the agent's rules, learned after applying them (keyed by ruleset)."""
+        return self.state_dir / "firewall-canonical.json"
+
+    @property
     def run_dir(self) -> Path:
         return self.path("/run/vps-agent")
 

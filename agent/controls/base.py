@@ -26,6 +26,14 @@ class WatchSpec:
 
 
 @dataclass(frozen=True)
+class NetlinkGroup:
+    """A netlink multicast group whose every message means "this control's state may have changed"."""
+
+    protocol: int  # e.g. 12, NETLINK_NETFILTER
+    group: int  # e.g. 7, NFNLGRP_NFTABLES
+
+
+@dataclass(frozen=True)
 class DriftItem:
     """One way the observed state differs from the desired one."""
 
@@ -69,16 +77,36 @@ class FileChange:
 
 
 @dataclass(frozen=True)
+class Invocation:
+    argv: tuple[str, ...]
+    input_text: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandChange:
+    """A change to live state that is not a file (a ruleset): applied and undone by commands.
+
+    `check` is the tool's own dry run of `apply`; the transaction runs every check before it changes
+    anything, because live state cannot be validated after the fact the way a written file can."""
+
+    apply: Invocation
+    undo: Invocation | None
+    check: Invocation | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Changes:
     """What plan() would do; --dry-run and `vps-agentctl diff` print it."""
 
     files: tuple[FileChange, ...] = ()
     notes: tuple[str, ...] = ()
     diff: str = ""
+    commands: tuple[CommandChange, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.files
+        return not self.files and not self.commands
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,18 @@ class Control(ABC):
 
     def enabled(self, config: Config) -> bool:
         return True
+
+    def remediates(self, config: Config) -> bool:
+        """False: observe and report drift, never change anything (a report-only mode)."""
+        return True
+
+    def netlink_groups(self, config: Config) -> Sequence[NetlinkGroup]:
+        """Netlink groups whose messages may signal a change (state that lives in the kernel)."""
+        return ()
+
+    def poll_interval(self, config: Config) -> float | None:
+        """Converge at least this often (seconds) when nothing can signal a change; None: no polling."""
+        return None
 
     def facts(self, observed: Any) -> dict[str, Any]:
         """A few observed facts for `status` (e.g. the port sshd really uses)."""

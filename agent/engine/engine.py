@@ -11,7 +11,7 @@ from agent.config import Config
 from agent.controls.base import Control
 from agent.engine import transaction as tx
 from agent.engine.runner import ControlRunner
-from agent.engine.watch import DirectoryWatcher
+from agent.engine.watch import DirectoryWatcher, NetlinkWatcher
 
 STUCK_AFTER = 120.0  # a transaction running longer than this means the agent is wedged
 
@@ -22,6 +22,7 @@ class Engine:
         self._config_lock = threading.Lock()
         self.ctx = ctx
         self.watcher = DirectoryWatcher(ctx.echo)
+        self.netlink = NetlinkWatcher()
         self.runners = {c.name: ControlRunner(c, self.config, ctx, self.refresh_watches) for c in controls}
         self.started_at = time.time()
 
@@ -39,6 +40,7 @@ class Engine:
     def start(self) -> None:
         self.refresh_watches()
         self.watcher.start()
+        self.netlink.start()
         for runner in self.runners.values():
             runner.start()
 
@@ -65,8 +67,10 @@ class Engine:
         config = self.config()
         for name, runner in self.runners.items():
             control = runner.control
-            directories = control.watches(config) if control.enabled(config) else []
+            enabled = control.enabled(config)
+            directories = control.watches(config) if enabled else []
             self.watcher.set_watches(name, directories, runner.trigger)
+            self.netlink.set_watches(name, control.netlink_groups(config) if enabled else [], runner.trigger)
         self.watcher.forget_move_records()
 
     def stuck_runners(self) -> list[str]:
@@ -76,7 +80,11 @@ class Engine:
     def status(self) -> list[dict[str, Any]]:
         return [r.state.snapshot(n) for n, r in self.runners.items()]
 
+    def watched(self) -> list[str]:
+        return self.watcher.watched() + self.netlink.watched()
+
     def stop(self) -> None:
         self.watcher.stop()
+        self.netlink.stop()
         for runner in self.runners.values():
             runner.stop()

@@ -180,8 +180,12 @@ class ControlRunner:
                     self.state.paused_until = None
                     self._pending = self._pending or "pause expired"
                     self._deadline = now
+            interval = config.engine.reconcile_interval
+            if self.state.paused_until is None:
+                # a control whose changes nothing can signal (iptables-legacy) is polled instead
+                interval = min(interval, self.control.poll_interval(config) or interval)
             reconcile_due = (
-                self.state.last_converge_at + config.engine.reconcile_interval
+                self.state.last_converge_at + interval
                 if self.state.last_converge_at is not None
                 else float("inf")  # the start-up reconcile is explicit
             )
@@ -209,7 +213,8 @@ class ControlRunner:
             self._release_waiters(None)
             return
         paused = self.state.paused_until is not None
-        outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused)
+        report_only = not paused and not self.control.remediates(config)
+        outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         with self._cond:
             self.state.last_converge_at = self._clock()
             self.state.last_transaction = outcome.transaction_id
@@ -219,7 +224,11 @@ class ControlRunner:
             if paused:
                 drifted = outcome.status not in (tx.COMPLIANT,)
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
-                self._report_paused_drift(outcome)
+                self._report_paused_drift(outcome, "while paused")
+            elif report_only:
+                why = "report mode: drift is reported, not reverted"
+                self._set_status(outcome.status, why + (f"; {outcome.detail}" if outcome.detail else ""))
+                self._report_paused_drift(outcome, "in report mode")
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
@@ -238,8 +247,9 @@ class ControlRunner:
             self._maybe_leave_flapping(config)
         self._release_waiters(outcome)
 
-    def _report_paused_drift(self, outcome: tx.Outcome) -> None:
-        """While paused, drift is still an event (once per distinct drift), so collectors see hand edits."""
+    def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
+        """While paused (or in report mode), drift is still an event (once per distinct drift), so
+        collectors see hand edits."""
         summary = outcome.drift.summary() if outcome.drift else ""
         if summary and summary != self._paused_drift:
             self.ctx.events.emit(
@@ -247,9 +257,9 @@ class ControlRunner:
                 outcome="unknown",
                 control=self.name,
                 level="warning",
-                message=f"{self.name}: drift detected while paused, not reverted: {summary}",
+                message=f"{self.name}: drift detected {when}, not reverted: {summary}",
                 diff=outcome.drift.diff if outcome.drift else None,
-                paused=True,
+                paused=when == "while paused",
                 file_path=outcome.drift.primary_path if outcome.drift else None,
                 transaction_id=outcome.transaction_id,
             )

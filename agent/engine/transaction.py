@@ -10,9 +10,19 @@ from typing import Any
 
 from agent import events as ev
 from agent.config import Config
-from agent.controls.base import Blocked, Changes, Control, Drift, ObserveError, ValidationError
+from agent.controls.base import (
+    Blocked,
+    Changes,
+    CommandChange,
+    Control,
+    Drift,
+    Invocation,
+    ObserveError,
+    ValidationError,
+)
 from agent.events import Events
 from agent.system import fs
+from agent.system.run import run
 
 COMPLIANT = "compliant"
 HEALED = "healed"
@@ -137,7 +147,11 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
 
     backup = ctx.backups.begin(control.name, txid)
+    applied: list[CommandChange] = []
     try:
+        for command in changes.commands:
+            if command.check is not None:
+                _invoke(command.check, "refuses")
         for change in changes.files:
             backup.save(change.path)
         for change in changes.files:
@@ -146,6 +160,9 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             else:
                 fs.ensure_dir(change.path.parent)
                 fs.atomic_write(change.path, change.content, mode=change.mode, echo=ctx.echo)
+        for command in changes.commands:
+            _invoke(command.apply, "failed")
+            applied.append(command)
         validated = control.validate(changes)
         reloaded = control.reload()
         if not reloaded.ok:
@@ -156,7 +173,8 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             raise ValidationError(f"still drifted after the change: {remaining.summary()}")
     except (ValidationError, ObserveError, fs.UnsafeFile, OSError) as exc:
         restored = backup.restore(echo=ctx.echo)
-        rollback = control.reload() if restored else None
+        undone = _undo(applied)
+        rollback = control.reload() if restored or applied else None
         ctx.events.emit(
             ev.REMEDIATION_FAILED,
             outcome="failure",
@@ -168,6 +186,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             transaction_id=txid,
             duration_ms=elapsed(),
             restored=[str(p) for p in restored],
+            undone=undone or None,
             rollback_reload=rollback.detail if rollback else None,
             backup=str(backup.directory),
         )
@@ -189,3 +208,20 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     return Outcome(
         control.name, HEALED, "; ".join(changes.notes), drift, changes, None, elapsed(), txid, control.facts(after)
     )
+
+
+def _invoke(invocation: Invocation, failure: str) -> None:
+    result = run(invocation.argv, input_text=invocation.input_text, timeout=30)
+    if not result.ok:
+        raise ValidationError(f"{' '.join(invocation.argv)} {failure}: {result.error_text()}")
+
+
+def _undo(applied: list[CommandChange]) -> list[str]:
+    """Undo applied commands newest first; what each undo said, for the event."""
+    said = []
+    for command in reversed(applied):
+        if command.undo is None:
+            continue
+        result = run(command.undo.argv, input_text=command.undo.input_text, timeout=30)
+        said.append(f"{' '.join(command.undo.argv)}: " + ("ok" if result.ok else result.error_text()))
+    return said

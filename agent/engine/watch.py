@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import socket
 import threading
 from collections.abc import Callable, Iterable
 
@@ -10,8 +12,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
-from agent.controls.base import WatchSpec
+from agent.controls.base import NetlinkGroup, WatchSpec
 from agent.system.fs import EchoFilter
+from agent.system.netfilter import netlink_subscribe
 
 Trigger = Callable[[str], None]
 
@@ -132,3 +135,105 @@ def _inode(directory: str) -> int | None:
         return os.stat(directory).st_ino
     except OSError:
         return None
+
+
+class NetlinkWatcher:
+    """One thread reading netlink multicast groups; any message triggers the controls that listen to
+    it (the runner's debounce folds a burst into one converge). Sockets open on demand and close when
+    no control wants their group any more."""
+
+    def __init__(self, subscribe: Callable[[int, int], socket.socket] = netlink_subscribe) -> None:
+        self._subscribe = subscribe
+        self._lock = threading.Lock()
+        self._sockets: dict[NetlinkGroup, socket.socket] = {}
+        self._interested: dict[NetlinkGroup, set[str]] = {}
+        self._triggers: dict[str, Trigger] = {}
+        self.errors: dict[NetlinkGroup, str] = {}
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="netlink-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        with self._lock:
+            for sock in self._sockets.values():
+                sock.close()
+            self._sockets.clear()
+
+    def set_watches(self, control: str, groups: Iterable[NetlinkGroup], trigger: Trigger) -> None:
+        wanted = set(groups)
+        with self._lock:
+            self._triggers[control] = trigger
+            for group in list(self._interested):
+                if group not in wanted:
+                    self._interested[group].discard(control)
+                    if not self._interested[group]:
+                        del self._interested[group]
+                        sock = self._sockets.pop(group, None)
+                        if sock is not None:
+                            sock.close()
+            for group in wanted:
+                self._interested.setdefault(group, set()).add(control)
+                if group not in self._sockets:
+                    try:
+                        self._sockets[group] = self._subscribe(group.protocol, group.group)
+                        self.errors.pop(group, None)
+                    except OSError as exc:
+                        self.errors[group] = str(exc)  # the control's periodic reconcile still runs
+        self._wake()
+
+    def watched(self) -> list[str]:
+        with self._lock:
+            return sorted(f"netlink:{g.protocol}/{g.group}" for g in self._sockets)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                by_fd = {sock.fileno(): group for group, sock in self._sockets.items()}
+            try:
+                readable, _, _ = select.select([self._wake_read, *by_fd], [], [], 60.0)
+            except (OSError, ValueError):
+                continue  # a socket closed under us by set_watches: look again
+            for fd in readable:
+                if fd == self._wake_read:
+                    _drain_fd(fd)
+                    continue
+                group = by_fd[fd]
+                self._drain(group)
+                with self._lock:
+                    triggers = [self._triggers[c] for c in self._interested.get(group, ()) if c in self._triggers]
+                for trigger in triggers:
+                    trigger(f"netlink {group.protocol}/{group.group}")
+
+    def _drain(self, group: NetlinkGroup) -> None:
+        with self._lock:
+            sock = self._sockets.get(group)
+        if sock is None:
+            return
+        while True:
+            try:
+                sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # ENOBUFS: messages were lost, which is still "something changed"
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

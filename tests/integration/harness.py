@@ -45,10 +45,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 class Agent:
     """One `vps-agent run --root` subprocess; stop() is always called by the fixture."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None, config: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str] | None = None, config: Path | None = None, netns: bool = True
+    ) -> None:
         self.root = root
         self.log = root.parent / f"agent-{os.getpid()}-{time.monotonic_ns()}.log"
         argv = [sys.executable, "-m", "agent.daemon", "run", "--root", str(root)]
+        if netns:
+            # a private network namespace: the firewall guard may change only that one's ruleset
+            argv = ["unshare", "--net", "--", *argv]
         if config is not None:
             argv += ["--config", str(config)]
         self.process = subprocess.Popen(
@@ -148,3 +153,8 @@ def tree_snapshot(directory: Path) -> dict[str, tuple[bytes | str, int]]:
 def backup_of(root: Path, transaction_id: str, system_path: str) -> bytes:
     [backup] = list((root / "var/lib/vps-agent/backups/ssh").glob(f"*-{transaction_id}"))
     return (backup / "files" / system_path.lstrip("/")).read_bytes()
+
+
+def in_netns_of(pid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv in the network namespace of process pid (the daemon's), never in the host's."""
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", *argv], capture_output=True, text=True, timeout=30)

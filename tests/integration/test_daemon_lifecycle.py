@@ -79,12 +79,14 @@ def test_status_without_a_daemon_exits_3_and_check_still_works(fake_root: Path) 
     probe.root = fake_root
     status = probe.ctl("status")
     assert status.returncode == 3 and "unreachable" in status.stderr
-    check = probe.ctl("check", "--json")
+    # the whole check is blocked (2): the firewall guard will not touch the host's firewall for a fake root
+    assert probe.ctl("check").returncode == 2
+    check = probe.ctl("check", "--json", "ssh")
     assert check.returncode == 1
     report = json.loads(check.stdout)["controls"][0]
     assert report["status"] == "drifted" and "write /etc/ssh/sshd_config.d/00-vps-agent.conf" in report["plan"]
     assert not (fake_root / DROPIN).exists()  # check changes nothing
-    diff = probe.ctl("diff")
+    diff = probe.ctl("diff", "ssh")
     assert diff.returncode == 1 and "+PermitRootLogin no" in diff.stdout
 
 

@@ -1,0 +1,399 @@
+"""The firewall guard: a default-deny INPUT for IPv4 and IPv6 that never cuts SSH.
+
+The agent owns one chain per family (`vps-agent-input` in filter), the jump from INPUT into it and
+INPUT's policy; others' chains and rules (fail2ban's f2b-*, Docker's, a user's) are never touched and
+never count as drift. Truth is `iptables-save`, compared with what iptables-save printed right after
+the agent applied the same ruleset (its canonical form, learned from the tool, never guessed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Config, PortRule
+from agent.controls.base import (
+    Blocked,
+    Changes,
+    CommandChange,
+    Control,
+    Drift,
+    DriftItem,
+    Invocation,
+    NetlinkGroup,
+    ObserveError,
+    ReloadOutcome,
+    WatchSpec,
+    unified,
+)
+from agent.paths import SystemRoot
+from agent.system import fs, netfilter
+from agent.system.netfilter import FAMILIES, Backend
+
+CHAIN = "vps-agent-input"
+JUMP = f"-A INPUT -j {CHAIN}"
+POLICY = "DROP"
+LEGACY_POLL = 1.0  # seconds: iptables-legacy announces nothing, so look this often
+_ICMP_LIMIT = "-m limit --limit 10/second --limit-burst 20"
+_ESTABLISHED = f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+
+
+@dataclass(frozen=True)
+class FamilyObserved:
+    family: str
+    policy: str  # INPUT's policy
+    chain: tuple[str, ...] | None  # the agent's chain as iptables-save prints it; None: no chain
+    input_rules: tuple[str, ...]  # INPUT's rules, everyone's
+
+    @property
+    def jumps(self) -> int:
+        return sum(1 for rule in self.input_rules if rule == JUMP)
+
+
+@dataclass(frozen=True)
+class FirewallObserved:
+    backend: Backend
+    families: tuple[FamilyObserved, ...]
+    sshd_ports: frozenset[int]  # what a running sshd listens on in this network namespace
+    split: str  # rules in both iptables-legacy and iptables-nft: a warning, empty when fine
+
+    def family(self, name: str) -> FamilyObserved:
+        return next(f for f in self.families if f.family == name)
+
+
+@dataclass(frozen=True)
+class FirewallDesired:
+    rules: dict[str, tuple[str, ...]]  # family -> the agent's chain as the agent writes it
+    ssh_ports: tuple[int, ...]
+    open_tcp: dict[str, frozenset[int]]  # family -> TCP ports accepted from anywhere
+    mode: str
+
+
+def render_rules(
+    family: str, ssh_ports: Sequence[int], tcp: Sequence[PortRule], udp: Sequence[PortRule]
+) -> tuple[str, ...]:
+    """The agent's chain for one family, in the order packets meet it."""
+    rules = [f"-A {CHAIN} -i lo -j ACCEPT", _ESTABLISHED]
+    if family == "ipv4":
+        rules.append(f"-A {CHAIN} -p icmp --icmp-type echo-request {_ICMP_LIMIT} -j ACCEPT")
+    else:
+        # neighbour discovery (router/neighbour solicitation and advertisement) only from on-link
+        for icmp_type in (133, 134, 135, 136):
+            rules.append(f"-A {CHAIN} -p ipv6-icmp --icmpv6-type {icmp_type} -m hl --hl-eq 255 -j ACCEPT")
+        for icmp_type in (1, 2, 3, 4):  # unreachable, packet-too-big, time-exceeded, parameter-problem
+            rules.append(f"-A {CHAIN} -p ipv6-icmp --icmpv6-type {icmp_type} -j ACCEPT")
+        rules.append(f"-A {CHAIN} -p ipv6-icmp --icmpv6-type echo-request {_ICMP_LIMIT} -j ACCEPT")
+    for port in ssh_ports:
+        rules.append(f"-A {CHAIN} -p tcp --dport {port} -j ACCEPT")
+    for protocol, port_rules in (("tcp", tcp), ("udp", udp)):
+        for rule in port_rules:
+            dport = f"{rule.port}:{rule.port_end}" if rule.port_end else str(rule.port)
+            if not rule.sources:
+                rules.append(f"-A {CHAIN} -p {protocol} --dport {dport} -j ACCEPT")
+            for source in rule.sources:
+                if _family_of(source) == family:
+                    rules.append(f"-A {CHAIN} -p {protocol} -s {source} --dport {dport} -j ACCEPT")
+    return tuple(rules)
+
+
+def parse_filter(family: str, saved: str) -> FamilyObserved:
+    """iptables-save -t filter -> INPUT's policy and rules, and the agent's chain."""
+    policy = "ACCEPT"
+    chain_declared = False
+    chain: list[str] = []
+    input_rules: list[str] = []
+    in_filter = False
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            in_filter = line == "*filter"
+        elif not in_filter or line.startswith("#"):
+            continue
+        elif line.startswith(":INPUT "):
+            policy = line.split()[1]
+        elif line.startswith(f":{CHAIN} "):
+            chain_declared = True
+        elif line.startswith(f"-A {CHAIN} "):
+            chain.append(line)
+        elif line.startswith("-A INPUT "):
+            input_rules.append(line)
+    return FamilyObserved(family, policy, tuple(chain) if chain_declared else None, tuple(input_rules))
+
+
+class FirewallControl(Control):
+    name = "firewall"
+
+    def __init__(
+        self,
+        root: SystemRoot,
+        listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
+        in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
+    ) -> None:
+        super().__init__(root)
+        self._listening_ports = listening_ports
+        self._in_host_netns = in_host_netns
+        self._backend: Backend | None = None
+        self._canonical: dict[str, list[str]] | None = None  # key -> the chain as iptables-save prints it
+        self._planned: FirewallDesired | None = None  # what the transaction in flight applies
+        self._ssh_ports: tuple[int, ...] = ()
+        self._mode = "enforce"
+
+    def enabled(self, config: Config) -> bool:
+        return config.firewall.enabled
+
+    def remediates(self, config: Config) -> bool:
+        return config.firewall.mode == "enforce"
+
+    def watches(self, config: Config) -> Sequence[WatchSpec]:
+        return ()
+
+    def netlink_groups(self, config: Config) -> Sequence[NetlinkGroup]:
+        return (NetlinkGroup(netfilter.NETLINK_NETFILTER, netfilter.NFNLGRP_NFTABLES),)
+
+    def poll_interval(self, config: Config) -> float | None:
+        return LEGACY_POLL if self.backend.name == "legacy" else None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = netfilter.detect_backend()
+        return self._backend
+
+    # observe ------------------------------------------------------------------------------------------
+
+    def observe(self) -> FirewallObserved:
+        backend = self.backend
+        if not backend.iptables:
+            if backend.name == "nftables":
+                raise ObserveError("only nft is installed: the native nftables backend is not implemented yet")
+            raise ObserveError("neither iptables nor nft is installed (apt-get install iptables)")
+        families = []
+        for family in FAMILIES:
+            result = netfilter.save_filter(backend, family)
+            if not result.ok:
+                raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
+            families.append(parse_filter(family, result.stdout))
+        return FirewallObserved(backend, tuple(families), self._listening_ports(), self._split_rules(backend))
+
+    def _split_rules(self, backend: Backend) -> str:
+        """Rules in filter INPUT under both flavours: half the firewall is invisible to the other half."""
+        if backend.name != "nft" or not netfilter.legacy_filter_present("ipv4"):
+            return ""
+        legacy = netfilter.save_filter_with("legacy", "ipv4")
+        if legacy.ok and parse_filter("ipv4", legacy.stdout).input_rules:
+            return "iptables-legacy also has rules in filter INPUT (split ruleset: both apply, each tool sees half)"
+        return ""
+
+    # desired ------------------------------------------------------------------------------------------
+
+    def desired(self, config: Config) -> FirewallDesired:
+        # one source of truth: the SSH guard's port plus whatever sshd listens on now (a port move)
+        ssh_ports = set(self._listening_ports())
+        if config.ssh.enabled:
+            ssh_ports.add(config.ssh.port)
+        ports = tuple(sorted(ssh_ports))
+        self._ssh_ports = ports
+        fw = config.firewall
+        rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}
+        open_tcp = {family: _open_ports(rules[family]) for family in FAMILIES}
+        self._mode = fw.mode
+        return FirewallDesired(rules, ports, open_tcp, fw.mode)
+
+    # canonical form -----------------------------------------------------------------------------------
+
+    def _key(self, family: str, rules: tuple[str, ...]) -> str:
+        digest = hashlib.sha256("\n".join(rules).encode()).hexdigest()[:24]
+        return f"{self.backend.version} {family} {digest}"
+
+    def _canonical_store(self) -> dict[str, list[str]]:
+        if self._canonical is None:
+            try:
+                data = json.loads(fs.read_regular(self.root.firewall_canonical) or b"{}")
+            except (OSError, ValueError, fs.UnsafeFile):
+                data = {}
+            self._canonical = {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+        return self._canonical
+
+    def expected_chain(self, family: str, rules: tuple[str, ...]) -> tuple[str, ...]:
+        """The chain as iptables-save prints it, once learned; until then, as the agent writes it
+        (which differs, so the first converge re-applies the same ruleset once and learns)."""
+        learned = self._canonical_store().get(self._key(family, rules))
+        return tuple(learned) if learned is not None else rules
+
+    def _learn(self, observed: FirewallObserved, desired: FirewallDesired) -> None:
+        store = self._canonical_store()
+        keys = {self._key(family, desired.rules[family]) for family in FAMILIES}
+        changed = False
+        for family in FAMILIES:
+            seen = observed.family(family)
+            key = self._key(family, desired.rules[family])
+            # only right after our own atomic apply, and only when nothing else slipped in
+            if seen.chain is not None and len(seen.chain) == len(desired.rules[family]) and key not in store:
+                store[key] = list(seen.chain)
+                changed = True
+        for stale in [k for k in store if k not in keys]:
+            del store[stale]
+            changed = True
+        if changed:
+            fs.ensure_dir(self.root.state_dir, 0o755)
+            fs.atomic_write(self.root.firewall_canonical, json.dumps(store, indent=1).encode(), mode=0o644)
+
+    # diff ---------------------------------------------------------------------------------------------
+
+    def diff(self, observed: FirewallObserved, desired: FirewallDesired) -> Drift | None:
+        items: list[DriftItem] = []
+        diffs: list[str] = []
+        for family in FAMILIES:
+            seen = observed.family(family)
+            where = f"{family} filter"
+            want = self.expected_chain(family, desired.rules[family])
+            if seen.chain is None:
+                items.append(DriftItem(f"chain {CHAIN}", where, "present", "missing"))
+            elif seen.chain != want:
+                items.append(
+                    DriftItem(f"chain {CHAIN}", where, f"{len(want)} agent rules", f"{len(seen.chain)} rules, changed")
+                )
+            if seen.chain != want or not seen.jumps or seen.policy != POLICY:
+                diffs.append(
+                    unified(
+                        _owned_text(seen.policy, seen.jumps > 0, seen.chain or ()),
+                        _owned_text(POLICY, True, want),
+                        f"/{family}/filter",
+                    )
+                )
+            if seen.jumps == 0:
+                items.append(DriftItem("jump", f"{where} INPUT", JUMP, "missing"))
+            if seen.policy != POLICY:
+                items.append(DriftItem("policy", f"{where} INPUT", POLICY, seen.policy))
+        if not items:
+            return None
+        return Drift(self.name, tuple(items), "".join(diffs))
+
+    # plan ---------------------------------------------------------------------------------------------
+
+    def plan(self, observed: FirewallObserved, desired: FirewallDesired, drift: Drift) -> Changes:
+        self._planned = desired
+        commands: list[CommandChange] = []
+        notes: list[str] = []
+        for family in FAMILIES:
+            seen = observed.family(family)
+            want = self.expected_chain(family, desired.rules[family])
+            if seen.chain == want and seen.jumps and seen.policy == POLICY:
+                continue
+            apply = _restore_input(desired.rules[family], POLICY, _jump_position(seen) if not seen.jumps else None)
+            commands.append(
+                CommandChange(
+                    apply=Invocation(netfilter.restore_argv(self.backend, family), apply),
+                    undo=Invocation(netfilter.restore_argv(self.backend, family), _undo_input(seen)),
+                    check=Invocation(netfilter.restore_argv(self.backend, family, test=True), apply),
+                    reason=f"{family} {CHAIN}",
+                )
+            )
+            notes.append(
+                f"{family}: {len(desired.rules[family])} rules in {CHAIN}, INPUT policy {POLICY}"
+                + ("" if seen.jumps else ", jump restored")
+            )
+        return Changes(notes=tuple(notes), diff=drift.diff, commands=tuple(commands))
+
+    # preconditions ------------------------------------------------------------------------------------
+
+    def preconditions(self, observed: FirewallObserved, desired: FirewallDesired) -> Blocked | None:
+        """Never cut SSH: every port a running sshd listens on, and established connections, stay open."""
+        reasons: list[str] = []
+        if not self.root.is_host and self._in_host_netns():
+            reasons.append(
+                f"--root {self.root.prefix} is a fake root but the agent is in the host's network namespace: "
+                "it will not change this machine's firewall (run it under `unshare --net`)"
+            )
+        listening = self._listening_ports() | observed.sshd_ports
+        for family in FAMILIES:
+            missing = sorted(p for p in listening if p not in desired.open_tcp[family])
+            if missing:
+                reasons.append(f"{family}: the ruleset would not accept sshd's port(s) {missing}")
+            if _ESTABLISHED not in desired.rules[family]:
+                reasons.append(f"{family}: the ruleset would not accept established connections")
+        return Blocked(tuple(reasons)) if reasons else None
+
+    # validate / reload --------------------------------------------------------------------------------
+
+    def validate(self, changes: Changes) -> FirewallObserved:
+        """The rulesets are live once applied (`iptables-restore --test` ran before, as each command's
+        check): observe them, learn how iptables-save prints the agent's rules, and hand the
+        observation back as the transaction's observe-again."""
+        observed = self.observe()
+        if self._planned is not None:
+            self._learn(observed, self._planned)
+        return observed
+
+    def reload(self) -> ReloadOutcome:
+        return ReloadOutcome(True, "the kernel applies a restored ruleset at once")
+
+    def facts(self, observed: FirewallObserved) -> dict[str, Any]:
+        facts: dict[str, Any] = {"backend": f"iptables-{observed.backend.name}"}
+        for family in FAMILIES:
+            seen = observed.family(family)
+            facts[f"{family}_policy"] = seen.policy
+            facts[f"{family}_rules"] = len(seen.chain or ())
+        accepted = [p for p in self._ssh_ports if all(p in _open_ports(f.chain or ()) for f in observed.families)]
+        facts["ssh_ports_accepted"] = ",".join(map(str, accepted)) or "none"
+        facts["mode"] = self._mode
+        if observed.backend.name == "legacy":
+            facts["detection"] = f"polling every {LEGACY_POLL:g}s (iptables-legacy sends no netlink events)"
+        if observed.split:
+            facts["warning"] = observed.split
+        return facts
+
+
+def _restore_input(rules: tuple[str, ...], policy: str, jump_at: int | None) -> str:
+    lines = ["*filter", f":{CHAIN} - [0:0]", f"-F {CHAIN}", *rules, f":INPUT {policy} [0:0]"]
+    if jump_at is not None:
+        lines.append(f"-I INPUT {jump_at} -j {CHAIN}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _undo_input(before: FamilyObserved) -> str:
+    """Back to what the agent owned before: its chain's rules, the jump, INPUT's policy."""
+    lines = ["*filter", f":{CHAIN} - [0:0]", f"-F {CHAIN}", *(before.chain or ()), f":INPUT {before.policy} [0:0]"]
+    if not before.jumps:
+        lines.append(f"-D INPUT -j {CHAIN}")
+        if before.chain is None:
+            lines.append(f"-X {CHAIN}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _jump_position(seen: FamilyObserved) -> int:
+    """First in INPUT, but after fail2ban's jumps: a ban must still beat the agent's SSH accept."""
+    position = 1
+    for index, rule in enumerate(seen.input_rules, start=1):
+        if " -j f2b-" in rule:
+            position = index + 1
+    return position
+
+
+def _family_of(source: str) -> str:
+    return "ipv4" if ipaddress.ip_network(source, strict=False).version == 4 else "ipv6"
+
+
+def _open_ports(rules: Sequence[str]) -> frozenset[int]:
+    """TCP ports the rules accept from anywhere (no -s), ranges expanded; reads the agent's form and
+    iptables-save's alike."""
+    ports: set[int] = set()
+    for rule in rules:
+        words = rule.split()
+        protocol = words[words.index("-p") + 1] if "-p" in words[:-1] else ""
+        if protocol != "tcp" or "-s" in words or "--dport" not in words[:-1] or not rule.endswith("-j ACCEPT"):
+            continue
+        low, _, high = words[words.index("--dport") + 1].partition(":")
+        ports.update(range(int(low), int(high or low) + 1))
+    return frozenset(ports)
+
+
+def _owned_text(policy: str, jump: bool, chain: Sequence[str]) -> str:
+    """What the agent owns in one family, as iptables-save lines: INPUT's policy, the jump, its chain."""
+    lines = [f"-P INPUT {policy}", *([JUMP] if jump else []), *chain]
+    return "".join(line + "\n" for line in lines)

@@ -1,0 +1,122 @@
+"""The door to the kernel's packet filter: which iptables flavour is in use, its save/restore tools,
+the netlink group that announces every ruleset change, and the ports a process listens on."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.system.run import Completed, run
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7  # every nf_tables commit (iptables-nft and nft alike) is announced here
+FAMILIES = ("ipv4", "ipv6")
+_TOOL = {"ipv4": "iptables", "ipv6": "ip6tables"}
+LEGACY_TABLES = {"ipv4": Path("/proc/net/ip_tables_names"), "ipv6": Path("/proc/net/ip6_tables_names")}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """nft: iptables-nft (events through netlink); legacy: iptables-legacy (no events: poll);
+    nftables: nft without iptables; none: no tool at all."""
+
+    name: str
+    version: str = ""
+
+    @property
+    def iptables(self) -> bool:
+        return self.name in ("nft", "legacy")
+
+    def tool(self, family: str, suffix: str = "") -> str:
+        """e.g. tool("ipv6", "save") -> "ip6tables-nft-save"."""
+        return f"{_TOOL[family]}-{self.name}" + (f"-{suffix}" if suffix else "")
+
+
+def detect_backend() -> Backend:
+    """`iptables -V` says "(nf_tables)" or "(legacy)"; with no iptables but nft, native nftables."""
+    result = run(["iptables", "-V"], timeout=10)
+    if result.ok:
+        text = result.stdout.strip()
+        return Backend("legacy" if "(legacy)" in text else "nft", text)
+    nft = run(["nft", "--version"], timeout=10)
+    if nft.ok:
+        return Backend("nftables", nft.stdout.strip())
+    return Backend("none")
+
+
+def save_filter(backend: Backend, family: str) -> Completed:
+    return run([backend.tool(family, "save"), "-t", "filter"], timeout=15)
+
+
+def restore_argv(backend: Backend, family: str, *, test: bool = False) -> tuple[str, ...]:
+    argv = [backend.tool(family, "restore"), "--noflush", "--wait", "5"]
+    if test:
+        argv.append("--test")
+    return tuple(argv)
+
+
+def legacy_filter_present(family: str) -> bool:
+    """Whether iptables-legacy holds a filter table in this netns; read from /proc, so asking never
+    loads the legacy modules."""
+    try:
+        names = LEGACY_TABLES[family].read_text().split()
+    except OSError:
+        return False
+    return "filter" in names
+
+
+def save_filter_with(flavour: str, family: str) -> Completed:
+    return run([f"{_TOOL[family]}-{flavour}-save", "-t", "filter"], timeout=15)
+
+
+def in_host_network_namespace() -> bool:
+    """Whether this process shares PID 1's network namespace (a fake root must not touch the host's)."""
+    mine = os.stat("/proc/self/ns/net").st_ino
+    try:
+        return mine == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        pass
+    # PID 1's namespaces can be hidden (some sandboxes): a namespace of our own shows in an ancestor
+    # living in another one; anything unproven counts as the host's
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino != mine:
+                return False
+            pid = psutil.Process(pid).ppid()
+        except (OSError, psutil.Error):
+            break
+    return True
+
+
+def listening_tcp_ports(process_name: str) -> frozenset[int]:
+    """The TCP ports processes named process_name listen on in this network namespace."""
+    ports: set[int] = set()
+    names: dict[int, str] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or not conn.pid or not conn.laddr:
+            continue
+        if conn.pid not in names:
+            try:
+                names[conn.pid] = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                names[conn.pid] = ""
+        if names[conn.pid] == process_name:
+            ports.add(conn.laddr.port)
+    return frozenset(ports)
+
+
+def netlink_subscribe(protocol: int, group: int) -> socket.socket:
+    """A netlink socket that receives the multicast group's messages (groups are numbered from 1)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 1 << (group - 1)))
+    except OSError:
+        sock.close()
+        raise
+    return sock
