@@ -239,7 +239,8 @@ class Daemon:
         self.log = log
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
-            [python, "-m", "agent.daemon", "run", "--root", str(root)],
+            # a private network namespace: the firewall guard changes that one's ruleset, never the host's
+            ["unshare", "--net", "--", python, "-m", "agent.daemon", "run", "--root", str(root)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,

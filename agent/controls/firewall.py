@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from agent.system.netfilter import FAMILIES, Backend
 CHAIN = "vps-agent-input"
 JUMP = f"-A INPUT -j {CHAIN}"
 POLICY = "DROP"
+LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
 LEGACY_POLL = 1.0  # seconds: iptables-legacy announces nothing, so look this often
 _ICMP_LIMIT = "-m limit --limit 10/second --limit-burst 20"
 _ESTABLISHED = f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
@@ -133,7 +135,8 @@ class FirewallControl(Control):
         in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
     ) -> None:
         super().__init__(root)
-        self._listening_ports = listening_ports
+        self._read_listening_ports = listening_ports
+        self._listening_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self._in_host_netns = in_host_netns
         self._backend: Backend | None = None
         self._canonical: dict[str, list[str]] | None = None  # key -> the chain as iptables-save prints it
@@ -155,6 +158,16 @@ class FirewallControl(Control):
 
     def poll_interval(self, config: Config) -> float | None:
         return LEGACY_POLL if self.backend.name == "legacy" else None
+
+    def _listening_ports(self) -> frozenset[int]:
+        """sshd's ports, read at most once per transaction (observe, desired and preconditions all ask;
+        reading /proc/net/tcp can cost several ms on a busy host)."""
+        now = time.monotonic()
+        at, ports = self._listening_cache
+        if now - at > LISTENING_TTL:
+            ports = self._read_listening_ports()
+            self._listening_cache = (now, ports)
+        return ports
 
     @property
     def backend(self) -> Backend:

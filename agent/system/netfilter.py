@@ -53,7 +53,9 @@ def save_filter(backend: Backend, family: str) -> Completed:
 
 
 def restore_argv(backend: Backend, family: str, *, test: bool = False) -> tuple[str, ...]:
-    argv = [backend.tool(family, "restore"), "--noflush", "--wait", "5"]
+    argv = [backend.tool(family, "restore"), "--noflush"]
+    if backend.name == "legacy":
+        argv += ["--wait", "5"]  # legacy serialises writers with the xtables lock; nft commits atomically
     if test:
         argv.append("--test")
     return tuple(argv)
@@ -94,20 +96,44 @@ def in_host_network_namespace() -> bool:
 
 
 def listening_tcp_ports(process_name: str) -> frozenset[int]:
-    """The TCP ports processes named process_name listen on in this network namespace."""
-    ports: set[int] = set()
-    names: dict[int, str] = {}
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_LISTEN or not conn.pid or not conn.laddr:
+    """The TCP ports processes named process_name listen on in this network namespace.
+
+    Reads /proc directly: the processes' socket inodes first, the TCP tables (slow to read on a busy
+    kernel) only when there are any; psutil.net_connections walks every process and costs more than
+    a whole firewall heal."""
+    sockets: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
             continue
-        if conn.pid not in names:
-            try:
-                names[conn.pid] = psutil.Process(conn.pid).name()
-            except psutil.Error:
-                names[conn.pid] = ""
-        if names[conn.pid] == process_name:
-            ports.add(conn.laddr.port)
-    return frozenset(ports)
+        try:
+            with open(f"/proc/{entry.name}/comm") as comm:
+                if comm.read().strip() != process_name:
+                    continue
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                target = os.readlink(fd.path)
+                if target.startswith("socket:["):
+                    sockets.add(target[8:-1])
+        except OSError:
+            continue  # the process ended, or is not ours to read
+    if not sockets:
+        return frozenset()
+    return frozenset(port for inode, port in _listening_inodes().items() if inode in sockets)
+
+
+def _listening_inodes() -> dict[str, int]:
+    """socket inode -> port of every listening TCP socket (IPv4 and IPv6) in this network namespace."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                        inodes[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+        except OSError:
+            continue
+    return inodes
 
 
 def netlink_subscribe(protocol: int, group: int) -> socket.socket:
