@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, built_deb
-from tests.e2e.sandbox import Sandbox
+from tests.e2e.sandbox import VPS_ADDR, Sandbox
 
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", *BUILD_TOOLS)
 PREVIOUS_VERSION = "0.0.9"
@@ -21,6 +21,8 @@ ssh:
   permit_root_login: "no"
   password_authentication: false
 """
+FIREWALL_CHAIN = "vps-agent-input"
+BLOCKED_PORT = 8080  # not in the config: the default-deny INPUT drops it until firewall.allow_tcp names it
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -64,6 +66,34 @@ def status_code(vps: Sandbox) -> int:
 def events(vps: Sandbox) -> list[dict[str, object]]:
     text = vps.exec(["cat", "/var/log/vps-agent/events.jsonl"], check=False).stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def firewall_in_place(vps: Sandbox) -> bool:
+    """INPUT's policy is DROP and INPUT jumps to the agent's chain, for IPv4 and IPv6 alike."""
+    for tool in ("iptables", "ip6tables"):
+        rules = vps.exec([tool, "-S", "INPUT"]).stdout.splitlines()
+        if "-P INPUT DROP" not in rules or f"-A INPUT -j {FIREWALL_CHAIN}" not in rules:
+            return False
+    return True
+
+
+def firewall_status(vps: Sandbox) -> dict[str, object]:
+    controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
+    firewall: dict[str, object] = next(c for c in controls if c["control"] == "firewall")
+    return firewall
+
+
+def client_connects(vps: Sandbox, port: int) -> bool:
+    """A TCP connect from the client namespace to the VPS (a dropped SYN times out after 2 s)."""
+    code = f"import socket; socket.create_connection(({VPS_ADDR!r}, {port}), timeout=2).close()"
+    return vps.client(["/usr/bin/python3", "-c", code], check=False, timeout=30).returncode == 0
+
+
+def firewall_heals(vps: Sandbox) -> int:
+    return sum(
+        e["event"]["action"] == "drift-reverted" and e.get("control") == "firewall"  # type: ignore[index]
+        for e in events(vps)
+    )
 
 
 def configure(vps: Sandbox) -> None:
@@ -131,6 +161,64 @@ def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sand
             ),
             20,
         )
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def test_the_firewall_is_in_place_after_install_and_ssh_still_gets_through(vps: Sandbox) -> None:
+    wait_for("the firewall baseline", lambda: firewall_in_place(vps), 30)
+    for tool in ("iptables", "ip6tables"):
+        chain = vps.exec([tool, "-S", FIREWALL_CHAIN]).stdout
+        assert "--dport 2222 -j ACCEPT" in chain, chain
+    status = vps.exec(["vps-agentctl", "status"]).stdout
+    assert any(line.startswith("firewall") for line in status.splitlines()), status
+    firewall = firewall_status(vps)
+    assert firewall["status"] in ("compliant", "healed"), firewall
+    facts = firewall["facts"]
+    assert isinstance(facts, dict)
+    assert facts["backend"] == "iptables-nft" and facts["ipv4_policy"] == facts["ipv6_policy"] == "DROP"
+    assert "2222" in str(facts["ssh_ports_accepted"])
+    # the admin's SSH on the configured port goes through the firewall from the client namespace
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def test_a_port_not_allowed_is_dropped_until_the_config_allows_it(vps: Sandbox) -> None:
+    unit = "e2e-http-8080"
+    vps.exec(["systemd-run", f"--unit={unit}", "python3", "-m", "http.server", str(BLOCKED_PORT), "--bind", "0.0.0.0"])
+    try:
+        listening = f"import socket; socket.create_connection(('127.0.0.1', {BLOCKED_PORT}), timeout=2).close()"
+        inside = ["python3", "-c", listening]
+        wait_for("the listener inside the VPS", lambda: vps.exec(inside, check=False).returncode == 0)
+        assert not client_connects(vps, BLOCKED_PORT)  # listening, but the default-deny INPUT drops it
+
+        allowed = USER_CONFIG + f"firewall:\n  allow_tcp: [{BLOCKED_PORT}]\n"
+        vps.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=allowed)
+        vps.exec(["systemctl", "reload", "vps-agent"])
+        wait_for(
+            f"tcp/{BLOCKED_PORT} in the agent's chain",
+            lambda: f"--dport {BLOCKED_PORT} -j ACCEPT" in vps.exec(["iptables", "-S", FIREWALL_CHAIN]).stdout,
+        )
+        assert client_connects(vps, BLOCKED_PORT)
+        assert firewall_in_place(vps)
+    finally:
+        vps.exec(["systemctl", "stop", unit], check=False)
+        configure(vps)  # back to the admin's config (port 8080 closed again)
+    wait_for(
+        f"tcp/{BLOCKED_PORT} gone from the agent's chain",
+        lambda: f"--dport {BLOCKED_PORT} " not in vps.exec(["iptables", "-S", FIREWALL_CHAIN]).stdout,
+    )
+
+
+def test_iptables_flush_inside_the_vps_is_healed(vps: Sandbox) -> None:
+    for drift in (["iptables", "-F"], ["iptables", "-P", "INPUT", "ACCEPT"], ["ip6tables", "-F"]):
+        before = firewall_heals(vps)
+        vps.exec(drift)
+        wait_for(
+            f"the heal of {' '.join(drift)}",
+            lambda b=before: firewall_heals(vps) > b and firewall_in_place(vps),
+            20,
+        )
+    assert "--dport 2222 -j ACCEPT" in vps.exec(["iptables", "-S", FIREWALL_CHAIN]).stdout
+    assert firewall_status(vps)["status"] in ("compliant", "healed")
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 
