@@ -27,6 +27,9 @@ def _declare_nft(commands, saved: dict[str, str]) -> None:  # type: ignore[no-un
     commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (nf_tables)\n")
     commands.expect_with(["iptables-nft-save"], lambda argv: (0, saved["ipv4"], ""))
     commands.expect_with(["ip6tables-nft-save"], lambda argv: (0, saved["ipv6"], ""))
+    # the split-ruleset check asks iptables-legacy when this host's /proc shows a legacy filter table
+    commands.expect_with(["iptables-legacy-save"], lambda argv: (0, SAVED_EMPTY, ""))
+    commands.expect_with(["ip6tables-legacy-save"], lambda argv: (0, SAVED_EMPTY, ""))
 
 
 def test_sources_go_only_to_their_family_and_ranges_use_colons() -> None:
