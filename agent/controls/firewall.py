@@ -192,13 +192,24 @@ class FirewallControl(Control):
         return FirewallObserved(backend, tuple(families), self._listening_ports(), self._split_rules(backend))
 
     def _split_rules(self, backend: Backend) -> str:
-        """Rules in filter INPUT under both flavours: half the firewall is invisible to the other half."""
-        if backend.name != "nft" or not netfilter.legacy_filter_present("ipv4"):
+        """Rules in filter INPUT under the other iptables flavour too: both apply to every packet, and
+        each tool (and each admin) sees only half the firewall."""
+        other = {"nft": "legacy", "legacy": "nft"}.get(backend.name)
+        if other is None:
             return ""
-        legacy = netfilter.save_filter_with("legacy", "ipv4")
-        if legacy.ok and parse_filter("ipv4", legacy.stdout).input_rules:
-            return "iptables-legacy also has rules in filter INPUT (split ruleset: both apply, each tool sees half)"
-        return ""
+        found = []
+        for family in FAMILIES:
+            if other == "legacy" and not netfilter.legacy_filter_present(family):
+                continue  # asking iptables-legacy would load its modules
+            saved = netfilter.save_filter_with(other, family)
+            if saved.ok and parse_filter(family, saved.stdout).input_rules:
+                found.append(f"{netfilter.tool_name(family)}-{other}")
+        if not found:
+            return ""
+        return (
+            f"split ruleset: {' and '.join(found)} also has rules in filter INPUT besides the agent's "
+            f"iptables-{backend.name} (both apply; each tool sees half)"
+        )
 
     # desired ------------------------------------------------------------------------------------------
 

@@ -16,6 +16,10 @@ NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7  # every nf_tables commit (iptables-nft and nft alike) is announced here
 FAMILIES = ("ipv4", "ipv6")
 _TOOL = {"ipv4": "iptables", "ipv6": "ip6tables"}
+# TEST HOOK, not configuration: the integration tests run the daemon in a private netns and pick the
+# backend there (Debian's iptables alternative is per-system, so a test cannot switch it for one netns).
+# Values: iptables-nft, iptables-legacy, nftables. Unset in production: the backend is detected.
+BACKEND_TEST_HOOK = "VPS_AGENT_TEST_FIREWALL_BACKEND"
 LEGACY_TABLES = {"ipv4": Path("/proc/net/ip_tables_names"), "ipv6": Path("/proc/net/ip6_tables_names")}
 
 
@@ -37,7 +41,17 @@ class Backend:
 
 
 def detect_backend() -> Backend:
-    """`iptables -V` says "(nf_tables)" or "(legacy)"; with no iptables but nft, native nftables."""
+    """`iptables -V` says "(nf_tables)" or "(legacy)" (which flavour Debian's alternative points to);
+    with no iptables but nft, native nftables. The test hook (BACKEND_TEST_HOOK) names one instead."""
+    forced = os.environ.get(BACKEND_TEST_HOOK, "")
+    if forced in ("iptables-nft", "iptables-legacy"):
+        result = run([f"iptables-{forced.split('-')[1]}", "-V"], timeout=10)
+        if result.ok:
+            return Backend(forced.split("-")[1], result.stdout.strip())
+        return Backend("none")
+    if forced == "nftables":
+        nft = run(["nft", "--version"], timeout=10)
+        return Backend("nftables", nft.stdout.strip()) if nft.ok else Backend("none")
     result = run(["iptables", "-V"], timeout=10)
     if result.ok:
         text = result.stdout.strip()
@@ -69,6 +83,10 @@ def legacy_filter_present(family: str) -> bool:
     except OSError:
         return False
     return "filter" in names
+
+
+def tool_name(family: str) -> str:
+    return _TOOL[family]
 
 
 def save_filter_with(flavour: str, family: str) -> Completed:

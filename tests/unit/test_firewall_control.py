@@ -159,3 +159,14 @@ def test_a_failed_check_changes_nothing(tmp_path: Path, commands) -> None:  # ty
     outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
     assert outcome.status == tx.FAILED and "line 4 failed" in outcome.detail
     assert not [c for c in commands.calls if "restore" in c[0] and "--test" not in c]
+
+
+def test_the_test_hook_picks_the_backend_and_otherwise_iptables_v_does(commands, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from agent.system import netfilter
+
+    commands.expect(["iptables-legacy", "-V"], stdout="iptables v1.8.9 (legacy)\n")
+    commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (nf_tables)\n")
+    monkeypatch.setenv(netfilter.BACKEND_TEST_HOOK, "iptables-legacy")
+    assert netfilter.detect_backend().name == "legacy"
+    monkeypatch.delenv(netfilter.BACKEND_TEST_HOOK)
+    assert netfilter.detect_backend().name == "nft"
