@@ -60,18 +60,26 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     def elapsed() -> float:
         return round((time.monotonic() - started) * 1000, 2)
 
+    def report(action: str, message: str, outcome: str = "failure", level: str = "error", **fields: Any) -> None:
+        """Every event of this transaction: the control, its id and its outcome, named one way."""
+        ctx.events.emit(
+            action,
+            outcome=outcome,
+            control=control.name,
+            level=level,
+            message=f"{control.name}: {message}",
+            transaction_id=txid,
+            **fields,
+        )
+
     try:
         desired = control.desired(config)
     except ValidationError as exc:
         if heal:
-            ctx.events.emit(
+            report(
                 ev.REMEDIATION_FAILED,
-                outcome="failure",
-                control=control.name,
-                level="error",
-                message=f"{control.name}: the configured settings are refused, nothing changed: {exc}",
+                f"the configured settings are refused, nothing changed: {exc}",
                 reason=reason,
-                transaction_id=txid,
             )
         return Outcome(control.name, FAILED, str(exc), duration_ms=elapsed(), transaction_id=txid)
     try:
@@ -79,15 +87,11 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     except (ObserveError, fs.UnsafeFile, OSError) as exc:
         path = getattr(exc, "path", None)
         if heal:
-            ctx.events.emit(
+            report(
                 ev.OBSERVE_FAILED,
-                outcome="failure",
-                control=control.name,
-                level="error",
-                message=f"{control.name}: cannot read the effective state, nothing changed: {exc}",
+                f"cannot read the effective state, nothing changed: {exc}",
                 file_path=str(path) if path else None,
                 reason=reason,
-                transaction_id=txid,
             )
         return Outcome(control.name, ERROR, str(exc), duration_ms=elapsed(), transaction_id=txid)
 
@@ -110,38 +114,28 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             control.name, status, str(blocked or drift.summary()), drift, changes, blocked, elapsed(), txid, facts
         )
 
-    ctx.events.emit(
+    report(
         ev.DRIFT_DETECTED,
+        f"drift detected: {drift.summary()}",
         outcome="unknown",
-        control=control.name,
         level="warning",
-        message=f"{control.name}: drift detected: {drift.summary()}",
         file_path=drift.primary_path,
         diff=drift.diff,
         reason=reason,
-        transaction_id=txid,
         drift=[item.describe() for item in drift.items],
     )
     if blocked is not None:
-        ctx.events.emit(
+        report(
             ev.REMEDIATION_BLOCKED,
-            outcome="failure",
-            control=control.name,
-            level="error",
-            message=f"{control.name}: blocked, nothing changed: {blocked}",
+            f"blocked, nothing changed: {blocked}",
             reasons=list(blocked.reasons),
-            transaction_id=txid,
             duration_ms=elapsed(),
         )
         return Outcome(control.name, BLOCKED, str(blocked), drift, changes, blocked, elapsed(), txid, facts)
     if changes is None:
-        ctx.events.emit(
+        report(
             ev.REMEDIATION_FAILED,
-            outcome="failure",
-            control=control.name,
-            level="error",
-            message=f"{control.name}: cannot plan a fix, nothing changed: {plan_error}",
-            transaction_id=txid,
+            f"cannot plan a fix, nothing changed: {plan_error}",
             duration_ms=elapsed(),
         )
         return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
@@ -175,15 +169,11 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         restored = backup.restore(echo=ctx.echo)
         undone = _undo(applied)
         rollback = control.reload() if restored or applied else None
-        ctx.events.emit(
+        report(
             ev.REMEDIATION_FAILED,
-            outcome="failure",
-            control=control.name,
-            level="error",
-            message=f"{control.name}: fix rolled back: {exc}",
+            f"fix rolled back: {exc}",
             file_path=drift.primary_path,
             diff=changes.diff,
-            transaction_id=txid,
             duration_ms=elapsed(),
             restored=[str(p) for p in restored],
             undone=undone or None,
@@ -193,14 +183,13 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         ctx.backups.prune(control.name)
         return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts)
     ctx.backups.prune(control.name)
-    ctx.events.emit(
+    report(
         ev.DRIFT_REVERTED,
+        f"drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
         outcome="success",
-        control=control.name,
-        message=f"{control.name}: drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
+        level="info",
         file_path=drift.primary_path,
         diff=changes.diff,
-        transaction_id=txid,
         duration_ms=elapsed(),
         backup=str(backup.directory),
         reload=reloaded.detail,
