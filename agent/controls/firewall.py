@@ -4,6 +4,15 @@ The agent owns one chain per family (`vps-agent-input` in filter), the jump from
 INPUT's policy; others' chains and rules (fail2ban's f2b-*, Docker's, a user's) are never touched and
 never count as drift. Truth is `iptables-save`, compared with what iptables-save printed right after
 the agent applied the same ruleset (its canonical form, learned from the tool, never guessed).
+
+Native nftables (nft without iptables): the agent owns `table inet vps_agent` and nothing else; its
+base chain `input` (hook input, priority filter, policy drop) holds the same policy. Every base chain
+on the input hook, in every table, sees every packet, and a packet is delivered only if NONE of them
+drops it: an accept in one table is final only for that chain. So others' tables keep working as
+they are (fail2ban's f2b-table at a lower priority still bans first; Docker's drops still drop), but
+an accept in someone else's table does not open a port our drop closes: that takes
+firewall.allow_tcp/allow_udp. Truth is `nft list table inet vps_agent`, compared with the text nft
+printed right after the agent applied the same table (learned, like iptables-save's form).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from agent.controls.base import (
 )
 from agent.paths import SystemRoot
 from agent.system import fs, netfilter
-from agent.system.netfilter import FAMILIES, Backend
+from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
 
 CHAIN = "vps-agent-input"
 JUMP = f"-A INPUT -j {CHAIN}"
@@ -57,11 +66,40 @@ class FamilyObserved:
 
 
 @dataclass(frozen=True)
+class NftObserved:
+    """`nft list table inet vps_agent`, each line stripped, empty ones dropped; None: no table."""
+
+    lines: tuple[str, ...] | None
+
+    @property
+    def policy(self) -> str:
+        for line in self.lines or ():
+            if line.startswith("type filter hook input ") and "policy " in line:
+                return line.split("policy ", 1)[1].rstrip(";").strip().upper()
+        return "ACCEPT" if self.lines is None else "NONE"
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rules of our input chain (a chain added beside it shows in lines, not here)."""
+        rules: list[str] = []
+        in_input = False
+        for line in self.lines or ():
+            if line == "chain input {":
+                in_input = True
+            elif in_input and line == "}":
+                break
+            elif in_input and not line.startswith("type "):
+                rules.append(line)
+        return tuple(rules)
+
+
+@dataclass(frozen=True)
 class FirewallObserved:
     backend: Backend
     families: tuple[FamilyObserved, ...]
     sshd_ports: frozenset[int]  # what a running sshd listens on in this network namespace
     split: str  # rules in both iptables-legacy and iptables-nft: a warning, empty when fine
+    nft: NftObserved | None = None  # the native nftables backend's view; None on iptables
 
     def family(self, name: str) -> FamilyObserved:
         return next(f for f in self.families if f.family == name)
@@ -73,6 +111,7 @@ class FirewallDesired:
     ssh_ports: tuple[int, ...]
     open_tcp: dict[str, frozenset[int]]  # family -> TCP ports accepted from anywhere
     mode: str
+    nft_rules: tuple[str, ...] = ()  # the same policy as nft rules for `table inet vps_agent`
 
 
 def render_rules(
@@ -100,6 +139,48 @@ def render_rules(
                 if _family_of(source) == family:
                     rules.append(f"-A {CHAIN} -p {protocol} -s {source} --dport {dport} -j ACCEPT")
     return tuple(rules)
+
+
+NFT_NAME = " ".join(NFT_TABLE)  # "inet vps_agent"
+NFT_HOOK = "type filter hook input priority filter; policy drop;"
+_NFT_ESTABLISHED = "ct state established,related accept"
+_NFT_LIMIT = "limit rate 10/second burst 20 packets"
+
+
+def render_nft(ssh_ports: Sequence[int], tcp: Sequence[PortRule], udp: Sequence[PortRule]) -> tuple[str, ...]:
+    """The agent's input chain for native nftables: render_rules' policy, one chain for both families."""
+    rules = [
+        'iif "lo" accept',
+        _NFT_ESTABLISHED,
+        f"icmp type echo-request {_NFT_LIMIT} accept",
+        "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } "
+        "ip6 hoplimit 255 accept",
+        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
+        f"icmpv6 type echo-request {_NFT_LIMIT} accept",
+    ]
+    rules += [f"tcp dport {port} accept" for port in ssh_ports]
+    for protocol, port_rules in (("tcp", tcp), ("udp", udp)):
+        for rule in port_rules:
+            dport = f"{rule.port}-{rule.port_end}" if rule.port_end else str(rule.port)
+            if not rule.sources:
+                rules.append(f"{protocol} dport {dport} accept")
+            for source in rule.sources:
+                ip = "ip" if _family_of(source) == "ipv4" else "ip6"
+                rules.append(f"{ip} saddr {source} {protocol} dport {dport} accept")
+    return tuple(rules)
+
+
+def nft_table_lines(rules: Sequence[str]) -> tuple[str, ...]:
+    """Our table as `nft list table` prints it, stripped: the shape nft_script defines."""
+    return (f"table {NFT_NAME} {{", "chain input {", NFT_HOOK, *rules, "}", "}")
+
+
+def nft_script(table: Sequence[str] | None) -> str:
+    """One `nft -f` batch (one kernel transaction): make sure our table exists, delete it, define it
+    again. Nothing outside `table inet vps_agent` is named, so others' tables are never touched.
+    table None: just remove ours (the undo when there was none)."""
+    lines = [f"table {NFT_NAME}", f"delete table {NFT_NAME}", *(table or ())]
+    return "\n".join(lines) + "\n"
 
 
 def parse_filter(family: str, saved: str) -> FamilyObserved:
@@ -179,10 +260,18 @@ class FirewallControl(Control):
 
     def observe(self) -> FirewallObserved:
         backend = self.backend
+        if backend.name == "nftables":
+            result = netfilter.nft_list_table()
+            if result.ok:
+                lines = tuple(line.strip() for line in result.stdout.splitlines() if line.strip())
+                nft = NftObserved(lines)
+            elif netfilter.nft_table_missing(result):
+                nft = NftObserved(None)
+            else:
+                raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
+            return FirewallObserved(backend, (), self._listening_ports(), "", nft)
         if not backend.iptables:
-            if backend.name == "nftables":
-                raise ObserveError("only nft is installed: the native nftables backend is not implemented yet")
-            raise ObserveError("neither iptables nor nft is installed (apt-get install iptables)")
+            raise ObserveError("neither iptables nor nft is installed (apt-get install iptables, or nftables)")
         families = []
         for family in FAMILIES:
             result = netfilter.save_filter(backend, family)
@@ -224,7 +313,8 @@ class FirewallControl(Control):
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}
         open_tcp = {family: _open_ports(rules[family]) for family in FAMILIES}
         self._mode = fw.mode
-        return FirewallDesired(rules, ports, open_tcp, fw.mode)
+        nft_rules = render_nft(ports, fw.allow_tcp, fw.allow_udp)
+        return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules)
 
     # canonical form -----------------------------------------------------------------------------------
 
@@ -247,11 +337,25 @@ class FirewallControl(Control):
         learned = self._canonical_store().get(self._key(family, rules))
         return tuple(learned) if learned is not None else rules
 
+    def expected_nft(self, desired: FirewallDesired) -> tuple[str, ...]:
+        """Our table as `nft list table` prints it, once learned; until then as the agent writes it."""
+        learned = self._canonical_store().get(self._key("inet", desired.nft_rules))
+        return tuple(learned) if learned is not None else nft_table_lines(desired.nft_rules)
+
     def _learn(self, observed: FirewallObserved, desired: FirewallDesired) -> None:
         store = self._canonical_store()
-        keys = {self._key(family, desired.rules[family]) for family in FAMILIES}
         changed = False
-        for family in FAMILIES:
+        if observed.nft is not None:
+            keys = {self._key("inet", desired.nft_rules)}
+            key = next(iter(keys))
+            table = observed.nft
+            # only right after our own atomic apply, and only when nothing else slipped in
+            if table.lines is not None and len(table.rules) == len(desired.nft_rules) and key not in store:
+                store[key] = list(table.lines)
+                changed = True
+        else:
+            keys = {self._key(family, desired.rules[family]) for family in FAMILIES}
+        for family in FAMILIES if observed.nft is None else ():
             seen = observed.family(family)
             key = self._key(family, desired.rules[family])
             # only right after our own atomic apply, and only when nothing else slipped in
@@ -267,7 +371,33 @@ class FirewallControl(Control):
 
     # diff ---------------------------------------------------------------------------------------------
 
+    def _diff_nft(self, seen: NftObserved, desired: FirewallDesired) -> Drift | None:
+        want = self.expected_nft(desired)
+        if seen.lines == want:
+            return None
+        items = []
+        if seen.lines is None:
+            items.append(DriftItem(f"table {NFT_NAME}", "nftables", "present", "missing"))
+        else:
+            if seen.rules != want[3:-2] or len(seen.lines) != len(want):
+                items.append(
+                    DriftItem(
+                        f"table {NFT_NAME}",
+                        "nftables",
+                        f"{len(desired.nft_rules)} agent rules",
+                        f"{len(seen.rules)} rules, changed",
+                    )
+                )
+            if seen.policy != POLICY:
+                items.append(DriftItem("policy", f"nftables {NFT_NAME} input", POLICY, seen.policy))
+            if not items:
+                items.append(DriftItem(f"table {NFT_NAME}", "nftables", "as the agent wrote it", "changed"))
+        text = unified(_lines_text(seen.lines or ()), _lines_text(want), f"/nftables/{NFT_TABLE[1]}")
+        return Drift(self.name, tuple(items), text)
+
     def diff(self, observed: FirewallObserved, desired: FirewallDesired) -> Drift | None:
+        if observed.nft is not None:
+            return self._diff_nft(observed.nft, desired)
         items: list[DriftItem] = []
         diffs: list[str] = []
         for family in FAMILIES:
@@ -300,6 +430,18 @@ class FirewallControl(Control):
 
     def plan(self, observed: FirewallObserved, desired: FirewallDesired, drift: Drift) -> Changes:
         self._planned = desired
+        if observed.nft is not None:
+            table = nft_table_lines(desired.nft_rules)
+            change = CommandChange(
+                apply=Invocation(netfilter.nft_apply_argv(), nft_script(table)),
+                undo=Invocation(netfilter.nft_apply_argv(), nft_script(observed.nft.lines)),
+                check=Invocation(netfilter.nft_apply_argv(check=True), nft_script(table)),
+                reason=f"table {NFT_NAME}",
+            )
+            note = (
+                f"nftables: table {NFT_NAME} re-created in one transaction, {len(desired.nft_rules)} rules, policy drop"
+            )
+            return Changes(notes=(note,), diff=drift.diff, commands=(change,))
         commands: list[CommandChange] = []
         notes: list[str] = []
         for family in FAMILIES:
@@ -339,6 +481,8 @@ class FirewallControl(Control):
                 reasons.append(f"{family}: the ruleset would not accept sshd's port(s) {missing}")
             if _ESTABLISHED not in desired.rules[family]:
                 reasons.append(f"{family}: the ruleset would not accept established connections")
+        if observed.nft is not None and _NFT_ESTABLISHED not in desired.nft_rules:
+            reasons.append(f"nftables: table {NFT_NAME} would not accept established connections")
         return Blocked(tuple(reasons)) if reasons else None
 
     # validate / reload --------------------------------------------------------------------------------
@@ -356,6 +500,17 @@ class FirewallControl(Control):
         return ReloadOutcome(True, "the kernel applies a restored ruleset at once")
 
     def facts(self, observed: FirewallObserved) -> dict[str, Any]:
+        if observed.nft is not None:
+            rules = observed.nft.rules
+            accepted = [p for p in self._ssh_ports if f"tcp dport {p} accept" in rules]
+            return {
+                "backend": "nftables",
+                "table": NFT_NAME,
+                "policy": observed.nft.policy,
+                "rules": len(rules),
+                "ssh_ports_accepted": ",".join(map(str, accepted)) or "none",
+                "mode": self._mode,
+            }
         facts: dict[str, Any] = {"backend": f"iptables-{observed.backend.name}"}
         for family in FAMILIES:
             seen = observed.family(family)
@@ -420,4 +575,8 @@ def _open_ports(rules: Sequence[str]) -> frozenset[int]:
 def _owned_text(policy: str, jump: bool, chain: Sequence[str]) -> str:
     """What the agent owns in one family, as iptables-save lines: INPUT's policy, the jump, its chain."""
     lines = [f"-P INPUT {policy}", *([JUMP] if jump else []), *chain]
+    return "".join(line + "\n" for line in lines)
+
+
+def _lines_text(lines: Sequence[str]) -> str:
     return "".join(line + "\n" for line in lines)

@@ -85,6 +85,23 @@ def legacy_filter_present(family: str) -> bool:
     return "filter" in names
 
 
+NFT_TABLE = ("inet", "vps_agent")  # native nftables: the agent's own table, nothing else
+
+
+def nft_list_table() -> Completed:
+    """`nft list table inet vps_agent`: fails with "No such file or directory" when there is none."""
+    return run(["nft", "list", "table", *NFT_TABLE], timeout=15)
+
+
+def nft_table_missing(result: Completed) -> bool:
+    return not result.ok and "No such file or directory" in result.stderr
+
+
+def nft_apply_argv(*, check: bool = False) -> tuple[str, ...]:
+    """nft reads the whole file as one batch: one kernel transaction, all or nothing."""
+    return ("nft", *(["-c"] if check else []), "-f", "-")
+
+
 def tool_name(family: str) -> str:
     return _TOOL[family]
 

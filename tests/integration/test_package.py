@@ -139,7 +139,7 @@ def test_control_fields(deb: Path) -> None:
     for package in RUNTIME_DEPENDS:
         assert package in depends, f"Depends lacks {package}: {depends}"
     assert "python3 (>= 3.11)" in depends
-    assert "iptables" in depends  # the firewall guard's backend (native nftables alone is not supported yet)
+    assert "iptables | nftables" in depends  # the firewall guard: iptables (nft or legacy) or native nftables
     assert not [d for d in depends if re.search(r"pip|virtualenv|venv", d)], depends
     recommends = [r.strip() for r in field(deb, "Recommends").split(",")]
     for package in ("python3-systemd", "openssh-server", "fail2ban"):

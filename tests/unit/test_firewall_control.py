@@ -170,3 +170,16 @@ def test_the_test_hook_picks_the_backend_and_otherwise_iptables_v_does(commands,
     assert netfilter.detect_backend().name == "legacy"
     monkeypatch.delenv(netfilter.BACKEND_TEST_HOOK)
     assert netfilter.detect_backend().name == "nft"
+
+
+def test_nft_rules_carry_the_same_policy_and_the_script_names_only_our_table() -> None:
+    tcp = (PortRule(443), PortRule(8000, 8100, ("10.0.0.0/8", "2001:db8::/32")))
+    rules = firewall.render_nft((2222,), tcp, (PortRule(53),))
+    assert rules[:2] == ('iif "lo" accept', "ct state established,related accept")
+    assert "tcp dport 2222 accept" in rules and "udp dport 53 accept" in rules
+    assert "ip saddr 10.0.0.0/8 tcp dport 8000-8100 accept" in rules
+    assert "ip6 saddr 2001:db8::/32 tcp dport 8000-8100 accept" in rules
+    script = firewall.nft_script(firewall.nft_table_lines(rules))
+    assert script.startswith("table inet vps_agent\ndelete table inet vps_agent\ntable inet vps_agent {\n")
+    assert "flush ruleset" not in script and "policy drop;" in script
+    assert firewall.nft_script(None) == "table inet vps_agent\ndelete table inet vps_agent\n"
