@@ -179,6 +179,7 @@ class FirewallConfig:
     mode: str = "enforce"
     allow_tcp: tuple[PortRule, ...] = ()
     allow_udp: tuple[PortRule, ...] = ()
+    poll_interval: float = 1.0  # only where the backend sends no netlink events (iptables-legacy)
 
 
 @dataclass(frozen=True)
@@ -662,6 +663,7 @@ _SECTIONS: dict[str, _Parse] = {
             "mode": _choice(("enforce", "report")),
             "allow_tcp": _port_rules,
             "allow_udp": _port_rules,
+            "poll_interval": _duration(0.1, maximum=3600.0),
         },
     ),
     "fail2ban": _section(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import Config, PortRule
+from agent.config import Config, PortRule, format_duration
 from agent.controls.base import (
     Blocked,
     Changes,
@@ -48,7 +48,6 @@ CHAIN = "vps-agent-input"
 JUMP = f"-A INPUT -j {CHAIN}"
 POLICY = "DROP"
 LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
-LEGACY_POLL = 1.0  # seconds: iptables-legacy announces nothing, so look this often
 _ICMP_LIMIT = "-m limit --limit 10/second --limit-burst 20"
 _ESTABLISHED = f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 
@@ -224,6 +223,7 @@ class FirewallControl(Control):
         self._planned: FirewallDesired | None = None  # what the transaction in flight applies
         self._ssh_ports: tuple[int, ...] = ()
         self._mode = "enforce"
+        self._poll_interval = 1.0
 
     def enabled(self, config: Config) -> bool:
         return config.firewall.enabled
@@ -238,7 +238,8 @@ class FirewallControl(Control):
         return (NetlinkGroup(netfilter.NETLINK_NETFILTER, netfilter.NFNLGRP_NFTABLES),)
 
     def poll_interval(self, config: Config) -> float | None:
-        return LEGACY_POLL if self.backend.name == "legacy" else None
+        # iptables-legacy announces nothing over netlink: look this often instead
+        return config.firewall.poll_interval if self.backend.name == "legacy" else None
 
     def _listening_ports(self) -> frozenset[int]:
         """sshd's ports, read at most once per transaction (observe, desired and preconditions all ask;
@@ -313,6 +314,7 @@ class FirewallControl(Control):
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}
         open_tcp = {family: _open_ports(rules[family]) for family in FAMILIES}
         self._mode = fw.mode
+        self._poll_interval = fw.poll_interval
         nft_rules = render_nft(ports, fw.allow_tcp, fw.allow_udp)
         return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules)
 
@@ -520,7 +522,8 @@ class FirewallControl(Control):
         facts["ssh_ports_accepted"] = ",".join(map(str, accepted)) or "none"
         facts["mode"] = self._mode
         if observed.backend.name == "legacy":
-            facts["detection"] = f"polling every {LEGACY_POLL:g}s (iptables-legacy sends no netlink events)"
+            every = format_duration(self._poll_interval)
+            facts["detection"] = f"polling every {every} (iptables-legacy sends no netlink events)"
         if observed.split:
             facts["warning"] = observed.split
         return facts

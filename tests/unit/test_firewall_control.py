@@ -183,3 +183,10 @@ def test_nft_rules_carry_the_same_policy_and_the_script_names_only_our_table() -
     assert script.startswith("table inet vps_agent\ndelete table inet vps_agent\ntable inet vps_agent {\n")
     assert "flush ruleset" not in script and "policy drop;" in script
     assert firewall.nft_script(None) == "table inet vps_agent\ndelete table inet vps_agent\n"
+
+
+def test_only_iptables_legacy_is_polled_and_as_often_as_configured(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+    commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (nf_tables)\n")
+    assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) is None  # netlink events instead
+    commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (legacy)\n")
+    assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) == 5.0
