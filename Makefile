@@ -27,9 +27,10 @@ demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, it
 demo-clean:
 	rm -rf $(DEMO_ROOT)
 
-bench:  ## drift-to-healed latency and RSS through the real loop; writes bench/RESULTS.md
+bench:  ## SSH and firewall drift-to-healed latency and RSS through the real loop; writes bench/RESULTS.md
 	# MALLOC_ARENA_MAX=2: the environment systemd/vps-agent.service gives the daemon
 	MALLOC_ARENA_MAX=2 $(PYTHON) bench/heal_latency.py --runs 200 --results bench/RESULTS.md
+	MALLOC_ARENA_MAX=2 $(PYTHON) bench/firewall_heal.py --runs 200 --results bench/RESULTS.md
 
 # The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never
 # ship; uncommitted edits to tracked files do) to build/vps-agent-<version>/, with packaging/debian/
