@@ -19,6 +19,7 @@ class DeclaredCommands:
 
     answers: list[tuple[tuple[str, ...], Answer]] = field(default_factory=list)
     calls: list[list[str]] = field(default_factory=list)
+    inputs: list[str | None] = field(default_factory=list)  # what each call got on stdin
 
     def expect(self, prefix: Sequence[str], *, stdout: str = "", stderr: str = "", returncode: int = 0) -> None:
         self.expect_with(prefix, lambda argv: (returncode, stdout, stderr))
@@ -27,8 +28,9 @@ class DeclaredCommands:
         # newest declaration wins, so a test can change an answer half way
         self.answers.insert(0, (tuple(prefix), answer))
 
-    def spawn(self, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+    def spawn(self, argv: list[str], input_text: str | None = None, **_: object) -> subprocess.CompletedProcess[str]:
         self.calls.append(argv)
+        self.inputs.append(input_text)
         for prefix, answer in self.answers:
             if tuple(argv[: len(prefix)]) == prefix:
                 returncode, stdout, stderr = answer(argv)

@@ -190,3 +190,28 @@ def test_only_iptables_legacy_is_polled_and_as_often_as_configured(tmp_path: Pat
     assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) is None  # netlink events instead
     commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (legacy)\n")
     assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) == 5.0
+
+
+def test_a_failure_after_applying_puts_back_what_the_agent_owned_before(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+    _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
+    commands.expect(["iptables-nft-restore"], returncode=0)
+    # IPv6's apply fails after IPv4's went in (its --test had passed)
+    commands.expect_with(
+        ["ip6tables-nft-restore"],
+        lambda argv: (0, "", "") if "--test" in argv else (1, "", "ip6tables-restore: failed"),
+    )
+    events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
+    ctx = tx.TransactionContext(events, fs.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
+    outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "ip6tables-restore: failed" in outcome.detail
+    live_v4 = [
+        stdin
+        for argv, stdin in zip(commands.calls, commands.inputs, strict=True)
+        if argv[0] == "iptables-nft-restore" and "--test" not in argv
+    ]
+    assert len(live_v4) == 2  # the apply, then its undo
+    apply, undo = live_v4
+    assert ":INPUT DROP" in (apply or "") and f"-A {CHAIN}" in (apply or "")
+    assert ":INPUT ACCEPT" in (undo or "") and f"-A {CHAIN}" not in (undo or "")  # the old policy, no agent rules
+    failed = events.sinks.recent(1)[0]
+    assert failed["event"]["action"] == "remediation-failed" and failed["undone"]
