@@ -48,9 +48,11 @@ class Netns:
         return self.run(tool, "-S").splitlines()
 
 
-def _compliant(ns: Netns) -> Callable[[], bool]:
+def baseline_in_place(ns: Netns, tools: tuple[str, str] = ("iptables", "ip6tables")) -> Callable[[], bool]:
+    """A check: DROP policy, the jump and the SSH accept, for both families as `tools` see them."""
+
     def check() -> bool:
-        for tool in ("iptables", "ip6tables"):
+        for tool in tools:
             rules = ns.rules(tool)
             if "-P INPUT DROP" not in rules or f"-A INPUT -j {CHAIN}" not in rules:
                 return False
@@ -65,7 +67,7 @@ def _compliant(ns: Netns) -> Callable[[], bool]:
 def guarded(fake_root: Path, start_agent: Callable[..., Agent]) -> tuple[Agent, Netns]:
     agent = start_agent(fake_root, netns=True)
     ns = Netns(agent)
-    wait_for(_compliant(ns), HEAL_TIMEOUT, "the start-up reconcile to install the firewall")
+    wait_for(baseline_in_place(ns), HEAL_TIMEOUT, "the start-up reconcile to install the firewall")
     return agent, ns
 
 
@@ -73,7 +75,7 @@ def _heals(agent: Agent, ns: Netns, *drift: str) -> dict[str, object]:
     since = agent.mark()
     ns.run(*drift)
     event = agent.wait_event("drift-reverted", since, HEAL_TIMEOUT, control="firewall")
-    wait_for(_compliant(ns), HEAL_TIMEOUT, f"the firewall healed after {drift}")
+    wait_for(baseline_in_place(ns), HEAL_TIMEOUT, f"the firewall healed after {drift}")
     return event
 
 

@@ -16,7 +16,7 @@ import pytest
 from agent.system.netfilter import BACKEND_TEST_HOOK
 from tests.conftest import require_root_and_tools
 from tests.integration.harness import Agent, wait_for
-from tests.integration.test_firewall import CHAIN, Netns
+from tests.integration.test_firewall import CHAIN, Netns, baseline_in_place
 
 HEAL_TIMEOUT = 5.0
 HOST_VIEWS = (["iptables", "-S"], ["ip6tables", "-S"], ["iptables-legacy", "-S"], ["nft", "list", "ruleset"])
@@ -35,16 +35,7 @@ def _host_ruleset_untouched() -> Iterator[None]:
 
 
 def _compliant(ns: Netns) -> Callable[[], bool]:
-    def check() -> bool:
-        for tool in ("iptables-legacy", "ip6tables-legacy"):
-            rules = ns.rules(tool)
-            if "-P INPUT DROP" not in rules or f"-A INPUT -j {CHAIN}" not in rules:
-                return False
-            if not any(r.startswith(f"-A {CHAIN} ") and "--dport 2222" in r for r in rules):
-                return False
-        return True
-
-    return check
+    return baseline_in_place(ns, ("iptables-legacy", "ip6tables-legacy"))
 
 
 @pytest.fixture
