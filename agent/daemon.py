@@ -18,6 +18,7 @@ from agent import __version__
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
 from agent.controls.base import Control
+from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl
 from agent.engine import transaction as tx
@@ -31,7 +32,7 @@ LAST_GOOD_CONFIG = "config.last-good.yaml"
 
 
 def build_controls(root: SystemRoot) -> list[Control]:
-    return [SshdControl(root), FirewallControl(root)]
+    return [SshdControl(root), FirewallControl(root), Fail2banControl(root)]
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:

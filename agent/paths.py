@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AGENT_DROPIN_NAME = "00-vps-agent.conf"
+# jail.d/*.local files are read last (after jail.local), in name order: "zz-" sorts after the usual names
+AGENT_JAIL_NAME = "zz-vps-agent.local"
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,32 @@ class SystemRoot:
     def sshd_privsep_dir(self) -> Path:
         return self.path("/run/sshd")
 
+    # fail2ban
+    @property
+    def fail2ban_dir(self) -> Path:
+        return self.path("/etc/fail2ban")
+
+    @property
+    def fail2ban_jail_d(self) -> Path:
+        return self.fail2ban_dir / "jail.d"
+
+    @property
+    def fail2ban_agent_jail(self) -> Path:
+        return self.fail2ban_jail_d / AGENT_JAIL_NAME
+
+    @property
+    def fail2ban_jail_conf_orig(self) -> Path:
+        """The one-time copy of jail.conf taken before the agent's first fail2ban change ever."""
+        return self.backups_dir / "fail2ban" / "jail.conf.orig"
+
+    @property
+    def fail2ban_run_dir(self) -> Path:
+        return self.path("/run/fail2ban")
+
+    @property
+    def auth_log(self) -> Path:
+        return self.path("/var/log/auth.log")
+
     # accounts
     @property
     def passwd(self) -> Path:
@@ -120,4 +148,4 @@ class SystemRoot:
     # bind-mounted over the real ones inside a private mount namespace (see system.namespace).
     @property
     def tool_visible_dirs(self) -> tuple[str, ...]:
-        return ("/etc/ssh",)
+        return ("/etc/ssh", "/etc/fail2ban")

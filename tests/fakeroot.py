@@ -1,4 +1,5 @@
-"""Build a fake system root: Debian 12's stock sshd_config, a host key, accounts, a sudo admin with a key.
+"""Build a fake system root: Debian 12's stock sshd_config, a host key, accounts, a sudo admin with a key,
+and this machine's /etc/fail2ban (Debian's stock one) when fail2ban is installed.
 
 Used by the tests and by `make demo`; run as `python3 -m tests.fakeroot DIR [--no-admin]`.
 """
@@ -12,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+FAIL2BAN_CONFIG = Path("/etc/fail2ban")
 _KEY_CACHE = Path(os.environ.get("VPS_AGENT_TEST_CACHE", "/tmp/vps-agent-test-cache"))
 
 PASSWD = """root:x:0:0:root:/root:/bin/bash
@@ -92,6 +94,12 @@ def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True
     write(root / "etc/sudoers", SUDOERS, 0o440)
     (root / "etc/sudoers.d").mkdir(parents=True, exist_ok=True)
     write(root / "etc/vps-agent/config.yaml", config)
+    if FAIL2BAN_CONFIG.is_dir() and not (root / "etc/fail2ban").exists():
+        # Debian's own fail2ban configuration, as the package installs it (the fail2ban guard reads it
+        # with the real fail2ban-client); the agent's jail file is never part of it
+        shutil.copytree(
+            FAIL2BAN_CONFIG, root / "etc/fail2ban", symlinks=True, ignore=shutil.ignore_patterns("*vps-agent*")
+        )
     for directory in ("run", "var/lib/vps-agent", "var/log/vps-agent"):
         (root / directory).mkdir(parents=True, exist_ok=True)
     return root

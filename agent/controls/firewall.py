@@ -113,6 +113,15 @@ class FirewallDesired:
     nft_rules: tuple[str, ...] = ()  # the same policy as nft rules for `table inet vps_agent`
 
 
+def ssh_ports(config: Config, listening: frozenset[int]) -> tuple[int, ...]:
+    """The one source of truth for "the SSH port(s)" (the firewall keeps them open, fail2ban guards
+    them): the SSH guard's port plus whatever sshd listens on now (a port move in flight)."""
+    ports = set(listening)
+    if config.ssh.enabled:
+        ports.add(config.ssh.port)
+    return tuple(sorted(ports))
+
+
 def render_rules(
     family: str, ssh_ports: Sequence[int], tcp: Sequence[PortRule], udp: Sequence[PortRule]
 ) -> tuple[str, ...]:
@@ -304,11 +313,7 @@ class FirewallControl(Control):
     # desired ------------------------------------------------------------------------------------------
 
     def desired(self, config: Config) -> FirewallDesired:
-        # one source of truth: the SSH guard's port plus whatever sshd listens on now (a port move)
-        ssh_ports = set(self._listening_ports())
-        if config.ssh.enabled:
-            ssh_ports.add(config.ssh.port)
-        ports = tuple(sorted(ssh_ports))
+        ports = ssh_ports(config, self._listening_ports())
         self._ssh_ports = ports
         fw = config.firewall
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}

@@ -60,6 +60,20 @@ class ServiceManager:
             return ServiceResult(False, "reload", f"{service.process_name} (pid {pid}) vanished before SIGHUP")
         return ServiceResult(True, "reload", f"sent SIGHUP to {service.process_name} (pid {pid})")
 
+    def is_active(self, unit: str) -> bool | None:
+        """systemd's word on a unit; None where systemd does not run this system (a fake root)."""
+        if not self.use_systemd:
+            return None
+        return run(["systemctl", "is-active", "--quiet", unit], timeout=15).ok
+
+    def enable_now(self, unit: str) -> ServiceResult:
+        """Enable and start a unit (a dead or never-started service); only where systemd runs the system."""
+        if not self.use_systemd:
+            return ServiceResult(True, "none", f"{unit} is never started in a fake root")
+        result = run(["systemctl", "enable", "--now", unit], timeout=90)
+        detail = f"systemctl enable --now {unit}" if result.ok else result.error_text()
+        return ServiceResult(result.ok, "start", detail)
+
     def _systemctl(self, verb: str, service: Service) -> ServiceResult:
         result: Completed = run(["systemctl", verb, service.unit], timeout=60)
         return ServiceResult(result.ok, verb, f"systemctl {verb} {service.unit}" if result.ok else result.error_text())

@@ -1,0 +1,389 @@
+"""The fail2ban guard: the sshd jail enabled, on the SSH port(s), with the configured limits, running.
+
+fail2ban reads jail.conf < jail.d/*.conf < jail.local < jail.d/*.local, each group in name order, a
+later value winning. The agent owns jail.d/zz-vps-agent.local (read last but for names sorting
+after it) and comments out a guarded key of the sshd jail in any .local that sorts after it. Truth
+is `fail2ban-client -d`, the parsed configuration fail2ban itself would load, never one file's text.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Config, parse_duration
+from agent.controls.base import (
+    Blocked,
+    Changes,
+    Control,
+    Drift,
+    DriftItem,
+    FileChange,
+    ObserveError,
+    ReloadOutcome,
+    ValidationError,
+    WatchSpec,
+    unified,
+)
+from agent.controls.firewall import ssh_ports
+from agent.paths import AGENT_JAIL_NAME, SystemRoot
+from agent.system import fs, netfilter
+from agent.system.netfilter import Backend
+from agent.system.run import run
+from agent.system.services import ServiceManager
+
+CLIENT = "fail2ban-client"
+JAIL = "sshd"
+UNIT = "fail2ban.service"
+MARKER = "vps-agent"
+POLL_INTERVAL = 30.0  # seconds, on a real host: notices a server killed without removing its socket
+# the keys the agent guards in [sshd], in the order its file sets them
+KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banaction", "backend")
+_KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
+
+
+def banaction_for(backend: Backend) -> str:
+    """Bans must land in the firewall the system uses: native nftables, or iptables (-nft or -legacy)."""
+    return "nftables-multiport" if backend.name == "nftables" else "iptables-multiport"
+
+
+@dataclass(frozen=True)
+class JailFile:
+    """One .local that fail2ban reads after the agent's file."""
+
+    system_path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Fail2banObserved:
+    effective: dict[str, str] | None  # the sshd jail's guarded keys per `fail2ban-client -d`; None: jail off
+    agent_file: bytes | None
+    agent_file_problem: str | None
+    later: tuple[JailFile, ...]  # jail.d/*.local sorting after the agent's file
+    jail_conf: bytes | None  # for the one-time jail.conf.orig copy
+    running: bool | None  # None: not known (a fake root: fail2ban is never started there)
+    banned: int | None = None  # `fail2ban-client status sshd`: currently banned
+
+
+@dataclass(frozen=True)
+class Fail2banDesired:
+    effective: dict[str, str]  # key -> value as `fail2ban-client -d` prints it
+    text: str  # the agent's jail file
+
+
+def render_jail(values: dict[str, str]) -> str:
+    lines = [
+        "# Managed by vps-agent; drift from this file is reverted within milliseconds.",
+        "# Change /etc/vps-agent/config.yaml (fail2ban:) instead, then run `vps-agentctl reload`.",
+        "# To edit fail2ban by hand for a while: `vps-agentctl pause --for 30m fail2ban`.",
+        f"[{JAIL}]",
+    ]
+    lines.extend(f"{key} = {values[key]}" for key in KEYS if key in values)
+    return "\n".join(lines) + "\n"
+
+
+def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
+    """`fail2ban-client -d` prints one Python literal per command the server would get; the jail's
+    guarded keys from them. None: the jail is not started (disabled)."""
+    values: dict[str, str] = {}
+    started = False
+    for line in text.splitlines():
+        if not line.startswith("["):
+            continue
+        try:
+            command = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(command, list) or len(command) < 2 or command[1] != jail:
+            continue
+        verb = command[0]
+        if verb == "add" and len(command) > 2:
+            values["backend"] = str(command[2])
+        elif verb == "start":
+            started = True
+        elif verb == "set" and len(command) > 3:
+            key = command[2]
+            if key in ("maxretry", "findtime", "bantime"):
+                values[key] = str(command[3])
+            elif key == "addignoreip":
+                values["ignoreip"] = " ".join(str(a) for a in command[3:])
+            elif key == "addaction" and "banaction" not in values:
+                values["banaction"] = str(command[3])
+        elif verb == "multi-set" and len(command) > 4 and command[2] == "action":
+            params = {p[0]: p[1] for p in command[4] if isinstance(p, list) and len(p) == 2}
+            if command[3] == values.get("banaction") and "port" in params:
+                values["port"] = str(params["port"])
+    if not started:
+        return None
+    values["enabled"] = "true"
+    values.setdefault("ignoreip", "")
+    return values
+
+
+def parse_status(text: str) -> int | None:
+    """`fail2ban-client status sshd` -> how many addresses are banned now."""
+    match = re.search(r"Currently banned:\s*(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def overrides(text: str, jail: str = JAIL) -> list[tuple[int, str, str]]:
+    """(line number, key, value) of every guarded key set in [jail] in one file's text."""
+    found = []
+    section = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1].strip()
+            continue
+        if section != jail or line[:1].isspace():
+            continue
+        match = _KEY_LINE.match(line)
+        if match and match.group(1).lower() in KEYS:
+            found.append((number, match.group(1).lower(), line.partition("=")[2].strip()))
+    return found
+
+
+class Fail2banControl(Control):
+    name = "fail2ban"
+
+    def __init__(
+        self,
+        root: SystemRoot,
+        services: ServiceManager | None = None,
+        listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
+        detect_backend: Callable[[], Backend] = netfilter.detect_backend,
+    ) -> None:
+        super().__init__(root)
+        self.services = services or ServiceManager(root)
+        self._listening_ports = listening_ports
+        self._detect_backend = detect_backend
+        self._backend: Backend | None = None
+
+    def enabled(self, config: Config) -> bool:
+        return config.fail2ban.enabled
+
+    def watches(self, config: Config) -> Sequence[WatchSpec]:
+        names = frozenset({"jail.conf", "jail.local", "jail.d", "fail2ban.conf", "fail2ban.local"})
+        return (
+            WatchSpec(self.root.fail2ban_dir, names),
+            WatchSpec(self.root.fail2ban_jail_d),
+            # the server removes its socket when it stops: a stopped fail2ban is noticed at once
+            WatchSpec(self.root.fail2ban_run_dir, frozenset({"fail2ban.sock"})),
+        )
+
+    def poll_interval(self, config: Config) -> float | None:
+        return POLL_INTERVAL if self.root.is_host else None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._detect_backend()
+        return self._backend
+
+    @property
+    def _agent_system_path(self) -> str:
+        return self.root.system_name(self.root.fail2ban_agent_jail)
+
+    # observe ------------------------------------------------------------------------------------------
+
+    def observe(self) -> Fail2banObserved:
+        agent_file, problem = self._read_agent_file()
+        later = self._later_files()
+        jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
+        result = run([CLIENT, "-d"], timeout=30)
+        if result.returncode == 127:
+            raise ObserveError(f"{CLIENT} not found: is fail2ban installed? (apt-get install fail2ban)")
+        if result.ok:
+            effective = parse_dump(result.stdout)
+        elif problem is None and AGENT_JAIL_NAME not in result.error_text():
+            raise ObserveError(f"fail2ban-client -d rejects the current configuration: {result.error_text()}")
+        else:
+            # the agent's own file broke fail2ban's parse: ours to rewrite
+            effective, problem = None, problem or f"fail2ban rejects it: {result.error_text()}"
+        running = self.services.is_active(UNIT)
+        banned = self._banned() if running else None
+        return Fail2banObserved(effective, agent_file, problem, later, jail_conf, running, banned)
+
+    def _read_agent_file(self) -> tuple[bytes | None, str | None]:
+        try:
+            return fs.read_regular(self.root.fail2ban_agent_jail), None
+        except fs.UnsafeFile as exc:
+            return None, exc.why
+        except IsADirectoryError:
+            return None, "is a directory"
+
+    def _later_files(self) -> tuple[JailFile, ...]:
+        try:
+            names = sorted(p.name for p in self.root.fail2ban_jail_d.iterdir())
+        except FileNotFoundError:
+            return ()
+        later = []
+        for name in names:
+            if name.endswith(".local") and name > AGENT_JAIL_NAME:
+                path = self.root.fail2ban_jail_d / name
+                text = fs.read_text(path)
+                if text is not None:
+                    later.append(JailFile(self.root.system_name(path), text))
+        return tuple(later)
+
+    def _banned(self) -> int | None:
+        result = run([CLIENT, "status", JAIL], timeout=15)
+        return parse_status(result.stdout) if result.ok else None
+
+    # desired ------------------------------------------------------------------------------------------
+
+    def desired(self, config: Config) -> Fail2banDesired:
+        f2b = config.fail2ban
+        values = {
+            "enabled": "true",
+            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports())),
+            "maxretry": str(f2b.maxretry),
+            "findtime": _seconds(f2b.findtime),
+            "bantime": _seconds(f2b.bantime),
+            "ignoreip": " ".join(f2b.ignoreip),
+            "banaction": banaction_for(self.backend),
+        }
+        if not self.root.auth_log.exists():
+            values["backend"] = "systemd"  # Debian 12 logs to the journal only: no auth.log to read
+        return Fail2banDesired(values, render_jail(values))
+
+    # diff ---------------------------------------------------------------------------------------------
+
+    def diff(self, observed: Fail2banObserved, desired: Fail2banDesired) -> Drift | None:
+        items: list[DriftItem] = []
+        have = observed.effective or {}
+        for key, want in desired.effective.items():
+            actual = have.get(key, "false" if key == "enabled" else "(unset)")
+            if not _agrees(key, actual, want):
+                items.append(DriftItem(key, f"effective [{JAIL}]", want, actual))
+        path = self._agent_system_path
+        if observed.agent_file_problem:
+            items.append(DriftItem("agent jail file", path, "a regular file", observed.agent_file_problem))
+        elif observed.agent_file is None:
+            items.append(DriftItem("agent jail file", path, "present", "missing"))
+        elif observed.agent_file.decode("utf-8", "replace") != desired.text:
+            items.append(DriftItem("agent jail file", path, "the agent's content", "modified"))
+        for jail_file, line, key, value in self._conflicts(observed, desired):
+            items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
+        if observed.running is False:
+            items.append(DriftItem("fail2ban", "service", "active", "not active"))
+        if not items:
+            return None
+        return Drift(self.name, tuple(items), _effective_diff(observed, desired))
+
+    def _conflicts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, int, str, str]]:
+        return [
+            (jail_file, line, key, value)
+            for jail_file in observed.later
+            for line, key, value in overrides(jail_file.text)
+            if key in desired.effective and not _agrees(key, value, desired.effective[key])
+        ]
+
+    # plan ---------------------------------------------------------------------------------------------
+
+    def plan(self, observed: Fail2banObserved, desired: Fail2banDesired, drift: Drift) -> Changes:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        files: list[FileChange] = []
+        notes: list[str] = []
+        diffs: list[str] = []
+        if observed.jail_conf is not None and not self.root.fail2ban_jail_conf_orig.exists():
+            orig = self.root.fail2ban_jail_conf_orig
+            files.append(FileChange(orig, self.root.system_name(orig), observed.jail_conf, 0o600, "jail.conf.orig"))
+            notes.append(f"keep the original jail.conf as {self.root.system_name(orig)}")
+        current = observed.agent_file.decode("utf-8", "replace") if observed.agent_file is not None else ""
+        if observed.agent_file_problem or current != desired.text:
+            path = self._agent_system_path
+            files.append(FileChange(self.root.fail2ban_agent_jail, path, desired.text.encode(), 0o644, "jail file"))
+            diffs.append(unified(current, desired.text, path))
+            notes.append(f"write {path}")
+        edits: dict[str, tuple[JailFile, list[str]]] = {}
+        for jail_file, line, key, value in self._conflicts(observed, desired):
+            _, lines = edits.setdefault(jail_file.system_path, (jail_file, jail_file.text.splitlines()))
+            wanted = f"{key} = {desired.effective[key]}"
+            lines[line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {lines[line - 1].strip()}"
+            # a value continued on indented lines goes with its key
+            following = line
+            while following < len(lines) and lines[following][:1].isspace() and lines[following].strip():
+                lines[following] = f"# [{MARKER}] {lines[following].strip()}"
+                following += 1
+            notes.append(f"comment out {jail_file.system_path}:{line} ({key} = {value})")
+        for system_path, (jail_file, lines) in edits.items():
+            real = self.root.path(system_path)
+            if real.is_symlink():
+                raise fs.UnsafeFile(real, "is a symlink; the agent edits files in place and does not follow links")
+            after = "\n".join(lines) + "\n"
+            files.append(FileChange(real, system_path, after.encode(), None, "neutralise"))
+            diffs.append(unified(jail_file.text, after, system_path))
+        if observed.running is False:
+            notes.append(f"start {UNIT}")
+        return Changes(tuple(files), tuple(notes), "".join(diffs))
+
+    # preconditions ------------------------------------------------------------------------------------
+
+    def preconditions(self, observed: Fail2banObserved, desired: Fail2banDesired) -> Blocked | None:
+        return None  # a jail bans attackers, never the way in that ignoreip keeps open
+
+    # validate / reload --------------------------------------------------------------------------------
+
+    def validate(self, changes: Changes) -> None:
+        result = run([CLIENT, "-t"], timeout=30)
+        if not result.ok:
+            raise ValidationError(f"fail2ban's config test (fail2ban-client -t) rejects it: {result.error_text()}")
+
+    def reload(self) -> ReloadOutcome:
+        if not self.root.is_host:
+            return ReloadOutcome(True, "a fake root: fail2ban is never started or reloaded")
+        if not self.services.is_active(UNIT):
+            started = self.services.enable_now(UNIT)
+            return ReloadOutcome(started.ok, started.detail, {"service_action": started.action})
+        result = run([CLIENT, "reload"], timeout=60)
+        if not result.ok:
+            return ReloadOutcome(False, f"fail2ban-client reload: {result.error_text()}")
+        status = run([CLIENT, "status", JAIL], timeout=15)
+        if not status.ok:
+            return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")
+        return ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
+
+    def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
+        effective = observed.effective or {}
+        facts: dict[str, Any] = {
+            "jail": JAIL if observed.effective is not None else f"{JAIL} (disabled)",
+            "port": effective.get("port", ""),
+            "backend": effective.get("backend", ""),
+            "banaction": effective.get("banaction", ""),
+        }
+        if observed.running is not None:
+            facts["service"] = "active" if observed.running else "not active"
+        if observed.banned is not None:
+            facts["banned"] = observed.banned
+        return facts
+
+
+def _agrees(key: str, value: str, wanted: str) -> bool:
+    """Whether a value fail2ban reads means what the agent wants ("10m" is 600 seconds)."""
+    if value == wanted:
+        return True
+    if key in ("findtime", "bantime"):
+        try:
+            return parse_duration(value) == parse_duration(wanted)
+        except ValueError:
+            return False
+    if key == "ignoreip":
+        return value.split() == wanted.split()
+    return False
+
+
+def _seconds(value: float) -> str:
+    return str(int(value))
+
+
+def _effective_diff(observed: Fail2banObserved, desired: Fail2banDesired) -> str:
+    have_values = observed.effective or {"enabled": "false"}
+    have = "".join(f"{k} = {have_values[k]}\n" for k in KEYS if k in have_values and k in desired.effective)
+    want = "".join(f"{k} = {desired.effective[k]}\n" for k in KEYS if k in desired.effective)
+    return unified(have, want, f" fail2ban-client -d [{JAIL}]")

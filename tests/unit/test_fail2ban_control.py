@@ -1,0 +1,179 @@
+"""The fail2ban guard on a fake root: rendering, reading `fail2ban-client -d`, diff, plan, neutralising.
+
+The dumps in tests/data were printed by the real fail2ban-client 1.0.2 (Debian 12): the stock config,
+and one with the agent's jail file plus a later jail.d/zzz-other.local setting `port = 99`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config, Fail2banConfig, SshConfig
+from agent.controls.fail2ban import (
+    Fail2banControl,
+    Fail2banObserved,
+    banaction_for,
+    overrides,
+    parse_dump,
+    parse_status,
+    render_jail,
+)
+from agent.paths import SystemRoot
+from agent.system.netfilter import Backend
+from tests.unit.conftest import DeclaredCommands
+
+DATA = Path(__file__).parents[1] / "data"
+DUMP = (DATA / "fail2ban-client-d.debian12").read_text()
+STOCK = (DATA / "fail2ban-client-d.stock.debian12").read_text()
+
+
+def _control(tmp_path: Path, backend: str = "nft", listening: frozenset[int] = frozenset()) -> Fail2banControl:
+    root = SystemRoot.at(tmp_path)
+    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
+    (tmp_path / "etc/fail2ban/jail.conf").write_text("[DEFAULT]\nbantime = 10m\n")
+    return Fail2banControl(root, listening_ports=lambda: listening, detect_backend=lambda: Backend(backend))
+
+
+def _config(**fail2ban: object) -> Config:
+    return Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig(**fail2ban))  # type: ignore[arg-type]
+
+
+def test_the_dump_of_the_real_tool_gives_the_effective_sshd_jail() -> None:
+    assert parse_dump(DUMP) == {
+        "enabled": "true",
+        "backend": "systemd",
+        "maxretry": "3",
+        "findtime": "10m",
+        "bantime": "-1",
+        "ignoreip": "127.0.0.1/8 ::1 10.0.0.0/8",
+        "banaction": "nftables-multiport",
+        "port": "99",  # the later zzz-other.local wins over the agent's 2222,22
+    }
+
+
+def test_the_stock_debian_dump_is_the_auto_backend_on_port_ssh() -> None:
+    stock = parse_dump(STOCK)
+    assert stock is not None
+    assert (stock["backend"], stock["port"], stock["maxretry"], stock["banaction"]) == (
+        "auto",
+        "ssh",
+        "5",
+        "iptables-multiport",
+    )
+
+
+def test_a_jail_that_is_not_started_is_disabled() -> None:
+    without_sshd = "\n".join(line for line in DUMP.splitlines() if "'sshd'" not in line)
+    assert parse_dump(without_sshd) is None
+
+
+def test_banned_count_from_status() -> None:
+    text = (
+        "Status for the jail: sshd\n|- Actions\n|  |- Currently banned:\t2\n|  `- Banned IP list:\t10.0.0.1 10.0.0.2\n"
+    )
+    assert parse_status(text) == 2
+
+
+@pytest.mark.parametrize(
+    ("backend", "action"),
+    [("nft", "iptables-multiport"), ("legacy", "iptables-multiport"), ("nftables", "nftables-multiport")],
+)
+def test_banaction_matches_the_firewall_backend(backend: str, action: str) -> None:
+    assert banaction_for(Backend(backend)) == action
+
+
+def test_desired_uses_the_ssh_ports_the_firewall_keeps_open_and_the_journal(tmp_path: Path) -> None:
+    control = _control(tmp_path, "nftables", listening=frozenset({22}))
+    desired = control.desired(_config(maxretry=3, bantime=-1, findtime=600, ignoreip=("10.0.0.0/8",)))
+    assert desired.effective == {
+        "enabled": "true",
+        "port": "22,2222",
+        "maxretry": "3",
+        "findtime": "600",
+        "bantime": "-1",
+        "ignoreip": "10.0.0.0/8",
+        "banaction": "nftables-multiport",
+        "backend": "systemd",
+    }
+    assert "[sshd]\nenabled = true\nport = 22,2222\n" in desired.text
+    assert desired.text == render_jail(desired.effective)
+
+
+def test_with_an_auth_log_the_backend_is_left_to_fail2ban(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    (tmp_path / "var/log").mkdir(parents=True)
+    (tmp_path / "var/log/auth.log").write_text("")
+    assert "backend" not in control.desired(_config()).effective
+
+
+def test_observe_reads_the_real_tools_dump(tmp_path: Path, commands: DeclaredCommands) -> None:
+    control = _control(tmp_path)
+    commands.expect(["fail2ban-client", "-d"], stdout=DUMP)
+    observed = control.observe()
+    assert observed.effective is not None and observed.effective["port"] == "99"
+    assert observed.agent_file is None and observed.running is None  # a fake root: never asked
+    assert commands.calls == [["fail2ban-client", "-d"]]
+
+
+def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_written(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    other = tmp_path / "etc/fail2ban/jail.d/zzz-other.local"
+    other.write_text("[DEFAULT]\nport = 1\n[sshd]\nport = 99\n  100\nmaxretry = 10\nmode = aggressive\nbantime = 1h\n")
+    (tmp_path / "etc/fail2ban/jail.d/aa-early.local").write_text("[sshd]\nenabled = false\n")
+    desired = control.desired(_config())
+    observed = Fail2banObserved(parse_dump(DUMP), None, None, control._later_files(), b"[DEFAULT]\n", running=None)
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    described = drift.summary()
+    assert "/etc/fail2ban/jail.d/zzz-other.local:4: port is '99'" in described
+    assert "/etc/fail2ban/jail.d/zzz-other.local:6: maxretry is '10'" in described
+    assert "aa-early" not in described  # read before the agent's file: it cannot win
+    changes = control.plan(observed, desired, drift)
+    by_path = {c.system_path: c for c in changes.files}
+    assert set(by_path) == {
+        "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig",
+        "/etc/fail2ban/jail.d/zz-vps-agent.local",
+        "/etc/fail2ban/jail.d/zzz-other.local",
+    }
+    assert by_path["/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"].content == b"[DEFAULT]\n"
+    edited = (by_path["/etc/fail2ban/jail.d/zzz-other.local"].content or b"").decode().splitlines()
+    assert edited[:3] == ["[DEFAULT]", "port = 1", "[sshd]"]  # DEFAULT is not the sshd jail's
+    assert edited[3].startswith("# [vps-agent ") and edited[3].endswith("the agent keeps port = 2222: port = 99")
+    assert edited[4] == "# [vps-agent] 100"  # the continued value goes with its key
+    assert "the agent keeps maxretry = 5: maxretry = 10" in edited[5]
+    assert edited[6] == "mode = aggressive"  # not a guarded key
+    assert edited[7] == "bantime = 1h"  # 3600 seconds, as the agent wants
+    assert overrides("\n".join(edited)) == [(8, "bantime", "1h")]
+
+
+def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    desired = control.desired(_config())
+    observed = Fail2banObserved(dict(desired.effective), desired.text.encode(), None, (), None, running=None)
+    assert control.diff(observed, desired) is None
+
+
+def test_a_disabled_jail_and_a_stopped_service_are_drift(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    desired = control.desired(_config())
+    observed = Fail2banObserved(None, desired.text.encode(), None, (), None, running=False)
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    whats = {item.what: item.actual for item in drift.items}
+    assert whats["enabled"] == "false" and whats["fail2ban"] == "not active"
+    changes = control.plan(observed, desired, drift)
+    assert changes.notes[-1] == "start fail2ban.service"
+
+
+def test_reload_never_touches_fail2ban_in_a_fake_root(tmp_path: Path, commands: DeclaredCommands) -> None:
+    outcome = _control(tmp_path).reload()
+    assert outcome.ok and commands.calls == []
+
+
+def test_validate_is_fail2bans_config_test(tmp_path: Path, commands: DeclaredCommands) -> None:
+    from agent.controls.base import Changes, ValidationError
+
+    commands.expect(["fail2ban-client", "-t"], returncode=255, stderr="ERROR  No section: 'Definition'")
+    with pytest.raises(ValidationError, match="No section"):
+        _control(tmp_path).validate(Changes())
