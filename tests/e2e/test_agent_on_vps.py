@@ -233,6 +233,43 @@ def test_iptables_flush_inside_the_vps_is_healed(vps: Sandbox) -> None:
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 
+F2B_JAIL_FILE = "/etc/fail2ban/jail.d/zz-vps-agent.local"
+
+
+def fail2ban_guarding_2222(vps: Sandbox) -> bool:
+    """fail2ban runs with the sshd jail, and the jail it loaded watches port 2222."""
+    if vps.exec(["systemctl", "is-active", "fail2ban"], check=False).stdout.strip() != "active":
+        return False
+    if vps.exec(["fail2ban-client", "status", "sshd"], check=False).returncode != 0:
+        return False
+    actions = vps.exec(["fail2ban-client", "get", "sshd", "actions"], check=False).stdout.split()
+    if not actions:
+        return False
+    port = vps.exec(["fail2ban-client", "get", "sshd", "action", actions[-1], "port"], check=False).stdout
+    return port.strip() == "2222"
+
+
+def test_fail2ban_runs_the_sshd_jail_on_the_ssh_port_and_is_kept_running(vps: Sandbox) -> None:
+    # stock fail2ban cannot start on Debian 12 (no auth.log): the agent's jail file makes it work
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    jail = vps.exec(["cat", F2B_JAIL_FILE]).stdout
+    assert "port = 2222" in jail and "backend = systemd" in jail
+    vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])
+    vps.exec(["systemctl", "stop", "fail2ban"])
+    wait_for("the stopped fail2ban to be started again", lambda: fail2ban_guarding_2222(vps), 30)
+    vps.exec(["rm", F2B_JAIL_FILE])
+    wait_for(
+        "the deleted jail file to be healed",
+        lambda: vps.exec(["cat", F2B_JAIL_FILE], check=False).stdout == jail and fail2ban_guarding_2222(vps),
+        30,
+    )
+    controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
+    fail2ban = next(c for c in controls if c["control"] == "fail2ban")
+    assert fail2ban["status"] in ("compliant", "healed"), fail2ban
+    assert fail2ban["facts"]["port"] == "2222" and "banned" in fail2ban["facts"], fail2ban
+    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
 def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
     # the shipped WatchdogSec is 30 s; a drop-in shortens it so the test does not wait that long
     vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])
