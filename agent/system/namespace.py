@@ -79,7 +79,8 @@ def bind_fake_root(root: SystemRoot) -> list[Path]:
         source = root.path(absolute)
         source.mkdir(parents=True, exist_ok=True)
         target = Path(absolute)
-        target.mkdir(parents=True, exist_ok=True)
+        if not target.is_dir():
+            continue  # the tool is not installed on this host: nothing to show it, and /etc stays as it is
         bind_mount(source, target)
         mounted.append(target)
     # sshd -t/-T insist on its privilege-separation directory; give it a private /run/sshd.
