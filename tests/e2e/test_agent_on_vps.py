@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, built_deb
-from tests.e2e.sandbox import VPS_ADDR, Sandbox
+from tests.e2e.sandbox import CLIENT_ADDR, VPS_ADDR, Sandbox
 
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", *BUILD_TOOLS)
 PREVIOUS_VERSION = "0.0.9"
@@ -268,6 +268,73 @@ def test_fail2ban_runs_the_sshd_jail_on_the_ssh_port_and_is_kept_running(vps: Sa
     assert fail2ban["status"] in ("compliant", "healed"), fail2ban
     assert fail2ban["facts"]["port"] == "2222" and "banned" in fail2ban["facts"], fail2ban
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+MAXRETRY = 5  # fail2ban.maxretry's default; the module's config keeps it
+# PasswordAuthentication is off: sshd still logs "Invalid user nosuchuser from 10.213.0.2" before any
+# method is tried, and the sshd filter counts that line
+BAD_LOGIN = ["-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no"]
+
+
+def failed_login(vps: Sandbox) -> None:
+    result = vps.ssh("true", user="nosuchuser", port=2222, options=BAD_LOGIN, check=False, timeout=15)
+    assert result.returncode != 0, result.stdout
+
+
+def banned(vps: Sandbox) -> list[str]:
+    """The sshd jail's "Banned IP list" per `fail2ban-client status sshd`."""
+    status = vps.exec(["fail2ban-client", "status", "sshd"]).stdout
+    line = next(line for line in status.splitlines() if "Banned IP list:" in line)
+    return line.split("Banned IP list:")[1].split()
+
+
+def ignored_lines(vps: Sandbox) -> int:
+    """How often fail2ban skipped a line of the client's because its address is in ignoreip."""
+    log = vps.exec(["cat", "/var/log/fail2ban.log"], check=False).stdout
+    return sum(f"Ignore {CLIENT_ADDR} by ip" in line for line in log.splitlines())
+
+
+def admin_gets_in(vps: Sandbox) -> bool:
+    return vps.ssh("id -un", port=2222, check=False, timeout=15).stdout.strip() == "admin"
+
+
+def test_failed_logins_get_the_client_banned_unless_ignoreip_names_it(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    if CLIENT_ADDR in banned(vps):  # a leftover would make the first half prove nothing
+        vps.exec(["fail2ban-client", "set", "sshd", "unbanip", CLIENT_ADDR])
+    attempts = 0
+    while CLIENT_ADDR not in banned(vps):
+        assert attempts < MAXRETRY, f"{attempts} failed logins and {CLIENT_ADDR} is not banned"
+        failed_login(vps)
+        attempts += 1
+        try:  # the journal reaches fail2ban a moment after ssh returns
+            wait_for(f"{CLIENT_ADDR} banned", lambda: CLIENT_ADDR in banned(vps), 3 if attempts < MAXRETRY else 15)
+        except AssertionError:
+            continue
+    # banned: a new connection to the SSH port from the client fails (the ban rejects tcp/2222)
+    assert not client_connects(vps, 2222)
+    assert vps.ssh("true", port=2222, check=False, timeout=15).returncode != 0
+    vps.exec(["fail2ban-client", "set", "sshd", "unbanip", CLIENT_ADDR])
+    wait_for("the admin to get in again after the unban", lambda: admin_gets_in(vps), 20)
+
+    # an address in ignoreip is never banned, however often it fails
+    ignoring = USER_CONFIG + f'fail2ban:\n  ignoreip: ["127.0.0.1/8", "::1", "{CLIENT_ADDR}"]\n'
+    vps.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=ignoring)
+    vps.exec(["systemctl", "reload", "vps-agent"])
+    ignoreip = ["fail2ban-client", "get", "sshd", "ignoreip"]
+    wait_for("fail2ban to ignore the client", lambda: CLIENT_ADDR in vps.exec(ignoreip, check=False).stdout, 30)
+    try:
+        before = ignored_lines(vps)
+        for _ in range(MAXRETRY + 2):
+            failed_login(vps)
+        # fail2ban read every one of them, and ignored each
+        wait_for("fail2ban to read the failed logins", lambda: ignored_lines(vps) >= before + MAXRETRY + 2, 20)
+        assert CLIENT_ADDR not in banned(vps)
+        assert admin_gets_in(vps)
+    finally:
+        configure(vps)  # back to the module's config: the default ignoreip
+    wait_for("the default ignoreip again", lambda: CLIENT_ADDR not in vps.exec(ignoreip, check=False).stdout, 30)
+    assert admin_gets_in(vps)
 
 
 def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
