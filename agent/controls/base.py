@@ -80,6 +80,8 @@ class FileChange:
 class Invocation:
     argv: tuple[str, ...]
     input_text: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # added to the run door's environment
+    timeout: float = 30.0
 
 
 @dataclass(frozen=True)

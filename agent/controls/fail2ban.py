@@ -19,10 +19,12 @@ from agent.config import Config, parse_duration
 from agent.controls.base import (
     Blocked,
     Changes,
+    CommandChange,
     Control,
     Drift,
     DriftItem,
     FileChange,
+    Invocation,
     ObserveError,
     ReloadOutcome,
     ValidationError,
@@ -31,12 +33,13 @@ from agent.controls.base import (
 )
 from agent.controls.firewall import ssh_ports
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
-from agent.system import fs, netfilter
+from agent.system import apt, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run
 from agent.system.services import ServiceManager
 
 CLIENT = "fail2ban-client"
+PACKAGE = "fail2ban"
 JAIL = "sshd"
 UNIT = "fail2ban.service"
 MARKER = "vps-agent"
@@ -68,6 +71,7 @@ class Fail2banObserved:
     jail_conf: bytes | None  # for the one-time jail.conf.orig copy
     running: bool | None  # None: not known (a fake root: fail2ban is never started there)
     banned: int | None = None  # `fail2ban-client status sshd`: currently banned
+    installed: bool = True  # False only where the guard may install it (fail2ban.install, the host)
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ class Fail2banControl(Control):
         self._listening_ports = listening_ports
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
+        self._install = False  # from the config desired() last saw: observe() takes no config
 
     def enabled(self, config: Config) -> bool:
         return config.fail2ban.enabled
@@ -197,7 +202,9 @@ class Fail2banControl(Control):
         jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
         result = run([CLIENT, "-d"], timeout=30)
         if result.returncode == 127:
-            raise ObserveError(f"{CLIENT} not found: is fail2ban installed? (apt-get install fail2ban)")
+            if not self._install:
+                raise ObserveError(f"fail2ban is not installed ({CLIENT} not found): {self._not_installing()}")
+            return Fail2banObserved(None, agent_file, problem, later, jail_conf, False, installed=False)
         if result.ok:
             effective = parse_dump(result.stdout)
         elif problem is None and AGENT_JAIL_NAME not in result.error_text():
@@ -208,6 +215,11 @@ class Fail2banControl(Control):
         running = self.services.is_active(UNIT)
         banned = self._banned() if running else None
         return Fail2banObserved(effective, agent_file, problem, later, jail_conf, running, banned)
+
+    def _not_installing(self) -> str:
+        if not self.root.is_host:
+            return "a fake root: the agent never installs packages there"
+        return "fail2ban.install is false: install it with `apt-get install fail2ban`"
 
     def _read_agent_file(self) -> tuple[bytes | None, str | None]:
         try:
@@ -239,6 +251,7 @@ class Fail2banControl(Control):
 
     def desired(self, config: Config) -> Fail2banDesired:
         f2b = config.fail2ban
+        self._install = f2b.install and self.root.is_host
         values = {
             "enabled": "true",
             "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports())),
@@ -256,6 +269,8 @@ class Fail2banControl(Control):
 
     def diff(self, observed: Fail2banObserved, desired: Fail2banDesired) -> Drift | None:
         items: list[DriftItem] = []
+        if not observed.installed:
+            items.append(DriftItem("fail2ban", "package", "installed", "not installed"))
         have = observed.effective or {}
         for key, want in desired.effective.items():
             actual = have.get(key, "false" if key == "enabled" else "(unset)")
@@ -319,9 +334,18 @@ class Fail2banControl(Control):
             after = "\n".join(lines) + "\n"
             files.append(FileChange(real, system_path, after.encode(), None, "neutralise"))
             diffs.append(unified(jail_file.text, after, system_path))
+        commands: list[CommandChange] = []
+        if not observed.installed:
+            # after the jail file: the package's postinst starts fail2ban with the agent's jail already
+            for step in apt.install_steps(
+                [PACKAGE], repair=apt.interrupted(self.root), via_systemd=apt.via_systemd(self.root)
+            ):
+                apply = Invocation(step.argv, env=step.env, timeout=step.timeout)
+                commands.append(CommandChange(apply, None, reason=f"install {PACKAGE}"))
+            notes.append(f"install {PACKAGE} (apt-get install --no-install-recommends {PACKAGE})")
         if observed.running is False:
             notes.append(f"start {UNIT}")
-        return Changes(tuple(files), tuple(notes), "".join(diffs))
+        return Changes(tuple(files), tuple(notes), "".join(diffs), tuple(commands))
 
     # preconditions ------------------------------------------------------------------------------------
 

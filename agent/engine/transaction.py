@@ -200,7 +200,9 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
 
 
 def _invoke(invocation: Invocation, failure: str) -> None:
-    result = run(invocation.argv, input_text=invocation.input_text, timeout=30)
+    result = run(
+        invocation.argv, input_text=invocation.input_text, env=dict(invocation.env), timeout=invocation.timeout
+    )
     if not result.ok:
         raise ValidationError(f"{' '.join(invocation.argv)} {failure}: {result.error_text()}")
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config, Fail2banConfig, SshConfig
+from agent.controls.base import ObserveError
 from agent.controls.fail2ban import (
+    CLIENT,
     Fail2banControl,
     Fail2banObserved,
     banaction_for,
@@ -177,3 +179,79 @@ def test_validate_is_fail2bans_config_test(tmp_path: Path, commands: DeclaredCom
     commands.expect(["fail2ban-client", "-t"], returncode=255, stderr="ERROR  No section: 'Definition'")
     with pytest.raises(ValidationError, match="No section"):
         _control(tmp_path).validate(Changes())
+
+
+class _HostRoot(SystemRoot):
+    """The host as the guard decides on it ("/"), its files in a temporary directory."""
+
+    @property
+    def is_host(self) -> bool:
+        return True
+
+
+def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2banControl:
+    """No fail2ban on the system: no fail2ban-client, no /etc/fail2ban beyond the agent's jail.d."""
+    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
+    root = _HostRoot(tmp_path) if host else SystemRoot.at(tmp_path)
+    commands.expect([CLIENT, "-d"], returncode=127, stderr=f"{CLIENT}: command not found")
+    return Fail2banControl(root, listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+
+
+def test_a_fake_root_reports_fail2ban_missing_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
+    control = _missing(tmp_path, commands, host=False)
+    control.desired(_config(install=True))
+    with pytest.raises(ObserveError, match="fail2ban is not installed"):
+        control.observe()
+    assert [c[0] for c in commands.calls] == [CLIENT]
+
+
+def test_with_install_false_the_host_reports_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
+    control = _missing(tmp_path, commands, host=True)
+    control.desired(_config(install=False))
+    with pytest.raises(ObserveError, match=r"fail2ban is not installed .*fail2ban.install is false"):
+        control.observe()
+    assert [c[0] for c in commands.calls] == [CLIENT]
+
+
+def test_on_the_host_a_missing_fail2ban_is_installed_after_the_jail_file_is_written(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
+    control = _missing(tmp_path, commands, host=True)
+    desired = control.desired(_config(install=True))
+    observed = control.observe()
+    assert not observed.installed and observed.running is False
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    assert ("fail2ban", "installed", "not installed") in [(i.what, i.expected, i.actual) for i in drift.items]
+    changes = control.plan(observed, desired, drift)
+    assert [c.path.name for c in changes.files] == ["zz-vps-agent.local"]
+    (install,) = changes.commands
+    assert install.undo is None and install.check is None
+    assert install.apply.argv[0] == "apt-get" and install.apply.argv[-3:] == (
+        "-y",
+        "--no-install-recommends",
+        "fail2ban",
+    )
+    assert "DPkg::Lock::Timeout=120" in install.apply.argv and "Dpkg::Options::=--force-confold" in install.apply.argv
+    assert dict(install.apply.env)["DEBIAN_FRONTEND"] == "noninteractive" and install.apply.timeout >= 300
+    assert any("install fail2ban" in note for note in changes.notes)
+    assert [c[0] for c in commands.calls] == [CLIENT]  # planning installs nothing
+
+
+def test_an_interrupted_dpkg_is_configured_before_the_install_and_apt_runs_outside_the_sandbox(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
+    (tmp_path / "var/lib/dpkg/updates").mkdir(parents=True)
+    (tmp_path / "var/lib/dpkg/updates/0001").write_text("")
+    (tmp_path / "run/systemd/system").mkdir(parents=True)  # systemd runs this host
+    control = _missing(tmp_path, commands, host=True)
+    desired = control.desired(_config())  # install: true is the default
+    observed = control.observe()
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    repair, install = control.plan(observed, desired, drift).commands
+    for command in (repair, install):
+        assert command.apply.argv[:2] == ("systemd-run", "--wait")
+        assert "--setenv=DEBIAN_FRONTEND=noninteractive" in command.apply.argv
+    assert repair.apply.argv[-2:] == ("--configure", "-a")
+    assert "apt-get" in install.apply.argv and install.apply.argv[-1] == "fail2ban"
