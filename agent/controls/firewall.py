@@ -21,7 +21,7 @@ import hashlib
 import ipaddress
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,15 +138,21 @@ def render_rules(
         rules.append(f"-A {CHAIN} -p ipv6-icmp --icmpv6-type echo-request {_ICMP_LIMIT} -j ACCEPT")
     for port in ssh_ports:
         rules.append(f"-A {CHAIN} -p tcp --dport {port} -j ACCEPT")
+    for protocol, rule, source in _allowances(tcp, udp):
+        dport = f"{rule.port}:{rule.port_end}" if rule.port_end else str(rule.port)
+        if source is None:
+            rules.append(f"-A {CHAIN} -p {protocol} --dport {dport} -j ACCEPT")
+        elif _family_of(source) == family:
+            rules.append(f"-A {CHAIN} -p {protocol} -s {source} --dport {dport} -j ACCEPT")
+    return tuple(rules)
+
+
+def _allowances(tcp: Sequence[PortRule], udp: Sequence[PortRule]) -> Iterator[tuple[str, PortRule, str | None]]:
+    """firewall.allow_tcp/allow_udp, one entry per source (None: from anywhere), for every backend."""
     for protocol, port_rules in (("tcp", tcp), ("udp", udp)):
         for rule in port_rules:
-            dport = f"{rule.port}:{rule.port_end}" if rule.port_end else str(rule.port)
-            if not rule.sources:
-                rules.append(f"-A {CHAIN} -p {protocol} --dport {dport} -j ACCEPT")
-            for source in rule.sources:
-                if _family_of(source) == family:
-                    rules.append(f"-A {CHAIN} -p {protocol} -s {source} --dport {dport} -j ACCEPT")
-    return tuple(rules)
+            for source in rule.sources or (None,):
+                yield protocol, rule, source
 
 
 NFT_NAME = " ".join(NFT_TABLE)  # "inet vps_agent"
@@ -167,14 +173,13 @@ def render_nft(ssh_ports: Sequence[int], tcp: Sequence[PortRule], udp: Sequence[
         f"icmpv6 type echo-request {_NFT_LIMIT} accept",
     ]
     rules += [f"tcp dport {port} accept" for port in ssh_ports]
-    for protocol, port_rules in (("tcp", tcp), ("udp", udp)):
-        for rule in port_rules:
-            dport = f"{rule.port}-{rule.port_end}" if rule.port_end else str(rule.port)
-            if not rule.sources:
-                rules.append(f"{protocol} dport {dport} accept")
-            for source in rule.sources:
-                ip = "ip" if _family_of(source) == "ipv4" else "ip6"
-                rules.append(f"{ip} saddr {source} {protocol} dport {dport} accept")
+    for protocol, rule, source in _allowances(tcp, udp):
+        dport = f"{rule.port}-{rule.port_end}" if rule.port_end else str(rule.port)
+        if source is None:
+            rules.append(f"{protocol} dport {dport} accept")
+        else:
+            ip = "ip" if _family_of(source) == "ipv4" else "ip6"
+            rules.append(f"{ip} saddr {source} {protocol} dport {dport} accept")
     return tuple(rules)
 
 
