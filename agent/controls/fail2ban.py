@@ -354,10 +354,17 @@ class Fail2banControl(Control):
 
     # validate / reload --------------------------------------------------------------------------------
 
-    def validate(self, changes: Changes) -> None:
-        result = run([CLIENT, "-t"], timeout=30)
+    def validate(self, changes: Changes) -> Fail2banObserved:
+        """fail2ban's config test, which with -d also prints the configuration it tested: that serves as
+        the transaction's observe-again and saves a third fail2ban-client run (~60 ms) per heal. With -d
+        a jail's missing log file is not an error (the sshd jail reads the journal where there is none)."""
+        result = run([CLIENT, "-t", "-d"], timeout=30)
         if not result.ok:
             raise ValidationError(f"fail2ban's config test (fail2ban-client -t) rejects it: {result.error_text()}")
+        agent_file, problem = self._read_agent_file()
+        jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
+        # running stays unknown here: the reload that follows starts fail2ban when it was down
+        return Fail2banObserved(parse_dump(result.stdout), agent_file, problem, self._later_files(), jail_conf, None)
 
     def reload(self) -> ReloadOutcome:
         if not self.root.is_host:

@@ -181,6 +181,19 @@ def test_validate_is_fail2bans_config_test(tmp_path: Path, commands: DeclaredCom
         _control(tmp_path).validate(Changes())
 
 
+def test_the_config_test_prints_what_it_tested_and_that_is_the_observe_again(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
+    from agent.controls.base import Changes
+
+    control = _control(tmp_path)
+    commands.expect(["fail2ban-client", "-t", "-d"], stdout=DUMP + "OK: configuration test is successful\n")
+    after = control.validate(Changes())
+    assert after.effective is not None and after.effective["port"] == "99"
+    assert after.running is None  # the reload that follows starts fail2ban when it was down
+    assert commands.calls == [["fail2ban-client", "-t", "-d"]]  # one run: no second -d after the test
+
+
 class _HostRoot(SystemRoot):
     """The host as the guard decides on it ("/"), its files in a temporary directory."""
 
