@@ -21,6 +21,9 @@ DISABLED = "disabled"
 STARTING = "starting"
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
 _MAX_BACKOFF = 3600.0
+# While backing off, the drift is still healed once, after this long without a change: a storm that
+# has ended must not leave the machine drifted for the whole back-off (a fight gets one heal more).
+FLAP_SETTLE = 0.5
 
 
 @dataclass
@@ -76,6 +79,8 @@ class ControlRunner:
         self._cond = threading.Condition()
         self._pending: str | None = None  # why a converge is wanted
         self._first_trigger = 0.0
+        self._last_trigger = 0.0
+        self._settle_heal_used = False  # the one heal a back-off allows
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
@@ -106,6 +111,7 @@ class ControlRunner:
             if self._pending is None:
                 self._pending = reason
                 self._first_trigger = now
+            self._last_trigger = now
             latest = self._first_trigger + debounce * _MAX_DEBOUNCE_FACTOR
             self._deadline = min(now + debounce, latest)
             if immediate:
@@ -196,7 +202,8 @@ class ControlRunner:
                 if paused_until != float("inf"):
                     wake_at = min(wake_at, now + max(paused_until - time.time(), 0.0))
             elif self.state.backoff_until is not None:
-                wake_at = max(wake_at, self.state.backoff_until)
+                settled = float("inf") if self._settle_heal_used else self._last_trigger + FLAP_SETTLE
+                wake_at = max(wake_at, min(self.state.backoff_until, settled))
             if now >= wake_at:
                 reason = self._pending or "periodic reconcile"
                 self._pending = None
@@ -214,6 +221,8 @@ class ControlRunner:
             return
         paused = self.state.paused_until is not None
         report_only = not paused and not self.control.remediates(config)
+        if self.state.backoff_until is not None and self._clock() < self.state.backoff_until:
+            self._settle_heal_used = True  # quiet for FLAP_SETTLE within a back-off
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         with self._cond:
             self.state.last_converge_at = self._clock()
@@ -270,14 +279,17 @@ class ControlRunner:
         self._heal_times.append(now)
         while self._heal_times and now - self._heal_times[0] > config.engine.flap_window:
             self._heal_times.popleft()
-        if len(self._heal_times) > config.engine.flap_max_heals:
+        backing_off = self.state.backoff_until is not None and now < self.state.backoff_until
+        if len(self._heal_times) > config.engine.flap_max_heals and not backing_off:
             backoff = min(config.engine.flap_backoff * (2**self._backoff_level), _MAX_BACKOFF)
             self._backoff_level += 1
             self.state.backoff_until = now + backoff
+            self._settle_heal_used = False
             why = (
                 f"reverted {len(self._heal_times)} times in {format_duration(config.engine.flap_window)}; "
                 f"something keeps changing it: backing off {format_duration(backoff)} "
-                "(not reverted until then; every version is in the backups)"
+                f"(healed once after {FLAP_SETTLE:g}s without a change, then not until the back-off ends; "
+                "every version is in the backups)"
             )
             self._set_status(FLAPPING, why)
             self.ctx.events.emit(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.engine.runner import FLAP_SETTLE
 from tests.fakeroot import make_root
 from tests.integration.harness import effective_sshd, wait_for
 
@@ -107,8 +108,11 @@ def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent) -> None:
     assert flapping["backoff_seconds"] == 600
     status = agent.ctl("status")
     assert status.returncode == 1 and "flapping" in status.stdout and "backing off 10m" in status.stdout
+    before = heals()
     (root / DROPIN).unlink()
-    time.sleep(0.5)
+    wait_for(lambda: heals() > before, what="the one heal of a back-off, once quiet for FLAP_SETTLE")
+    (root / DROPIN).unlink()
+    time.sleep(FLAP_SETTLE + 0.5)
     assert not (root / DROPIN).exists()  # backing off: no fight
     assert agent.ctl("converge", "ssh").returncode in (0, 1)  # an admin's converge overrides the back-off
     assert (root / DROPIN).exists()

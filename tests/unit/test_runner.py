@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.engine import transaction as tx
-from agent.engine.runner import FLAPPING, PAUSED, ControlRunner
+from agent.engine.runner import FLAP_SETTLE, FLAPPING, PAUSED, ControlRunner
 from agent.events import null_events
 from agent.paths import SystemRoot
 from agent.system import fs
@@ -69,10 +69,34 @@ def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(runner:
     flapping = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "flapping"]
     assert len(flapping) == 1 and flapping[0]["backoff_seconds"] == 300
     tamper(runner, "attacker again\n")
-    time.sleep(0.3)
-    # backing off: the loop does not fight on
+    time.sleep(FLAP_SETTLE / 2)
+    assert runner.state.heals == 4  # backing off: no heal while the changes may go on
+    # quiet for FLAP_SETTLE: healed once (a storm that ended does not leave the drift for the back-off) ...
+    assert wait_until(lambda: runner.state.heals == 5)
+    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert runner.state.status == FLAPPING
+    # ... and not again until the back-off ends: the loop does not fight on
+    tamper(runner, "attacker once more\n")
+    time.sleep(FLAP_SETTLE + 0.3)
+    assert runner.state.heals == 5
+    assert runner.control.file.read_text() == "attacker once more\n"  # type: ignore[attr-defined]
+    assert actions(runner).count("flapping") == 1
+
+
+def test_a_storm_is_not_fought_edit_by_edit_and_is_healed_once_it_stops(runner: ControlRunner) -> None:
+    for n in range(4):
+        tamper(runner, f"attacker {n}\n")
+        assert wait_until(lambda n=n: runner.state.heals == n + 1)
+    assert runner.state.status == FLAPPING
+    storm_ends = time.monotonic() + 1.0
+    while time.monotonic() < storm_ends:  # 50 edits a second: never quiet for FLAP_SETTLE
+        tamper(runner, f"storm {time.monotonic()}\n")
+        time.sleep(0.02)
     assert runner.state.heals == 4
-    assert runner.control.file.read_text() == "attacker again\n"  # type: ignore[attr-defined]
+    stopped = time.monotonic()
+    assert wait_until(lambda: runner.control.file.read_text() == "good\n")  # type: ignore[attr-defined]
+    assert time.monotonic() - stopped < FLAP_SETTLE + 0.4
+    assert runner.state.heals == 5 and runner.state.status == FLAPPING
 
 
 def test_pause_reports_drift_without_healing_and_resume_heals_at_once(runner: ControlRunner) -> None:
