@@ -95,7 +95,7 @@ def test_a_storm_is_not_fought_edit_by_edit_and_is_healed_once_it_stops(runner: 
     assert runner.state.heals == 4
     stopped = time.monotonic()
     assert wait_until(lambda: runner.control.file.read_text() == "good\n")  # type: ignore[attr-defined]
-    assert time.monotonic() - stopped < FLAP_SETTLE + 0.4
+    assert time.monotonic() - stopped < FLAP_SETTLE + 2.0  # not the 5-minute back-off
     assert runner.state.heals == 5 and runner.state.status == FLAPPING
 
 
