@@ -43,7 +43,6 @@ PACKAGE = "fail2ban"
 JAIL = "sshd"
 UNIT = "fail2ban.service"
 MARKER = "vps-agent"
-POLL_INTERVAL = 30.0  # seconds, on a real host: notices a server killed without removing its socket
 # the keys the agent guards in [sshd], in the order its file sets them
 KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banaction", "backend")
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
@@ -177,12 +176,10 @@ class Fail2banControl(Control):
         return (
             WatchSpec(self.root.fail2ban_dir, names),
             WatchSpec(self.root.fail2ban_jail_d),
-            # the server removes its socket when it stops: a stopped fail2ban is noticed at once
+            # the server removes its socket when it stops, and systemd removes /run/fail2ban
+            # (RuntimeDirectory=) when it crashes or is killed: noticed at once, no poll needed
             WatchSpec(self.root.fail2ban_run_dir, frozenset({"fail2ban.sock"})),
         )
-
-    def poll_interval(self, config: Config) -> float | None:
-        return POLL_INTERVAL if self.root.is_host else None
 
     @property
     def backend(self) -> Backend:
