@@ -27,10 +27,8 @@ demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, it
 demo-clean:
 	rm -rf $(DEMO_ROOT)
 
-bench:  ## SSH and firewall drift-to-healed latency and RSS through the real loop; writes bench/RESULTS.md
-	# MALLOC_ARENA_MAX=2: the environment systemd/vps-agent.service gives the daemon
-	MALLOC_ARENA_MAX=2 $(PYTHON) bench/heal_latency.py --runs 200 --results bench/RESULTS.md
-	MALLOC_ARENA_MAX=2 $(PYTHON) bench/firewall_heal.py --runs 200 --results bench/RESULTS.md
+bench:  ## every benchmark of issue 9 (~15 min; QUICK=1: a ~3 min smoke run), as root; writes bench/RESULTS.md
+	$(PYTHON) bench/run.py --results bench/RESULTS.md $(if $(QUICK),--quick)
 
 # The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never
 # ship; uncommitted edits to tracked files do) to build/vps-agent-<version>/, with packaging/debian/
