@@ -364,6 +364,7 @@ def running_daemon(
     """A fresh fake root with `config`, the daemon on it, ready; always stopped, the root removed."""
     workdir = Path(tempfile.mkdtemp(prefix="vps-agent-bench-"))
     daemon: Daemon | None = None
+    problem = ""
     try:
         root = make_root(workdir / "root", config=config)
         daemon = Daemon(root, workdir / "agent.log", env)
@@ -373,12 +374,14 @@ def running_daemon(
     finally:
         if daemon is not None:
             daemon.stop()
+            if daemon.stop_problem or daemon.exit_code not in (0, None):
+                problem = f"the daemon {daemon.stop_problem or f'exited {daemon.exit_code}'}:\n{daemon.log_tail()}"
         if keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    if daemon.stop_problem or daemon.exit_code not in (0, None):
-        raise BenchError(f"the daemon {daemon.stop_problem or f'exited {daemon.exit_code}'}:\n{daemon.log_tail()}")
+    if problem:
+        raise BenchError(problem)
 
 
 # --- one heal -----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,7 +79,21 @@ def run(window: float) -> Section:
     with tempfile.TemporaryDirectory(prefix="vps-agent-notify-") as tmp:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(f"{tmp}/notify.sock")
-        notify.setblocking(False)
+        notify.settimeout(0.5)
+        messages: list[bytes] = []
+        done = threading.Event()
+
+        def drain() -> None:
+            # read it as systemd does: a unix datagram socket queues only net.unix.max_dgram_qlen (10)
+            # messages, after which the daemon's sd_notify would block
+            while not done.is_set():
+                try:
+                    messages.append(notify.recv(4096))
+                except TimeoutError:
+                    continue
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
         env = {"NOTIFY_SOCKET": f"{tmp}/notify.sock", "WATCHDOG_USEC": str(WATCHDOG_USEC)}
         with running_daemon(bench_config(**NO_FLAP), env=env) as daemon:
             pid = daemon.pid
@@ -107,13 +122,10 @@ def run(window: float) -> Section:
                 before = cpu_seconds(pid)
                 daemon.ctl("converge", "fail2ban")
                 f2b_cpu.append(cpu_seconds(pid) - before)
-        pings = 0
-        while True:
-            try:
-                pings += notify.recv(4096).count(b"WATCHDOG=1")
-            except BlockingIOError:
-                break
+        done.set()
+        reader.join()
         notify.close()
+        pings = sum(m.count(b"WATCHDOG=1") for m in messages)
     status_cpu = [timed(["fail2ban-client", "status", "sshd"]).cpu_s for _ in range(3)]
     poll = host_fail2ban_poll()
 
