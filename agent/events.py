@@ -15,8 +15,6 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
-import structlog
-
 # event.action values users and scripts match on; keep them stable.
 AGENT_STARTED = "agent-started"
 AGENT_STOPPING = "agent-stopping"
@@ -179,12 +177,22 @@ class Events:
 
     def __init__(self, sinks: EventSinks, host_name: str | None = None) -> None:
         self.sinks = sinks
-        self._log = structlog.wrap_logger(
-            _SinkLogger(sinks),
-            processors=[structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"), _to_ecs],
-            wrapper_class=structlog.BoundLogger,
-            host_name=host_name or socket.gethostname(),
-        )
+        self._host_name = host_name
+        self._log: Any = None
+
+    def _logger(self) -> Any:
+        # structlog (and the asyncio it imports) costs ~35 ms to import: loaded at the first event, so the
+        # console's read-only verbs (check, diff, status), which emit none, never pay it
+        if self._log is None:
+            import structlog
+
+            self._log = structlog.wrap_logger(
+                _SinkLogger(self.sinks),
+                processors=[structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"), _to_ecs],
+                wrapper_class=structlog.BoundLogger,
+                host_name=self._host_name or socket.gethostname(),
+            )
+        return self._log
 
     def emit(
         self,
@@ -197,7 +205,7 @@ class Events:
         **fields: Any,
     ) -> None:
         clean = {k: v for k, v in fields.items() if v is not None}
-        method = getattr(self._log, level if level in _LEVELS else "info")
+        method = getattr(self._logger(), level if level in _LEVELS else "info")
         method(action, outcome=outcome, message=message, control=control, **clean)
 
 
