@@ -167,6 +167,7 @@ class Fail2banControl(Control):
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
         self._install = False  # from the config desired() last saw: observe() takes no config
+        self._after_reload: tuple[bool, int | None] | None = None  # (running, banned) the last reload saw
 
     def enabled(self, config: Config) -> bool:
         return config.fail2ban.enabled
@@ -194,6 +195,7 @@ class Fail2banControl(Control):
     # observe ------------------------------------------------------------------------------------------
 
     def observe(self) -> Fail2banObserved:
+        self._after_reload = None
         agent_file, problem = self._read_agent_file()
         later = self._later_files()
         jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
@@ -368,6 +370,7 @@ class Fail2banControl(Control):
             return ReloadOutcome(True, "a fake root: fail2ban is never started or reloaded")
         if not self.services.is_active(UNIT):
             started = self.services.enable_now(UNIT)
+            self._after_reload = (started.ok, None)
             return ReloadOutcome(started.ok, started.detail, {"service_action": started.action})
         result = run([CLIENT, "reload"], timeout=60)
         if not result.ok:
@@ -375,6 +378,7 @@ class Fail2banControl(Control):
         status = run([CLIENT, "status", JAIL], timeout=15)
         if not status.ok:
             return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")
+        self._after_reload = (True, parse_status(status.stdout))
         return ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
 
     def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
@@ -385,10 +389,13 @@ class Fail2banControl(Control):
             "backend": effective.get("backend", ""),
             "banaction": effective.get("banaction", ""),
         }
-        if observed.running is not None:
-            facts["service"] = "active" if observed.running else "not active"
-        if observed.banned is not None:
-            facts["banned"] = observed.banned
+        running, banned = observed.running, observed.banned
+        if running is None and self._after_reload is not None:
+            running, banned = self._after_reload  # a heal's observe-again (the -t -d) came before its reload
+        if running is not None:
+            facts["service"] = "active" if running else "not active"
+        if banned is not None:
+            facts["banned"] = banned
         return facts
 
 

@@ -202,6 +202,22 @@ class _HostRoot(SystemRoot):
         return True
 
 
+def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path, commands: DeclaredCommands) -> None:
+    from agent.controls.base import Changes
+
+    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)  # systemd runs this "host"
+    control = Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    commands.expect([CLIENT, "-t", "-d"], stdout=DUMP)
+    commands.expect(["systemctl", "is-active"])
+    commands.expect([CLIENT, "reload"])
+    commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t3\n")
+    after = control.validate(Changes())  # the observe-again, before the reload
+    assert control.reload().ok
+    facts = control.facts(after)
+    assert (facts["service"], facts["banned"]) == ("active", 3)
+
+
 def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2banControl:
     """No fail2ban on the system: no fail2ban-client, no /etc/fail2ban beyond the agent's jail.d."""
     (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
