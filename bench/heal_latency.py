@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 from common import (
+    MIB,
     NO_FLAP,
     SSHD,
     Daemon,
     DriftKind,
     Section,
+    Target,
     bench_config,
     heal_report,
     measure_heals,
@@ -29,6 +31,7 @@ from common import (
 )
 
 TARGET_P99_MS = 60.0
+TARGET_RSS_MIB = 30.0
 EXPECTED = {"port": ["2222"], "permitrootlogin": ["no"], "passwordauthentication": ["no"]}
 
 
@@ -131,6 +134,13 @@ def run(runs: int) -> Section:
         "",
     )
     heal_report(section, heals, "sshd drift heal", TARGET_P99_MS)
+    section.targets.append(
+        Target(
+            f"RSS < {TARGET_RSS_MIB:.0f} MiB after {len(heals)} heals (the events ring full)",
+            f"{mib(mem.get('rss'))} (PSS {mib(mem.get('pss'))})",
+            mem.get("rss", 0) < TARGET_RSS_MIB * MIB,
+        )
+    )
     section.add(
         f"For scale: one `sshd -T -f /dev/null` takes {sshd_ms:.1f} ms here (median of 20); a heal runs it twice"
         " (observe, then the test of the result, which is also the observe-again). Daemon memory after the run:"
