@@ -28,7 +28,7 @@ demo-clean:
 	rm -rf $(DEMO_ROOT)
 
 bench:  ## every benchmark of issue 9 (~15 min; QUICK=1: a ~3 min smoke run), as root; writes bench/RESULTS.md
-	$(PYTHON) bench/run.py --results bench/RESULTS.md $(if $(QUICK),--quick)
+	$(PYTHON) bench/run.py --results bench/RESULTS.md $(if $(QUICK),--quick) $(if $(NOTE),--note "$(NOTE)")
 
 # The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never
 # ship; uncommitted edits to tracked files do) to build/vps-agent-<version>/, with packaging/debian/

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1")
     parser.add_argument("--only", metavar="PARTS", help="comma-separated parts (default: all)")
     parser.add_argument("--results", metavar="FILE", help="write the Markdown report here (default: stdout)")
+    parser.add_argument(
+        "--note", action="append", default=[], metavar="TEXT", help="a line of context for the report (repeatable)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (fake roots in private mount and network namespaces)", file=sys.stderr)
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" (**quick smoke run**)" if args.quick else ""),
         f"- Wall time of the whole run: {wall / 60:.1f} min",
         f"- Load average (1/5/15 min) at start: {load_start}; at end: {load_average()}",
+        *(f"- Note: {note}" for note in args.note),
         "",
         "| machine | |",
         "|---|---|",
