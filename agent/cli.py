@@ -14,7 +14,7 @@ from typing import Any
 from agent import __version__
 from agent.config import Config, ConfigError, load_config, parse_duration
 from agent.engine import transaction as tx
-from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING
+from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING, WAITING
 from agent.events import null_events
 from agent.ipc import DaemonUnreachable, IpcClient, IpcError
 from agent.paths import SystemRoot
@@ -22,7 +22,7 @@ from agent.system import fs, namespace
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 _ERROR_STATUSES = {tx.BLOCKED, tx.FAILED, tx.ERROR}
-_DRIFT_STATUSES = {tx.DRIFTED, FLAPPING, STARTING}
+_DRIFT_STATUSES = {tx.DRIFTED, FLAPPING, STARTING, WAITING}
 
 
 def exit_code_for(controls: Iterable[dict[str, Any]]) -> int:

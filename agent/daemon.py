@@ -25,7 +25,7 @@ from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
-from agent.system import fs, namespace
+from agent.system import dpkg, fs, namespace
 from agent.system.sdnotify import Notifier
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
@@ -37,7 +37,12 @@ def build_controls(root: SystemRoot) -> list[Control]:
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
     backups = fs.BackupStore(root.backups_dir, config.backups.keep, root.system_name)
-    return tx.TransactionContext(events, backups, fs.EchoFilter())
+
+    def package_manager_busy() -> str | None:
+        holder = dpkg.holder(root)
+        return holder.describe() if holder else None
+
+    return tx.TransactionContext(events, backups, fs.EchoFilter(), package_manager_busy)
 
 
 class Daemon:

@@ -31,6 +31,7 @@ FLAPPING = "flapping"
 PAUSED = "paused"
 RESUMED = "resumed"
 SERVICE_STARTED = "service-started"
+PACKAGE_MANAGER_BUSY = "package-manager-busy"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 

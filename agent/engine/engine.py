@@ -35,7 +35,7 @@ class Engine:
             self._config = config
         self.refresh_watches()
         for runner in self.runners.values():
-            runner.trigger("config reloaded", immediate=True)
+            runner.trigger("config reloaded", immediate=True, admin=True)
 
     def start(self) -> None:
         self.refresh_watches()

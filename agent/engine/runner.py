@@ -19,6 +19,9 @@ PAUSED = "paused"
 FLAPPING = "flapping"
 DISABLED = "disabled"
 STARTING = "starting"
+WAITING = "waiting"  # dpkg is at work: converging once it has finished
+DPKG_RECHECK = 1.0  # seconds between looks at the dpkg locks while waiting
+DPKG_MAX_WAIT = 1800.0  # a dpkg holding its lock longer than this is wedged: converge anyway
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
 _MAX_BACKOFF = 3600.0
 
@@ -75,6 +78,8 @@ class ControlRunner:
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: str | None = None  # why a converge is wanted
+        self._pending_admin = False  # the admin asked for it (reload, converge, resume): not drift
+        self._waiting_since: float | None = None  # when this control began waiting for dpkg
         self._first_trigger = 0.0
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
@@ -98,14 +103,16 @@ class ControlRunner:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def trigger(self, reason: str, *, immediate: bool = False) -> None:
-        """Something this control watches may have changed; converge after the debounce."""
+    def trigger(self, reason: str, *, immediate: bool = False, admin: bool = False) -> None:
+        """Something this control watches may have changed; converge after the debounce. `admin`: the
+        admin asked for it (a config reload, `converge`): what it changes is not drift to damp."""
         now = self._clock()
         debounce = 0.0 if immediate else self.get_config().engine.debounce
         with self._cond:
             if self._pending is None:
                 self._pending = reason
                 self._first_trigger = now
+            self._pending_admin = self._pending_admin or admin
             latest = self._first_trigger + debounce * _MAX_DEBOUNCE_FACTOR
             self._deadline = min(now + debounce, latest)
             if immediate:
@@ -117,7 +124,7 @@ class ControlRunner:
         box: list[tx.Outcome] = []
         with self._cond:
             self._waiters.append((done, box))
-        self.trigger(reason, immediate=True)
+        self.trigger(reason, immediate=True, admin=True)
         done.wait(timeout)
         return box[0] if box else None
 
@@ -133,7 +140,7 @@ class ControlRunner:
             self._heal_times.clear()
             self._backoff_level = 0
             self.state.status = STARTING
-        self.trigger("resumed", immediate=True)
+        self.trigger("resumed", immediate=True, admin=True)
 
     def _set_status(self, status: str, why: str) -> None:
         if status != self.state.status or why != self.state.why:
@@ -150,9 +157,12 @@ class ControlRunner:
                 reason = self._wait_for_work()
                 if reason is None:
                     return
+                admin, self._pending_admin = self._pending_admin, False
             self.busy_since = time.monotonic()
             try:
-                self._run_once(reason)
+                if self._wait_for_dpkg(reason, admin):
+                    continue
+                self._run_once(reason, admin)
                 self._after_converge()
             except Exception as exc:  # a bug must not silently end the guarding of this control
                 with self._cond:
@@ -204,7 +214,56 @@ class ControlRunner:
             self._cond.wait(timeout=min(max(wake_at - now, 0.001), 3600.0))
         return None
 
-    def _run_once(self, reason: str) -> None:
+    def _wait_for_dpkg(self, reason: str, admin: bool) -> bool:
+        """While dpkg changes the system, a guard does not fight it: the converge is put off (looking
+        again every DPKG_RECHECK) and runs once dpkg is done. True: put off."""
+        config = self.get_config()
+        if not self.control.enabled(config) or self.state.paused_until is not None:
+            return False  # nothing will be written: observe and report now
+        holder = self.ctx.package_manager_busy()
+        now = self._clock()
+        if holder is None:
+            if self._waiting_since is not None:
+                waited = now - self._waiting_since
+                self._waiting_since = None
+                self.ctx.events.emit(
+                    ev.PACKAGE_MANAGER_BUSY,
+                    outcome="success",
+                    control=self.name,
+                    message=f"{self.name}: dpkg has finished after {waited:.1f}s: converging once",
+                    waited_seconds=round(waited, 1),
+                )
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+            self.ctx.events.emit(
+                ev.PACKAGE_MANAGER_BUSY,
+                outcome="unknown",
+                control=self.name,
+                message=f"{self.name}: {holder}: waiting for it to finish before converging",
+                holder=holder,
+            )
+        elif now - self._waiting_since > DPKG_MAX_WAIT:
+            self.ctx.events.emit(
+                ev.PACKAGE_MANAGER_BUSY,
+                outcome="failure",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: {holder} for over {format_duration(DPKG_MAX_WAIT)}: converging anyway",
+                holder=holder,
+            )
+            self._waiting_since = now  # the next wait starts a new period
+            return False
+        with self._cond:
+            self._set_status(WAITING, f"{holder}: converging once it has finished")
+            self._pending = self._pending or reason
+            self._pending_admin = self._pending_admin or admin
+            self._first_trigger = now
+            self._deadline = now + DPKG_RECHECK
+        self._release_waiters(tx.Outcome(self.name, WAITING, f"{holder}: converging once it has finished"))
+        return True
+
+    def _run_once(self, reason: str, admin: bool = False) -> None:
         config = self.get_config()
         if not self.control.enabled(config):
             with self._cond:
@@ -232,7 +291,8 @@ class ControlRunner:
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
-                self._record_heal(config)
+                if not admin:
+                    self._record_heal(config)
                 if self.state.status != FLAPPING:
                     self._set_status(tx.HEALED, outcome.detail)
             elif outcome.status == tx.COMPLIANT:
@@ -242,7 +302,11 @@ class ControlRunner:
                     self._set_status(tx.COMPLIANT, "")
             else:
                 self._set_status(outcome.status, outcome.detail)
-                if outcome.status == tx.FAILED:
+                if outcome.status == tx.FAILED and self.ctx.package_manager_busy() is not None:
+                    # dpkg began meanwhile (the cause, most likely): try again once it has finished
+                    self._pending = self._pending or "after dpkg"
+                    self._deadline = self._clock() + DPKG_RECHECK
+                elif outcome.status == tx.FAILED:
                     self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
             self._maybe_leave_flapping(config)
         self._release_waiters(outcome)

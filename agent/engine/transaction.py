@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,17 @@ class Outcome:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+def _dpkg_idle() -> str | None:
+    return None
+
+
 @dataclass
 class TransactionContext:
     events: Events
     backups: fs.BackupStore
     echo: fs.EchoFilter
+    # who is running dpkg right now (None: nobody): the guards wait for it instead of fighting it
+    package_manager_busy: Callable[[], str | None] = _dpkg_idle
 
 
 def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:

@@ -1,8 +1,9 @@
 """The one door to apt: non-interactive, the admin's conffiles kept, waiting for the dpkg lock, bounded.
 
 Package installs (the fail2ban guard) and, later, the upgrade scheduler go through here. A dpkg left
-half way (a crash, a power cut: files in /var/lib/dpkg/updates/) is finished with `dpkg --configure -a`
-first, as apt itself asks for; another apt holding the lock is waited for, never fought.
+half way (a crash, a power cut: files in /var/lib/dpkg/updates/ and nobody holding its lock) is finished
+with `dpkg --configure -a` first, as apt itself asks for; another apt holding the lock is waited for,
+never fought, and its work in progress is never taken for an interruption.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.paths import SystemRoot
+from agent.system import dpkg
 from agent.system.run import Completed, run
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
 LOCK_TIMEOUT = 120.0  # seconds apt waits for another holder of the dpkg lock (unattended-upgrades, an admin)
 TOTAL_TIMEOUT = 600.0  # seconds for everything one call does, the lock wait included
-DPKG_UPDATES = "/var/lib/dpkg/updates"
 _SETTING_UP = re.compile(r"^Setting up (\S+?)(?::\S+)? \(([^)]*)\)", re.MULTILINE)
 
 
@@ -37,14 +38,6 @@ class AptResult:
     installed: tuple[tuple[str, str], ...]  # (package, version) dpkg set up
     detail: str
     steps: tuple[Completed, ...] = ()
-
-
-def interrupted(root: SystemRoot) -> bool:
-    """dpkg was interrupted (apt would refuse: "you must manually run 'dpkg --configure -a'")."""
-    try:
-        return any(root.path(DPKG_UPDATES).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def outside_sandbox(step: Step) -> Step:
@@ -112,7 +105,9 @@ def install(
     if not root.is_host:
         return AptResult(False, (), f"a fake root: {' '.join(packages)} is never installed there")
     deadline = time.monotonic() + total_timeout
-    steps = install_steps(packages, repair=interrupted(root), lock_timeout=lock_timeout, total_timeout=total_timeout)
+    steps = install_steps(
+        packages, repair=dpkg.needs_repair(root), lock_timeout=lock_timeout, total_timeout=total_timeout
+    )
     done: list[Completed] = []
     installed: list[tuple[str, str]] = []
     for step in steps:

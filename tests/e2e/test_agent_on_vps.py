@@ -337,6 +337,54 @@ def test_failed_logins_get_the_client_banned_unless_ignoreip_names_it(vps: Sandb
     assert admin_gets_in(vps)
 
 
+def events_since(vps: Sandbox, count: int, control: str) -> list[dict[str, object]]:
+    return [e for e in events(vps)[count:] if e.get("control") == control]
+
+
+def test_neither_jail_local_nor_a_later_local_turns_the_sshd_jail_off(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    # jail.local is read before the agent's jail.d/*.local: restarted with it, the jail still runs
+    vps.exec(["sh", "-c", "printf '[sshd]\\nenabled = false\\nport = 22\\n' > /etc/fail2ban/jail.local"])
+    try:
+        vps.exec(["systemctl", "restart", "fail2ban"])
+        wait_for("the sshd jail on 2222 despite jail.local", lambda: fail2ban_guarding_2222(vps), 30)
+        # a .local sorting after the agent's file would win: its line is neutralised
+        mark = len(events(vps))
+        late = "/etc/fail2ban/jail.d/zzz-late.local"
+        vps.exec(["sh", "-c", f"printf '[sshd]\\nenabled = false\\n' > {late}"])
+        wait_for(
+            "the later .local to be neutralised",
+            lambda: "# [vps-agent" in vps.exec(["cat", late]).stdout,
+            10,
+        )
+        vps.exec(["fail2ban-client", "reload"])  # the admin applies it: nothing to apply
+        wait_for("the sshd jail on 2222 after the reload", lambda: fail2ban_guarding_2222(vps), 30)
+        actions = [e["event"]["action"] for e in events_since(vps, mark, "fail2ban")]  # type: ignore[index]
+        assert "drift-reverted" in actions, actions
+    finally:
+        vps.exec(["rm", "-f", "/etc/fail2ban/jail.local", "/etc/fail2ban/jail.d/zzz-late.local"])
+
+
+def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    mark = len(events(vps))
+    # the agent sees fail2ban stop while dpkg still runs: it waits for dpkg, then installs it again
+    # (offline: the .deb is in the VPS's apt cache, as on any Debian that installed it)
+    vps.exec(["apt-get", "purge", "-y", "-q", "fail2ban"], timeout=300)
+    wait_for("fail2ban installed again, guarding 2222", lambda: fail2ban_guarding_2222(vps), 180)
+    installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
+    assert installed.strip() == "ii"
+    seen = events_since(vps, mark, "fail2ban")
+    actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
+    assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
+    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
+    assert any("not installed" in json.dumps(e) for e in reverted), json.dumps(seen, indent=1)
+    vps.exec(["test", "-s", F2B_JAIL_FILE])
+    # the guide's backup of jail.conf is still the very first one
+    vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])
+    assert vps.exec(["vps-agentctl", "status"], check=False).returncode == 0
+
+
 def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
     # the shipped WatchdogSec is 30 s; a drop-in shortens it so the test does not wait that long
     vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])

@@ -10,10 +10,11 @@ import pytest
 
 from agent.config import parse_config
 from agent.engine import transaction as tx
-from agent.engine.runner import FLAPPING, PAUSED, ControlRunner
+from agent.engine.runner import DPKG_RECHECK, FLAPPING, PAUSED, WAITING, ControlRunner
 from agent.events import null_events
 from agent.paths import SystemRoot
-from agent.system import fs
+from agent.system import dpkg, fs
+from tests.unit.test_dpkg_lock import held
 from tests.unit.test_transaction import FileControl
 
 CONFIG = parse_config(
@@ -104,3 +105,46 @@ def test_converge_and_wait_returns_the_outcome(runner: ControlRunner) -> None:
     runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
     outcome = runner.converge_and_wait("admin")
     assert outcome is not None and outcome.status == tx.HEALED
+
+
+def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> None:
+    root = SystemRoot.at(tmp_path / "root")
+    lib = tmp_path / "root/var/lib/dpkg"
+    lib.mkdir(parents=True)
+    (lib / "lock-frontend").write_text("")
+    (tmp_path / "root/etc").mkdir(parents=True)
+
+    def busy() -> str | None:
+        holder = dpkg.holder(root)
+        return holder.describe() if holder else None
+
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
+    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
+    runner.start()
+    try:
+        with held(lib / "lock-frontend") as apt:
+            for n in range(5):  # a package upgrade rewrites the file several times
+                tamper(runner, f"dpkg writes {n}\n")
+            assert wait_until(lambda: runner.state.status == WAITING)
+            assert f"pid {apt.pid}" in runner.state.why
+            time.sleep(DPKG_RECHECK * 1.5)
+            assert runner.control.file.read_text() == "dpkg writes 4\n"  # type: ignore[attr-defined]
+            outcome = runner.converge_and_wait("admin converge while dpkg runs", timeout=5)
+            assert outcome is not None and outcome.status == WAITING
+        assert wait_until(lambda: runner.state.status == tx.HEALED, timeout=DPKG_RECHECK * 5)
+        time.sleep(0.3)
+        assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+        assert runner.state.heals == 1 and actions(runner).count("drift-reverted") == 1
+        waits = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "package-manager-busy"]
+        assert [e["event"]["outcome"] for e in waits] == ["unknown", "success"]
+    finally:
+        runner.stop()
+
+
+def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunner) -> None:
+    for n in range(CONFIG.engine.flap_max_heals + 3):
+        runner.control.file.write_text(f"admin edit {n}\n")  # type: ignore[attr-defined]
+        outcome = runner.converge_and_wait("vps-agentctl converge")
+        assert outcome is not None and outcome.status == tx.HEALED
+    assert runner.state.status == tx.HEALED and runner.state.backoff_until is None
+    assert "flapping" not in actions(runner)
