@@ -91,7 +91,84 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("events_file_error"):
         print(f"events file not written: {status['events_file_error']}")
     print(render_table(status["controls"]))
+    if status.get("updates"):
+        print(render_updates(status["updates"]))
     return exit_code_for(status["controls"])
+
+
+def _when(stamp: float | None) -> str:
+    """A future moment as the admin reads it: local time, and how far off."""
+    if not stamp:
+        return "-"
+    left = stamp - time.time()
+    local = time.strftime("%a %Y-%m-%d %H:%M %Z", time.localtime(stamp))
+    if left <= 0:
+        return f"{local} (due now)"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            return f"{local} (in {int(left // size)}{unit})"
+    return f"{local} (in {int(left)}s)"
+
+
+def render_updates(updates: dict[str, Any]) -> str:
+    """The upgrade scheduler's lines of `status`: last run, its outcome, the next run, reboot."""
+    lines = []
+    if not updates["enabled"]:
+        lines.append("updates: disabled in the config")
+    elif updates.get("error"):
+        lines.append(f"updates: SCHEDULE ERROR: {updates['error']}")
+    else:
+        catch_up = " (catching up a missed run)" if updates.get("catch_up") else ""
+        lines.append(
+            f"updates: {updates['mode']}, {updates['schedule']}; next run {_when(updates['next_run'])}{catch_up}"
+        )
+    if updates.get("running_since"):
+        lines.append(f"  running since {_ago(updates['running_since'])}")
+    if updates.get("last_finished"):
+        changes = updates.get("last_changes") or []
+        text = f"{len(changes)} package(s) changed" if changes else "nothing to upgrade"
+        detail = f": {updates['last_detail']}" if updates.get("last_detail") else ""
+        lines.append(f"  last run {_ago(updates['last_finished'])}: {updates['last_outcome']}, {text}{detail}")
+    else:
+        lines.append("  last run: never")
+    if updates.get("reboot_required"):
+        by = ", ".join(updates.get("reboot_packages") or []) or "an upgrade"
+        window = updates.get("reboot_window")
+        plan = f"reboots inside {window}" if window else "reboot by hand (updates.reboot_window is null)"
+        lines.append(f"  REBOOT REQUIRED by {by}: {plan}")
+    return "\n".join(lines)
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """`upgrade --now` runs apt now (waiting for the outcome unless --no-wait); plain `upgrade` shows
+    the scheduler's state."""
+    if not args.now:
+        status = _client(args).call("status")
+        if args.json:
+            _print_json(status["updates"])
+        else:
+            print(render_updates(status["updates"]))
+        return EXIT_OK
+    # a run is bounded by updates.time_limit (at most a day); the client waits as long
+    result = _client(args, timeout=86400.0 + 300.0).call("upgrade", wait=not args.no_wait)
+    if args.json:
+        _print_json(result)
+    if not result["started"]:
+        if not args.json:
+            print(f"vps-agentctl: not started: {result['why']}", file=sys.stderr)
+        return EXIT_DRIFT
+    if args.no_wait:
+        if not args.json:
+            print("upgrade started; follow it with `vps-agentctl events -f`")
+        return EXIT_OK
+    if not args.json:
+        for change in result["changes"]:
+            print(f"  {change}")
+        detail = f": {result['detail']}" if result["detail"] else ""
+        print(f"upgrade {result['outcome']}, {len(result['changes'])} package(s) changed{detail}")
+        if result["updates"].get("reboot_required"):
+            print(render_updates(result["updates"]).splitlines()[-1].strip())
+    return EXIT_OK if result["outcome"] in ("success", "skipped") else EXIT_ERROR
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -333,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="re-read the config file (an invalid one is rejected, the old stays)")
     reload.set_defaults(func=cmd_reload)
+
+    upgrade = sub.add_parser("upgrade", help="show the upgrade schedule; with --now, run apt update + upgrade now")
+    upgrade.add_argument("--now", action="store_true", help="run an upgrade now and wait for its outcome")
+    upgrade.add_argument("--no-wait", action="store_true", help="with --now: return once it has started")
+    upgrade.add_argument("--json", action="store_true", help="machine-readable output")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     validate = sub.add_parser("validate-config", help="check a config file and exit 0 (valid) or 2")
     validate.add_argument("file", nargs="?", help="the file (default: ROOT/etc/vps-agent/config.yaml)")

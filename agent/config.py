@@ -19,6 +19,8 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from agent.schedule import ScheduleError, Window, check_calendar
+
 MAX_CONFIG_BYTES = 1024 * 1024
 # threading/asyncio timers overflow somewhere past ~292 years; ten years is longer than any sane use
 MAX_DURATION = 3650 * 86400.0
@@ -199,6 +201,10 @@ class UpdatesConfig:
     schedule: str = "daily 03:30"
     mode: str = "upgrade"
     randomized_delay: float = 1800.0
+    lock_timeout: float = 600.0  # how long apt waits for another holder of the dpkg lock
+    time_limit: float = 3600.0  # for a whole run: update, upgrade, reports
+    reboot_window: str | None = None  # "HH:MM-HH:MM" local time: reboot there when one is required
+    reboot_with_users: bool = False  # reboot even while someone is logged in
 
 
 @dataclass(frozen=True)
@@ -621,7 +627,23 @@ def _schedule(at: _At, node: Node) -> str:
             at.fail(node, _SCHEDULE_HELP)
         clock = f"{int(match[3]):02d}:{match[4]}"
         return f"daily {clock}" if match[1] else f"weekly {match[2].lower()} {clock}"
+    problem = check_calendar(value)  # systemd's own parser judges OnCalendar syntax
+    if problem is not None:
+        at.fail(node, _SCHEDULE_HELP, Described(f"{value!r} ({problem})"))
     return value
+
+
+def _reboot_window(at: _At, node: Node) -> str | None:
+    expected = 'null (never reboot by itself) or a local time window "HH:MM-HH:MM", e.g. "03:00-05:00"'
+    value = _value(node)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        at.fail(node, expected)
+    try:
+        return str(Window.parse(value))
+    except ScheduleError:
+        at.fail(node, expected)
 
 
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
@@ -684,6 +706,10 @@ _SECTIONS: dict[str, _Parse] = {
             "schedule": _schedule,
             "mode": _choice(("upgrade", "security-only", "dist-upgrade")),
             "randomized_delay": _duration(),
+            "lock_timeout": _duration(maximum=86400.0),
+            "time_limit": _duration(60.0, maximum=86400.0),
+            "reboot_window": _reboot_window,
+            "reboot_with_users": _boolean,
         },
     ),
     "accounts": _section(AccountsConfig, {"admin_user": _admin_user}),

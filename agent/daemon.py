@@ -27,6 +27,7 @@ from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
 from agent.system import dpkg, fs, namespace
 from agent.system.sdnotify import Notifier
+from agent.upgrades import UpgradeScheduler
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
 
@@ -64,6 +65,7 @@ class Daemon:
             )
         )
         self.engine = Engine(build_controls(root), config, transaction_context(root, config, self.events))
+        self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
         self.ipc = IpcServer(root.socket, self.handle)
 
     def _initial_config(self) -> Config:
@@ -112,6 +114,7 @@ class Daemon:
         self.ipc.start()
         self.engine.start()
         self.engine.reconcile_all("start-up reconcile")
+        self.upgrades.start()
         self.notifier.ready(self.summary())
         interval = self.notifier.watchdog_interval()
         last_status = ""
@@ -135,6 +138,7 @@ class Daemon:
             self.notifier.stopping()
             self.events.emit(ev.AGENT_STOPPING, outcome="success", message="vps-agent stopping")
             self.ipc.stop()
+            self.upgrades.stop()
             self.engine.stop()
             self.events.sinks.close()
         return 0
@@ -184,6 +188,7 @@ class Daemon:
         self._remember_good_config()
         self.engine.ctx.backups.keep = config.backups.keep
         self.engine.replace_config(config)
+        self.upgrades.config_changed()
         self.events.emit(
             ev.CONFIG_RELOADED, outcome="success", file_path=str(self.config_path), message="config reloaded"
         )
@@ -221,6 +226,8 @@ class Daemon:
             return {"outcomes": outcomes, "status": self.status()}
         if verb == "reload":
             return self.reload_config()
+        if verb == "upgrade":
+            return self._upgrade(args)
         raise IpcError(f"unknown verb {verb!r}")
 
     def status(self) -> dict[str, Any]:
@@ -236,6 +243,25 @@ class Daemon:
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
             "controls": self.engine.status(),
+            "updates": self.upgrades.status(),
+        }
+
+    def _upgrade(self, args: Any) -> dict[str, Any]:
+        """`vps-agentctl upgrade --now`: run one now; with wait, answer when it has finished."""
+        if self.upgrades.running:
+            return {"started": False, "why": "an upgrade is already running", "updates": self.upgrades.status()}
+        if not args.get("wait", True):
+            threading.Thread(target=self.upgrades.run, args=("vps-agentctl upgrade --now",), daemon=True).start()
+            return {"started": True, "updates": self.upgrades.status()}
+        result = self.upgrades.run("vps-agentctl upgrade --now")
+        if result is None:
+            return {"started": False, "why": "an upgrade is already running", "updates": self.upgrades.status()}
+        return {
+            "started": True,
+            "outcome": result.outcome,
+            "detail": result.detail,
+            "changes": list(result.changes),
+            "updates": self.upgrades.status(),
         }
 
     def _select(self, args: Any) -> list[Any]:

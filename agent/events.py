@@ -32,6 +32,12 @@ PAUSED = "paused"
 RESUMED = "resumed"
 SERVICE_STARTED = "service-started"
 PACKAGE_MANAGER_BUSY = "package-manager-busy"
+UPGRADE_STARTED = "upgrade-started"
+UPGRADE_FINISHED = "upgrade-finished"
+UPGRADE_STATE_RESET = "upgrade-state-reset"
+REBOOT_REQUIRED = "reboot-required"
+REBOOT_DEFERRED = "reboot-deferred"
+REBOOTING = "rebooting"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 

@@ -84,6 +84,114 @@ def install_steps(
     return tuple(outside_sandbox(step) for step in steps) if via_systemd else tuple(steps)
 
 
+UPGRADE_VERBS = {"upgrade": "upgrade", "security-only": "upgrade", "dist-upgrade": "dist-upgrade"}
+
+
+def _options(lock_timeout: float, sources: SecuritySources | None) -> tuple[str, ...]:
+    """What every apt-get run of the agent's gets: the admin's conffiles kept without a prompt (confdef:
+    the package's default where the admin never changed the file; confold: the admin's version where
+    they did), a bounded wait for the dpkg lock, and in security-only mode the filtered sources."""
+    options = [
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "-o",
+        f"DPkg::Lock::Timeout={int(lock_timeout)}",
+    ]
+    if sources is not None:
+        options += ["-o", f"Dir::Etc::SourceList={sources.list}", "-o", f"Dir::Etc::SourceParts={sources.parts}"]
+    return tuple(options)
+
+
+@dataclass(frozen=True)
+class SecuritySources:
+    """A sources.list holding only the security suites, and an empty parts directory beside it."""
+
+    list: str  # system paths
+    parts: str
+
+
+def upgrade_steps(
+    mode: str,
+    *,
+    repair: bool,
+    lock_timeout: float,
+    total_timeout: float,
+    sources: SecuritySources | None = None,
+    via_systemd: bool = False,
+) -> tuple[Step, ...]:
+    """`apt-get update`, then `apt-get upgrade` (or dist-upgrade); an interrupted dpkg finished first.
+    Held packages stay as they are: apt-get never upgrades a package on hold unless told to."""
+    if mode not in UPGRADE_VERBS:
+        raise ValueError(f"upgrade mode {mode!r}")
+    env = tuple(sorted(ENV.items()))
+    options = _options(lock_timeout, sources)
+    steps = []
+    if repair:
+        steps.append(Step(("dpkg", "--force-confdef", "--force-confold", "--configure", "-a"), env, total_timeout))
+    steps.append(Step(("apt-get", "-q", *options, "update"), env, total_timeout))
+    verb = UPGRADE_VERBS[mode]
+    steps.append(Step(("apt-get", "-q", "-y", *options, verb), env, total_timeout))
+    return tuple(outside_sandbox(step) for step in steps) if via_systemd else tuple(steps)
+
+
+_ONE_LINE = re.compile(r"^\s*(deb|deb-src)\s+(\[[^\]]*\]\s+)?(\S+)\s+(\S+)(.*)$")
+
+
+def is_security_suite(suite: str) -> bool:
+    """Debian's bookworm-security (and the older buster/updates), Ubuntu's jammy-security."""
+    return suite.endswith("-security") or suite.endswith("/updates")
+
+
+def security_lines(files: Sequence[tuple[str, str]]) -> list[str]:
+    """The one-line entries of the security suites in (name, text) source files, one-line (.list) and
+    deb822 (.sources) alike; deb822 stanzas become one-line entries with their options kept."""
+    lines: list[str] = []
+    for name, text in files:
+        if name.endswith(".sources"):
+            lines += _deb822_security(text)
+            continue
+        for line in text.splitlines():
+            match = _ONE_LINE.match(line.split("#", 1)[0])
+            if match and is_security_suite(match.group(4)):
+                lines.append(line.split("#", 1)[0].strip())
+    return lines
+
+
+_DEB822_OPTIONS = {"signed-by": "signed-by", "trusted": "trusted", "architectures": "arch"}
+
+
+def _deb822_security(text: str) -> list[str]:
+    lines: list[str] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = ""
+        for raw in stanza.splitlines():
+            if raw.startswith("#"):
+                continue
+            if raw[:1].isspace() and key:
+                fields[key] += " " + raw.strip()
+                continue
+            key, _, value = raw.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        options = " ".join(
+            f"{word}={fields[field].replace(' ', ',')}"
+            for field, word in _DEB822_OPTIONS.items()
+            if field in fields and not fields[field].startswith("-----BEGIN")
+        )
+        prefix = f"[{options}] " if options else ""
+        for kind in fields.get("types", "").split():
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    if is_security_suite(suite):
+                        lines.append(f"{kind} {prefix}{uri} {suite} {fields.get('components', '')}".strip())
+    return lines
+
+
 def via_systemd(root: SystemRoot) -> bool:
     """Whether systemd runs this host (then apt runs as a transient service of its own)."""
     return root.is_host and root.systemd_run_dir.is_dir()

@@ -378,7 +378,10 @@ def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbo
     actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
     assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
     reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
-    assert any("not installed" in json.dumps(e) for e in reverted), json.dumps(seen, indent=1)
+    assert any("install fail2ban" in str(e["message"]) for e in reverted), json.dumps(seen, indent=1)
+    # it waited for the purge's dpkg instead of fighting it
+    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]  # type: ignore[index]
+    assert waits[:2] == ["unknown", "success"], json.dumps(seen, indent=1)
     vps.exec(["test", "-s", F2B_JAIL_FILE])
     # the guide's backup of jail.conf is still the very first one
     vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])

@@ -27,8 +27,14 @@ from agent.config import (
     parse_config,
     parse_duration,
 )
+from tests.unit.conftest import DeclaredCommands
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _systemd_judges_calendar_expressions(commands: DeclaredCommands) -> None:
+    commands.real(["systemd-analyze", "calendar"])
 
 
 def error_for(text: str) -> ConfigError:
@@ -220,6 +226,28 @@ def test_password_authentication_accepts_yaml_bools_and_yes_no_strings(text: str
 def test_schedule_in_oncalendar_syntax_is_kept_as_written() -> None:
     assert parse_config('updates:\n  schedule: "Sat *-*-* 04:00"\n').updates.schedule == "Sat *-*-* 04:00"
     assert parse_config("updates:\n  schedule: daily\n").updates.schedule == "daily"
+
+
+def test_a_schedule_systemd_cannot_parse_is_refused_with_its_reason() -> None:
+    error = str(error_for('updates:\n  schedule: "Sat *-*-* 25:00"\n'))
+    assert error.startswith("c.yaml:2: updates.schedule: expected ")
+    assert "Failed to parse calendar specification" in error
+
+
+def test_upgrade_limits_and_the_reboot_window() -> None:
+    updates = parse_config(
+        "updates:\n  lock_timeout: 2m\n  time_limit: 2h\n  reboot_window: 3:00-5:30\n  reboot_with_users: true\n"
+    ).updates
+    assert (updates.lock_timeout, updates.time_limit, updates.reboot_window, updates.reboot_with_users) == (
+        120,
+        7200,
+        "03:00-05:30",
+        True,
+    )
+    assert default_config().updates.reboot_window is None  # never reboots by itself unless asked
+    assert "c.yaml:2: updates.reboot_window: expected null" in str(error_for("updates:\n  reboot_window: 3am\n"))
+    assert "updates.reboot_window" in str(error_for("updates:\n  reboot_window: 04:00-04:00\n"))
+    assert "updates.time_limit" in str(error_for("updates:\n  time_limit: 10s\n"))
 
 
 def test_durations_accept_bare_seconds() -> None:
