@@ -60,8 +60,23 @@ class SystemRoot:
         return self.state_dir / "firewall-canonical.json"
 
     @property
+    def updates_state(self) -> Path:
+        """The upgrade scheduler's state: last run, next run, a run under way."""
+        return self.state_dir / "updates.json"
+
+    @property
     def run_dir(self) -> Path:
         return self.path("/run/vps-agent")
+
+    # apt and dpkg
+    @property
+    def apt_etc(self) -> Path:
+        return self.path("/etc/apt")
+
+    @property
+    def reboot_required(self) -> Path:
+        """Debian's flag that a package needs a reboot; .pkgs beside it names the packages."""
+        return self.path("/run/reboot-required")
 
     @property
     def socket(self) -> Path:

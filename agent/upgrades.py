@@ -37,7 +37,7 @@ from agent.schedule import Schedule, ScheduleError, Window
 from agent.system import apt, dpkg, fs
 from agent.system.run import Completed, run
 
-STATE_FILE = "updates.json"
+STATE_FILE = "updates.json"  # in the state directory (SystemRoot.updates_state)
 CATCH_UP_MAX_DELAY = 300.0  # a missed run starts within this (and within randomized_delay) after start-up
 REBOOT_RETRY = 300.0  # while users are logged in, look again this often inside the window
 SUCCESS, FAILURE, TIMEOUT, INTERRUPTED, SKIPPED = "success", "failure", "timeout", "interrupted", "skipped"
@@ -62,7 +62,7 @@ class UpgradeState:
     @classmethod
     def load(cls, root: SystemRoot) -> tuple[UpgradeState, str | None]:
         """The saved state, or a fresh one and why the saved one could not be used."""
-        path = root.state_dir / STATE_FILE
+        path = root.updates_state
         try:
             raw = fs.read_regular(path)
         except (fs.UnsafeFile, OSError) as exc:
@@ -81,7 +81,7 @@ class UpgradeState:
     def save(self, root: SystemRoot) -> None:
         fs.ensure_dir(root.state_dir, 0o755)
         text = json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-        fs.atomic_write(root.state_dir / STATE_FILE, text.encode(), mode=0o644)
+        fs.atomic_write(root.updates_state, text.encode(), mode=0o644)
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,10 @@ def held_packages() -> list[str]:
 
 def reboot_required(root: SystemRoot) -> tuple[bool, list[str]]:
     """Debian's flag (/run/reboot-required) and the packages that set it (.pkgs)."""
-    flag = root.path("/run/reboot-required")
+    flag = root.reboot_required
     if not flag.exists():
         return False, []
-    text = fs.read_text(root.path("/run/reboot-required.pkgs")) or ""
+    text = fs.read_text(flag.with_name(flag.name + ".pkgs")) or ""
     return True, sorted(set(text.split()))
 
 
@@ -150,7 +150,7 @@ def services_needing_restart(root: SystemRoot) -> list[str] | None:
 def security_sources(root: SystemRoot) -> apt.SecuritySources:
     """Write the security-only sources list (from /etc/apt's own) into the state directory."""
     files = []
-    etc = root.path("/etc/apt")
+    etc = root.apt_etc
     candidates = [etc / "sources.list"] + sorted((etc / "sources.list.d").glob("*"))
     for path in candidates:
         if path.name.endswith((".list", ".sources")):
@@ -523,7 +523,7 @@ class UpgradeScheduler:
         try:
             self.state.save(self.root)
         except OSError as exc:
-            self.state_problem = f"cannot save {self.root.system_name(self.root.state_dir / STATE_FILE)}: {exc}"
+            self.state_problem = f"cannot save {self.root.system_name(self.root.updates_state)}: {exc}"
 
 
 def _name(argv: tuple[str, ...]) -> str:
