@@ -372,6 +372,12 @@ def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbo
     # (offline: the .deb is in the VPS's apt cache, as on any Debian that installed it)
     vps.exec(["apt-get", "purge", "-y", "-q", "fail2ban"], timeout=300)
     wait_for("fail2ban installed again, guarding 2222", lambda: fail2ban_guarding_2222(vps), 180)
+    # the package's postinst starts fail2ban before the agent's transaction has verified and reported
+    wait_for(
+        "the heal to be reported",
+        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),  # type: ignore[index]
+        60,
+    )
     installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
     assert installed.strip() == "ii"
     seen = events_since(vps, mark, "fail2ban")

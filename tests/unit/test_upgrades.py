@@ -339,3 +339,15 @@ def test_modes_map_to_apt_verbs() -> None:
     for mode, verb in (("upgrade", "upgrade"), ("dist-upgrade", "dist-upgrade"), ("security-only", "upgrade")):
         steps = apt.upgrade_steps(mode, repair=False, lock_timeout=60, total_timeout=600)
         assert steps[-1].argv[-1] == verb and steps[0].argv[-1] == "update"
+
+
+def test_a_run_past_its_time_limit_is_a_timeout(tmp_path: Path, commands: DeclaredCommands) -> None:
+    events = host_run(tmp_path, commands)
+    commands.expect_with(
+        ["apt-get"], lambda argv: (124, "", "apt-get: timed out") if argv[-1] == "upgrade" else (0, "", "")
+    )
+    sched = scheduler(HostRoot(tmp_path), "updates: {randomized_delay: 0, time_limit: 5m}", 5000.0, events)
+    result = sched.run("schedule")
+    assert result is not None and result.outcome == "timeout"
+    assert result.detail == "apt-get upgrade ran out of the time limit (5m)"
+    assert sched.status()["last_outcome"] == "timeout"
