@@ -629,7 +629,10 @@ def _schedule(at: _At, node: Node) -> str:
         return f"daily {clock}" if match[1] else f"weekly {match[2].lower()} {clock}"
     problem = check_calendar(value)  # systemd's own parser judges OnCalendar syntax
     if problem is not None:
-        at.fail(node, _SCHEDULE_HELP, Described(f"{value!r} ({problem})"))
+        # systemd says "Failed to parse calendar specification '<value>': <reason>": the reason is what
+        # the admin needs, and must survive the shortening of long values in the message
+        reason = problem.rpartition(": ")[2] or problem
+        at.fail(node, _SCHEDULE_HELP, Described(f"{value!r}, which systemd-analyze rejects: {reason}"))
     return value
 
 

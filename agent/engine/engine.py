@@ -44,14 +44,17 @@ class Engine:
         for runner in self.runners.values():
             runner.start()
 
-    def reconcile_all(self, reason: str, timeout: float = 120.0) -> dict[str, tx.Outcome | None]:
-        """Converge every control now and wait (the start-up reconcile, `vps-agentctl converge`)."""
+    def reconcile_all(
+        self, reason: str, timeout: float = 120.0, *, admin: bool = False
+    ) -> dict[str, tx.Outcome | None]:
+        """Converge every control now and wait (the start-up reconcile: drift that built up while the
+        agent was down counts toward flap damping like any other; admin=True for the admin's asks)."""
         results: dict[str, tx.Outcome | None] = {}
         threads = []
         for name, runner in self.runners.items():
 
             def work(n: str = name, r: ControlRunner = runner) -> None:
-                results[n] = r.converge_and_wait(reason, timeout)
+                results[n] = r.converge_and_wait(reason, timeout, admin=admin)
 
             thread = threading.Thread(target=work, daemon=True)
             thread.start()

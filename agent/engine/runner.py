@@ -119,12 +119,12 @@ class ControlRunner:
                 self.state.backoff_until = None  # an admin's explicit converge overrides flap damping
             self._cond.notify_all()
 
-    def converge_and_wait(self, reason: str, timeout: float = 120.0) -> tx.Outcome | None:
+    def converge_and_wait(self, reason: str, timeout: float = 120.0, *, admin: bool = True) -> tx.Outcome | None:
         done = threading.Event()
         box: list[tx.Outcome] = []
         with self._cond:
             self._waiters.append((done, box))
-        self.trigger(reason, immediate=True, admin=True)
+        self.trigger(reason, immediate=True, admin=admin)
         done.wait(timeout)
         return box[0] if box else None
 

@@ -101,6 +101,8 @@ def _options(lock_timeout: float, sources: SecuritySources | None) -> tuple[str,
     ]
     if sources is not None:
         options += ["-o", f"Dir::Etc::SourceList={sources.list}", "-o", f"Dir::Etc::SourceParts={sources.parts}"]
+        # without this, an update that sees only the security suites deletes every other suite's lists
+        options += ["-o", "APT::Get::List-Cleanup=false"]
     return tuple(options)
 
 

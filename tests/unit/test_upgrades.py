@@ -331,6 +331,8 @@ def test_security_only_points_apt_at_the_filtered_list(tmp_path: Path, commands:
     sched.run("schedule")
     upgrade = [c for c in commands.calls if c[0] == "apt-get"][-1]
     assert "Dir::Etc::SourceList=/var/lib/vps-agent/apt-security/sources.list" in upgrade
+    update = [c for c in commands.calls if c[0] == "apt-get"][0]
+    assert update[-1] == "update" and "APT::Get::List-Cleanup=false" in update  # other suites' lists stay
     written = (tmp_path / "var/lib/vps-agent/apt-security/sources.list").read_text()
     assert "bookworm-security" in written and "bookworm main" not in written
 
@@ -351,3 +353,16 @@ def test_a_run_past_its_time_limit_is_a_timeout(tmp_path: Path, commands: Declar
     assert result is not None and result.outcome == "timeout"
     assert result.detail == "apt-get upgrade ran out of the time limit (5m)"
     assert sched.status()["last_outcome"] == "timeout"
+
+
+def test_services_still_running_old_code_are_named_by_needrestart(tmp_path: Path, commands: DeclaredCommands) -> None:
+    events = host_run(tmp_path, commands)
+    commands.expect(["apt-get"])
+    commands.expect(
+        ["needrestart", "-b"],
+        stdout="NEEDRESTART-VER: 3.6\nNEEDRESTART-KCUR: 6.1.0-30-amd64\nNEEDRESTART-SVC: ssh.service\n"
+        "NEEDRESTART-SVC: cron.service\n",
+    )
+    sched = scheduler(HostRoot(tmp_path), "updates: {randomized_delay: 0}", 5000.0, events)
+    sched.run("schedule")
+    assert events.sinks.recent(1)[0]["services_need_restart"] == ["cron.service", "ssh.service"]
