@@ -270,6 +270,38 @@ def test_fail2ban_runs_the_sshd_jail_on_the_ssh_port_and_is_kept_running(vps: Sa
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 
+# Before the ban test: a reinstalled fail2ban starts with an empty database and reads the journal back
+# over findtime, so the failed logins of the ban test would be found again and the client banned anew.
+def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    mark = len(events(vps))
+    # the agent sees fail2ban stop while dpkg still runs: it waits for dpkg, then installs it again
+    # (offline: the .deb is in the VPS's apt cache, as on any Debian that installed it)
+    vps.exec(["apt-get", "purge", "-y", "-q", "fail2ban"], timeout=300)
+    wait_for("fail2ban installed again, guarding 2222", lambda: fail2ban_guarding_2222(vps), 180)
+    # the package's postinst starts fail2ban before the agent's transaction has verified and reported
+    wait_for(
+        "the heal to be reported",
+        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),  # type: ignore[index]
+        60,
+    )
+    installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
+    assert installed.strip() == "ii"
+    seen = events_since(vps, mark, "fail2ban")
+    actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
+    assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
+    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
+    assert any("install fail2ban" in str(e["message"]) for e in reverted), json.dumps(seen, indent=1)
+    # it waited for the purge's dpkg instead of fighting it
+    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]  # type: ignore[index]
+    assert waits[:2] == ["unknown", "success"], json.dumps(seen, indent=1)
+    vps.exec(["test", "-s", F2B_JAIL_FILE])
+    # the guide's backup of jail.conf is still the very first one
+    vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])
+    status = vps.exec(["vps-agentctl", "status"], check=False)
+    assert status.returncode == 0, status.stdout
+
+
 MAXRETRY = 5  # fail2ban.maxretry's default; the module's config keeps it
 # PasswordAuthentication is off: sshd still logs "Invalid user nosuchuser from 10.213.0.2" before any
 # method is tried, and the sshd filter counts that line
@@ -365,35 +397,6 @@ def test_neither_jail_local_nor_a_later_local_turns_the_sshd_jail_off(vps: Sandb
         vps.exec(["rm", "-f", "/etc/fail2ban/jail.local", "/etc/fail2ban/jail.d/zzz-late.local"])
 
 
-def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbox) -> None:
-    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
-    mark = len(events(vps))
-    # the agent sees fail2ban stop while dpkg still runs: it waits for dpkg, then installs it again
-    # (offline: the .deb is in the VPS's apt cache, as on any Debian that installed it)
-    vps.exec(["apt-get", "purge", "-y", "-q", "fail2ban"], timeout=300)
-    wait_for("fail2ban installed again, guarding 2222", lambda: fail2ban_guarding_2222(vps), 180)
-    # the package's postinst starts fail2ban before the agent's transaction has verified and reported
-    wait_for(
-        "the heal to be reported",
-        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),  # type: ignore[index]
-        60,
-    )
-    installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
-    assert installed.strip() == "ii"
-    seen = events_since(vps, mark, "fail2ban")
-    actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
-    assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
-    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
-    assert any("install fail2ban" in str(e["message"]) for e in reverted), json.dumps(seen, indent=1)
-    # it waited for the purge's dpkg instead of fighting it
-    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]  # type: ignore[index]
-    assert waits[:2] == ["unknown", "success"], json.dumps(seen, indent=1)
-    vps.exec(["test", "-s", F2B_JAIL_FILE])
-    # the guide's backup of jail.conf is still the very first one
-    vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])
-    assert vps.exec(["vps-agentctl", "status"], check=False).returncode == 0
-
-
 def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
     # the shipped WatchdogSec is 30 s; a drop-in shortens it so the test does not wait that long
     vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])
@@ -414,7 +417,25 @@ def test_power_cycle_comes_back_compliant(vps: Sandbox) -> None:
     wait_for("vps-agent.service after boot", lambda: agent_active(vps), 60)
     wait_for("compliance after boot", lambda: status_code(vps) == 0 and hardened(vps), 60)
     # compliant config first; sshd itself may still be starting (slower on a loaded machine)
-    wait_for("the admin's ssh login on 2222 after boot", lambda: admin_gets_in(vps), 30)
+    try:
+        wait_for("the admin's ssh login on 2222 after boot", lambda: admin_gets_in(vps), 30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(vps)}") from None
+
+
+def diagnose(vps: Sandbox) -> str:
+    """What an admin would look at when ssh fails: listeners, sshd's unit and log, the firewall, bans."""
+    parts = []
+    for cmd in (
+        ["ss", "-ltnp"],
+        ["systemctl", "status", "--no-pager", "ssh"],
+        ["journalctl", "-b", "--no-pager", "-n", "40", "-u", "ssh", "-u", "vps-agent"],
+        ["iptables", "-S"],
+        ["fail2ban-client", "status", "sshd"],
+    ):
+        done = vps.exec(cmd, check=False)
+        parts.append(f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    return "\n".join(parts)
 
 
 def test_upgrade_from_the_previous_version_then_purge(tmp_path_factory: pytest.TempPathFactory) -> None:
