@@ -79,9 +79,13 @@ def _print_json(value: Any) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = _client(args).call("status")
+    # a port move in flight (or rolled back) is not yet the configured baseline: 1, like drift
+    code = exit_code_for(status["controls"])
+    if status.get("port_move") and code == EXIT_OK:
+        code = EXIT_DRIFT
     if args.json:
         _print_json(status)
-        return exit_code_for(status["controls"])
+        return code
     print(
         f"vps-agent {status['version']} on {status['host']} (pid {status['pid']}), "
         f"up since {_ago(status['started_at'])}"
@@ -91,9 +95,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("events_file_error"):
         print(f"events file not written: {status['events_file_error']}")
     print(render_table(status["controls"]))
+    if status.get("port_move"):
+        print(render_port_move(status["port_move"]))
     if status.get("updates"):
         print(render_updates(status["updates"]))
-    return exit_code_for(status["controls"])
+    return code
 
 
 def _when(stamp: float | None) -> str:
@@ -137,6 +143,32 @@ def render_updates(updates: dict[str, Any]) -> str:
         plan = f"reboots inside {window}" if window else "reboot by hand (updates.reboot_window is null)"
         lines.append(f"  REBOOT REQUIRED by {by}: {plan}")
     return "\n".join(lines)
+
+
+def render_port_move(move: dict[str, Any]) -> str:
+    """The SSH port move's line of `status`."""
+    olds = ", ".join(str(p) for p in move["old"])
+    if move["phase"] == "open":
+        left = int(move.get("seconds_left") or 0)
+        return (
+            f"ssh port move {olds} -> {move['new']}: BOTH OPEN; log in on {move['new']} (or run "
+            f"`vps-agentctl confirm`) within {left // 60}m{left % 60:02d}s, or it rolls back to {olds}"
+        )
+    return (
+        f"ssh port move to {move['new']} ROLLED BACK: sshd stays on {olds} (not confirmed in time); "
+        "change the config and reload to try again"
+    )
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """The new SSH port works: close the old one now."""
+    result = _client(args, timeout=300.0).call("confirm")
+    if not result["confirmed"]:
+        print(f"vps-agentctl: {result['why']}", file=sys.stderr)
+        return EXIT_DRIFT
+    print("port move confirmed: the old port closes")
+    print(render_table(result["status"]["controls"]))
+    return exit_code_for(result["status"]["controls"])
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
@@ -410,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="re-read the config file (an invalid one is rejected, the old stays)")
     reload.set_defaults(func=cmd_reload)
+
+    confirm = sub.add_parser("confirm", help="the new SSH port works: close the old one (ends a port move)")
+    confirm.set_defaults(func=cmd_confirm)
 
     upgrade = sub.add_parser("upgrade", help="show the upgrade schedule; with --now, run apt update + upgrade now")
     upgrade.add_argument("--now", action="store_true", help="run an upgrade now and wait for its outcome")

@@ -161,6 +161,9 @@ def format_duration(seconds: float) -> str:
 class SshConfig:
     enabled: bool = True
     port: int = 22
+    # a port change is two-phase: both ports open until a login on the new one (or `vps-agentctl
+    # confirm`) proves it; without that proof in this long, everything returns to the old port
+    confirm_timeout: float = 600.0
     permit_root_login: str = "no"
     password_authentication: bool = False
     # further sshd keywords in the user's order, values rendered as sshd expects them
@@ -676,6 +679,7 @@ _SECTIONS: dict[str, _Parse] = {
         {
             "enabled": _boolean,
             "port": _integer(1, 65535),
+            "confirm_timeout": _duration(10.0, maximum=86400.0),
             "permit_root_login": _permit_root_login,
             "password_authentication": _password_authentication,
             "options": _sshd_options,

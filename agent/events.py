@@ -38,6 +38,10 @@ UPGRADE_STATE_RESET = "upgrade-state-reset"
 REBOOT_REQUIRED = "reboot-required"
 REBOOT_DEFERRED = "reboot-deferred"
 REBOOTING = "rebooting"
+PORT_MOVE_STARTED = "port-move-started"
+PORT_MOVE_CONFIRMED = "port-move-confirmed"
+PORT_MOVE_ROLLED_BACK = "port-move-rolled-back"
+PORT_MOVE_CANCELLED = "port-move-cancelled"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 

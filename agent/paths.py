@@ -65,6 +65,11 @@ class SystemRoot:
         return self.state_dir / "updates.json"
 
     @property
+    def port_move_state(self) -> Path:
+        """A two-phase SSH port move in flight (or rolled back)."""
+        return self.state_dir / "port-move.json"
+
+    @property
     def run_dir(self) -> Path:
         return self.path("/run/vps-agent")
 
@@ -102,6 +107,15 @@ class SystemRoot:
     @property
     def sshd_dropin(self) -> Path:
         return self.sshd_config_d / AGENT_DROPIN_NAME
+
+    @property
+    def ssh_socket_enabled_link(self) -> Path:
+        """Present when ssh.socket (Ubuntu 22.10+'s socket-activated sshd) is enabled."""
+        return self.path("/etc/systemd/system/sockets.target.wants/ssh.socket")
+
+    @property
+    def ssh_socket_dropin(self) -> Path:
+        return self.path("/etc/systemd/system/ssh.socket.d") / AGENT_DROPIN_NAME
 
     @property
     def sshd_privsep_dir(self) -> Path:

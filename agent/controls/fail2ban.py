@@ -33,6 +33,7 @@ from agent.controls.base import (
 )
 from agent.controls.firewall import ssh_ports
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
+from agent.portmove import PortMoves
 from agent.system import apt, dpkg, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run
@@ -161,8 +162,10 @@ class Fail2banControl(Control):
         services: ServiceManager | None = None,
         listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
+        moves: PortMoves | None = None,
     ) -> None:
         super().__init__(root)
+        self.moves = moves or PortMoves(root)
         self.services = services or ServiceManager(root)
         self._listening_ports = listening_ports
         self._detect_backend = detect_backend
@@ -254,7 +257,7 @@ class Fail2banControl(Control):
         self._install = f2b.install and self.root.is_host
         values = {
             "enabled": "true",
-            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports())),
+            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports(), self.moves)),
             "maxretry": str(f2b.maxretry),
             "findtime": _seconds(f2b.findtime),
             "bantime": _seconds(f2b.bantime),

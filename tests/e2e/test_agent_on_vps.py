@@ -97,8 +97,13 @@ def firewall_heals(vps: Sandbox) -> int:
 
 
 def configure(vps: Sandbox) -> None:
+    """The admin's config (SSH on 2222), applied the way an admin meets it: the agent opens 2222 beside
+    22, the admin's first login on 2222 proves it, then 22 closes."""
     vps.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=USER_CONFIG)
     vps.exec(["systemctl", "reload", "vps-agent"])
+    if not hardened(vps):
+        wait_for("sshd on 2222 beside 22", lambda: "2222" in sshd_effective(vps)["port"])
+        wait_for("the admin's login on 2222", lambda: admin_gets_in(vps), 30)
     wait_for("the agent to apply the admin's config", lambda: hardened(vps) and status_code(vps) == 0)
 
 

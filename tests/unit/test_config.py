@@ -262,7 +262,7 @@ def test_durations_accept_bare_seconds() -> None:
     [
         (
             "ssh:\n  port: 22\n  colour: red\n",
-            "c.yaml:3: ssh.colour: expected one of: enabled, port, permit_root_login, "
+            "c.yaml:3: ssh.colour: expected one of: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 'colour'",
         ),
         ("ssh:\n  port: 0\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got 0"),
@@ -282,7 +282,7 @@ def test_durations_accept_bare_seconds() -> None:
         ("ssh:\n  enabled: 1\n", "c.yaml:2: ssh.enabled: expected true or false, got 1"),
         (
             "ssh: 22\n",
-            "c.yaml:1: ssh: expected a mapping with keys: enabled, port, permit_root_login, "
+            "c.yaml:1: ssh: expected a mapping with keys: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 22",
         ),
         (
