@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -107,19 +108,27 @@ def configure(vps: Sandbox) -> None:
     wait_for("the agent to apply the admin's config", lambda: hardened(vps) and status_code(vps) == 0)
 
 
-@pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """One VPS for the module: fresh Debian 12, the .deb installed before first boot, then booted."""
+@contextmanager
+def agent_vps(factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+    """A fresh Debian 12 VPS, the .deb installed before first boot, booted, the agent active;
+    destroyed when the block ends."""
     require_root_and_tools(*TOOLS)
-    sandbox = Sandbox(tmp_path_factory.mktemp("vps") / "root")
+    sandbox = Sandbox(factory.mktemp(name) / "root")
     sandbox.create(debs=[built_deb()])
     try:
         sandbox.boot()
         wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)
-        configure(sandbox)
         yield sandbox
     finally:
         sandbox.destroy()
+
+
+@pytest.fixture(scope="module")
+def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """One VPS for the module, with the admin's config applied."""
+    with agent_vps(tmp_path_factory, "vps") as sandbox:
+        configure(sandbox)
+        yield sandbox
 
 
 def test_installed_agent_is_active_compliant_and_the_admin_still_gets_in(vps: Sandbox) -> None:

@@ -9,12 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import require_root_and_tools
-from tests.debs import BUILD_TOOLS, built_deb
 from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_active, client_connects, events, sshd_effective, wait_for
-
-TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", *BUILD_TOOLS)
+from tests.e2e.test_agent_on_vps import agent_vps, client_connects, events, sshd_effective, wait_for
 
 
 def config(port: int, *, confirm: str = "10m", firewall: str = "enforce") -> str:
@@ -58,16 +54,9 @@ def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, object]]:
 @pytest.fixture
 def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """A fresh VPS per test: each starts from sshd on 22."""
-    require_root_and_tools(*TOOLS)
-    sandbox = Sandbox(tmp_path_factory.mktemp("vps-port-move") / "root")
-    sandbox.create(debs=[built_deb()])
-    try:
-        sandbox.boot()
-        wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)
+    with agent_vps(tmp_path_factory, "vps-port-move") as sandbox:
         wait_for("the admin on 22", lambda: logs_in(sandbox, 22), 30)
         yield sandbox
-    finally:
-        sandbox.destroy()
 
 
 def test_a_move_confirmed_by_a_real_login_closes_the_old_port(vps: Sandbox) -> None:

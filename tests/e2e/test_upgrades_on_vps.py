@@ -14,9 +14,9 @@ import pytest
 from tests import aptrepo
 from tests.aptrepo import Dummy
 from tests.conftest import require_root_and_tools
-from tests.debs import BUILD_TOOLS, built_deb
+from tests.debs import BUILD_TOOLS
 from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_active, events, wait_for
+from tests.e2e.test_agent_on_vps import agent_vps, events, wait_for
 
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", "dpkg-deb", "dpkg-scanpackages", *BUILD_TOOLS)
 REPO = "/srv/vps-agent-test-repo"
@@ -84,11 +84,7 @@ LOCK_TAKEN = (
 @pytest.fixture(scope="module")
 def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     require_root_and_tools(*TOOLS)
-    sandbox = Sandbox(tmp_path_factory.mktemp("vps-upgrades") / "root")
-    sandbox.create(debs=[built_deb()])
-    try:
-        sandbox.boot()
-        wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)
+    with agent_vps(tmp_path_factory, "vps-upgrades") as sandbox:
         configure(sandbox, CONFIG)
         # only the local repository: the VPS has no route to a mirror
         shutil.move(sandbox.root / "etc/apt/sources.list", sandbox.root / "etc/apt/sources.list.orig")
@@ -99,8 +95,6 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         sandbox.exec(["apt-mark", "hold", "vps-held"])
         sandbox.exec(["sh", "-c", "cat > /etc/vps-conf.conf"], input=ADMIN_CONF)
         yield sandbox
-    finally:
-        sandbox.destroy()
 
 
 def test_upgrade_now_upgrades_keeps_holds_and_the_admins_conffile_and_reports(vps: Sandbox) -> None:
