@@ -25,6 +25,7 @@ from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
+from agent.sinks.outputs import Outputs
 from agent.system import fs, namespace
 from agent.system.sdnotify import Notifier
 
@@ -59,6 +60,10 @@ class Daemon:
             )
         )
         self.engine = Engine(build_controls(root), config, transaction_context(root, config, self.events))
+        # events: the journal, remote syslog and the metrics textfile (agent/sinks)
+        self.outputs = Outputs(root, self.events, self.status)
+        self.outputs.apply(config)
+        self.engine.converge_listeners.append(self.outputs.changed)
         self.ipc = IpcServer(root.socket, self.handle)
 
     def _initial_config(self) -> Config:
@@ -131,6 +136,7 @@ class Daemon:
             self.events.emit(ev.AGENT_STOPPING, outcome="success", message="vps-agent stopping")
             self.ipc.stop()
             self.engine.stop()
+            self.outputs.close()
             self.events.sinks.close()
         return 0
 
@@ -179,6 +185,7 @@ class Daemon:
         self._remember_good_config()
         self.engine.ctx.backups.keep = config.backups.keep
         self.engine.replace_config(config)
+        self.outputs.apply(config)
         self.events.emit(
             ev.CONFIG_RELOADED, outcome="success", file_path=str(self.config_path), message="config reloaded"
         )
@@ -230,6 +237,8 @@ class Daemon:
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
+            "outputs": self.outputs.status(),
+            "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),
         }
 
@@ -271,8 +280,7 @@ class Daemon:
         return self.events.sinks.recent(count, control)
 
     def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
-        yield from self.events.sinks.recent(count, control)
-        yield from self.events.sinks.follow(control, self.stopping)
+        yield from self.events.sinks.follow(control, self.stopping, backlog=count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,16 @@ class SystemRoot:
         return self.state_dir / "firewall-canonical.json"
 
     @property
+    def updates_state(self) -> Path:
+        """The upgrade scheduler's last/next run (JSON); the metrics read it."""
+        return self.state_dir / "updates.json"
+
+    @property
+    def reboot_required_flag(self) -> Path:
+        """Created by packages (update-notifier-common, unattended-upgrades) that need a reboot."""
+        return self.path("/run/reboot-required")
+
+    @property
     def run_dir(self) -> Path:
         return self.path("/run/vps-agent")
 
