@@ -148,7 +148,8 @@ class Outputs:
             TEXTFILE_KEY,
             "a file in a directory the agent can write (node_exporter's --collector.textfile.directory; "
             "under systemd also a ReadWritePaths= for it)",
-            Described(error),
+            # the reason first: a long path must not push it past what the message shows
+            Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
         )
         self.events.emit(
             ev.OUTPUT_FAILED,
