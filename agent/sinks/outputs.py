@@ -146,8 +146,8 @@ class Outputs:
             source,
             locate_key(source, TEXTFILE_KEY),
             TEXTFILE_KEY,
-            "a file in a directory the agent can write (node_exporter's --collector.textfile.directory; "
-            "under systemd also a ReadWritePaths= for it)",
+            "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
+            "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)",
             # the reason first: a long path must not push it past what the message shows
             Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
         )
