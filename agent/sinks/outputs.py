@@ -111,7 +111,8 @@ class Outputs:
     def _start_syslog(self, config: SyslogConfig | None) -> SyslogForwarder | None:
         if config is None:
             return None
-        return SyslogForwarder(config, on_outage=self._syslog_outage)
+        ca_file = str(self.root.path(config.ca_file)) if config.ca_file else None
+        return SyslogForwarder(config, on_outage=self._syslog_outage, ca_file=ca_file)
 
     def _syslog_outage(self, error: str) -> None:
         buffer = self._config.events.syslog.buffer if self._config.events.syslog else 0

@@ -86,8 +86,11 @@ def format_rfc5424(event: dict[str, Any], facility: str = "daemon", pid: int | N
 class SyslogForwarder:
     """deliver() never blocks; a thread of its own connects, sends, reconnects with back-off."""
 
-    def __init__(self, config: SyslogConfig, on_outage: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: SyslogConfig, on_outage: Callable[[str], None] | None = None, ca_file: str | None = None
+    ) -> None:
         self.config = config
+        self._ca_file = ca_file if ca_file is not None else config.ca_file  # as seen from the agent (--root)
         self._on_outage = on_outage  # called once when an outage begins, from the forwarder's thread
         self._buffer: collections.deque[bytes] = collections.deque()
         self._cond = threading.Condition()
@@ -180,7 +183,7 @@ class SyslogForwarder:
             try:
                 sock.connect(address)
                 if config.tls:
-                    context = ssl.create_default_context(cafile=config.ca_file)
+                    context = ssl.create_default_context(cafile=self._ca_file)
                     sock = context.wrap_socket(sock, server_hostname=config.host)
             except OSError as exc:
                 sock.close()
