@@ -66,6 +66,37 @@ def render_table(controls: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_outputs(outputs: dict[str, Any]) -> list[str]:
+    """Where events and metrics go, and what is failing or being dropped on the way."""
+    journal = {"native": "the journal (native fields)", "stdout": "stdout (JSON lines)", "off": "not to stdout"}
+    lines = [f"events: {journal.get(outputs.get('journald', ''), '?')}, {outputs.get('events_file') or 'no file'}"]
+    if outputs.get("journald_note"):
+        lines.append(f"  journal: {outputs['journald_note']}")
+    syslog = outputs.get("syslog")
+    if syslog:
+        if syslog["connected"]:
+            state = "connected"
+        elif syslog["error_since"]:
+            state = f"unreachable since {_ago(syslog['error_since'])}"
+        else:
+            state = "connecting"
+        lines.append(
+            f"syslog {syslog['target']}: {state}, {syslog['sent']} sent, {syslog['dropped']} dropped, "
+            f"{syslog['buffered']}/{syslog['buffer']} buffered" + (f" ({syslog['error']})" if syslog["error"] else "")
+        )
+    metrics = outputs.get("prometheus_textfile")
+    if metrics:
+        if metrics.get("error"):
+            lines.append(f"metrics NOT written: {metrics['error']}")
+        elif metrics.get("note"):
+            lines.append(f"metrics {metrics['note']}")
+        else:
+            lines.append(f"metrics: {metrics['path']}, written {_ago(metrics['written_at'])}")
+    if outputs.get("output_error"):
+        lines.append(f"an output failed: {outputs['output_error']}")
+    return lines
+
+
 def _client(args: argparse.Namespace, timeout: float = 10.0) -> IpcClient:
     return IpcClient(Path(args.socket) if args.socket else SystemRoot.at(args.root).socket, timeout)
 
@@ -94,6 +125,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"config REJECTED, running on the previous one: {status['config']['error']}")
     if status.get("events_file_error"):
         print(f"events file not written: {status['events_file_error']}")
+    for line in render_outputs(status.get("outputs") or {}):
+        print(line)
     print(render_table(status["controls"]))
     if status.get("port_move"):
         print(render_port_move(status["port_move"]))
@@ -204,6 +237,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    if args.n < 0:
+        print(f"vps-agentctl: -n {args.n}: expected a number of events >= 0", file=sys.stderr)
+        return EXIT_ERROR
     request = {"n": args.n, "control": args.control}
     try:
         client = _client(args)

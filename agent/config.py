@@ -224,11 +224,37 @@ class EngineConfig:
     flap_backoff: float = 300.0
 
 
+SYSLOG_FACILITIES = {
+    **{name: code for code, name in enumerate(("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news"))},
+    **{"uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11},
+    **{f"local{n}": 16 + n for n in range(8)},
+}
+DEFAULT_PROMETHEUS_TEXTFILE = "/var/lib/prometheus/node-exporter/vps_agent.prom"
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    """Remote syslog (RFC 5424): where to, and how much to hold while the collector is unreachable."""
+
+    target: str  # as written: udp://host[:port] or tcp://host[:port]
+    protocol: str  # "udp" or "tcp"
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None  # None: the system's CAs
+    buffer: int = 1000
+    facility: str = "daemon"
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     file: str = "/var/log/vps-agent/events.jsonl"
     stdout: bool = True
     ring_size: int = 500
+    # None: native journal fields when python3-systemd is there and stdout is the journal (under systemd)
+    journald: bool | None = None
+    syslog: SyslogConfig | None = None
+    prometheus_textfile: str | None = DEFAULT_PROMETHEUS_TEXTFILE
 
 
 @dataclass(frozen=True)
@@ -673,6 +699,84 @@ def _absolute_path(at: _At, node: Node) -> str:
     return value
 
 
+def _journald(at: _At, node: Node) -> bool | None:
+    value = _value(node)
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return None
+    at.fail(node, "auto, true or false")
+
+
+_SYSLOG_TARGET = re.compile(
+    r"(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)(?::([0-9]{1,5}))?/?"
+)
+_SYSLOG_TARGET_HELP = 'a URL "udp://HOST[:PORT]" or "tcp://HOST[:PORT]" (an IPv6 address in brackets)'
+
+
+def _syslog(at: _At, node: Node) -> SyslogConfig | None:
+    if _is_null(node):
+        return None
+    entries = _mapping(at, node, ("target", "tls", "ca_file", "buffer", "facility"))
+    if "target" not in entries:
+        at.child("target").fail(node, _SYSLOG_TARGET_HELP, Described("nothing (the key is missing)"))
+    target_at, target_node = at.child("target"), entries["target"][1]
+    target = _line_text(target_at, target_node, _SYSLOG_TARGET_HELP).strip()
+    match = _SYSLOG_TARGET.fullmatch(target)
+    if not match:
+        target_at.fail(target_node, _SYSLOG_TARGET_HELP)
+    protocol, host = match[1], match[2]
+    if host.startswith("["):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            target_at.fail(target_node, _SYSLOG_TARGET_HELP)
+    tls = _boolean(at.child("tls"), entries["tls"][1]) if "tls" in entries else False
+    if tls and protocol != "tcp":
+        at.child("tls").fail(entries["tls"][1], "false with a udp:// target (TLS needs tcp://)", True)
+    port = int(match[3]) if match[3] else (6514 if tls else 514)
+    if not 1 <= port <= 65535:
+        target_at.fail(target_node, _SYSLOG_TARGET_HELP + " with a port 1..65535")
+    ca_file = None
+    if "ca_file" in entries and not _is_null(entries["ca_file"][1]):
+        ca_file = _absolute_path(at.child("ca_file"), entries["ca_file"][1])
+        if not tls:
+            at.child("ca_file").fail(entries["ca_file"][1], "null unless tls is true", ca_file)
+    buffer = _integer(10, 1_000_000)(at.child("buffer"), entries["buffer"][1]) if "buffer" in entries else 1000
+    facility = "daemon"
+    if "facility" in entries:
+        facility = _choice(tuple(SYSLOG_FACILITIES))(at.child("facility"), entries["facility"][1])
+    return SyslogConfig(target, protocol, host, port, tls, ca_file, buffer, facility)
+
+
+def _prometheus_textfile(at: _At, node: Node) -> str | None:
+    if _is_null(node):
+        return None
+    expected = "null, or an absolute path of a file ending in .prom (node_exporter reads only those)"
+    path = _absolute_path(at, node)
+    if not path.endswith(".prom") or path.endswith("/.prom"):
+        at.fail(node, expected)
+    return path
+
+
+def locate_key(path: str, key: str) -> int | None:
+    """The 1-based line of a dotted key in a config file (for errors found only at run time), or None."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            node: Node | None = yaml.compose(stream.read(MAX_CONFIG_BYTES), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    line = None
+    for name in key.split("."):
+        if not isinstance(node, MappingNode):
+            return None
+        found = [(k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == name]
+        if not found:
+            return None
+        line, node = found[0][0].start_mark.line + 1, found[0][1]
+    return line
+
+
 _SECTIONS: dict[str, _Parse] = {
     "ssh": _section(
         SshConfig,
@@ -737,6 +841,9 @@ _SECTIONS: dict[str, _Parse] = {
             "stdout": _boolean,
             # the ring lives in memory; a typo of a few extra zeros should not eat the host
             "ring_size": _integer(10, 1_000_000),
+            "journald": _journald,
+            "syslog": _syslog,
+            "prometheus_textfile": _prometheus_textfile,
         },
     ),
     "backups": _section(BackupsConfig, {"keep": _integer(1)}),

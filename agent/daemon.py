@@ -26,6 +26,7 @@ from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
+from agent.sinks.outputs import Outputs
 from agent.system import dpkg, fs, namespace, netfilter
 from agent.system.run import run
 from agent.system.sdnotify import Notifier
@@ -73,6 +74,10 @@ class Daemon:
         self._move_wake = threading.Event()
         self._move_thread = threading.Thread(target=self._watch_port_move, name="port-move", daemon=True)
         self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
+        # events: the journal, remote syslog and the metrics textfile (agent/sinks)
+        self.outputs = Outputs(root, self.events, self.status)
+        self.outputs.apply(config)
+        self.engine.converge_listeners.append(self.outputs.changed)
         self.ipc = IpcServer(root.socket, self.handle)
 
     def _initial_config(self) -> Config:
@@ -150,6 +155,7 @@ class Daemon:
             self._move_wake.set()
             self.upgrades.stop()
             self.engine.stop()
+            self.outputs.close()
             self.events.sinks.close()
         return 0
 
@@ -200,6 +206,7 @@ class Daemon:
         self._port_move_for(config)
         self.engine.replace_config(config)
         self.upgrades.config_changed()
+        self.outputs.apply(config)
         self.events.emit(
             ev.CONFIG_RELOADED, outcome="success", file_path=str(self.config_path), message="config reloaded"
         )
@@ -255,6 +262,8 @@ class Daemon:
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
+            "outputs": self.outputs.status(),
+            "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),
             "updates": self.upgrades.status(),
             "port_move": self.moves.status(config),
@@ -415,8 +424,7 @@ class Daemon:
         return self.events.sinks.recent(count, control)
 
     def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
-        yield from self.events.sinks.recent(count, control)
-        yield from self.events.sinks.follow(control, self.stopping)
+        yield from self.events.sinks.follow(control, self.stopping, backlog=count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.config import Config
@@ -23,7 +23,9 @@ class Engine:
         self.ctx = ctx
         self.watcher = DirectoryWatcher(ctx.echo)
         self.netlink = NetlinkWatcher()
-        self.runners = {c.name: ControlRunner(c, self.config, ctx, self.refresh_watches) for c in controls}
+        self.runners = {c.name: ControlRunner(c, self.config, ctx, self._after_converge) for c in controls}
+        # called after every converge (the metrics textfile); each must return at once
+        self.converge_listeners: list[Callable[[], None]] = []
         self.started_at = time.time()
 
     def config(self) -> Config:
@@ -63,6 +65,11 @@ class Engine:
             thread.join(timeout)
         self.refresh_watches()
         return results
+
+    def _after_converge(self) -> None:
+        self.refresh_watches()
+        for listener in self.converge_listeners:
+            listener()
 
     def refresh_watches(self) -> None:
         """(Re)arm each control's directory watches; runs after every converge, so a directory deleted

@@ -33,7 +33,8 @@ class ControlState:
     why: str = ""
     last_transaction: str = ""
     last_heal_at: float | None = None
-    last_converge_at: float | None = None
+    last_converge_at: float | None = None  # monotonic, for scheduling
+    converged_at: float | None = None  # wall clock, for status and metrics
     heals: int = 0
     paused_until: float | None = None  # wall clock; float("inf") = until resumed
     backoff_until: float | None = None  # monotonic
@@ -52,6 +53,7 @@ class ControlState:
             "heals": self.heals,
             "last_heal_at": self.last_heal_at,
             "last_converge_at": self.last_converge_at,
+            "converged_at": self.converged_at,
             "last_transaction": self.last_transaction,
             "paused_until": paused,
             "facts": self.facts,
@@ -276,6 +278,7 @@ class ControlRunner:
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         with self._cond:
             self.state.last_converge_at = self._clock()
+            self.state.converged_at = time.time()
             self.state.last_transaction = outcome.transaction_id
             if outcome.facts:
                 self.state.facts = outcome.facts

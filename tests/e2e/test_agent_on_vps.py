@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from agent.sinks import catalog
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, built_deb
 from tests.e2e.sandbox import CLIENT_ADDR, VPS_ADDR, Sandbox
@@ -176,6 +177,37 @@ def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sand
             20,
         )
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def journal(vps: Sandbox, *matches: str) -> list[dict[str, object]]:
+    out = vps.exec(["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=vps-agent", *matches]).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_the_journal_has_the_events_as_native_fields_with_message_ids(vps: Sandbox) -> None:
+    reverted = [e for e in events(vps) if e["event"]["action"] == "drift-reverted"][-1]  # type: ignore[index]
+    transaction = reverted["transaction"]["id"]  # type: ignore[index]
+    heal_id = catalog.CATALOG["drift-reverted"].message_id
+
+    def heal_in_the_journal() -> list[dict[str, object]]:
+        return [j for j in journal(vps, f"MESSAGE_ID={heal_id}") if j.get("TRANSACTION_ID") == transaction]
+
+    wait_for("the heal in the journal", lambda: bool(heal_in_the_journal()), 20)
+    [entry] = heal_in_the_journal()
+    assert entry["MESSAGE"] == reverted["message"] and entry["PRIORITY"] == "6"
+    assert entry["EVENT_ACTION"] == "drift-reverted" and entry["EVENT_OUTCOME"] == "success"
+    assert entry["CONTROL"] == reverted["control"] and entry["FILE_PATH"] == reverted["file"]["path"]  # type: ignore[index]
+    assert entry["HOST_NAME"] == "vps" and json.loads(str(entry["EVENT_CATEGORY"])) == ["configuration"]
+    assert entry["_SYSTEMD_UNIT"] == "vps-agent.service"
+    # every event has its type's MESSAGE_ID, and no event is JSON text any more
+    entries = journal(vps)
+    described = [e for e in entries if "EVENT_ACTION" in e]
+    assert {"agent-started", "drift-detected", "drift-reverted"} <= {str(e["EVENT_ACTION"]) for e in described}
+    assert all(e["MESSAGE_ID"] == catalog.lookup(str(e["EVENT_ACTION"])).message_id for e in described)
+    assert not [e for e in entries if str(e.get("MESSAGE", "")).startswith('{"@timestamp"')]
+    started = journal(vps, f"MESSAGE_ID={catalog.CATALOG['agent-started'].message_id}")
+    assert started and all(e["EVENT_ACTION"] == "agent-started" for e in started)
+    assert "events: the journal (native fields)" in vps.exec(["vps-agentctl", "status"], check=False).stdout
 
 
 def test_kill_9_is_restarted_by_systemd(vps: Sandbox) -> None:
