@@ -17,6 +17,7 @@ from typing import Any
 from agent import __version__
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.controls.accounts import AccountsControl
 from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
@@ -33,7 +34,7 @@ LAST_GOOD_CONFIG = "config.last-good.yaml"
 
 
 def build_controls(root: SystemRoot) -> list[Control]:
-    return [SshdControl(root), FirewallControl(root), Fail2banControl(root)]
+    return [SshdControl(root), FirewallControl(root), Fail2banControl(root), AccountsControl(root)]
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
