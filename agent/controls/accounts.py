@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,11 +206,11 @@ class AccountsControl(Control):
             options = ["--create-home", "--home-dir", admin.home, "--shell", SHELL, "--groups", SUDO_GROUP]
             options += ["--comment", COMMENT, admin.name]
             commands.append(self._command(["useradd", *root_option, *options], f"create the admin {admin.name}"))
-            notes.append(f"create user {admin.name} (useradd {' '.join(options)})")
+            notes.append(f"create user {admin.name} (useradd {shlex.join(options)})")
         if fixes.join_sudo:
             options = ["--append", "--groups", SUDO_GROUP, admin.name]
             commands.append(self._command(["usermod", *root_option, *options], f"add {admin.name} to {SUDO_GROUP}"))
-            notes.append(f"add {admin.name} to group {SUDO_GROUP} (usermod {' '.join(options)})")
+            notes.append(f"add {admin.name} to group {SUDO_GROUP} (usermod {shlex.join(options)})")
         if fixes.keys:
             home = self.root.path(admin.home)
             keys_path = home / KEYS_FILE
