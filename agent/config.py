@@ -7,6 +7,8 @@ expected and what was found.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import os
@@ -212,7 +214,11 @@ class UpdatesConfig:
 
 @dataclass(frozen=True)
 class AccountsConfig:
+    enabled: bool = True
     admin_user: str | None = None
+    # create admin_user when it is missing (home, group sudo, admin_keys); never with a password
+    create_admin: bool = False
+    admin_keys: tuple[str, ...] = ()  # public key lines, "ssh-ed25519 AAAA... comment"
 
 
 @dataclass(frozen=True)
@@ -691,6 +697,84 @@ def _admin_user(at: _At, node: Node) -> str | None:
     return value
 
 
+# what OpenSSH 9 accepts in authorized_keys by default (ssh-dss is off since 7.0)
+_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+_KEY_HELP = f"a public key on one line, as in a .pub file: TYPE BASE64 [COMMENT], TYPE one of: {', '.join(_KEY_TYPES)}"
+
+
+def _public_key(at: _At, node: Node) -> str:
+    value = _value(node)
+    if isinstance(value, str) and "PRIVATE KEY" in value:
+        at.fail(node, _KEY_HELP, Described("a private key (it never belongs here: use the .pub file)"))
+    parts = _line_text(at, node, _KEY_HELP).split(None, 2)
+    if len(parts) < 2 or parts[0] not in _KEY_TYPES:
+        at.fail(node, _KEY_HELP)
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        at.fail(node, _KEY_HELP, Described(f"{parts[0]} with a key that is not base64"))
+    # the key names its own type first (an SSH string), then its numbers: a mixed-up or cut paste fails here
+    named = parts[0].encode()
+    if (
+        blob[:4] != len(named).to_bytes(4, "big")
+        or blob[4 : 4 + len(named)] != named
+        or len(blob) < 4 + len(named) + 32
+    ):
+        at.fail(node, _KEY_HELP, Described(f"{parts[0]} with a key that is truncated or of another type"))
+    return " ".join(parts)
+
+
+def _public_keys(at: _At, node: Node) -> tuple[str, ...]:
+    keys: list[str] = []
+    for index, item in enumerate(_sequence(at, node, f"a list of public keys, each {_KEY_HELP}")):
+        key = _public_key(at.item(index), item)
+        same = [n for n, k in enumerate(keys) if k.split()[1] == key.split()[1]]
+        if same:
+            at.item(index).fail(item, "each key once", Described(f"the key of item {same[0]} again"))
+        keys.append(key)
+    return tuple(keys)
+
+
+_ACCOUNTS_KEYS: dict[str, _Parse] = {
+    "enabled": _boolean,
+    "admin_user": _admin_user,
+    "create_admin": _boolean,
+    "admin_keys": _public_keys,
+}
+
+
+def _accounts(at: _At, node: Node) -> AccountsConfig:
+    if _is_null(node):
+        return AccountsConfig()
+    if isinstance(node, MappingNode):
+        for key_node, _ in node.value:
+            if isinstance(key_node, ScalarNode) and "pass" in str(key_node.value).lower():
+                # a password in a file that is backed up, shipped and read by tools is a leaked password
+                expected = "no password: the agent never takes one from its config (set it on the host: passwd NAME)"
+                at.child(str(key_node.value)).fail(key_node, expected, Described("a password key"))
+    entries = _mapping(at, node, _ACCOUNTS_KEYS)
+    values = {name: _ACCOUNTS_KEYS[name](at.child(name), value) for name, (_, value) in entries.items()}
+    config = AccountsConfig(**values)
+    if config.create_admin:
+        create_node = entries["create_admin"][1]
+        if config.admin_user is None:
+            why = "false while accounts.admin_user is null (the agent creates only the user named there)"
+            at.child("create_admin").fail(create_node, why)
+        if not config.admin_keys:
+            keys_node = entries["admin_keys"][1] if "admin_keys" in entries else create_node
+            why = "at least one public key when accounts.create_admin is true (the admin gets no password)"
+            at.child("admin_keys").fail(keys_node, why, Described("none"))
+    return config
+
+
 def _absolute_path(at: _At, node: Node) -> str:
     expected = "an absolute path on one line"
     value = _line_text(at, node, expected)
@@ -823,7 +907,7 @@ _SECTIONS: dict[str, _Parse] = {
             "reboot_with_users": _boolean,
         },
     ),
-    "accounts": _section(AccountsConfig, {"admin_user": _admin_user}),
+    "accounts": _accounts,
     "engine": _section(
         EngineConfig,
         {

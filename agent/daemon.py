@@ -17,6 +17,7 @@ from typing import Any
 from agent import __version__, portmove
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.controls.accounts import AccountsControl
 from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
@@ -36,9 +37,14 @@ LAST_GOOD_CONFIG = "config.last-good.yaml"
 
 
 def build_controls(root: SystemRoot, moves: PortMoves | None = None) -> list[Control]:
-    """The guards; they share the SSH port move's state (agent/portmove.py)."""
+    """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py)."""
     moves = moves or PortMoves(root)
-    return [SshdControl(root, moves=moves), FirewallControl(root, moves=moves), Fail2banControl(root, moves=moves)]
+    return [
+        SshdControl(root, moves=moves),
+        FirewallControl(root, moves=moves),
+        Fail2banControl(root, moves=moves),
+        AccountsControl(root),
+    ]
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:

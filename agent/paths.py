@@ -169,6 +169,21 @@ class SystemRoot:
         return self.path("/etc/sudoers.d")
 
     @property
+    def home_base(self) -> Path:
+        """Where the agent creates the admin's home (useradd's default HOME)."""
+        return self.path("/home")
+
+    # when the system was installed (the accounts guard's "root password unchanged since install")
+    @property
+    def machine_id(self) -> Path:
+        return self.path("/etc/machine-id")
+
+    @property
+    def installer_logs(self) -> Path:
+        """debian-installer's record of the install; images and debootstrap have none."""
+        return self.path("/var/log/installer")
+
+    @property
     def systemd_run_dir(self) -> Path:
         """Exists only when systemd is the running init (sd_booted)."""
         return self.path("/run/systemd/system")

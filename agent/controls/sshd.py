@@ -59,7 +59,6 @@ _ACCESS_KEYWORDS = (
     "denygroups",
     "authorizedkeysfile",
 )
-_ACCOUNT_FILES = frozenset({"passwd", "shadow", "group", "gshadow", "sudoers"})
 _SYNONYMS = {"without-password": "prohibit-password"}
 
 
@@ -113,17 +112,7 @@ class SshdControl(Control):
         dirs.update(self.root.path(p).parent for p, _ in read_graph(self.root).texts)
         specs = [WatchSpec(d) for d in sorted(dirs)]
         # the lockout invariants: a blocked guard unblocks as soon as an admin gets a way in
-        specs.append(WatchSpec(self.root.path("/etc"), _ACCOUNT_FILES))
-        specs.append(WatchSpec(self.root.sudoers_d))
-        try:
-            facts = accounts.read_facts(self.root)
-        except (fs.UnsafeFile, OSError):
-            return specs
-        for account in facts.accounts.values():
-            if account.uid == 0 or account.uid >= 1000 and account.home.startswith("/home/"):
-                home = self.root.path(account.home)
-                specs.append(WatchSpec(home, frozenset({".ssh"})))
-                specs.append(WatchSpec(home / ".ssh"))
+        specs.extend(accounts.watches(self.root))
         return specs
 
     # observe ------------------------------------------------------------------------------------------

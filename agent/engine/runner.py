@@ -11,7 +11,7 @@ from typing import Any
 
 from agent import events as ev
 from agent.config import Config, format_duration
-from agent.controls.base import Control
+from agent.controls.base import FINDING, WARNING, Control
 from agent.engine import transaction as tx
 
 # Status words `vps-agentctl status` shows; COMPLIANT/HEALED count as in compliance.
@@ -86,6 +86,7 @@ class ControlRunner:
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
+        self._reported = ""  # the findings and warnings last reported (each distinct set once)
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -312,7 +313,34 @@ class ControlRunner:
                 elif outcome.status == tx.FAILED:
                     self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
             self._maybe_leave_flapping(config)
+            if not paused and not report_only:
+                self._report_findings(outcome)
         self._release_waiters(outcome)
+
+    def _report_findings(self, outcome: tx.Outcome) -> None:
+        """Findings and warnings (drift the agent never changes) are reported once per distinct set, as a
+        drift-detected event; a finding left after a heal keeps the control `drifted`."""
+        left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift
+        reported = left.reported if left is not None else ()
+        if outcome.status == tx.HEALED and reported:
+            self.state.drift = [item.describe() for item in reported]
+        if left is not None and left.findings and self.state.status in (tx.COMPLIANT, tx.HEALED):
+            self._set_status(tx.DRIFTED, left.findings_summary())
+        summary = "; ".join(item.describe() for item in reported)
+        if summary and summary != self._reported:
+            paths = [item.where for item in reported if item.where.startswith("/")]
+            self.ctx.events.emit(
+                ev.DRIFT_DETECTED,
+                outcome="unknown",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: reported, never changed by the agent: {summary}",
+                findings=[item.describe() for item in reported if item.kind == FINDING] or None,
+                warnings=[item.describe() for item in reported if item.kind == WARNING] or None,
+                file_path=paths[0] if paths else None,
+                transaction_id=outcome.transaction_id,
+            )
+        self._reported = summary
 
     def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
         """While paused (or in report mode), drift is still an event (once per distinct drift), so
