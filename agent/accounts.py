@@ -1,7 +1,8 @@
-"""Who can still get root over SSH: the facts behind the SSH guard's lockout invariants.
+"""Who can still get root over SSH: the facts behind the SSH guard's lockout invariants and the
+accounts guard's findings.
 
-Read from passwd, shadow, group, sudoers and authorized_keys under the SystemRoot. This is read-only;
-the accounts guard (its own issue) builds on it.
+Read from passwd, shadow, group, sudoers and authorized_keys under the SystemRoot. This is read-only:
+both guards judge accounts with the same functions, so they never disagree about who can get in.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.controls.base import WatchSpec
 from agent.paths import SystemRoot
 from agent.system import fs
 
 NOLOGIN_SHELLS = frozenset({"/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false", ""})
+# the account databases and sudo's rules, in /etc: any of them can give or take a way in
+ACCOUNT_FILES = frozenset({"passwd", "shadow", "group", "gshadow", "sudoers"})
 KEY_TYPE = re.compile(r"(^|\s)(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+@openssh\.com)\s+[A-Za-z0-9+/=]{16,}")
 
 
@@ -31,6 +35,8 @@ class Account:
     shell: str
     password: str  # "usable", "locked", "empty" or "unknown"
     expired: bool
+    line: int = 0  # in /etc/passwd, 1-based
+    last_change: int | None = None  # shadow's lastchg: days since 1970-01-01 (0: must change at next login)
 
 
 @dataclass(frozen=True)
@@ -44,28 +50,34 @@ class AccountsFacts:
     accounts: Mapping[str, Account]
     group_members: Mapping[str, frozenset[str]]  # group name -> users (explicit members and primary)
     sudo_grants: tuple[SudoGrant, ...]
+    uid0: tuple[Account, ...] = ()  # every passwd line with uid 0, in file order (a repeated name too)
 
 
 def read_facts(root: SystemRoot) -> AccountsFacts:
     passwd = fs.read_text(root.passwd, follow_symlinks=True) or ""
     shadow = _read_optional(root.shadow)
     group = fs.read_text(root.group, follow_symlinks=True) or ""
-    shadow_by_user = {}
+    shadow_by_user: dict[str, list[str]] = {}
     for line in shadow.splitlines():
         fields = line.split(":")
         if len(fields) >= 2:
-            shadow_by_user[fields[0]] = fields
+            shadow_by_user.setdefault(fields[0], fields)  # like getspnam, the first entry counts
     today = (datetime.date.today() - datetime.date(1970, 1, 1)).days
     accounts: dict[str, Account] = {}
-    for line in passwd.splitlines():
+    uid0: list[Account] = []
+    for number, line in enumerate(passwd.splitlines(), 1):
         fields = line.split(":")
         if len(fields) < 7 or not fields[2].isdigit() or not fields[3].isdigit():
             continue
         entry = shadow_by_user.get(fields[0])
         password, expired = _password_state(fields[1], entry, today)
-        accounts[fields[0]] = Account(
-            fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6], password, expired
+        last_change = int(entry[2]) if entry is not None and len(entry) > 2 and entry[2].isdigit() else None
+        account = Account(
+            fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6], password, expired, number, last_change
         )
+        accounts.setdefault(account.name, account)  # like getpwnam, the first entry counts
+        if account.uid == 0:
+            uid0.append(account)
     members: dict[str, set[str]] = {}
     gid_to_group: dict[int, str] = {}
     for line in group.splitlines():
@@ -78,7 +90,37 @@ def read_facts(root: SystemRoot) -> AccountsFacts:
         primary = gid_to_group.get(account.gid)
         if primary:
             members.setdefault(primary, set()).add(account.name)
-    return AccountsFacts(accounts, {g: frozenset(m) for g, m in members.items()}, tuple(_read_sudoers(root)))
+    grants = tuple(_read_sudoers(root))
+    return AccountsFacts(accounts, {g: frozenset(m) for g, m in members.items()}, grants, tuple(uid0))
+
+
+@dataclass(frozen=True)
+class InstallDate:
+    day: int  # days since 1970-01-01 (UTC), the unit of shadow's lastchg
+    source: str  # the system path that dates it
+
+
+def install_date(root: SystemRoot) -> InstallDate | None:
+    """When this system was installed: the oldest modification time of files made then and not rewritten.
+
+    - /etc/machine-id: written once, when systemd is installed (debian-installer, debootstrap) or at an
+      image's first boot (images ship it empty), so on a provider's image it dates this machine, not the image;
+    - the ssh host keys: made when openssh-server is installed, or by cloud-init at first boot;
+    - /var/log/installer: debian-installer's logs, copied at the end of the install.
+    The oldest wins, so host keys made again later do not move the date. Not base-files' dpkg file list:
+    every point release upgrades base-files, and on an image it dates the image's build."""
+    candidates = [root.machine_id, root.installer_logs, *sorted(root.ssh_dir.glob("ssh_host_*_key"))]
+    oldest: tuple[float, Path] | None = None
+    for path in candidates:
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            continue
+        if oldest is None or mtime < oldest[0]:
+            oldest = (mtime, path)
+    if oldest is None:
+        return None
+    return InstallDate(int(oldest[0] // 86400), root.system_name(oldest[1]))
 
 
 def _read_optional(path: Path) -> str:
@@ -90,6 +132,8 @@ def _read_optional(path: Path) -> str:
 
 def _password_state(passwd_field: str, shadow: list[str] | None, today: int) -> tuple[str, bool]:
     if shadow is None:
+        if passwd_field == "":
+            return "empty", False  # no shadow entry and nothing in passwd: a login without a password
         hashed = passwd_field if passwd_field not in ("x", "*") else ""
         return ("usable" if hashed and not hashed.startswith("!") else "unknown"), False
     hashed = shadow[1]
@@ -144,6 +188,40 @@ class AccessPolicy:
     deny_groups: Sequence[str] = ()
 
 
+@dataclass(frozen=True)
+class Access:
+    """How one non-root account can get root over SSH under a policy, or why it cannot."""
+
+    way: str | None  # e.g. "alice (sudo) with a key in /home/alice/.ssh/authorized_keys"
+    problem: str | None  # set exactly when way is None
+    sudo: SudoGrant | None  # the sudoers rule that gives it root (the most generous one)
+    barrier: str | None  # what keeps it from logging in at all (shell, expiry, Allow/Deny*)
+    keys: tuple[str, ...]  # its authorized_keys files holding a key sshd accepts
+    logs_in: bool  # it can open an SSH session (a key sshd accepts, or a password sshd asks for), sudo or not
+
+
+def access(root: SystemRoot, account: Account, facts: AccountsFacts, policy: AccessPolicy) -> Access:
+    grant = sudo_grant(account, facts)
+    barrier = _login_barrier(account, facts, policy)
+    keys = tuple(authorized_keys(root, account, policy)) if policy.pubkey_authentication and not barrier else ()
+    usable_password = account.password == "usable"
+    logs_in = barrier is None and (bool(keys) or policy.password_authentication and usable_password)
+    if grant is None:
+        problem = f"{account.name} has no sudo rights (not in group sudo, no sudoers rule)"
+        return Access(None, problem, None, barrier, keys, logs_in)
+    if barrier:
+        return Access(None, f"{account.name} has sudo rights but {barrier}", grant, barrier, (), False)
+    if keys:
+        if grant.nopasswd or usable_password:
+            return Access(f"{account.name} (sudo) with a key in {keys[0]}", None, grant, None, keys, True)
+        problem = f"{account.name} has a key but no usable password for sudo and no NOPASSWD rule"
+        return Access(None, problem, grant, None, keys, True)
+    if logs_in:
+        return Access(f"{account.name} (sudo) with a password", None, grant, None, (), True)
+    needed = "an authorized_keys entry" + ("" if not policy.password_authentication else " or a usable password")
+    return Access(None, f"{account.name} has sudo rights but no way in: needs {needed}", grant, None, (), False)
+
+
 def ways_to_root(root: SystemRoot, facts: AccountsFacts, policy: AccessPolicy) -> tuple[list[str], list[str]]:
     """(ways an admin can still get root over SSH under policy, why each candidate cannot)."""
     ways: list[str] = []
@@ -152,29 +230,19 @@ def ways_to_root(root: SystemRoot, facts: AccountsFacts, policy: AccessPolicy) -
         if account.uid == 0 and account.name == "root":
             _root_ways(root, account, facts, policy, ways, problems)
             continue
-        grant = _sudo_grant(account, facts)
-        if grant is None or account.uid == 0:
+        # another uid-0 account is never counted as a way in: the accounts guard reports it instead
+        if account.uid == 0 or sudo_grant(account, facts) is None:
             continue
-        why_not = _login_barrier(account, facts, policy)
-        if why_not:
-            problems.append(f"{account.name} has sudo rights but {why_not}")
-            continue
-        keys = _authorized_keys(root, account, policy) if policy.pubkey_authentication else []
-        usable_password = account.password == "usable"
-        if keys:
-            if grant.nopasswd or usable_password:
-                ways.append(f"{account.name} (sudo) with a key in {keys[0]}")
-            else:
-                problems.append(f"{account.name} has a key but no usable password for sudo and no NOPASSWD rule")
-        elif policy.password_authentication and usable_password:
-            ways.append(f"{account.name} (sudo) with a password")
-        else:
-            needed = "an authorized_keys entry" + (
-                "" if not policy.password_authentication else " or a usable password"
-            )
-            problems.append(f"{account.name} has sudo rights but no way in: needs {needed}")
+        found = access(root, account, facts, policy)
+        if found.way:
+            ways.append(found.way)
+        elif found.problem:
+            problems.append(found.problem)
     if not any(not w.startswith("root") for w in ways) and not problems:
-        problems.append("no non-root account with sudo rights exists (members of group sudo, or a sudoers rule)")
+        problems.append(
+            "no non-root account with sudo rights exists (members of group sudo, or a sudoers rule); the "
+            "accounts guard can create one: accounts.admin_user, accounts.create_admin, accounts.admin_keys"
+        )
     return ways, problems
 
 
@@ -184,7 +252,7 @@ def _root_ways(
     if policy.permit_root_login == "no" or _login_barrier(account, facts, policy):
         return
     if policy.permit_root_login in ("yes", "prohibit-password", "without-password"):
-        keys = _authorized_keys(root, account, policy) if policy.pubkey_authentication else []
+        keys = authorized_keys(root, account, policy) if policy.pubkey_authentication else []
         if keys:
             ways.append(f"root with a key in {keys[0]}")
             return
@@ -192,7 +260,7 @@ def _root_ways(
         ways.append("root with a password")
 
 
-def _sudo_grant(account: Account, facts: AccountsFacts) -> SudoGrant | None:
+def sudo_grant(account: Account, facts: AccountsFacts) -> SudoGrant | None:
     best: SudoGrant | None = None
     for grant in facts.sudo_grants:
         if grant.who.startswith("%"):
@@ -225,37 +293,71 @@ def _matches(user: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(user, pattern.split("@", 1)[0])
 
 
-def _authorized_keys(root: SystemRoot, account: Account, policy: AccessPolicy) -> list[str]:
-    """authorized_keys files of account that hold a key sshd will accept (StrictModes ownership/modes)."""
-    found = []
+def authorized_keys_files(account: Account, policy: AccessPolicy) -> list[str]:
+    """Where sshd looks for account's keys (AuthorizedKeysFile with %h, %u, %U expanded), as system paths."""
+    paths = []
     for template in policy.authorized_keys_files:
         if template.lower() == "none":
             continue
         expanded = template.replace("%%", "\0").replace("%h", account.home).replace("%u", account.name)
         expanded = expanded.replace("%U", str(account.uid)).replace("\0", "%")
-        system_path = expanded if expanded.startswith("/") else os.path.join(account.home, expanded)
+        paths.append(expanded if expanded.startswith("/") else os.path.join(account.home, expanded))
+    return paths
+
+
+def authorized_keys(root: SystemRoot, account: Account, policy: AccessPolicy) -> list[str]:
+    """authorized_keys files of account that hold a key sshd will accept (StrictModes ownership/modes)."""
+    found = []
+    for system_path in authorized_keys_files(account, policy):
         path = root.path(system_path)
         try:
             text = fs.read_text(path, follow_symlinks=True)
         except (fs.UnsafeFile, PermissionError):
             continue
         if text and any(KEY_TYPE.search(line) for line in text.splitlines() if not line.lstrip().startswith("#")):
-            if _strict_modes_ok(root, path, account):
+            if strict_modes_problem(root, path, account) is None:
                 found.append(system_path)
     return found
 
 
-def _strict_modes_ok(root: SystemRoot, path: Path, account: Account) -> bool:
-    """sshd's StrictModes refuses keys in files or directories others can write."""
+def strict_modes_problem(root: SystemRoot, path: Path, account: Account) -> tuple[Path, str] | None:
+    """Why sshd's StrictModes would refuse keys in path: (the file or directory at fault, why), walking up
+    to the home directory, as sshd does; None when it would accept them."""
     current = path
     home = root.path(account.home) if account.home.startswith("/") else None
     while True:
-        try:
-            info = os.stat(current)
-        except OSError:
-            return False
-        if info.st_uid not in (0, account.uid) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return False
+        why = unsafe_owner_or_mode(current, account)
+        if why:
+            return current, why
         if home is None or current == home or current == root.prefix or current.parent == current:
-            return True
+            return None
         current = current.parent
+
+
+def unsafe_owner_or_mode(path: Path, account: Account) -> str | None:
+    """What makes path unsafe for account's login files: owned by someone else, or writable by others."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or "cannot be read"
+    if info.st_uid not in (0, account.uid):
+        return f"is owned by uid {info.st_uid}, not {account.name} or root"
+    writers = [who for bit, who in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if info.st_mode & bit]
+    if writers:
+        return f"is writable by {' and '.join(writers)} (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def watches(root: SystemRoot) -> list[WatchSpec]:
+    """Where a change can give or take a way in: the account files, sudoers.d, the admins' ~/.ssh."""
+    specs = [WatchSpec(root.passwd.parent, ACCOUNT_FILES), WatchSpec(root.sudoers_d)]
+    try:
+        facts = read_facts(root)
+    except (fs.UnsafeFile, OSError):
+        return specs
+    for account in facts.accounts.values():
+        if account.uid == 0 or account.uid >= 1000 and account.home.startswith("/home/"):
+            home = root.path(account.home)
+            specs.append(WatchSpec(home, frozenset({".ssh"})))
+            specs.append(WatchSpec(home / ".ssh"))
+    return specs

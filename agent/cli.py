@@ -16,7 +16,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, load_config, parse_duration
 from agent.controls.base import Control
 from agent.engine import transaction as tx
-from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING
+from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING, WAITING
 from agent.events import null_events
 from agent.ipc import DaemonUnreachable, IpcClient, IpcError
 from agent.paths import SystemRoot
@@ -24,7 +24,7 @@ from agent.system import fs, namespace
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 _ERROR_STATUSES = {tx.BLOCKED, tx.FAILED, tx.ERROR}
-_DRIFT_STATUSES = {tx.DRIFTED, FLAPPING, STARTING}
+_DRIFT_STATUSES = {tx.DRIFTED, FLAPPING, STARTING, WAITING}
 
 
 def exit_code_for(controls: Iterable[dict[str, Any]]) -> int:
@@ -68,6 +68,37 @@ def render_table(controls: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_outputs(outputs: dict[str, Any]) -> list[str]:
+    """Where events and metrics go, and what is failing or being dropped on the way."""
+    journal = {"native": "the journal (native fields)", "stdout": "stdout (JSON lines)", "off": "not to stdout"}
+    lines = [f"events: {journal.get(outputs.get('journald', ''), '?')}, {outputs.get('events_file') or 'no file'}"]
+    if outputs.get("journald_note"):
+        lines.append(f"  journal: {outputs['journald_note']}")
+    syslog = outputs.get("syslog")
+    if syslog:
+        if syslog["connected"]:
+            state = "connected"
+        elif syslog["error_since"]:
+            state = f"unreachable since {_ago(syslog['error_since'])}"
+        else:
+            state = "connecting"
+        lines.append(
+            f"syslog {syslog['target']}: {state}, {syslog['sent']} sent, {syslog['dropped']} dropped, "
+            f"{syslog['buffered']}/{syslog['buffer']} buffered" + (f" ({syslog['error']})" if syslog["error"] else "")
+        )
+    metrics = outputs.get("prometheus_textfile")
+    if metrics:
+        if metrics.get("error"):
+            lines.append(f"metrics NOT written: {metrics['error']}")
+        elif metrics.get("note"):
+            lines.append(f"metrics {metrics['note']}")
+        else:
+            lines.append(f"metrics: {metrics['path']}, written {_ago(metrics['written_at'])}")
+    if outputs.get("output_error"):
+        lines.append(f"an output failed: {outputs['output_error']}")
+    return lines
+
+
 def _client(args: argparse.Namespace, timeout: float = 10.0) -> IpcClient:
     return IpcClient(Path(args.socket) if args.socket else SystemRoot.at(args.root).socket, timeout)
 
@@ -81,9 +112,13 @@ def _print_json(value: Any) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = _client(args).call("status")
+    # a port move in flight (or rolled back) is not yet the configured baseline: 1, like drift
+    code = exit_code_for(status["controls"])
+    if status.get("port_move") and code == EXIT_OK:
+        code = EXIT_DRIFT
     if args.json:
         _print_json(status)
-        return exit_code_for(status["controls"])
+        return code
     print(
         f"vps-agent {status['version']} on {status['host']} (pid {status['pid']}), "
         f"up since {_ago(status['started_at'])}"
@@ -92,11 +127,121 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"config REJECTED, running on the previous one: {status['config']['error']}")
     if status.get("events_file_error"):
         print(f"events file not written: {status['events_file_error']}")
+    for line in render_outputs(status.get("outputs") or {}):
+        print(line)
     print(render_table(status["controls"]))
-    return exit_code_for(status["controls"])
+    if status.get("port_move"):
+        print(render_port_move(status["port_move"]))
+    if status.get("updates"):
+        print(render_updates(status["updates"]))
+    return code
+
+
+def _when(stamp: float | None) -> str:
+    """A future moment as the admin reads it: local time, and how far off."""
+    if not stamp:
+        return "-"
+    left = stamp - time.time()
+    local = time.strftime("%a %Y-%m-%d %H:%M %Z", time.localtime(stamp))
+    if left <= 0:
+        return f"{local} (due now)"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            return f"{local} (in {int(left // size)}{unit})"
+    return f"{local} (in {int(left)}s)"
+
+
+def render_updates(updates: dict[str, Any]) -> str:
+    """The upgrade scheduler's lines of `status`: last run, its outcome, the next run, reboot."""
+    lines = []
+    if not updates["enabled"]:
+        lines.append("updates: disabled in the config")
+    elif updates.get("error"):
+        lines.append(f"updates: SCHEDULE ERROR: {updates['error']}")
+    else:
+        catch_up = " (catching up a missed run)" if updates.get("catch_up") else ""
+        lines.append(
+            f"updates: {updates['mode']}, {updates['schedule']}; next run {_when(updates['next_run'])}{catch_up}"
+        )
+    if updates.get("running_since"):
+        lines.append(f"  running since {_ago(updates['running_since'])}")
+    if updates.get("last_finished"):
+        changes = updates.get("last_changes") or []
+        text = f"{len(changes)} package(s) changed" if changes else "nothing to upgrade"
+        detail = f": {updates['last_detail']}" if updates.get("last_detail") else ""
+        lines.append(f"  last run {_ago(updates['last_finished'])}: {updates['last_outcome']}, {text}{detail}")
+    else:
+        lines.append("  last run: never")
+    if updates.get("reboot_required"):
+        by = ", ".join(updates.get("reboot_packages") or []) or "an upgrade"
+        window = updates.get("reboot_window")
+        plan = f"reboots inside {window}" if window else "reboot by hand (updates.reboot_window is null)"
+        lines.append(f"  REBOOT REQUIRED by {by}: {plan}")
+    return "\n".join(lines)
+
+
+def render_port_move(move: dict[str, Any]) -> str:
+    """The SSH port move's line of `status`."""
+    olds = ", ".join(str(p) for p in move["old"])
+    if move["phase"] == "open":
+        left = int(move.get("seconds_left") or 0)
+        return (
+            f"ssh port move {olds} -> {move['new']}: BOTH OPEN; log in on {move['new']} (or run "
+            f"`vps-agentctl confirm`) within {left // 60}m{left % 60:02d}s, or it rolls back to {olds}"
+        )
+    return (
+        f"ssh port move to {move['new']} ROLLED BACK: sshd stays on {olds} (not confirmed in time); "
+        "change the config and reload to try again"
+    )
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """The new SSH port works: close the old one now."""
+    result = _client(args, timeout=300.0).call("confirm")
+    if not result["confirmed"]:
+        print(f"vps-agentctl: {result['why']}", file=sys.stderr)
+        return EXIT_DRIFT
+    print("port move confirmed: the old port closes")
+    print(render_table(result["status"]["controls"]))
+    return exit_code_for(result["status"]["controls"])
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """`upgrade --now` runs apt now (waiting for the outcome unless --no-wait); plain `upgrade` shows
+    the scheduler's state."""
+    if not args.now:
+        status = _client(args).call("status")
+        if args.json:
+            _print_json(status["updates"])
+        else:
+            print(render_updates(status["updates"]))
+        return EXIT_OK
+    # a run is bounded by updates.time_limit (at most a day); the client waits as long
+    result = _client(args, timeout=86400.0 + 300.0).call("upgrade", wait=not args.no_wait)
+    if args.json:
+        _print_json(result)
+    if not result["started"]:
+        if not args.json:
+            print(f"vps-agentctl: not started: {result['why']}", file=sys.stderr)
+        return EXIT_DRIFT
+    if args.no_wait:
+        if not args.json:
+            print("upgrade started; follow it with `vps-agentctl events -f`")
+        return EXIT_OK
+    if not args.json:
+        for change in result["changes"]:
+            print(f"  {change}")
+        detail = f": {result['detail']}" if result["detail"] else ""
+        print(f"upgrade {result['outcome']}, {len(result['changes'])} package(s) changed{detail}")
+        if result["updates"].get("reboot_required"):
+            print(render_updates(result["updates"]).splitlines()[-1].strip())
+    return EXIT_OK if result["outcome"] in ("success", "skipped") else EXIT_ERROR
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    if args.n < 0:
+        print(f"vps-agentctl: -n {args.n}: expected a number of events >= 0", file=sys.stderr)
+        return EXIT_ERROR
     request = {"n": args.n, "control": args.control}
     try:
         client = _client(args)
@@ -337,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="re-read the config file (an invalid one is rejected, the old stays)")
     reload.set_defaults(func=cmd_reload)
+
+    confirm = sub.add_parser("confirm", help="the new SSH port works: close the old one (ends a port move)")
+    confirm.set_defaults(func=cmd_confirm)
+
+    upgrade = sub.add_parser("upgrade", help="show the upgrade schedule; with --now, run apt update + upgrade now")
+    upgrade.add_argument("--now", action="store_true", help="run an upgrade now and wait for its outcome")
+    upgrade.add_argument("--no-wait", action="store_true", help="with --now: return once it has started")
+    upgrade.add_argument("--json", action="store_true", help="machine-readable output")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     validate = sub.add_parser("validate-config", help="check a config file and exit 0 (valid) or 2")
     validate.add_argument("file", nargs="?", help="the file (default: ROOT/etc/vps-agent/config.yaml)")

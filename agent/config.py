@@ -7,6 +7,8 @@ expected and what was found.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import os
@@ -18,6 +20,8 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from agent.schedule import ScheduleError, Window, check_calendar
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # threading/asyncio timers overflow somewhere past ~292 years; ten years is longer than any sane use
@@ -159,6 +163,9 @@ def format_duration(seconds: float) -> str:
 class SshConfig:
     enabled: bool = True
     port: int = 22
+    # a port change is two-phase: both ports open until a login on the new one (or `vps-agentctl
+    # confirm`) proves it; without that proof in this long, everything returns to the old port
+    confirm_timeout: float = 600.0
     permit_root_login: str = "no"
     password_authentication: bool = False
     # further sshd keywords in the user's order, values rendered as sshd expects them
@@ -199,11 +206,19 @@ class UpdatesConfig:
     schedule: str = "daily 03:30"
     mode: str = "upgrade"
     randomized_delay: float = 1800.0
+    lock_timeout: float = 600.0  # how long apt waits for another holder of the dpkg lock
+    time_limit: float = 3600.0  # for a whole run: update, upgrade, reports
+    reboot_window: str | None = None  # "HH:MM-HH:MM" local time: reboot there when one is required
+    reboot_with_users: bool = False  # reboot even while someone is logged in
 
 
 @dataclass(frozen=True)
 class AccountsConfig:
+    enabled: bool = True
     admin_user: str | None = None
+    # create admin_user when it is missing (home, group sudo, admin_keys); never with a password
+    create_admin: bool = False
+    admin_keys: tuple[str, ...] = ()  # public key lines, "ssh-ed25519 AAAA... comment"
 
 
 @dataclass(frozen=True)
@@ -215,11 +230,37 @@ class EngineConfig:
     flap_backoff: float = 300.0
 
 
+SYSLOG_FACILITIES = {
+    **{name: code for code, name in enumerate(("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news"))},
+    **{"uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11},
+    **{f"local{n}": 16 + n for n in range(8)},
+}
+DEFAULT_PROMETHEUS_TEXTFILE = "/var/lib/prometheus/node-exporter/vps_agent.prom"
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    """Remote syslog (RFC 5424): where to, and how much to hold while the collector is unreachable."""
+
+    target: str  # as written: udp://host[:port] or tcp://host[:port]
+    protocol: str  # "udp" or "tcp"
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None  # None: the system's CAs
+    buffer: int = 1000
+    facility: str = "daemon"
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     file: str = "/var/log/vps-agent/events.jsonl"
     stdout: bool = True
     ring_size: int = 500
+    # None: native journal fields when python3-systemd is there and stdout is the journal (under systemd)
+    journald: bool | None = None
+    syslog: SyslogConfig | None = None
+    prometheus_textfile: str | None = DEFAULT_PROMETHEUS_TEXTFILE
 
 
 @dataclass(frozen=True)
@@ -621,7 +662,26 @@ def _schedule(at: _At, node: Node) -> str:
             at.fail(node, _SCHEDULE_HELP)
         clock = f"{int(match[3]):02d}:{match[4]}"
         return f"daily {clock}" if match[1] else f"weekly {match[2].lower()} {clock}"
+    problem = check_calendar(value)  # systemd's own parser judges OnCalendar syntax
+    if problem is not None:
+        # systemd says "Failed to parse calendar specification '<value>': <reason>": the reason is what
+        # the admin needs, and must survive the shortening of long values in the message
+        reason = problem.rpartition(": ")[2] or problem
+        at.fail(node, _SCHEDULE_HELP, Described(f"{value!r}, which systemd-analyze rejects: {reason}"))
     return value
+
+
+def _reboot_window(at: _At, node: Node) -> str | None:
+    expected = 'null (never reboot by itself) or a local time window "HH:MM-HH:MM", e.g. "03:00-05:00"'
+    value = _value(node)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        at.fail(node, expected)
+    try:
+        return str(Window.parse(value))
+    except ScheduleError:
+        at.fail(node, expected)
 
 
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
@@ -637,6 +697,84 @@ def _admin_user(at: _At, node: Node) -> str | None:
     return value
 
 
+# what OpenSSH 9 accepts in authorized_keys by default (ssh-dss is off since 7.0)
+_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+_KEY_HELP = f"a public key on one line, as in a .pub file: TYPE BASE64 [COMMENT], TYPE one of: {', '.join(_KEY_TYPES)}"
+
+
+def _public_key(at: _At, node: Node) -> str:
+    value = _value(node)
+    if isinstance(value, str) and "PRIVATE KEY" in value:
+        at.fail(node, _KEY_HELP, Described("a private key (it never belongs here: use the .pub file)"))
+    parts = _line_text(at, node, _KEY_HELP).split(None, 2)
+    if len(parts) < 2 or parts[0] not in _KEY_TYPES:
+        at.fail(node, _KEY_HELP)
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        at.fail(node, _KEY_HELP, Described(f"{parts[0]} with a key that is not base64"))
+    # the key names its own type first (an SSH string), then its numbers: a mixed-up or cut paste fails here
+    named = parts[0].encode()
+    if (
+        blob[:4] != len(named).to_bytes(4, "big")
+        or blob[4 : 4 + len(named)] != named
+        or len(blob) < 4 + len(named) + 32
+    ):
+        at.fail(node, _KEY_HELP, Described(f"{parts[0]} with a key that is truncated or of another type"))
+    return " ".join(parts)
+
+
+def _public_keys(at: _At, node: Node) -> tuple[str, ...]:
+    keys: list[str] = []
+    for index, item in enumerate(_sequence(at, node, f"a list of public keys, each {_KEY_HELP}")):
+        key = _public_key(at.item(index), item)
+        same = [n for n, k in enumerate(keys) if k.split()[1] == key.split()[1]]
+        if same:
+            at.item(index).fail(item, "each key once", Described(f"the key of item {same[0]} again"))
+        keys.append(key)
+    return tuple(keys)
+
+
+_ACCOUNTS_KEYS: dict[str, _Parse] = {
+    "enabled": _boolean,
+    "admin_user": _admin_user,
+    "create_admin": _boolean,
+    "admin_keys": _public_keys,
+}
+
+
+def _accounts(at: _At, node: Node) -> AccountsConfig:
+    if _is_null(node):
+        return AccountsConfig()
+    if isinstance(node, MappingNode):
+        for key_node, _ in node.value:
+            if isinstance(key_node, ScalarNode) and "pass" in str(key_node.value).lower():
+                # a password in a file that is backed up, shipped and read by tools is a leaked password
+                expected = "no password: the agent never takes one from its config (set it on the host: passwd NAME)"
+                at.child(str(key_node.value)).fail(key_node, expected, Described("a password key"))
+    entries = _mapping(at, node, _ACCOUNTS_KEYS)
+    values = {name: _ACCOUNTS_KEYS[name](at.child(name), value) for name, (_, value) in entries.items()}
+    config = AccountsConfig(**values)
+    if config.create_admin:
+        create_node = entries["create_admin"][1]
+        if config.admin_user is None:
+            why = "false while accounts.admin_user is null (the agent creates only the user named there)"
+            at.child("create_admin").fail(create_node, why)
+        if not config.admin_keys:
+            keys_node = entries["admin_keys"][1] if "admin_keys" in entries else create_node
+            why = "at least one public key when accounts.create_admin is true (the admin gets no password)"
+            at.child("admin_keys").fail(keys_node, why, Described("none"))
+    return config
+
+
 def _absolute_path(at: _At, node: Node) -> str:
     expected = "an absolute path on one line"
     value = _line_text(at, node, expected)
@@ -645,12 +783,91 @@ def _absolute_path(at: _At, node: Node) -> str:
     return value
 
 
+def _journald(at: _At, node: Node) -> bool | None:
+    value = _value(node)
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return None
+    at.fail(node, "auto, true or false")
+
+
+_SYSLOG_TARGET = re.compile(
+    r"(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)(?::([0-9]{1,5}))?/?"
+)
+_SYSLOG_TARGET_HELP = 'a URL "udp://HOST[:PORT]" or "tcp://HOST[:PORT]" (an IPv6 address in brackets)'
+
+
+def _syslog(at: _At, node: Node) -> SyslogConfig | None:
+    if _is_null(node):
+        return None
+    entries = _mapping(at, node, ("target", "tls", "ca_file", "buffer", "facility"))
+    if "target" not in entries:
+        at.child("target").fail(node, _SYSLOG_TARGET_HELP, Described("nothing (the key is missing)"))
+    target_at, target_node = at.child("target"), entries["target"][1]
+    target = _line_text(target_at, target_node, _SYSLOG_TARGET_HELP).strip()
+    match = _SYSLOG_TARGET.fullmatch(target)
+    if not match:
+        target_at.fail(target_node, _SYSLOG_TARGET_HELP)
+    protocol, host = match[1], match[2]
+    if host.startswith("["):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            target_at.fail(target_node, _SYSLOG_TARGET_HELP)
+    tls = _boolean(at.child("tls"), entries["tls"][1]) if "tls" in entries else False
+    if tls and protocol != "tcp":
+        at.child("tls").fail(entries["tls"][1], "false with a udp:// target (TLS needs tcp://)", True)
+    port = int(match[3]) if match[3] else (6514 if tls else 514)
+    if not 1 <= port <= 65535:
+        target_at.fail(target_node, _SYSLOG_TARGET_HELP + " with a port 1..65535")
+    ca_file = None
+    if "ca_file" in entries and not _is_null(entries["ca_file"][1]):
+        ca_file = _absolute_path(at.child("ca_file"), entries["ca_file"][1])
+        if not tls:
+            at.child("ca_file").fail(entries["ca_file"][1], "null unless tls is true", ca_file)
+    buffer = _integer(10, 1_000_000)(at.child("buffer"), entries["buffer"][1]) if "buffer" in entries else 1000
+    facility = "daemon"
+    if "facility" in entries:
+        facility = _choice(tuple(SYSLOG_FACILITIES))(at.child("facility"), entries["facility"][1])
+    return SyslogConfig(target, protocol, host, port, tls, ca_file, buffer, facility)
+
+
+def _prometheus_textfile(at: _At, node: Node) -> str | None:
+    if _is_null(node):
+        return None
+    expected = "null, or an absolute path of a file ending in .prom (node_exporter reads only those)"
+    path = _absolute_path(at, node)
+    if not path.endswith(".prom") or path.endswith("/.prom"):
+        at.fail(node, expected)
+    return path
+
+
+def locate_key(path: str, key: str) -> int | None:
+    """The 1-based line of a dotted key in a config file (for errors found only at run time), or None."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            node: Node | None = yaml.compose(stream.read(MAX_CONFIG_BYTES), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    line = None
+    for name in key.split("."):
+        if not isinstance(node, MappingNode):
+            return None
+        found = [(k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == name]
+        if not found:
+            return None
+        line, node = found[0][0].start_mark.line + 1, found[0][1]
+    return line
+
+
 _SECTIONS: dict[str, _Parse] = {
     "ssh": _section(
         SshConfig,
         {
             "enabled": _boolean,
             "port": _integer(1, 65535),
+            "confirm_timeout": _duration(10.0, maximum=86400.0),
             "permit_root_login": _permit_root_login,
             "password_authentication": _password_authentication,
             "options": _sshd_options,
@@ -684,9 +901,13 @@ _SECTIONS: dict[str, _Parse] = {
             "schedule": _schedule,
             "mode": _choice(("upgrade", "security-only", "dist-upgrade")),
             "randomized_delay": _duration(),
+            "lock_timeout": _duration(maximum=86400.0),
+            "time_limit": _duration(60.0, maximum=86400.0),
+            "reboot_window": _reboot_window,
+            "reboot_with_users": _boolean,
         },
     ),
-    "accounts": _section(AccountsConfig, {"admin_user": _admin_user}),
+    "accounts": _accounts,
     "engine": _section(
         EngineConfig,
         {
@@ -704,6 +925,9 @@ _SECTIONS: dict[str, _Parse] = {
             "stdout": _boolean,
             # the ring lives in memory; a typo of a few extra zeros should not eat the host
             "ring_size": _integer(10, 1_000_000),
+            "journald": _journald,
+            "syslog": _syslog,
+            "prometheus_textfile": _prometheus_textfile,
         },
     ),
     "backups": _section(BackupsConfig, {"keep": _integer(1)}),

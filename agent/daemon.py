@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, portmove
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.controls.accounts import AccountsControl
 from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
@@ -25,19 +26,35 @@ from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
-from agent.system import fs, namespace
+from agent.portmove import PortMoves
+from agent.sinks.outputs import Outputs
+from agent.system import dpkg, fs, namespace, netfilter
+from agent.system.run import run
 from agent.system.sdnotify import Notifier
+from agent.upgrades import UpgradeScheduler
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
 
 
-def build_controls(root: SystemRoot) -> list[Control]:
-    return [SshdControl(root), FirewallControl(root), Fail2banControl(root)]
+def build_controls(root: SystemRoot, moves: PortMoves | None = None) -> list[Control]:
+    """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py)."""
+    moves = moves or PortMoves(root)
+    return [
+        SshdControl(root, moves=moves),
+        FirewallControl(root, moves=moves),
+        Fail2banControl(root, moves=moves),
+        AccountsControl(root),
+    ]
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
     backups = fs.BackupStore(root.backups_dir, config.backups.keep, root.system_name)
-    return tx.TransactionContext(events, backups, fs.EchoFilter())
+
+    def package_manager_busy() -> str | None:
+        holder = dpkg.holder(root)
+        return holder.describe() if holder else None
+
+    return tx.TransactionContext(events, backups, fs.EchoFilter(), package_manager_busy)
 
 
 class Daemon:
@@ -58,7 +75,15 @@ class Daemon:
                 root.path(config.events.file), to_stdout=config.events.stdout, ring_size=config.events.ring_size
             )
         )
-        self.engine = Engine(build_controls(root), config, transaction_context(root, config, self.events))
+        self.moves = PortMoves(root)
+        self.engine = Engine(build_controls(root, self.moves), config, transaction_context(root, config, self.events))
+        self._move_wake = threading.Event()
+        self._move_thread = threading.Thread(target=self._watch_port_move, name="port-move", daemon=True)
+        self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
+        # events: the journal, remote syslog and the metrics textfile (agent/sinks)
+        self.outputs = Outputs(root, self.events, self.status)
+        self.outputs.apply(config)
+        self.engine.converge_listeners.append(self.outputs.changed)
         self.ipc = IpcServer(root.socket, self.handle)
 
     def _initial_config(self) -> Config:
@@ -106,7 +131,10 @@ class Daemon:
             )
         self.ipc.start()
         self.engine.start()
+        self._port_move_for(self.engine.config())
+        self._move_thread.start()
         self.engine.reconcile_all("start-up reconcile")
+        self.upgrades.start()
         self.notifier.ready(self.summary())
         interval = self.notifier.watchdog_interval()
         last_status = ""
@@ -130,7 +158,10 @@ class Daemon:
             self.notifier.stopping()
             self.events.emit(ev.AGENT_STOPPING, outcome="success", message="vps-agent stopping")
             self.ipc.stop()
+            self._move_wake.set()
+            self.upgrades.stop()
             self.engine.stop()
+            self.outputs.close()
             self.events.sinks.close()
         return 0
 
@@ -178,7 +209,10 @@ class Daemon:
         self.config_error = None
         self._remember_good_config()
         self.engine.ctx.backups.keep = config.backups.keep
+        self._port_move_for(config)
         self.engine.replace_config(config)
+        self.upgrades.config_changed()
+        self.outputs.apply(config)
         self.events.emit(
             ev.CONFIG_RELOADED, outcome="success", file_path=str(self.config_path), message="config reloaded"
         )
@@ -216,6 +250,10 @@ class Daemon:
             return {"outcomes": outcomes, "status": self.status()}
         if verb == "reload":
             return self.reload_config()
+        if verb == "upgrade":
+            return self._upgrade(args)
+        if verb == "confirm":
+            return self._confirm()
         raise IpcError(f"unknown verb {verb!r}")
 
     def status(self) -> dict[str, Any]:
@@ -230,7 +268,128 @@ class Daemon:
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
+            "outputs": self.outputs.status(),
+            "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),
+            "updates": self.upgrades.status(),
+            "port_move": self.moves.status(config),
+        }
+
+    # the SSH port move (agent/portmove.py) ---------------------------------------------------------------
+
+    def _port_move_for(self, config: Config) -> None:
+        """A config is about to apply: does it move sshd's port? Judged against what sshd listens on."""
+        serving = netfilter.listening_tcp_ports("sshd")
+        ssh = self.engine.runners.get("ssh")
+        if not serving and ssh is not None and isinstance(ssh.control, SshdControl):
+            serving = ssh.control.serving_ports()
+        change = self.moves.on_config(config, serving, time.time())
+        if change is not None:
+            action, message = change
+            state = self.moves.current()
+            self.events.emit(
+                ev.PORT_MOVE_STARTED if action == portmove.STARTED else ev.PORT_MOVE_CANCELLED,
+                outcome="success",
+                control="ssh",
+                message=message,
+                old_ports=state.old if state else None,
+                new_port=state.new if state else config.ssh.port,
+                deadline=state.deadline if state else None,
+            )
+        if self.moves.problem:
+            self.events.emit(ev.CONFIG_REJECTED, outcome="failure", level="warning", message=self.moves.problem)
+            self.moves.problem = None
+        self._move_wake.set()
+
+    def _confirm(self) -> dict[str, Any]:
+        """`vps-agentctl confirm`: the new port works, close the old one."""
+        done = self.moves.confirm("vps-agentctl confirm")
+        if done is None:
+            return {"confirmed": False, "why": "no port move is waiting for confirmation"}
+        self._port_move_done(ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by vps-agentctl confirm", done)
+        return {"confirmed": True, "status": self.status()}
+
+    def _port_move_done(self, action: str, message: str, move: portmove.MoveState) -> None:
+        self.events.emit(
+            action,
+            outcome="success" if action == ev.PORT_MOVE_CONFIRMED else "failure",
+            level="info" if action == ev.PORT_MOVE_CONFIRMED else "warning",
+            control="ssh",
+            message=message,
+            old_ports=move.old,
+            new_port=move.new,
+        )
+        # sshd first: the firewall and fail2ban follow the ports sshd really listens on
+        ssh = self.engine.runners.get("ssh")
+        if ssh is not None:
+            ssh.converge_and_wait(message)
+        for name, runner in self.engine.runners.items():
+            if name != "ssh":
+                runner.trigger(message, immediate=True, admin=True)
+                # and once more when sshd's reload has surely let go of the old port's socket (the
+                # firewall keeps every port sshd still listens on open)
+                later = threading.Timer(2.0, runner.trigger, (message,), {"immediate": True, "admin": True})
+                later.daemon = True
+                later.start()
+
+    def _watch_port_move(self) -> None:
+        """While a move is open: look for a login on the new port in sshd's log every 2 s, and roll
+        back at the deadline."""
+        while not self.stopping.is_set():
+            move = self.moves.current()
+            if move is None or move.phase != portmove.OPEN:
+                self._move_wake.wait(60.0)
+                self._move_wake.clear()
+                continue
+            try:
+                who = self._login_on(move) if self.root.is_host else None
+                if who is not None:
+                    done = self.moves.confirm(f"a login on port {move.new}: {who}")
+                    if done is not None:
+                        self._port_move_done(
+                            ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by {done.confirmed_by}", done
+                        )
+                        continue
+                expired = self.moves.expire(time.time())
+                if expired is not None:
+                    olds = ", ".join(str(p) for p in expired.old)
+                    self._port_move_done(
+                        ev.PORT_MOVE_ROLLED_BACK,
+                        f"port move to {expired.new} rolled back to {olds}: no login on {expired.new} and no "
+                        f"`vps-agentctl confirm` within {format_duration(expired.deadline - expired.started)}; "
+                        f"ssh.port {expired.new} is refused until the config changes",
+                        expired,
+                    )
+                    continue
+            except Exception as exc:  # the deadline must still be kept: log and look again
+                self.events.emit(
+                    ev.PORT_MOVE_ROLLED_BACK, outcome="unknown", level="error", message=f"port move: {exc}"
+                )
+            self._move_wake.wait(2.0)
+            self._move_wake.clear()
+
+    def _login_on(self, move: portmove.MoveState) -> str | None:
+        """sshd's log since the move began (journald; LogLevel VERBOSE names each connection's port)."""
+        since = f"@{int(move.started)}"
+        result = run(["journalctl", "-q", "--no-pager", "-o", "cat", "-t", "sshd", "--since", since], timeout=10)
+        return portmove.confirming_login(result.stdout.splitlines(), move.new) if result.ok else None
+
+    def _upgrade(self, args: Any) -> dict[str, Any]:
+        """`vps-agentctl upgrade --now`: run one now; with wait, answer when it has finished."""
+        if self.upgrades.running:
+            return {"started": False, "why": "an upgrade is already running", "updates": self.upgrades.status()}
+        if not args.get("wait", True):
+            threading.Thread(target=self.upgrades.run, args=("vps-agentctl upgrade --now",), daemon=True).start()
+            return {"started": True, "updates": self.upgrades.status()}
+        result = self.upgrades.run("vps-agentctl upgrade --now")
+        if result is None:
+            return {"started": False, "why": "an upgrade is already running", "updates": self.upgrades.status()}
+        return {
+            "started": True,
+            "outcome": result.outcome,
+            "detail": result.detail,
+            "changes": list(result.changes),
+            "updates": self.upgrades.status(),
         }
 
     def _select(self, args: Any) -> list[Any]:
@@ -271,8 +430,7 @@ class Daemon:
         return self.events.sinks.recent(count, control)
 
     def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
-        yield from self.events.sinks.recent(count, control)
-        yield from self.events.sinks.follow(control, self.stopping)
+        yield from self.events.sinks.follow(control, self.stopping, backlog=count)
 
 
 def main(argv: list[str] | None = None) -> int:

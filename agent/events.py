@@ -1,4 +1,5 @@
-"""The one event emitter: structlog (22.3 API) -> ECS-named JSON -> stdout, a JSON-lines file, a ring buffer."""
+"""The one event emitter: structlog (22.3 API) -> ECS-named JSON -> stdout or the journal, a JSON-lines file,
+a ring buffer, and listeners (remote syslog, the metrics textfile; see agent/sinks)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from agent.sinks import catalog
 
 # event.action values users and scripts match on; keep them stable.
 AGENT_STARTED = "agent-started"
@@ -29,6 +32,18 @@ FLAPPING = "flapping"
 PAUSED = "paused"
 RESUMED = "resumed"
 SERVICE_STARTED = "service-started"
+PACKAGE_MANAGER_BUSY = "package-manager-busy"
+UPGRADE_STARTED = "upgrade-started"
+UPGRADE_FINISHED = "upgrade-finished"
+UPGRADE_STATE_RESET = "upgrade-state-reset"
+REBOOT_REQUIRED = "reboot-required"
+REBOOT_DEFERRED = "reboot-deferred"
+REBOOTING = "rebooting"
+PORT_MOVE_STARTED = "port-move-started"
+PORT_MOVE_CONFIRMED = "port-move-confirmed"
+PORT_MOVE_ROLLED_BACK = "port-move-rolled-back"
+PORT_MOVE_CANCELLED = "port-move-cancelled"
+OUTPUT_FAILED = "output-failed"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 
@@ -38,20 +53,42 @@ def _utc_timestamp() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
+class Journal(Protocol):
+    """Native journal output (agent/sinks/journald.py): replaces the JSON lines on stdout."""
+
+    def deliver(self, event: dict[str, Any]) -> None: ...
+
+
 class EventSinks:
-    """Where rendered events go: stdout (journald captures it), a reopenable file, and a ring buffer."""
+    """Where rendered events go: stdout or the journal, a reopenable file, a ring buffer, and listeners.
+
+    Listeners run in the emitting thread (often a heal): each must return at once, never block.
+    """
 
     def __init__(self, file_path: Path | None, *, to_stdout: bool, ring_size: int) -> None:
         self.file_path = file_path
         self.to_stdout = to_stdout
+        self.journal: Journal | None = None
+        self.journal_error: str | None = None
+        self.listeners: tuple[Callable[[dict[str, Any]], None], ...] = ()
+        self.listener_error: str | None = None
         # (control, rendered JSON line): a line is a third of the memory of the dict it came from
         self.ring: collections.deque[tuple[str | None, str]] = collections.deque(maxlen=ring_size)
+        self.counts: collections.Counter[str] = collections.Counter()  # per event.action, since start
         self._lock = threading.Lock()
         self._new_event = threading.Condition(self._lock)
         self._sequence = 0
         self._file: IO[str] | None = None
         self.file_error: str | None = None
         self.reopen()
+
+    def retarget(self, file_path: Path | None, *, to_stdout: bool) -> None:
+        """A reloaded config's events.file and events.stdout (the ring keeps its size until a restart)."""
+        with self._lock:
+            moved = file_path != self.file_path
+            self.file_path, self.to_stdout = file_path, to_stdout
+        if moved:
+            self.reopen()
 
     def reopen(self) -> None:
         """Reopen the events file: logrotate moved it away, SIGHUP brings us here."""
@@ -77,12 +114,27 @@ class EventSinks:
         with self._lock:
             self._sequence += 1
             self.ring.append((event.get("control"), line))
+            self.counts[str(event.get("event", {}).get("action"))] += 1
             if self._file is not None:
                 try:
                     self._file.write(line + "\n")
                 except OSError as exc:
                     self.file_error = f"{self.file_path}: {exc.strerror}"
             self._new_event.notify_all()
+            journal, listeners = self.journal, self.listeners
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # a bug in an output must never fail the heal that emitted the event
+                self.listener_error = f"{type(exc).__name__}: {exc}"
+        if journal is not None:
+            try:
+                journal.deliver(event)
+                self.journal_error = None
+                return
+            except (OSError, ValueError) as exc:
+                # journald gone (a container without it, a restart): stdout still reaches someone
+                self.journal_error = f"the journal refused an event: {exc}"
         if self.to_stdout:
             try:
                 sys.stdout.write(line + "\n")
@@ -90,15 +142,25 @@ class EventSinks:
             except (OSError, ValueError):
                 pass
 
+    def counts_by_action(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
     def recent(self, count: int, control: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
             lines = [line for owner, line in self.ring if control is None or owner == control]
         return [json.loads(line) for line in lines[-count:]] if count > 0 else []
 
-    def follow(self, control: str | None = None, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
-        """Yield events as they arrive (for `vps-agentctl events -f`)."""
+    def follow(
+        self, control: str | None = None, stop: threading.Event | None = None, backlog: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the last `backlog` events, then events as they arrive (`vps-agentctl events -f`): none
+        emitted in between is lost or shown twice."""
         with self._lock:
             seen = self._sequence
+            lines = [line for owner, line in self.ring if control is None or owner == control]
+        for line in lines[-backlog:] if backlog > 0 else []:
+            yield json.loads(line)
         while stop is None or not stop.is_set():
             with self._lock:
                 self._new_event.wait_for(functools.partial(self._newer_than, seen), timeout=1.0)
@@ -144,6 +206,7 @@ class _SinkLogger:
 def _to_ecs(logger: object, method: str, event_dict: MutableMapping[str, Any]) -> Any:
     """Shape a flat structlog event into ECS-named fields."""
     action = event_dict.pop("event")
+    kind = catalog.lookup(action)
     shaped: dict[str, Any] = {
         "@timestamp": event_dict.pop("timestamp", None) or _utc_timestamp(),
         "message": event_dict.pop("message", None) or action,
@@ -153,6 +216,8 @@ def _to_ecs(logger: object, method: str, event_dict: MutableMapping[str, Any]) -
             "kind": "event",
             "module": "vps-agent",
             "action": action,
+            "category": list(kind.category),
+            "type": list(kind.type),
             "outcome": event_dict.pop("outcome", "unknown"),
         },
     }

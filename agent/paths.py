@@ -60,8 +60,28 @@ class SystemRoot:
         return self.state_dir / "firewall-canonical.json"
 
     @property
+    def updates_state(self) -> Path:
+        """The upgrade scheduler's state: last run, next run, a run under way."""
+        return self.state_dir / "updates.json"
+
+    @property
+    def port_move_state(self) -> Path:
+        """A two-phase SSH port move in flight (or rolled back)."""
+        return self.state_dir / "port-move.json"
+
+    @property
     def run_dir(self) -> Path:
         return self.path("/run/vps-agent")
+
+    # apt and dpkg
+    @property
+    def apt_etc(self) -> Path:
+        return self.path("/etc/apt")
+
+    @property
+    def reboot_required(self) -> Path:
+        """Debian's flag that a package needs a reboot; .pkgs beside it names the packages."""
+        return self.path("/run/reboot-required")
 
     @property
     def socket(self) -> Path:
@@ -87,6 +107,15 @@ class SystemRoot:
     @property
     def sshd_dropin(self) -> Path:
         return self.sshd_config_d / AGENT_DROPIN_NAME
+
+    @property
+    def ssh_socket_enabled_link(self) -> Path:
+        """Present when ssh.socket (Ubuntu 22.10+'s socket-activated sshd) is enabled."""
+        return self.path("/etc/systemd/system/sockets.target.wants/ssh.socket")
+
+    @property
+    def ssh_socket_dropin(self) -> Path:
+        return self.path("/etc/systemd/system/ssh.socket.d") / AGENT_DROPIN_NAME
 
     @property
     def sshd_privsep_dir(self) -> Path:
@@ -138,6 +167,21 @@ class SystemRoot:
     @property
     def sudoers_d(self) -> Path:
         return self.path("/etc/sudoers.d")
+
+    @property
+    def home_base(self) -> Path:
+        """Where the agent creates the admin's home (useradd's default HOME)."""
+        return self.path("/home")
+
+    # when the system was installed (the accounts guard's "root password unchanged since install")
+    @property
+    def machine_id(self) -> Path:
+        return self.path("/etc/machine-id")
+
+    @property
+    def installer_logs(self) -> Path:
+        """debian-installer's record of the install; images and debootstrap have none."""
+        return self.path("/var/log/installer")
 
     @property
     def systemd_run_dir(self) -> Path:

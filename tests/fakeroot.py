@@ -34,6 +34,8 @@ root\tALL=(ALL:ALL) ALL
 %sudo\tALL=(ALL:ALL) ALL
 @includedir /etc/sudoers.d
 """
+# the system was installed on day 18000 (2019-04-14): root's password (lastchg 19000) was changed since
+INSTALLED_DAY = 18000
 CONFIG = """# demo config for a fake root: see config.example.yaml for every key
 ssh:
   port: 2222
@@ -75,6 +77,9 @@ def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True
     private, public = host_key()
     write(ssh / "ssh_host_ed25519_key", private, 0o600)
     write(ssh / "ssh_host_ed25519_key.pub", public)
+    installed = INSTALLED_DAY * 86400 + 43200
+    for marker in (write(root / "etc/machine-id", "0123456789abcdef0123456789abcdef\n"), ssh / "ssh_host_ed25519_key"):
+        os.utime(marker, (installed, installed))
     passwd, shadow, group = PASSWD, SHADOW, GROUP
     if admin:
         passwd += f"{admin}:x:1000:1000:Admin:/home/{admin}:/bin/bash\n"

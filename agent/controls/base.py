@@ -33,6 +33,12 @@ class NetlinkGroup:
     group: int  # e.g. 7, NFNLGRP_NFTABLES
 
 
+# What a DriftItem asks of the agent.
+FIX = "fix"  # the agent fixes it (the default)
+FINDING = "finding"  # reported, never changed by the agent: the control is `drifted` until the admin fixes it
+WARNING = "warning"  # reported, never changed, the control's status unaffected (advice, or a guess)
+
+
 @dataclass(frozen=True)
 class DriftItem:
     """One way the observed state differs from the desired one."""
@@ -42,10 +48,15 @@ class DriftItem:
     expected: str
     actual: str
     line: int | None = None
+    kind: str = FIX
+    advice: str = ""  # for a finding or warning: why it matters and how the admin fixes it
 
     def describe(self) -> str:
         place = f"{self.where}:{self.line}" if self.line else self.where
-        return f"{place}: {self.what} is {self.actual!r}, expected {self.expected!r}"
+        if self.kind == FIX:
+            return f"{place}: {self.what} is {self.actual!r}, expected {self.expected!r}"
+        advice = f"; {self.advice}" if self.advice else ""
+        return f"{place}: {self.kind}: {self.what} {self.actual}, expected {self.expected}{advice}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,24 @@ class Drift:
 
     def summary(self) -> str:
         return "; ".join(item.describe() for item in self.items)
+
+    @property
+    def fixable(self) -> tuple[DriftItem, ...]:
+        return tuple(item for item in self.items if item.kind == FIX)
+
+    @property
+    def reported(self) -> tuple[DriftItem, ...]:
+        """What the agent reports and never changes (findings and warnings)."""
+        return tuple(item for item in self.items if item.kind != FIX)
+
+    @property
+    def findings(self) -> tuple[DriftItem, ...]:
+        return tuple(item for item in self.items if item.kind == FINDING)
+
+    def findings_summary(self) -> str:
+        """The status line of a control whose only drift is findings: what the admin has to fix."""
+        whats = ", ".join(dict.fromkeys(item.what for item in self.findings))
+        return f"{len(self.findings)} finding(s) for the admin to fix (the agent changes none of them): {whats}"
 
 
 @dataclass(frozen=True)

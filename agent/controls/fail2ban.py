@@ -33,7 +33,8 @@ from agent.controls.base import (
 )
 from agent.controls.firewall import ssh_ports
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
-from agent.system import apt, fs, netfilter
+from agent.portmove import PortMoves
+from agent.system import apt, dpkg, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run
 from agent.system.services import ServiceManager
@@ -160,8 +161,10 @@ class Fail2banControl(Control):
         services: ServiceManager | None = None,
         listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
+        moves: PortMoves | None = None,
     ) -> None:
         super().__init__(root)
+        self.moves = moves or PortMoves(root)
         self.services = services or ServiceManager(root)
         self._listening_ports = listening_ports
         self._detect_backend = detect_backend
@@ -253,7 +256,7 @@ class Fail2banControl(Control):
         self._install = f2b.install and self.root.is_host
         values = {
             "enabled": "true",
-            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports())),
+            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports(), self.moves)),
             "maxretry": str(f2b.maxretry),
             "findtime": _seconds(f2b.findtime),
             "bantime": _seconds(f2b.bantime),
@@ -286,6 +289,10 @@ class Fail2banControl(Control):
             items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
+        if observed.jail_conf is not None and not self.root.fail2ban_jail_conf_orig.exists():
+            # the guide's first step, taken as soon as there is a jail.conf (e.g. right after the install)
+            orig = self.root.system_name(self.root.fail2ban_jail_conf_orig)
+            items.append(DriftItem("jail.conf backup", orig, "kept", "not taken yet"))
         if not items:
             return None
         return Drift(self.name, tuple(items), _effective_diff(observed, desired))
@@ -337,7 +344,7 @@ class Fail2banControl(Control):
         if not observed.installed:
             # after the jail file: the package's postinst starts fail2ban with the agent's jail already
             for step in apt.install_steps(
-                [PACKAGE], repair=apt.interrupted(self.root), via_systemd=apt.via_systemd(self.root)
+                [PACKAGE], repair=dpkg.needs_repair(self.root), via_systemd=apt.via_systemd(self.root)
             ):
                 apply = Invocation(step.argv, env=step.env, timeout=step.timeout)
                 commands.append(CommandChange(apply, None, reason=f"install {PACKAGE}"))

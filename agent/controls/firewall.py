@@ -41,6 +41,7 @@ from agent.controls.base import (
     unified,
 )
 from agent.paths import SystemRoot
+from agent.portmove import PortMoves
 from agent.system import fs, netfilter
 from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
 
@@ -113,12 +114,13 @@ class FirewallDesired:
     nft_rules: tuple[str, ...] = ()  # the same policy as nft rules for `table inet vps_agent`
 
 
-def ssh_ports(config: Config, listening: frozenset[int]) -> tuple[int, ...]:
+def ssh_ports(config: Config, listening: frozenset[int], moves: PortMoves | None = None) -> tuple[int, ...]:
     """The one source of truth for "the SSH port(s)" (the firewall keeps them open, fail2ban guards
-    them): the SSH guard's port plus whatever sshd listens on now (a port move in flight)."""
+    them): the SSH guard's port(s) — both while a port move is open (agent/portmove.py) — plus
+    whatever sshd listens on now."""
     ports = set(listening)
     if config.ssh.enabled:
-        ports.add(config.ssh.port)
+        ports.update(moves.ports(config) if moves is not None else (config.ssh.port,))
     return tuple(sorted(ports))
 
 
@@ -227,8 +229,10 @@ class FirewallControl(Control):
         root: SystemRoot,
         listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
         in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
+        moves: PortMoves | None = None,
     ) -> None:
         super().__init__(root)
+        self.moves = moves or PortMoves(root)
         self._read_listening_ports = listening_ports
         self._listening_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self._in_host_netns = in_host_netns
@@ -318,7 +322,7 @@ class FirewallControl(Control):
     # desired ------------------------------------------------------------------------------------------
 
     def desired(self, config: Config) -> FirewallDesired:
-        ports = ssh_ports(config, self._listening_ports())
+        ports = ssh_ports(config, self._listening_ports(), self.moves)
         self._ssh_ports = ports
         fw = config.firewall
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}

@@ -3,6 +3,11 @@
 sshd takes the first value it meets and Debian's sshd_config includes sshd_config.d/*.conf first, so
 the agent owns a first-sorting drop-in, keeps the Include, and comments out conflicting directives
 elsewhere. Truth is `sshd -T`, never one file's text.
+
+Ubuntu 22.10 and later start sshd through ssh.socket: systemd owns the listening socket, and sshd's
+Port is ignored (the classic lockout: Port changed, sshd "restarted", still on 22 — or on nothing).
+Where ssh.socket is enabled, the guard also owns a drop-in for it (ListenStream= per port) and, after
+changing it, runs `systemctl daemon-reload` and restarts ssh.socket.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from agent.controls.sshd_config import (
     read_graph,
 )
 from agent.paths import SystemRoot
+from agent.portmove import PortMoves
 from agent.system import fs
 from agent.system.run import run
 from agent.system.services import Service, ServiceManager
@@ -53,7 +59,6 @@ _ACCESS_KEYWORDS = (
     "denygroups",
     "authorizedkeysfile",
 )
-_ACCOUNT_FILES = frozenset({"passwd", "shadow", "group", "gshadow", "sudoers"})
 _SYNONYMS = {"without-password": "prohibit-password"}
 
 
@@ -69,6 +74,8 @@ class SshdObserved:
     dropin: bytes | None
     dropin_problem: str | None  # e.g. a symlink planted at the drop-in path
     running: bool | None  # None: not known (a fake root without sshd)
+    socket_activated: bool = False  # ssh.socket (Ubuntu 22.10+) owns the listening socket
+    socket_dropin: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class SshdDesired:
     settings: tuple[tuple[str, str], ...]  # (Keyword, value) in drop-in order
     effective: Mapping[str, tuple[str, ...]]  # lower-case keyword -> values as `sshd -T` prints them
     dropin_text: str
+    socket_text: str = ""  # ssh.socket's drop-in, where socket activation is in use
 
     def accepts(self, keyword: str, value: str) -> bool:
         """Whether a directive elsewhere agrees with what the agent wants for keyword."""
@@ -87,9 +95,13 @@ class SshdDesired:
 class SshdControl(Control):
     name = "ssh"
 
-    def __init__(self, root: SystemRoot, services: ServiceManager | None = None) -> None:
+    def __init__(
+        self, root: SystemRoot, services: ServiceManager | None = None, moves: PortMoves | None = None
+    ) -> None:
         super().__init__(root)
         self.services = services or ServiceManager(root)
+        self.moves = moves or PortMoves(root)
+        self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
 
     def enabled(self, config: Config) -> bool:
@@ -100,17 +112,7 @@ class SshdControl(Control):
         dirs.update(self.root.path(p).parent for p, _ in read_graph(self.root).texts)
         specs = [WatchSpec(d) for d in sorted(dirs)]
         # the lockout invariants: a blocked guard unblocks as soon as an admin gets a way in
-        specs.append(WatchSpec(self.root.path("/etc"), _ACCOUNT_FILES))
-        specs.append(WatchSpec(self.root.sudoers_d))
-        try:
-            facts = accounts.read_facts(self.root)
-        except (fs.UnsafeFile, OSError):
-            return specs
-        for account in facts.accounts.values():
-            if account.uid == 0 or account.uid >= 1000 and account.home.startswith("/home/"):
-                home = self.root.path(account.home)
-                specs.append(WatchSpec(home, frozenset({".ssh"})))
-                specs.append(WatchSpec(home / ".ssh"))
+        specs.extend(accounts.watches(self.root))
         return specs
 
     # observe ------------------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ class SshdControl(Control):
         result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
         if result.ok:
             effective = parse_effective(result.stdout)
-            return SshdObserved(effective, graph, dropin, problem, self._running(effective))
+            socket, socket_dropin = self._socket_state()
+            return SshdObserved(effective, graph, dropin, problem, self._running(effective), socket, socket_dropin)
         error = result.error_text()
         if result.returncode == 127:
             raise ObserveError(f"{SSHD} not found: is openssh-server installed?", MAIN_CONFIG)
@@ -133,6 +136,33 @@ class SshdControl(Control):
             raise ObserveError(f"sshd -T rejects the current configuration: {error}", MAIN_CONFIG)
         # the agent's own drop-in broke sshd's parse (garbage in it, a link to something else): ours to rewrite
         return SshdObserved({}, graph, dropin, problem or f"sshd rejects it: {error}", None)
+
+    def _socket_state(self) -> tuple[bool, bytes | None]:
+        """Whether ssh.socket is in use, and the agent's drop-in for it."""
+        # the enablement link, not `systemctl is-active`: a file check costs nothing on the heal path
+        activated = self.root.ssh_socket_enabled_link.exists()
+        if not activated:
+            return False, None
+        try:
+            return True, fs.read_regular(self.root.ssh_socket_dropin)
+        except (fs.UnsafeFile, IsADirectoryError):
+            return True, b""  # not ours to read: rewritten like any modified drop-in
+
+    def serving_ports(self) -> frozenset[int]:
+        """The ports a running sshd serves, per its effective config (`sshd -T`): the agent reloads sshd
+        after every change, so the files are what it runs with. Empty when sshd is not running here.
+        (Reading sshd's sockets from /proc needs CAP_SYS_PTRACE, sshd being non-dumpable, which the
+        agent's unit does not have.)"""
+        if not self.root.is_host:
+            return frozenset()
+        self._ensure_privsep_dir()
+        result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+        if not result.ok:
+            return frozenset()
+        effective = parse_effective(result.stdout)
+        if not self._running(effective):
+            return frozenset()
+        return frozenset(int(p) for p in effective.get("port", ()) if p.isdigit())
 
     def _read_dropin(self) -> tuple[bytes | None, str | None]:
         try:
@@ -164,14 +194,18 @@ class SshdControl(Control):
 
     def desired(self, config: Config) -> SshdDesired:
         ssh = config.ssh
-        settings: list[tuple[str, str]] = [
-            ("Port", str(ssh.port)),
+        # one Port line per port: two while a port move is open (agent/portmove.py)
+        settings: list[tuple[str, str]] = [("Port", str(port)) for port in self.moves.ports(config)]
+        settings += [
             ("PermitRootLogin", ssh.permit_root_login),
             ("PasswordAuthentication", "yes" if ssh.password_authentication else "no"),
         ]
         settings.extend((k, v) for k, v in ssh.options)
+        if self.moves.verbose_logging(config) and not any(k.lower() == "loglevel" for k, _ in ssh.options):
+            settings.append(("LogLevel", "VERBOSE"))  # names the local port of each login: the move's proof
         frozen = tuple(settings)
-        return SshdDesired(frozen, self._normalise(frozen), render_dropin(frozen))
+        ports = [value for keyword, value in frozen if keyword == "Port"]
+        return SshdDesired(frozen, self._normalise(frozen), render_dropin(frozen), render_socket_dropin(ports))
 
     def _normalise(self, settings: tuple[tuple[str, str], ...]) -> Mapping[str, tuple[str, ...]]:
         """The values as `sshd -T` will print them (1m -> 60, prohibit-password -> without-password)."""
@@ -195,7 +229,7 @@ class SshdControl(Control):
     def diff(self, observed: SshdObserved, desired: SshdDesired) -> Drift | None:
         items: list[DriftItem] = []
         dropin_path = self._dropin_system_path
-        for keyword, _ in desired.settings:
+        for keyword in dict.fromkeys(k for k, _ in desired.settings):
             key = keyword.lower()
             want = desired.effective.get(key, ())
             have = observed.effective.get(key, ())
@@ -209,6 +243,13 @@ class SshdControl(Control):
             items.append(DriftItem("agent drop-in", dropin_path, "the agent's content", "modified"))
         if not self._include_present(observed.graph):
             items.append(DriftItem("include", MAIN_CONFIG, f"Include {DEFAULT_INCLUDE}", "missing"))
+        if (
+            observed.socket_activated
+            and (observed.socket_dropin or b"").decode("utf-8", "replace") != desired.socket_text
+        ):
+            where = self.root.system_name(self.root.ssh_socket_dropin)
+            state = "missing" if observed.socket_dropin is None else "modified"
+            items.append(DriftItem("ssh.socket ListenStream", where, "the SSH port(s)", state))
         for directive in self._conflicts(observed.graph, desired):
             items.append(
                 DriftItem(
@@ -236,17 +277,17 @@ class SshdControl(Control):
 
     def _conflicts(self, graph: ConfigGraph, desired: SshdDesired) -> list[Directive]:
         guarded = {k.lower() for k, _ in desired.settings}
-        port = next(v for k, v in desired.settings if k == "Port")
+        ports = {v for k, v in desired.settings if k == "Port"}
         conflicts = []
         for directive in graph.directives:
             if directive.path == self._dropin_system_path:
                 continue
             if directive.keyword == "port":
-                if directive.first_arg != port:
+                if directive.first_arg not in ports:
                     conflicts.append(directive)
             elif directive.keyword == "listenaddress":
                 explicit = _listen_port(directive.first_arg)
-                if explicit is not None and explicit != port:
+                if explicit is not None and explicit not in ports:
                     conflicts.append(directive)
             elif directive.keyword in guarded and not desired.accepts(directive.keyword, directive.value):
                 conflicts.append(directive)
@@ -297,6 +338,13 @@ class SshdControl(Control):
             )
             diffs.insert(0, unified(current, desired.dropin_text, self._dropin_system_path))
             notes.insert(0, f"write {self._dropin_system_path}")
+        socket_text = (observed.socket_dropin or b"").decode("utf-8", "replace")
+        self._socket_changed = observed.socket_activated and socket_text != desired.socket_text
+        if self._socket_changed:
+            where = self.root.system_name(self.root.ssh_socket_dropin)
+            files.append(FileChange(self.root.ssh_socket_dropin, where, desired.socket_text.encode(), 0o644, "socket"))
+            diffs.append(unified(socket_text, desired.socket_text, where))
+            notes.append(f"write {where}, then systemctl daemon-reload and restart ssh.socket")
         if observed.running is False:
             notes.append("start ssh.service")
         return Changes(tuple(files), tuple(notes), "".join(diffs))
@@ -339,14 +387,38 @@ class SshdControl(Control):
             raise ValidationError(f"sshd test mode (sshd -T) rejects it: {result.error_text()}")
         dropin, problem = self._read_dropin()
         # running stays unknown here: the reload that follows starts sshd when it was down
-        return SshdObserved(parse_effective(result.stdout), read_graph(self.root), dropin, problem, None)
+        socket, socket_dropin = self._socket_state()
+        effective = parse_effective(result.stdout)
+        return SshdObserved(effective, read_graph(self.root), dropin, problem, None, socket, socket_dropin)
 
     def reload(self) -> ReloadOutcome:
+        if self._socket_changed and self.services.use_systemd:
+            # systemd owns the listening socket: the new ListenStream= needs a daemon-reload and a
+            # restart of the socket (established sessions belong to sshd's processes and stay)
+            for argv in (["systemctl", "daemon-reload"], ["systemctl", "restart", "ssh.socket"]):
+                result = run(argv, timeout=60)
+                if not result.ok:
+                    return ReloadOutcome(False, f"{' '.join(argv)}: {result.error_text()}")
         outcome = self.services.reload(self._service())
-        return ReloadOutcome(outcome.ok, outcome.detail, {"service_action": outcome.action})
+        detail = outcome.detail + ("; ssh.socket restarted" if self._socket_changed else "")
+        return ReloadOutcome(outcome.ok, detail, {"service_action": outcome.action})
 
     def facts(self, observed: SshdObserved) -> dict[str, Any]:
         return describe(observed)
+
+
+def render_socket_dropin(ports: Sequence[str]) -> str:
+    """ssh.socket's drop-in: the unit's own ListenStream= reset, then IPv4 and IPv6 per port (Ubuntu's
+    unit binds [::] IPv6-only, so both families are listed)."""
+    lines = [
+        "# Managed by vps-agent: ssh.socket listens where the SSH guard's port(s) say.",
+        "# Change /etc/vps-agent/config.yaml (ssh.port) instead, then run `vps-agentctl reload`.",
+        "[Socket]",
+        "ListenStream=",
+    ]
+    for port in ports:
+        lines += [f"ListenStream=0.0.0.0:{port}", f"ListenStream=[::]:{port}"]
+    return "\n".join(lines) + "\n"
 
 
 def render_dropin(settings: Sequence[tuple[str, str]]) -> str:

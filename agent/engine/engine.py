@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.config import Config
@@ -23,7 +23,9 @@ class Engine:
         self.ctx = ctx
         self.watcher = DirectoryWatcher(ctx.echo)
         self.netlink = NetlinkWatcher()
-        self.runners = {c.name: ControlRunner(c, self.config, ctx, self.refresh_watches) for c in controls}
+        self.runners = {c.name: ControlRunner(c, self.config, ctx, self._after_converge) for c in controls}
+        # called after every converge (the metrics textfile); each must return at once
+        self.converge_listeners: list[Callable[[], None]] = []
         self.started_at = time.time()
 
     def config(self) -> Config:
@@ -35,7 +37,7 @@ class Engine:
             self._config = config
         self.refresh_watches()
         for runner in self.runners.values():
-            runner.trigger("config reloaded", immediate=True)
+            runner.trigger("config reloaded", immediate=True, admin=True)
 
     def start(self) -> None:
         self.refresh_watches()
@@ -44,14 +46,17 @@ class Engine:
         for runner in self.runners.values():
             runner.start()
 
-    def reconcile_all(self, reason: str, timeout: float = 120.0) -> dict[str, tx.Outcome | None]:
-        """Converge every control now and wait (the start-up reconcile, `vps-agentctl converge`)."""
+    def reconcile_all(
+        self, reason: str, timeout: float = 120.0, *, admin: bool = False
+    ) -> dict[str, tx.Outcome | None]:
+        """Converge every control now and wait (the start-up reconcile: drift that built up while the
+        agent was down counts toward flap damping like any other; admin=True for the admin's asks)."""
         results: dict[str, tx.Outcome | None] = {}
         threads = []
         for name, runner in self.runners.items():
 
             def work(n: str = name, r: ControlRunner = runner) -> None:
-                results[n] = r.converge_and_wait(reason, timeout)
+                results[n] = r.converge_and_wait(reason, timeout, admin=admin)
 
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
@@ -60,6 +65,11 @@ class Engine:
             thread.join(timeout)
         self.refresh_watches()
         return results
+
+    def _after_converge(self) -> None:
+        self.refresh_watches()
+        for listener in self.converge_listeners:
+            listener()
 
     def refresh_watches(self) -> None:
         """(Re)arm each control's directory watches; runs after every converge, so a directory deleted

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent import events as ev
 from agent.config import Config, format_duration
-from agent.controls.base import Control
+from agent.controls.base import FINDING, WARNING, Control
 from agent.engine import transaction as tx
 
 # Status words `vps-agentctl status` shows; COMPLIANT/HEALED count as in compliance.
@@ -19,6 +19,9 @@ PAUSED = "paused"
 FLAPPING = "flapping"
 DISABLED = "disabled"
 STARTING = "starting"
+WAITING = "waiting"  # dpkg is at work: converging once it has finished
+DPKG_RECHECK = 1.0  # seconds between looks at the dpkg locks while waiting
+DPKG_MAX_WAIT = 1800.0  # a dpkg holding its lock longer than this is wedged: converge anyway
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
 _MAX_BACKOFF = 3600.0
 # While backing off, the drift is still healed once, after this long without a change: a storm that
@@ -33,7 +36,8 @@ class ControlState:
     why: str = ""
     last_transaction: str = ""
     last_heal_at: float | None = None
-    last_converge_at: float | None = None
+    last_converge_at: float | None = None  # monotonic, for scheduling
+    converged_at: float | None = None  # wall clock, for status and metrics
     heals: int = 0
     paused_until: float | None = None  # wall clock; float("inf") = until resumed
     backoff_until: float | None = None  # monotonic
@@ -52,6 +56,7 @@ class ControlState:
             "heals": self.heals,
             "last_heal_at": self.last_heal_at,
             "last_converge_at": self.last_converge_at,
+            "converged_at": self.converged_at,
             "last_transaction": self.last_transaction,
             "paused_until": paused,
             "facts": self.facts,
@@ -78,12 +83,15 @@ class ControlRunner:
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: str | None = None  # why a converge is wanted
+        self._pending_admin = False  # the admin asked for it (reload, converge, resume): not drift
+        self._waiting_since: float | None = None  # when this control began waiting for dpkg
         self._first_trigger = 0.0
         self._last_trigger = 0.0
         self._settle_heal_used = False  # the one heal a back-off allows
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
+        self._reported = ""  # the findings and warnings last reported (each distinct set once)
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -103,8 +111,9 @@ class ControlRunner:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def trigger(self, reason: str, *, immediate: bool = False) -> None:
-        """Something this control watches may have changed; converge after the debounce."""
+    def trigger(self, reason: str, *, immediate: bool = False, admin: bool = False) -> None:
+        """Something this control watches may have changed; converge after the debounce. `admin`: the
+        admin asked for it (a config reload, `converge`): what it changes is not drift to damp."""
         now = self._clock()
         debounce = 0.0 if immediate else self.get_config().engine.debounce
         with self._cond:
@@ -112,18 +121,19 @@ class ControlRunner:
                 self._pending = reason
                 self._first_trigger = now
             self._last_trigger = now
+            self._pending_admin = self._pending_admin or admin
             latest = self._first_trigger + debounce * _MAX_DEBOUNCE_FACTOR
             self._deadline = min(now + debounce, latest)
             if immediate:
                 self.state.backoff_until = None  # an admin's explicit converge overrides flap damping
             self._cond.notify_all()
 
-    def converge_and_wait(self, reason: str, timeout: float = 120.0) -> tx.Outcome | None:
+    def converge_and_wait(self, reason: str, timeout: float = 120.0, *, admin: bool = True) -> tx.Outcome | None:
         done = threading.Event()
         box: list[tx.Outcome] = []
         with self._cond:
             self._waiters.append((done, box))
-        self.trigger(reason, immediate=True)
+        self.trigger(reason, immediate=True, admin=admin)
         done.wait(timeout)
         return box[0] if box else None
 
@@ -139,7 +149,7 @@ class ControlRunner:
             self._heal_times.clear()
             self._backoff_level = 0
             self.state.status = STARTING
-        self.trigger("resumed", immediate=True)
+        self.trigger("resumed", immediate=True, admin=True)
 
     def _set_status(self, status: str, why: str) -> None:
         if status != self.state.status or why != self.state.why:
@@ -156,9 +166,12 @@ class ControlRunner:
                 reason = self._wait_for_work()
                 if reason is None:
                     return
+                admin, self._pending_admin = self._pending_admin, False
             self.busy_since = time.monotonic()
             try:
-                self._run_once(reason)
+                if self._wait_for_dpkg(reason, admin):
+                    continue
+                self._run_once(reason, admin)
                 self._after_converge()
             except Exception as exc:  # a bug must not silently end the guarding of this control
                 with self._cond:
@@ -211,7 +224,56 @@ class ControlRunner:
             self._cond.wait(timeout=min(max(wake_at - now, 0.001), 3600.0))
         return None
 
-    def _run_once(self, reason: str) -> None:
+    def _wait_for_dpkg(self, reason: str, admin: bool) -> bool:
+        """While dpkg changes the system, a guard does not fight it: the converge is put off (looking
+        again every DPKG_RECHECK) and runs once dpkg is done. True: put off."""
+        config = self.get_config()
+        if not self.control.enabled(config) or self.state.paused_until is not None:
+            return False  # nothing will be written: observe and report now
+        holder = self.ctx.package_manager_busy()
+        now = self._clock()
+        if holder is None:
+            if self._waiting_since is not None:
+                waited = now - self._waiting_since
+                self._waiting_since = None
+                self.ctx.events.emit(
+                    ev.PACKAGE_MANAGER_BUSY,
+                    outcome="success",
+                    control=self.name,
+                    message=f"{self.name}: dpkg has finished after {waited:.1f}s: converging once",
+                    waited_seconds=round(waited, 1),
+                )
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+            self.ctx.events.emit(
+                ev.PACKAGE_MANAGER_BUSY,
+                outcome="unknown",
+                control=self.name,
+                message=f"{self.name}: {holder}: waiting for it to finish before converging",
+                holder=holder,
+            )
+        elif now - self._waiting_since > DPKG_MAX_WAIT:
+            self.ctx.events.emit(
+                ev.PACKAGE_MANAGER_BUSY,
+                outcome="failure",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: {holder} for over {format_duration(DPKG_MAX_WAIT)}: converging anyway",
+                holder=holder,
+            )
+            self._waiting_since = now  # the next wait starts a new period
+            return False
+        with self._cond:
+            self._set_status(WAITING, f"{holder}: converging once it has finished")
+            self._pending = self._pending or reason
+            self._pending_admin = self._pending_admin or admin
+            self._first_trigger = now
+            self._deadline = now + DPKG_RECHECK
+        self._release_waiters(tx.Outcome(self.name, WAITING, f"{holder}: converging once it has finished"))
+        return True
+
+    def _run_once(self, reason: str, admin: bool = False) -> None:
         config = self.get_config()
         if not self.control.enabled(config):
             with self._cond:
@@ -226,6 +288,7 @@ class ControlRunner:
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         with self._cond:
             self.state.last_converge_at = self._clock()
+            self.state.converged_at = time.time()
             self.state.last_transaction = outcome.transaction_id
             if outcome.facts:
                 self.state.facts = outcome.facts
@@ -241,7 +304,8 @@ class ControlRunner:
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
-                self._record_heal(config)
+                if not admin:
+                    self._record_heal(config)
                 if self.state.status != FLAPPING:
                     self._set_status(tx.HEALED, outcome.detail)
             elif outcome.status == tx.COMPLIANT:
@@ -251,10 +315,41 @@ class ControlRunner:
                     self._set_status(tx.COMPLIANT, "")
             else:
                 self._set_status(outcome.status, outcome.detail)
-                if outcome.status == tx.FAILED:
+                if outcome.status == tx.FAILED and self.ctx.package_manager_busy() is not None:
+                    # dpkg began meanwhile (the cause, most likely): try again once it has finished
+                    self._pending = self._pending or "after dpkg"
+                    self._deadline = self._clock() + DPKG_RECHECK
+                elif outcome.status == tx.FAILED:
                     self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
             self._maybe_leave_flapping(config)
+            if not paused and not report_only:
+                self._report_findings(outcome)
         self._release_waiters(outcome)
+
+    def _report_findings(self, outcome: tx.Outcome) -> None:
+        """Findings and warnings (drift the agent never changes) are reported once per distinct set, as a
+        drift-detected event; a finding left after a heal keeps the control `drifted`."""
+        left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift
+        reported = left.reported if left is not None else ()
+        if outcome.status == tx.HEALED and reported:
+            self.state.drift = [item.describe() for item in reported]
+        if left is not None and left.findings and self.state.status in (tx.COMPLIANT, tx.HEALED):
+            self._set_status(tx.DRIFTED, left.findings_summary())
+        summary = "; ".join(item.describe() for item in reported)
+        if summary and summary != self._reported:
+            paths = [item.where for item in reported if item.where.startswith("/")]
+            self.ctx.events.emit(
+                ev.DRIFT_DETECTED,
+                outcome="unknown",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: reported, never changed by the agent: {summary}",
+                findings=[item.describe() for item in reported if item.kind == FINDING] or None,
+                warnings=[item.describe() for item in reported if item.kind == WARNING] or None,
+                file_path=paths[0] if paths else None,
+                transaction_id=outcome.transaction_id,
+            )
+        self._reported = summary
 
     def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
         """While paused (or in report mode), drift is still an event (once per distinct drift), so

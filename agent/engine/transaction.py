@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,12 @@ class Outcome:
     duration_ms: float = 0.0
     transaction_id: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
+    # after a heal: the findings and warnings it left (the agent never changes those), or None
+    remaining: Drift | None = None
+
+
+def _dpkg_idle() -> str | None:
+    return None
 
 
 @dataclass
@@ -50,6 +57,8 @@ class TransactionContext:
     events: Events
     backups: fs.BackupStore
     echo: fs.EchoFilter
+    # who is running dpkg right now (None: nobody): the guards wait for it instead of fighting it
+    package_manager_busy: Callable[[], str | None] = _dpkg_idle
 
 
 def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:
@@ -99,6 +108,10 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     drift = control.diff(observed, desired)
     if drift is None:
         return Outcome(control.name, COMPLIANT, "", duration_ms=elapsed(), transaction_id=txid, facts=facts)
+    if not drift.fixable:
+        # findings and warnings only: reported (by the runner, once each), never changed; nothing to plan
+        status, detail = (DRIFTED, drift.findings_summary()) if drift.findings else (COMPLIANT, "")
+        return Outcome(control.name, status, detail, drift, None, None, elapsed(), txid, facts)
 
     blocked = control.preconditions(observed, desired)
     try:
@@ -163,8 +176,9 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             raise ValidationError(f"reload failed: {reloaded.detail}")
         after = validated if validated is not None else control.observe()
         remaining = control.diff(after, desired)
-        if remaining is not None:
-            raise ValidationError(f"still drifted after the change: {remaining.summary()}")
+        if remaining is not None and remaining.fixable:
+            still = "; ".join(item.describe() for item in remaining.fixable)
+            raise ValidationError(f"still drifted after the change: {still}")
     except (ValidationError, ObserveError, fs.UnsafeFile, OSError) as exc:
         restored = backup.restore(echo=ctx.echo)
         undone = _undo(applied)
@@ -195,7 +209,16 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         reload=reloaded.detail,
     )
     return Outcome(
-        control.name, HEALED, "; ".join(changes.notes), drift, changes, None, elapsed(), txid, control.facts(after)
+        control.name,
+        HEALED,
+        "; ".join(changes.notes),
+        drift,
+        changes,
+        None,
+        elapsed(),
+        txid,
+        control.facts(after),
+        remaining,
     )
 
 

@@ -1,8 +1,9 @@
 """The one door to apt: non-interactive, the admin's conffiles kept, waiting for the dpkg lock, bounded.
 
 Package installs (the fail2ban guard) and, later, the upgrade scheduler go through here. A dpkg left
-half way (a crash, a power cut: files in /var/lib/dpkg/updates/) is finished with `dpkg --configure -a`
-first, as apt itself asks for; another apt holding the lock is waited for, never fought.
+half way (a crash, a power cut: files in /var/lib/dpkg/updates/ and nobody holding its lock) is finished
+with `dpkg --configure -a` first, as apt itself asks for; another apt holding the lock is waited for,
+never fought, and its work in progress is never taken for an interruption.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.paths import SystemRoot
+from agent.system import dpkg
 from agent.system.run import Completed, run
 
 ENV = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
 LOCK_TIMEOUT = 120.0  # seconds apt waits for another holder of the dpkg lock (unattended-upgrades, an admin)
 TOTAL_TIMEOUT = 600.0  # seconds for everything one call does, the lock wait included
-DPKG_UPDATES = "/var/lib/dpkg/updates"
 _SETTING_UP = re.compile(r"^Setting up (\S+?)(?::\S+)? \(([^)]*)\)", re.MULTILINE)
 
 
@@ -37,14 +38,6 @@ class AptResult:
     installed: tuple[tuple[str, str], ...]  # (package, version) dpkg set up
     detail: str
     steps: tuple[Completed, ...] = ()
-
-
-def interrupted(root: SystemRoot) -> bool:
-    """dpkg was interrupted (apt would refuse: "you must manually run 'dpkg --configure -a'")."""
-    try:
-        return any(root.path(DPKG_UPDATES).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def outside_sandbox(step: Step) -> Step:
@@ -91,6 +84,116 @@ def install_steps(
     return tuple(outside_sandbox(step) for step in steps) if via_systemd else tuple(steps)
 
 
+UPGRADE_VERBS = {"upgrade": "upgrade", "security-only": "upgrade", "dist-upgrade": "dist-upgrade"}
+
+
+def _options(lock_timeout: float, sources: SecuritySources | None) -> tuple[str, ...]:
+    """What every apt-get run of the agent's gets: the admin's conffiles kept without a prompt (confdef:
+    the package's default where the admin never changed the file; confold: the admin's version where
+    they did), a bounded wait for the dpkg lock, and in security-only mode the filtered sources."""
+    options = [
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "-o",
+        f"DPkg::Lock::Timeout={int(lock_timeout)}",
+    ]
+    if sources is not None:
+        options += ["-o", f"Dir::Etc::SourceList={sources.list}", "-o", f"Dir::Etc::SourceParts={sources.parts}"]
+        # without this, an update that sees only the security suites deletes every other suite's lists
+        options += ["-o", "APT::Get::List-Cleanup=false"]
+    return tuple(options)
+
+
+@dataclass(frozen=True)
+class SecuritySources:
+    """A sources.list holding only the security suites, and an empty parts directory beside it."""
+
+    list: str  # system paths
+    parts: str
+
+
+def upgrade_steps(
+    mode: str,
+    *,
+    repair: bool,
+    lock_timeout: float,
+    total_timeout: float,
+    sources: SecuritySources | None = None,
+    via_systemd: bool = False,
+) -> tuple[Step, ...]:
+    """`apt-get update`, then `apt-get upgrade` (or dist-upgrade); an interrupted dpkg finished first.
+    Held packages stay as they are: apt-get never upgrades a package on hold unless told to."""
+    if mode not in UPGRADE_VERBS:
+        raise ValueError(f"upgrade mode {mode!r}")
+    env = tuple(sorted(ENV.items()))
+    options = _options(lock_timeout, sources)
+    steps = []
+    if repair:
+        steps.append(Step(("dpkg", "--force-confdef", "--force-confold", "--configure", "-a"), env, total_timeout))
+    steps.append(Step(("apt-get", "-q", *options, "update"), env, total_timeout))
+    verb = UPGRADE_VERBS[mode]
+    steps.append(Step(("apt-get", "-q", "-y", *options, verb), env, total_timeout))
+    return tuple(outside_sandbox(step) for step in steps) if via_systemd else tuple(steps)
+
+
+_ONE_LINE = re.compile(r"^\s*(deb|deb-src)\s+(\[[^\]]*\]\s+)?(\S+)\s+(\S+)(.*)$")
+
+
+def is_security_suite(suite: str) -> bool:
+    """Debian's bookworm-security (and the older buster/updates), Ubuntu's jammy-security."""
+    return suite.endswith("-security") or suite.endswith("/updates")
+
+
+def security_lines(files: Sequence[tuple[str, str]]) -> list[str]:
+    """The one-line entries of the security suites in (name, text) source files, one-line (.list) and
+    deb822 (.sources) alike; deb822 stanzas become one-line entries with their options kept."""
+    lines: list[str] = []
+    for name, text in files:
+        if name.endswith(".sources"):
+            lines += _deb822_security(text)
+            continue
+        for line in text.splitlines():
+            match = _ONE_LINE.match(line.split("#", 1)[0])
+            if match and is_security_suite(match.group(4)):
+                lines.append(line.split("#", 1)[0].strip())
+    return lines
+
+
+_DEB822_OPTIONS = {"signed-by": "signed-by", "trusted": "trusted", "architectures": "arch"}
+
+
+def _deb822_security(text: str) -> list[str]:
+    lines: list[str] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = ""
+        for raw in stanza.splitlines():
+            if raw.startswith("#"):
+                continue
+            if raw[:1].isspace() and key:
+                fields[key] += " " + raw.strip()
+                continue
+            key, _, value = raw.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        options = " ".join(
+            f"{word}={fields[field].replace(' ', ',')}"
+            for field, word in _DEB822_OPTIONS.items()
+            if field in fields and not fields[field].startswith("-----BEGIN")
+        )
+        prefix = f"[{options}] " if options else ""
+        for kind in fields.get("types", "").split():
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    if is_security_suite(suite):
+                        lines.append(f"{kind} {prefix}{uri} {suite} {fields.get('components', '')}".strip())
+    return lines
+
+
 def via_systemd(root: SystemRoot) -> bool:
     """Whether systemd runs this host (then apt runs as a transient service of its own)."""
     return root.is_host and root.systemd_run_dir.is_dir()
@@ -112,7 +215,9 @@ def install(
     if not root.is_host:
         return AptResult(False, (), f"a fake root: {' '.join(packages)} is never installed there")
     deadline = time.monotonic() + total_timeout
-    steps = install_steps(packages, repair=interrupted(root), lock_timeout=lock_timeout, total_timeout=total_timeout)
+    steps = install_steps(
+        packages, repair=dpkg.needs_repair(root), lock_timeout=lock_timeout, total_timeout=total_timeout
+    )
     done: list[Completed] = []
     installed: list[tuple[str, str]] = []
     for step in steps:

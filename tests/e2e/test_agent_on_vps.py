@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
+from agent.sinks import catalog
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, built_deb
 from tests.e2e.sandbox import CLIENT_ADDR, VPS_ADDR, Sandbox
@@ -97,24 +99,37 @@ def firewall_heals(vps: Sandbox) -> int:
 
 
 def configure(vps: Sandbox) -> None:
+    """The admin's config (SSH on 2222), applied the way an admin meets it: the agent opens 2222 beside
+    22, the admin's first login on 2222 proves it, then 22 closes."""
     vps.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=USER_CONFIG)
     vps.exec(["systemctl", "reload", "vps-agent"])
+    if not hardened(vps):
+        wait_for("sshd on 2222 beside 22", lambda: "2222" in sshd_effective(vps)["port"])
+        wait_for("the admin's login on 2222", lambda: admin_gets_in(vps), 30)
     wait_for("the agent to apply the admin's config", lambda: hardened(vps) and status_code(vps) == 0)
 
 
-@pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """One VPS for the module: fresh Debian 12, the .deb installed before first boot, then booted."""
+@contextmanager
+def agent_vps(factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+    """A fresh Debian 12 VPS, the .deb installed before first boot, booted, the agent active;
+    destroyed when the block ends."""
     require_root_and_tools(*TOOLS)
-    sandbox = Sandbox(tmp_path_factory.mktemp("vps") / "root")
+    sandbox = Sandbox(factory.mktemp(name) / "root")
     sandbox.create(debs=[built_deb()])
     try:
         sandbox.boot()
         wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)
-        configure(sandbox)
         yield sandbox
     finally:
         sandbox.destroy()
+
+
+@pytest.fixture(scope="module")
+def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """One VPS for the module, with the admin's config applied."""
+    with agent_vps(tmp_path_factory, "vps") as sandbox:
+        configure(sandbox)
+        yield sandbox
 
 
 def test_installed_agent_is_active_compliant_and_the_admin_still_gets_in(vps: Sandbox) -> None:
@@ -162,6 +177,37 @@ def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sand
             20,
         )
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+
+
+def journal(vps: Sandbox, *matches: str) -> list[dict[str, object]]:
+    out = vps.exec(["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=vps-agent", *matches]).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_the_journal_has_the_events_as_native_fields_with_message_ids(vps: Sandbox) -> None:
+    reverted = [e for e in events(vps) if e["event"]["action"] == "drift-reverted"][-1]  # type: ignore[index]
+    transaction = reverted["transaction"]["id"]  # type: ignore[index]
+    heal_id = catalog.CATALOG["drift-reverted"].message_id
+
+    def heal_in_the_journal() -> list[dict[str, object]]:
+        return [j for j in journal(vps, f"MESSAGE_ID={heal_id}") if j.get("TRANSACTION_ID") == transaction]
+
+    wait_for("the heal in the journal", lambda: bool(heal_in_the_journal()), 20)
+    [entry] = heal_in_the_journal()
+    assert entry["MESSAGE"] == reverted["message"] and entry["PRIORITY"] == "6"
+    assert entry["EVENT_ACTION"] == "drift-reverted" and entry["EVENT_OUTCOME"] == "success"
+    assert entry["CONTROL"] == reverted["control"] and entry["FILE_PATH"] == reverted["file"]["path"]  # type: ignore[index]
+    assert entry["HOST_NAME"] == "vps" and json.loads(str(entry["EVENT_CATEGORY"])) == ["configuration"]
+    assert entry["_SYSTEMD_UNIT"] == "vps-agent.service"
+    # every event has its type's MESSAGE_ID, and no event is JSON text any more
+    entries = journal(vps)
+    described = [e for e in entries if "EVENT_ACTION" in e]
+    assert {"agent-started", "drift-detected", "drift-reverted"} <= {str(e["EVENT_ACTION"]) for e in described}
+    assert all(e["MESSAGE_ID"] == catalog.lookup(str(e["EVENT_ACTION"])).message_id for e in described)
+    assert not [e for e in entries if str(e.get("MESSAGE", "")).startswith('{"@timestamp"')]
+    started = journal(vps, f"MESSAGE_ID={catalog.CATALOG['agent-started'].message_id}")
+    assert started and all(e["EVENT_ACTION"] == "agent-started" for e in started)
+    assert "events: the journal (native fields)" in vps.exec(["vps-agentctl", "status"], check=False).stdout
 
 
 def test_kill_9_is_restarted_by_systemd(vps: Sandbox) -> None:
@@ -270,6 +316,38 @@ def test_fail2ban_runs_the_sshd_jail_on_the_ssh_port_and_is_kept_running(vps: Sa
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 
+# Before the ban test: a reinstalled fail2ban starts with an empty database and reads the journal back
+# over findtime, so the failed logins of the ban test would be found again and the client banned anew.
+def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    mark = len(events(vps))
+    # the agent sees fail2ban stop while dpkg still runs: it waits for dpkg, then installs it again
+    # (offline: the .deb is in the VPS's apt cache, as on any Debian that installed it)
+    vps.exec(["apt-get", "purge", "-y", "-q", "fail2ban"], timeout=300)
+    wait_for("fail2ban installed again, guarding 2222", lambda: fail2ban_guarding_2222(vps), 180)
+    # the package's postinst starts fail2ban before the agent's transaction has verified and reported
+    wait_for(
+        "the heal to be reported",
+        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),  # type: ignore[index]
+        60,
+    )
+    installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
+    assert installed.strip() == "ii"
+    seen = events_since(vps, mark, "fail2ban")
+    actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
+    assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
+    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
+    assert any("install fail2ban" in str(e["message"]) for e in reverted), json.dumps(seen, indent=1)
+    # it waited for the purge's dpkg instead of fighting it
+    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]  # type: ignore[index]
+    assert waits[:2] == ["unknown", "success"], json.dumps(seen, indent=1)
+    vps.exec(["test", "-s", F2B_JAIL_FILE])
+    # the guide's backup of jail.conf is still the very first one
+    vps.exec(["test", "-s", "/var/lib/vps-agent/backups/fail2ban/jail.conf.orig"])
+    status = vps.exec(["vps-agentctl", "status"], check=False)
+    assert status.returncode == 0, status.stdout
+
+
 MAXRETRY = 5  # fail2ban.maxretry's default; the module's config keeps it
 # PasswordAuthentication is off: sshd still logs "Invalid user nosuchuser from 10.213.0.2" before any
 # method is tried, and the sshd filter counts that line
@@ -337,6 +415,34 @@ def test_failed_logins_get_the_client_banned_unless_ignoreip_names_it(vps: Sandb
     assert admin_gets_in(vps)
 
 
+def events_since(vps: Sandbox, count: int, control: str) -> list[dict[str, object]]:
+    return [e for e in events(vps)[count:] if e.get("control") == control]
+
+
+def test_neither_jail_local_nor_a_later_local_turns_the_sshd_jail_off(vps: Sandbox) -> None:
+    wait_for("fail2ban active with the sshd jail on 2222", lambda: fail2ban_guarding_2222(vps), 30)
+    # jail.local is read before the agent's jail.d/*.local: restarted with it, the jail still runs
+    vps.exec(["sh", "-c", "printf '[sshd]\\nenabled = false\\nport = 22\\n' > /etc/fail2ban/jail.local"])
+    try:
+        vps.exec(["systemctl", "restart", "fail2ban"])
+        wait_for("the sshd jail on 2222 despite jail.local", lambda: fail2ban_guarding_2222(vps), 30)
+        # a .local sorting after the agent's file would win: its line is neutralised
+        mark = len(events(vps))
+        late = "/etc/fail2ban/jail.d/zzz-late.local"
+        vps.exec(["sh", "-c", f"printf '[sshd]\\nenabled = false\\n' > {late}"])
+        wait_for(
+            "the later .local to be neutralised",
+            lambda: "# [vps-agent" in vps.exec(["cat", late]).stdout,
+            10,
+        )
+        vps.exec(["fail2ban-client", "reload"])  # the admin applies it: nothing to apply
+        wait_for("the sshd jail on 2222 after the reload", lambda: fail2ban_guarding_2222(vps), 30)
+        actions = [e["event"]["action"] for e in events_since(vps, mark, "fail2ban")]  # type: ignore[index]
+        assert "drift-reverted" in actions, actions
+    finally:
+        vps.exec(["rm", "-f", "/etc/fail2ban/jail.local", "/etc/fail2ban/jail.d/zzz-late.local"])
+
+
 def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
     # the shipped WatchdogSec is 30 s; a drop-in shortens it so the test does not wait that long
     vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])
@@ -356,7 +462,26 @@ def test_power_cycle_comes_back_compliant(vps: Sandbox) -> None:
     vps.power_cycle()
     wait_for("vps-agent.service after boot", lambda: agent_active(vps), 60)
     wait_for("compliance after boot", lambda: status_code(vps) == 0 and hardened(vps), 60)
-    assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
+    # compliant config first; sshd itself may still be starting (slower on a loaded machine)
+    try:
+        wait_for("the admin's ssh login on 2222 after boot", lambda: admin_gets_in(vps), 30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(vps)}") from None
+
+
+def diagnose(vps: Sandbox) -> str:
+    """What an admin would look at when ssh fails: listeners, sshd's unit and log, the firewall, bans."""
+    parts = []
+    for cmd in (
+        ["ss", "-ltnp"],
+        ["systemctl", "status", "--no-pager", "ssh"],
+        ["journalctl", "-b", "--no-pager", "-n", "40", "-u", "ssh", "-u", "vps-agent"],
+        ["iptables", "-S"],
+        ["fail2ban-client", "status", "sshd"],
+    ):
+        done = vps.exec(cmd, check=False)
+        parts.append(f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    return "\n".join(parts)
 
 
 def test_upgrade_from_the_previous_version_then_purge(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -4,6 +4,7 @@ nothing behind on the host."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -41,10 +42,14 @@ def leftovers(vps: Sandbox) -> list[str]:
             pass  # gone meanwhile, or a zombie
     mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
     found += [f"mount {m}" for m in mounts.splitlines() if m.startswith(str(vps.root))]
+    # this sandbox's own names (the script derives them from the root's path): other sandboxes, of
+    # another test session on the same machine, are not this one's leftovers
+    sandbox_id = hashlib.sha256(str(vps.root).encode()).hexdigest()[:8]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [f"netns {n}" for n in netns.splitlines() if n.startswith(("vps-", "vpsclient-"))]
+    mine = (f"vps-{sandbox_id}", f"vpsclient-{sandbox_id}")
+    found += [f"netns {n}" for n in netns.splitlines() if n.split()[0] in mine]
     for base in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        found += [f"cgroup {c}" for c in base.glob("vps-sandbox-*")]
+        found += [f"cgroup {c}" for c in base.glob(f"vps-sandbox-{sandbox_id}")]
     return found
 
 

@@ -127,6 +127,13 @@ def test_shipped_files_are_the_sources(unpacked: Path, contents: dict[str, tuple
     assert exec_start and exec_start.group(1) == "/usr/bin/vps-agent", "ExecStart must run the packaged launcher"
     completion = unpacked / "usr/share/bash-completion/completions/vps-agentctl"
     assert completion.read_bytes() == (REPO / "packaging/bash-completion/vps-agentctl").read_bytes()
+    # the collector snippets (rsyslog, Vector, Filebeat, Alloy, Prometheus alerts), as in packaging/collectors
+    shipped = unpacked / "usr/share/vps-agent/collectors"
+    sources = sorted(p.name for p in (REPO / "packaging/collectors").iterdir())
+    assert sorted(p.name for p in shipped.iterdir()) == sources and len(sources) == 5
+    for name in sources:
+        assert (shipped / name).read_bytes() == (REPO / "packaging/collectors" / name).read_bytes()
+        assert contents[f"/usr/share/vps-agent/collectors/{name}"][0] == "-rw-r--r--"
 
 
 # --- control data ---------------------------------------------------------------------------------

@@ -28,6 +28,15 @@ class DeclaredCommands:
         # newest declaration wins, so a test can change an answer half way
         self.answers.insert(0, (tuple(prefix), answer))
 
+    def real(self, prefix: Sequence[str]) -> None:
+        """Let the real tool answer (read-only ones only, e.g. `systemd-analyze calendar`)."""
+
+        def answer(argv: list[str]) -> tuple[int, str, str]:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={"LC_ALL": "C"})
+            return done.returncode, done.stdout, done.stderr
+
+        self.expect_with(prefix, answer)
+
     def spawn(self, argv: list[str], input_text: str | None = None, **_: object) -> subprocess.CompletedProcess[str]:
         self.calls.append(argv)
         self.inputs.append(input_text)

@@ -101,11 +101,6 @@ def test_the_steps_share_one_time_bound(tmp_path: Path) -> None:
     assert dict(steps[-1].env)["DEBIAN_FRONTEND"] == "noninteractive"
 
 
-def test_no_dpkg_state_is_not_interrupted(tmp_path: Path) -> None:
-    assert not apt.interrupted(SystemRoot.at(tmp_path))
-    assert apt.interrupted(_host(tmp_path, "0002"))
-
-
 def test_a_fake_root_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
     result = apt.install(SystemRoot.at(tmp_path), ["fail2ban"])
     assert not result.ok and commands.calls == []

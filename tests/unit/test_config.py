@@ -27,8 +27,14 @@ from agent.config import (
     parse_config,
     parse_duration,
 )
+from tests.unit.conftest import DeclaredCommands
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _systemd_judges_calendar_expressions(commands: DeclaredCommands) -> None:
+    commands.real(["systemd-analyze", "calendar"])
 
 
 def error_for(text: str) -> ConfigError:
@@ -222,6 +228,28 @@ def test_schedule_in_oncalendar_syntax_is_kept_as_written() -> None:
     assert parse_config("updates:\n  schedule: daily\n").updates.schedule == "daily"
 
 
+def test_a_schedule_systemd_cannot_parse_is_refused_with_its_reason() -> None:
+    error = str(error_for('updates:\n  schedule: "Sat *-*-* 25:00"\n'))
+    assert error.startswith("c.yaml:2: updates.schedule: expected ")
+    assert error.endswith("got 'Sat *-*-* 25:00', which systemd-analyze rejects: Invalid argument"), error
+
+
+def test_upgrade_limits_and_the_reboot_window() -> None:
+    updates = parse_config(
+        "updates:\n  lock_timeout: 2m\n  time_limit: 2h\n  reboot_window: 3:00-5:30\n  reboot_with_users: true\n"
+    ).updates
+    assert (updates.lock_timeout, updates.time_limit, updates.reboot_window, updates.reboot_with_users) == (
+        120,
+        7200,
+        "03:00-05:30",
+        True,
+    )
+    assert default_config().updates.reboot_window is None  # never reboots by itself unless asked
+    assert "c.yaml:2: updates.reboot_window: expected null" in str(error_for("updates:\n  reboot_window: 3am\n"))
+    assert "updates.reboot_window" in str(error_for("updates:\n  reboot_window: 04:00-04:00\n"))
+    assert "updates.time_limit" in str(error_for("updates:\n  time_limit: 10s\n"))
+
+
 def test_durations_accept_bare_seconds() -> None:
     assert parse_config("fail2ban:\n  findtime: 900\n").fail2ban.findtime == 900
 
@@ -234,7 +262,7 @@ def test_durations_accept_bare_seconds() -> None:
     [
         (
             "ssh:\n  port: 22\n  colour: red\n",
-            "c.yaml:3: ssh.colour: expected one of: enabled, port, permit_root_login, "
+            "c.yaml:3: ssh.colour: expected one of: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 'colour'",
         ),
         ("ssh:\n  port: 0\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got 0"),
@@ -254,7 +282,7 @@ def test_durations_accept_bare_seconds() -> None:
         ("ssh:\n  enabled: 1\n", "c.yaml:2: ssh.enabled: expected true or false, got 1"),
         (
             "ssh: 22\n",
-            "c.yaml:1: ssh: expected a mapping with keys: enabled, port, permit_root_login, "
+            "c.yaml:1: ssh: expected a mapping with keys: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 22",
         ),
         (
@@ -501,3 +529,99 @@ def test_format_duration(seconds: float, text: str) -> None:
 @pytest.mark.parametrize("text", ["15ms", "30s", "10m", "1h", "1d", "1w", "90s", "1500ms", "2.5ms"])
 def test_format_duration_round_trips_through_parse(text: str) -> None:
     assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+
+
+# --- accounts -------------------------------------------------------------------------------------
+
+ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFYljxYJXrwRLVLu/qBXsByv+Z5Hbqcpm8kKNcQ7YFkd alice@laptop"
+BOB_KEY = (
+    "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBBWzbRVXFIyk5WZ8ziBT6xO1D1NEQtRA4tmnEciOi"
+    "4MTQ29pO0u7XxXiUReIiM3Ptom3QuCrTrmFS1ke2TvUSBo= bob@desk"
+)
+
+
+def test_an_admin_to_create_with_its_public_keys_is_parsed() -> None:
+    text = (
+        f'accounts:\n  admin_user: deploy\n  create_admin: true\n  admin_keys:\n    - "{ALICE_KEY}"\n    - {BOB_KEY}\n'
+    )
+    assert parse_config(text).accounts == AccountsConfig(
+        enabled=True, admin_user="deploy", create_admin=True, admin_keys=(ALICE_KEY, BOB_KEY)
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "accounts:\n  admin_user: deploy\n  create_admin: true\n",
+            "c.yaml:3: accounts.admin_keys: expected at least one public key when accounts.create_admin is true "
+            "(the admin gets no password), got none",
+        ),
+        (
+            f'accounts:\n  create_admin: true\n  admin_keys: ["{ALICE_KEY}"]\n',
+            "c.yaml:2: accounts.create_admin: expected false while accounts.admin_user is null (the agent "
+            "creates only the user named there), got true",
+        ),
+        (
+            "accounts:\n  admin_user: deploy\n  admin_password: hunter2\n",
+            "c.yaml:3: accounts.admin_password: expected no password: the agent never takes one from its config "
+            "(set it on the host: passwd NAME), got a password key",
+        ),
+        (
+            'accounts:\n  admin_keys: ["ssh-dss AAAAB3NzaC1kc3MAAACBAP8="]\n',
+            "c.yaml:2: accounts.admin_keys[0]: expected a public key on one line, as in a .pub file: TYPE BASE64 "
+            "[COMMENT], TYPE one of: ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256, ecdsa-sha2-nistp384, "
+            "ecdsa-sha2-nistp521, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com, got "
+            "'ssh-dss AAAAB3NzaC1kc3MAAACBAP8='",
+        ),
+        (
+            "accounts:\n  admin_keys:\n    - ssh-ed25519 not*base64\n",
+            None,
+        ),
+        (
+            f'accounts:\n  admin_keys: ["{ALICE_KEY[:60]}"]\n',
+            None,
+        ),
+        (
+            f'accounts:\n  admin_keys: ["{ALICE_KEY.replace("ssh-ed25519", "ssh-rsa")}"]\n',
+            None,
+        ),
+        (
+            f'accounts:\n  admin_keys: ["{ALICE_KEY}\\n{BOB_KEY}"]\n',
+            None,
+        ),
+        (
+            f'accounts:\n  admin_keys:\n    - "{ALICE_KEY}"\n    - "{ALICE_KEY} again"\n',
+            "c.yaml:4: accounts.admin_keys[1]: expected each key once, got the key of item 0 again",
+        ),
+        ("accounts:\n  admin_keys: ssh-ed25519\n", None),
+        (
+            "accounts:\n  create_admin: yes please\n",
+            "c.yaml:2: accounts.create_admin: expected true or false, got 'yes please'",
+        ),
+    ],
+)
+def test_a_bad_accounts_setting_is_refused_naming_file_line_and_key(text: str, message: str | None) -> None:
+    error = error_for(text)
+    if message is not None:
+        assert str(error) == message
+    else:
+        assert error.key.startswith("accounts.admin_keys") and error.line == 2 + ("\n    -" in text)
+        assert "expected a " in str(error)
+
+
+@pytest.mark.parametrize("why", ["truncated or of another type", "not base64"])
+def test_a_mangled_key_says_what_is_wrong_with_it(why: str) -> None:
+    broken = ALICE_KEY[:60] if why.startswith("truncated") else "ssh-ed25519 AAAA!!!!"
+    assert why in str(error_for(f'accounts:\n  admin_keys: ["{broken}"]\n'))
+
+
+def test_a_pasted_private_key_is_refused_without_echoing_it() -> None:
+    private = [
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ==",
+        "-----END OPENSSH PRIVATE KEY-----",
+    ]
+    error = error_for("accounts:\n  admin_keys:\n    - |\n" + "".join(f"      {line}\n" for line in private))
+    assert "got a private key (it never belongs here: use the .pub file)" in str(error)
+    assert "b3BlbnNzaC1rZXkt" not in str(error)

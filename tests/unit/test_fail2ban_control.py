@@ -156,6 +156,19 @@ def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
     assert control.diff(observed, desired) is None
 
 
+def test_a_jail_conf_that_appears_later_is_kept_as_the_original_at_once(tmp_path: Path) -> None:
+    # fail2ban was installed after the agent wrote its jail file: all else already agrees
+    control = _control(tmp_path)
+    desired = control.desired(_config())
+    observed = Fail2banObserved(dict(desired.effective), desired.text.encode(), None, (), b"[INCLUDES]\n", None)
+    drift = control.diff(observed, desired)
+    assert drift is not None and [item.what for item in drift.items] == ["jail.conf backup"]
+    changes = control.plan(observed, desired, drift)
+    assert [(c.system_path, c.content) for c in changes.files] == [
+        ("/var/lib/vps-agent/backups/fail2ban/jail.conf.orig", b"[INCLUDES]\n")
+    ]
+
+
 def test_a_disabled_jail_and_a_stopped_service_are_drift(tmp_path: Path) -> None:
     control = _control(tmp_path)
     desired = control.desired(_config())

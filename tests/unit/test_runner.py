@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
+from agent.controls.base import FINDING, Drift, DriftItem
 from agent.engine import transaction as tx
-from agent.engine.runner import FLAP_SETTLE, FLAPPING, PAUSED, ControlRunner
+from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
 from agent.events import null_events
 from agent.paths import SystemRoot
-from agent.system import fs
+from agent.system import dpkg, fs
+from tests.unit.test_dpkg_lock import held
 from tests.unit.test_transaction import FileControl
 
 CONFIG = parse_config(
@@ -129,3 +131,102 @@ def test_converge_and_wait_returns_the_outcome(runner: ControlRunner) -> None:
     runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
     outcome = runner.converge_and_wait("admin")
     assert outcome is not None and outcome.status == tx.HEALED
+
+
+def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> None:
+    root = SystemRoot.at(tmp_path / "root")
+    lib = tmp_path / "root/var/lib/dpkg"
+    lib.mkdir(parents=True)
+    (lib / "lock-frontend").write_text("")
+    (tmp_path / "root/etc").mkdir(parents=True)
+
+    def busy() -> str | None:
+        holder = dpkg.holder(root)
+        return holder.describe() if holder else None
+
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
+    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
+    runner.start()
+    try:
+        with held(lib / "lock-frontend") as apt:
+            for n in range(5):  # a package upgrade rewrites the file several times
+                tamper(runner, f"dpkg writes {n}\n")
+            assert wait_until(lambda: runner.state.status == WAITING)
+            assert f"pid {apt.pid}" in runner.state.why
+            time.sleep(DPKG_RECHECK * 1.5)
+            assert runner.control.file.read_text() == "dpkg writes 4\n"  # type: ignore[attr-defined]
+            outcome = runner.converge_and_wait("admin converge while dpkg runs", timeout=5)
+            assert outcome is not None and outcome.status == WAITING
+        assert wait_until(lambda: runner.state.status == tx.HEALED, timeout=DPKG_RECHECK * 5)
+        time.sleep(0.3)
+        assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+        assert runner.state.heals == 1 and actions(runner).count("drift-reverted") == 1
+        waits = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "package-manager-busy"]
+        assert [e["event"]["outcome"] for e in waits] == ["unknown", "success"]
+    finally:
+        runner.stop()
+
+
+def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunner) -> None:
+    for n in range(CONFIG.engine.flap_max_heals + 3):
+        runner.control.file.write_text(f"admin edit {n}\n")  # type: ignore[attr-defined]
+        outcome = runner.converge_and_wait("vps-agentctl converge")
+        assert outcome is not None and outcome.status == tx.HEALED
+    assert runner.state.status == tx.HEALED and runner.state.backoff_until is None
+    assert "flapping" not in actions(runner)
+
+
+class FileControlWithFinding(FileControl):
+    """The demo control plus a finding (reported, never changed by the agent) while /etc/finding exists."""
+
+    def diff(self, observed: object, desired: object) -> Drift | None:
+        drift = super().diff(observed, desired)
+        if not self.root.path("/etc/finding").exists():
+            return drift
+        finding = DriftItem("a finding", "/etc/finding", "absent", "is there", None, FINDING, "remove it by hand")
+        return Drift(self.name, (drift.items if drift else ()) + (finding,), drift.diff if drift else "")
+
+
+@pytest.fixture
+def finding_runner(tmp_path: Path) -> Iterator[ControlRunner]:
+    root = SystemRoot.at(tmp_path / "root")
+    (tmp_path / "root/etc").mkdir(parents=True)
+    control = FileControlWithFinding(root)
+    control.file.write_text("good\n")
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    instance = ControlRunner(control, lambda: CONFIG, ctx)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def test_a_finding_alone_leaves_the_control_drifted_reported_once_and_never_touched(
+    finding_runner: ControlRunner,
+) -> None:
+    finding = finding_runner.control.root.path("/etc/finding")
+    finding.write_text("left by someone\n")
+    for _ in range(3):
+        assert finding_runner.converge_and_wait("look") is not None
+    assert finding_runner.state.status == tx.DRIFTED
+    assert finding_runner.state.why.startswith("1 finding(s) for the admin to fix")
+    assert finding_runner.state.drift == [
+        "/etc/finding: finding: a finding is there, expected absent; remove it by hand"
+    ]
+    reported = [e for e in finding_runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "drift-detected"]
+    assert len(reported) == 1 and reported[0]["findings"] == finding_runner.state.drift
+    assert actions(finding_runner) == ["drift-detected"] and finding_runner.state.heals == 0
+    assert finding.read_text() == "left by someone\n"
+    finding.unlink()
+    finding_runner.converge_and_wait("fixed by the admin")
+    assert finding_runner.state.status == tx.COMPLIANT and finding_runner.state.drift == []
+
+
+def test_a_finding_left_after_a_heal_keeps_the_control_drifted(finding_runner: ControlRunner) -> None:
+    finding_runner.control.root.path("/etc/finding").write_text("left by someone\n")
+    finding_runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    outcome = finding_runner.converge_and_wait("tampered")
+    assert outcome is not None and outcome.status == tx.HEALED
+    assert finding_runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert finding_runner.state.status == tx.DRIFTED and finding_runner.state.heals == 1
+    assert [d.split(":")[0] for d in finding_runner.state.drift] == ["/etc/finding"]
+    assert actions(finding_runner)[-2:] == ["drift-reverted", "drift-detected"]

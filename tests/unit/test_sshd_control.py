@@ -10,7 +10,9 @@ import pytest
 from agent.config import parse_config
 from agent.controls.sshd import SshdControl
 from agent.paths import SystemRoot
+from agent.portmove import PortMoves
 from tests.unit import fake_sshd
+from tests.unit.conftest import DeclaredCommands
 
 CONFIG = parse_config('ssh: {port: 2222, permit_root_login: "no", password_authentication: false}')
 
@@ -145,3 +147,73 @@ def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, 
         handle.write("# padding\n" * 1_100_000)
     with pytest.raises(ObserveError, match="over the 1048576-byte limit"):
         SshdControl(root).observe()
+
+
+# ---- Ubuntu 22.10+: sshd started by ssh.socket -----------------------------------------------------
+
+
+def _socket_activated(fake_root: Path) -> None:
+    wants = fake_root / "etc/systemd/system/sockets.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "ssh.socket").symlink_to("/lib/systemd/system/ssh.socket")
+
+
+def test_where_ssh_socket_listens_the_guard_moves_the_socket_too(control: SshdControl, fake_root: Path) -> None:
+    _socket_activated(fake_root)
+    observed, desired, drift = drift_of(control)
+    assert observed.socket_activated and drift is not None
+    assert any(i.what == "ssh.socket ListenStream" and i.actual == "missing" for i in drift.items)
+    changes = control.plan(observed, desired, drift)
+    socket = {c.system_path: c.content.decode() for c in changes.files}[
+        "/etc/systemd/system/ssh.socket.d/00-vps-agent.conf"
+    ]
+    # the unit's own ListenStream (port 22) is reset, then the guard's port for both families
+    assert socket.splitlines()[2:] == [
+        "[Socket]",
+        "ListenStream=",
+        "ListenStream=0.0.0.0:2222",
+        "ListenStream=[::]:2222",
+    ]
+    assert any("daemon-reload and restart ssh.socket" in note for note in changes.notes)
+
+
+def test_during_a_port_move_the_socket_listens_on_both_ports(fake_root: Path, commands: object) -> None:
+    root = SystemRoot.at(fake_root)
+    fake_sshd.install(commands, root)
+    _socket_activated(fake_root)
+    moves = PortMoves(root)
+    moves.on_config(CONFIG, frozenset({22}), 1000.0)
+    control = SshdControl(root, moves=moves)
+    desired = control.desired(CONFIG)
+    assert [v for k, v in desired.settings if k == "Port"] == ["22", "2222"]
+    assert ("LogLevel", "VERBOSE") in desired.settings  # the log names the port of each login: the proof
+    listen = [line for line in desired.socket_text.splitlines() if line.startswith("ListenStream=")]
+    assert listen == ["ListenStream=", *(f"ListenStream={a}:{p}" for p in (22, 2222) for a in ("0.0.0.0", "[::]"))]
+
+
+def test_without_socket_activation_no_socket_dropin_is_written(control: SshdControl) -> None:
+    observed, desired, drift = drift_of(control)
+    assert not observed.socket_activated
+    changes = control.plan(observed, desired, drift)
+    assert all("ssh.socket" not in c.system_path for c in changes.files)
+
+
+def test_a_changed_socket_is_reloaded_through_systemd(fake_root: Path, commands: DeclaredCommands) -> None:
+    class SystemdHost(SystemRoot):
+        @property
+        def is_host(self) -> bool:
+            return True
+
+    root = SystemdHost(fake_root)
+    (fake_root / "run/systemd/system").mkdir(parents=True)
+    fake_sshd.install(commands, root)
+    commands.expect(["systemctl"])
+    _socket_activated(fake_root)
+    control = SshdControl(root)
+    observed = control.observe()
+    desired = control.desired(CONFIG)
+    control.plan(observed, desired, control.diff(observed, desired))  # type: ignore[arg-type]
+    outcome = control.reload()
+    systemctl = [c for c in commands.calls if c[0] == "systemctl"]
+    assert systemctl[:2] == [["systemctl", "daemon-reload"], ["systemctl", "restart", "ssh.socket"]]
+    assert outcome.ok and "ssh.socket restarted" in outcome.detail
