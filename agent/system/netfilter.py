@@ -8,8 +8,6 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from agent.system.run import Completed, run
 
 NETLINK_NETFILTER = 12
@@ -124,10 +122,16 @@ def in_host_network_namespace() -> bool:
         try:
             if os.stat(f"/proc/{pid}/ns/net").st_ino != mine:
                 return False
-            pid = psutil.Process(pid).ppid()
-        except (OSError, psutil.Error):
+            pid = _parent_pid(pid)
+        except (OSError, ValueError):
             break
     return True
+
+
+def _parent_pid(pid: int) -> int:
+    """The 4th field of /proc/PID/stat (after the command name, which may hold spaces and parentheses)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def listening_tcp_ports(process_name: str) -> frozenset[int]:
