@@ -27,7 +27,7 @@ demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, it
 demo-clean:
 	rm -rf $(DEMO_ROOT)
 
-bench:  ## every benchmark of issue 9 (~15 min; QUICK=1: a ~3 min smoke run), as root; writes bench/RESULTS.md
+bench:  ## every benchmark of issue 9 (~12 min; QUICK=1: a ~3 min smoke run), as root; writes bench/RESULTS.md
 	$(PYTHON) bench/run.py --results bench/RESULTS.md $(if $(QUICK),--quick) $(if $(NOTE),--note "$(NOTE)")
 
 # The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never

@@ -5,7 +5,7 @@
 
 Parts: ssh, firewall, fail2ban (drift -> healed latency), idle (5 minutes of nothing), check
 (`vps-agentctl check` wall time), storm (tamper storms), compare (cf-agent -K and puppet apply).
-The full run takes about 20 minutes; --quick (or BENCH_QUICK=1) is a smoke run of about 3.
+The full run takes about 11-12 minutes; --quick (or BENCH_QUICK=1) is a smoke run of about 3.
 """
 
 from __future__ import annotations
