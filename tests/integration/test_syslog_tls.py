@@ -8,6 +8,8 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +87,19 @@ def received(workdir: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, start_agent: Any) -> None:
-    workdir = tmp_path / "rsyslog"
-    ca, cert, key = make_ca(workdir / "pki", "collector")
-    conf = tls_rsyslog_conf(workdir, ca, cert, key)
-    check = subprocess.run(["rsyslogd", "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
-
+@contextmanager
+def agent_and_tls_collector(tmp_path: Path, start_agent: Any, ca_file: Path, conf: Path) -> Iterator[tuple[Path, Any]]:
+    """The agent on a fake root sending its events over TLS (checked against ca_file, read inside the
+    root), and rsyslogd on conf listening in the agent's network namespace, until the block ends."""
     config = CONFIG + (
         f"events:\n  syslog:\n    target: tcp://127.0.0.1:{PORT}\n    tls: true\n"
         "    ca_file: /etc/vps-agent/syslog-ca.pem\n"
     )
     root = make_root(tmp_path / "root", config=config)
-    (root / "etc/vps-agent/syslog-ca.pem").write_bytes(ca.read_bytes())  # ca_file is read inside the root
+    (root / "etc/vps-agent/syslog-ca.pem").write_bytes(ca_file.read_bytes())
     agent = start_agent(root)
     in_netns_of(agent.process.pid, "ip", "link", "set", "lo", "up")
+    workdir = conf.parent
     argv = [
         "nsenter",
         "-t",
@@ -114,6 +114,20 @@ def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, s
     ]
     rsyslog = subprocess.Popen(argv, stdout=(workdir / "rsyslogd.log").open("w"), stderr=subprocess.STDOUT)
     try:
+        yield root, agent
+    finally:
+        rsyslog.terminate()
+        rsyslog.wait(10)
+
+
+def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, start_agent: Any) -> None:
+    workdir = tmp_path / "rsyslog"
+    ca, cert, key = make_ca(workdir / "pki", "collector")
+    conf = tls_rsyslog_conf(workdir, ca, cert, key)
+    check = subprocess.run(["rsyslogd", "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    with agent_and_tls_collector(tmp_path, start_agent, ca, conf) as (root, agent):
         mark = agent.mark()
         (root / DROPIN).unlink()
         reverted = agent.wait_event("drift-reverted", mark)
@@ -130,9 +144,6 @@ def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, s
         assert message["rfc5424-sd"]["vps-agent@32473"]["file.path"] == reverted["file"]["path"]
         status = json.loads(agent.ctl("status", "--json").stdout)["outputs"]["syslog"]
         assert status["tls"] is True and status["connected"] is True and status["dropped"] == 0
-    finally:
-        rsyslog.terminate()
-        rsyslog.wait(10)
 
 
 def test_a_collector_certificate_from_another_ca_is_refused(tmp_path: Path, start_agent: Any) -> None:
@@ -140,28 +151,7 @@ def test_a_collector_certificate_from_another_ca_is_refused(tmp_path: Path, star
     _, cert, key = make_ca(workdir / "pki", "collector")
     other_ca, _, _ = make_ca(tmp_path / "other", "someone else")
     conf = tls_rsyslog_conf(workdir, workdir / "pki/ca.pem", cert, key)
-    config = CONFIG + (
-        f"events:\n  syslog:\n    target: tcp://127.0.0.1:{PORT}\n    tls: true\n"
-        "    ca_file: /etc/vps-agent/syslog-ca.pem\n"
-    )
-    root = make_root(tmp_path / "root", config=config)
-    (root / "etc/vps-agent/syslog-ca.pem").write_bytes(other_ca.read_bytes())
-    agent = start_agent(root)
-    in_netns_of(agent.process.pid, "ip", "link", "set", "lo", "up")
-    argv = [
-        "nsenter",
-        "-t",
-        str(agent.process.pid),
-        "-n",
-        "rsyslogd",
-        "-n",
-        "-f",
-        str(conf),
-        "-i",
-        str(workdir / "pid"),
-    ]
-    rsyslog = subprocess.Popen(argv, stdout=(workdir / "rsyslogd.log").open("w"), stderr=subprocess.STDOUT)
-    try:
+    with agent_and_tls_collector(tmp_path, start_agent, other_ca, conf) as (_, agent):
 
         def refused() -> str | None:
             syslog = json.loads(agent.ctl("status", "--json").stdout)["outputs"]["syslog"]
@@ -170,6 +160,3 @@ def test_a_collector_certificate_from_another_ca_is_refused(tmp_path: Path, star
 
         wait_for(refused, 30, "the certificate refused")
         assert received(workdir) == []
-    finally:
-        rsyslog.terminate()
-        rsyslog.wait(10)
