@@ -24,9 +24,14 @@ DPKG_RECHECK = 1.0  # seconds between looks at the dpkg locks while waiting
 DPKG_MAX_WAIT = 1800.0  # a dpkg holding its lock longer than this is wedged: converge anyway
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
 _MAX_BACKOFF = 3600.0
-# While backing off, the drift is still healed once, after this long without a change: a storm that
-# has ended must not leave the machine drifted for the whole back-off (a fight gets one heal more).
+# While backing off, a change is still healed once nothing has changed for FLAP_SETTLE, up to
+# FLAP_RETRIES times a back-off: a storm that has ended must not leave the machine drifted for the whole
+# back-off. Some storms go silent while they last (`iptables -F` of chains already empty changes nothing
+# the kernel reports), so "quiet" cannot tell a storm that ended from one that goes on: the agent heals
+# again after each revert, and the budget bounds what a fight with another tool costs (at most
+# FLAP_RETRIES heals, ~15 s of it at two a second, then nothing until the back-off ends).
 FLAP_SETTLE = 0.5
+FLAP_RETRIES = 30
 
 
 @dataclass
@@ -87,7 +92,7 @@ class ControlRunner:
         self._waiting_since: float | None = None  # when this control began waiting for dpkg
         self._first_trigger = 0.0
         self._last_trigger = 0.0
-        self._settle_heal_used = False  # the one heal a back-off allows
+        self._backoff_heals_left = 0  # heals a back-off still allows (after FLAP_SETTLE without a change)
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
@@ -215,7 +220,7 @@ class ControlRunner:
                 if paused_until != float("inf"):
                     wake_at = min(wake_at, now + max(paused_until - time.time(), 0.0))
             elif self.state.backoff_until is not None:
-                settled = float("inf") if self._settle_heal_used else self._last_trigger + FLAP_SETTLE
+                settled = self._last_trigger + FLAP_SETTLE if self._backoff_heals_left > 0 else float("inf")
                 wake_at = max(wake_at, min(self.state.backoff_until, settled))
             if now >= wake_at:
                 reason = self._pending or "periodic reconcile"
@@ -283,8 +288,7 @@ class ControlRunner:
             return
         paused = self.state.paused_until is not None
         report_only = not paused and not self.control.remediates(config)
-        if self.state.backoff_until is not None and self._clock() < self.state.backoff_until:
-            self._settle_heal_used = True  # quiet for FLAP_SETTLE within a back-off
+        backing_off = self.state.backoff_until is not None and self._clock() < self.state.backoff_until
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         with self._cond:
             self.state.last_converge_at = self._clock()
@@ -314,13 +318,17 @@ class ControlRunner:
                 elif self.state.status != tx.HEALED:
                     self._set_status(tx.COMPLIANT, "")
             else:
-                self._set_status(outcome.status, outcome.detail)
+                if not (outcome.status == tx.FAILED and backing_off and self.state.status == FLAPPING):
+                    # (a heal undone mid-way while backing off leaves it flapping; blocked still says why)
+                    self._set_status(outcome.status, outcome.detail)
                 if outcome.status == tx.FAILED and self.ctx.package_manager_busy() is not None:
                     # dpkg began meanwhile (the cause, most likely): try again once it has finished
                     self._pending = self._pending or "after dpkg"
                     self._deadline = self._clock() + DPKG_RECHECK
                 elif outcome.status == tx.FAILED:
                     self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
+            if backing_off and not admin and outcome.status in (tx.HEALED, tx.FAILED):
+                self._spend_backoff_heal()
             self._maybe_leave_flapping(config)
             if not paused and not report_only:
                 self._report_findings(outcome)
@@ -379,11 +387,11 @@ class ControlRunner:
             backoff = min(config.engine.flap_backoff * (2**self._backoff_level), _MAX_BACKOFF)
             self._backoff_level += 1
             self.state.backoff_until = now + backoff
-            self._settle_heal_used = False
+            self._backoff_heals_left = FLAP_RETRIES
             why = (
                 f"reverted {len(self._heal_times)} times in {format_duration(config.engine.flap_window)}; "
                 f"something keeps changing it: backing off {format_duration(backoff)} "
-                f"(healed once after {FLAP_SETTLE:g}s without a change, then not until the back-off ends; "
+                f"(meanwhile healed only after {FLAP_SETTLE:g}s without a change, at most {FLAP_RETRIES} times; "
                 "every version is in the backups)"
             )
             self._set_status(FLAPPING, why)
@@ -396,6 +404,30 @@ class ControlRunner:
                 backoff_seconds=backoff,
                 heals=len(self._heal_times),
             )
+
+    def _spend_backoff_heal(self) -> None:
+        """One of the heals a back-off allows was spent; when the last one is, say that the agent now
+        leaves the drift alone until the back-off ends. Holds self._cond."""
+        self._backoff_heals_left -= 1
+        if self._backoff_heals_left > 0 or self.state.backoff_until is None:
+            return
+        left = max(self.state.backoff_until - self._clock(), 0.0)
+        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + left))
+        why = (
+            f"still changed after {FLAP_RETRIES} heals while backing off: something keeps undoing them; "
+            f"not healing until the back-off ends at {ends} "
+            "(`vps-agentctl converge` heals now; every version is in the backups)"
+        )
+        self._set_status(FLAPPING, why)
+        self.ctx.events.emit(
+            ev.FLAPPING,
+            outcome="failure",
+            control=self.name,
+            level="error",
+            message=f"{self.name}: flapping: {why}",
+            backoff_seconds=round(left),
+            heals=FLAP_RETRIES,
+        )
 
     def _maybe_leave_flapping(self, config: Config) -> None:
         if self.state.status != FLAPPING:

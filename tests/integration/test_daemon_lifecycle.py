@@ -108,12 +108,14 @@ def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent) -> None:
     assert flapping["backoff_seconds"] == 600
     status = agent.ctl("status")
     assert status.returncode == 1 and "flapping" in status.stdout and "backing off 10m" in status.stdout
+    assert f"healed only after {FLAP_SETTLE:g}s without a change" in status.stdout
     before = heals()
     (root / DROPIN).unlink()
-    wait_for(lambda: heals() > before, what="the one heal of a back-off, once quiet for FLAP_SETTLE")
+    time.sleep(FLAP_SETTLE / 2)
+    assert not (root / DROPIN).exists()  # backing off: not healed while the changes may go on
+    wait_for(lambda: heals() > before, what="a heal in the back-off, once quiet for FLAP_SETTLE")
+    assert (root / DROPIN).exists()
     (root / DROPIN).unlink()
-    time.sleep(FLAP_SETTLE + 0.5)
-    assert not (root / DROPIN).exists()  # backing off: no fight
     assert agent.ctl("converge", "ssh").returncode in (0, 1)  # an admin's converge overrides the back-off
     assert (root / DROPIN).exists()
 

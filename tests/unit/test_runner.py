@@ -10,6 +10,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.controls.base import FINDING, Drift, DriftItem
+from agent.engine import runner as runner_module
 from agent.engine import transaction as tx
 from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
 from agent.events import null_events
@@ -62,34 +63,60 @@ def test_a_burst_of_events_is_one_transaction(runner: ControlRunner) -> None:
     assert runner.state.heals == 1 and actions(runner).count("drift-reverted") == 1
 
 
-def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(runner: ControlRunner) -> None:
-    for n in range(4):
+def _into_backoff(runner: ControlRunner) -> None:
+    for n in range(4):  # flap_max_heals is 3
         tamper(runner, f"attacker {n}\n")
         assert wait_until(lambda n=n: runner.state.heals == n + 1)
     assert runner.state.status == FLAPPING
-    assert "backing off 5m" in runner.state.why
+
+
+def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(
+    runner: ControlRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_module, "FLAP_RETRIES", 3)
+    _into_backoff(runner)
+    assert "backing off 5m" in runner.state.why and "at most 3 times" in runner.state.why
     flapping = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "flapping"]
     assert len(flapping) == 1 and flapping[0]["backoff_seconds"] == 300
-    tamper(runner, "attacker again\n")
-    time.sleep(FLAP_SETTLE / 2)
-    assert runner.state.heals == 4  # backing off: no heal while the changes may go on
-    # quiet for FLAP_SETTLE: healed once (a storm that ended does not leave the drift for the back-off) ...
-    assert wait_until(lambda: runner.state.heals == 5)
-    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
-    assert runner.state.status == FLAPPING
-    # ... and not again until the back-off ends: the loop does not fight on
+    for heals in (5, 6, 7):  # each change is healed once quiet for FLAP_SETTLE, up to FLAP_RETRIES times
+        tamper(runner, f"attacker again {heals}\n")
+        time.sleep(FLAP_SETTLE / 2)
+        assert runner.state.heals == heals - 1  # backing off: no heal while the changes may go on
+        assert wait_until(lambda heals=heals: runner.state.heals == heals)
+        assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+        assert runner.state.status == FLAPPING
+    # the budget is spent: the drift stays until the back-off ends, and the agent says so
+    assert "still changed after 3 heals while backing off" in runner.state.why
+    assert "not healing until the back-off ends at" in runner.state.why
+    assert actions(runner).count("flapping") == 2
     tamper(runner, "attacker once more\n")
     time.sleep(FLAP_SETTLE + 0.3)
-    assert runner.state.heals == 5
+    assert runner.state.heals == 7
     assert runner.control.file.read_text() == "attacker once more\n"  # type: ignore[attr-defined]
-    assert actions(runner).count("flapping") == 1
+    assert actions(runner).count("flapping") == 2
+
+
+def test_a_storm_that_goes_silent_is_healed_within_a_second_after_it(runner: ControlRunner) -> None:
+    """Like `iptables -F` at 100/s: undoing a heal is seen (a netlink message), repeating the undo on
+    what is already undone is not (nothing changed), so quiet does not mean the storm has ended."""
+    _into_backoff(runner)
+    file = runner.control.file  # type: ignore[attr-defined]
+    storm_ends = time.monotonic() + 2.0
+    seen = 0
+    while time.monotonic() < storm_ends:
+        if file.read_text() != "flushed\n":
+            tamper(runner, "flushed\n")  # undoes the last heal: a change the agent is told of
+            seen += 1
+        time.sleep(0.01)  # otherwise a silent no-op
+    stopped = time.monotonic()
+    assert seen >= 3  # the agent healed again during the storm, each heal undone at once
+    assert wait_until(lambda: file.read_text() == "good\n", timeout=3.0)
+    assert time.monotonic() - stopped < 1.0 + 0.5  # FLAP_SETTLE after the last undo, then the heal
+    assert runner.state.status == FLAPPING
 
 
 def test_a_storm_is_not_fought_edit_by_edit_and_is_healed_once_it_stops(runner: ControlRunner) -> None:
-    for n in range(4):
-        tamper(runner, f"attacker {n}\n")
-        assert wait_until(lambda n=n: runner.state.heals == n + 1)
-    assert runner.state.status == FLAPPING
+    _into_backoff(runner)
     storm_ends = time.monotonic() + 1.0
     while time.monotonic() < storm_ends:  # 50 edits a second: never quiet for FLAP_SETTLE
         tamper(runner, f"storm {time.monotonic()}\n")
