@@ -108,6 +108,10 @@ class Daemon:
     # lifecycle ----------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        # A signal may land on any of the daemon's threads; then the main thread's select() is not
+        # interrupted and the Python handler waits for it (up to a minute): the C handler writes to the
+        # pipe instead, from whichever thread took the signal.
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         for directory in (self.root.state_dir, self.root.backups_dir):
@@ -171,7 +175,7 @@ class Daemon:
         else:
             self._stop_requested = True
         try:
-            os.write(self._wake_write, b"x")
+            os.write(self._wake_write, b"x")  # once more, should the main loop have drained the C handler's byte
         except BlockingIOError:
             pass  # the pipe is full: the main loop is already awake
 

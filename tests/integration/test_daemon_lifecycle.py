@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -176,6 +178,30 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
     finally:
         sshd.terminate()
         sshd.wait(10)
+
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_the_kernel_hands_to_a_worker_thread_is_acted_on_at_once(
+    fake_root: Path, start_agent, signum: int
+) -> None:
+    """The kernel may hand a process's signal to any of its threads, while Python runs handlers only in
+    the main thread, asleep in select() for up to a minute unless the signal wakes it: tgkill() to a
+    worker thread makes that case certain."""
+    number = SYS_TGKILL.get(platform.machine())
+    if number is None:
+        pytest.skip(f"tgkill's syscall number on {platform.machine()} is not in SYS_TGKILL")
+    agent = start_agent(fake_root)
+    pid = agent.process.pid
+    worker = next(int(task) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid)
+    mark = agent.mark()
+    assert ctypes.CDLL(None, use_errno=True).syscall(number, pid, worker, signum) == 0
+    if signum == signal.SIGHUP:
+        agent.wait_event("config-reloaded", mark, timeout=2.0, control=None)
+    else:
+        assert agent.process.wait(2.0) == 0
 
 
 @pytest.mark.parametrize("verb", ["pause", "resume", "converge", "reload"])
