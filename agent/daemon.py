@@ -28,21 +28,27 @@ from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.sinks.outputs import Outputs
-from agent.system import dpkg, fs, namespace, netfilter
+from agent.sshd_ports import SshdPorts
+from agent.system import dpkg, fs, namespace
 from agent.system.run import run
 from agent.system.sdnotify import Notifier
 from agent.upgrades import UpgradeScheduler
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
+SSHD_RELEASE_WAIT = 5.0  # seconds: how long a finished port move waits for sshd to let go of a port
 
 
-def build_controls(root: SystemRoot, moves: PortMoves | None = None) -> list[Control]:
-    """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py)."""
+def build_controls(
+    root: SystemRoot, moves: PortMoves | None = None, sshd_ports: SshdPorts | None = None
+) -> list[Control]:
+    """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py), and
+    the firewall and fail2ban what sshd listens on (agent/sshd_ports.py)."""
     moves = moves or PortMoves(root)
+    sshd_ports = sshd_ports or SshdPorts(root)
     return [
         SshdControl(root, moves=moves),
-        FirewallControl(root, moves=moves),
-        Fail2banControl(root, moves=moves),
+        FirewallControl(root, sshd_ports, moves=moves),
+        Fail2banControl(root, listening_ports=sshd_ports, moves=moves),
         AccountsControl(root),
     ]
 
@@ -76,7 +82,10 @@ class Daemon:
             )
         )
         self.moves = PortMoves(root)
-        self.engine = Engine(build_controls(root, self.moves), config, transaction_context(root, config, self.events))
+        self.sshd_ports = SshdPorts(root)
+        self.engine = Engine(
+            build_controls(root, self.moves, self.sshd_ports), config, transaction_context(root, config, self.events)
+        )
         self._move_wake = threading.Event()
         self._move_thread = threading.Thread(target=self._watch_port_move, name="port-move", daemon=True)
         self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
@@ -283,11 +292,7 @@ class Daemon:
 
     def _port_move_for(self, config: Config) -> None:
         """A config is about to apply: does it move sshd's port? Judged against what sshd listens on."""
-        serving = netfilter.listening_tcp_ports("sshd")
-        ssh = self.engine.runners.get("ssh")
-        if not serving and ssh is not None and isinstance(ssh.control, SshdControl):
-            serving = ssh.control.serving_ports()
-        change = self.moves.on_config(config, serving, time.time())
+        change = self.moves.on_config(config, self.sshd_ports(), time.time())
         if change is not None:
             action, message = change
             state = self.moves.current()
@@ -327,14 +332,19 @@ class Daemon:
         ssh = self.engine.runners.get("ssh")
         if ssh is not None:
             ssh.converge_and_wait(message)
+        self._wait_for_sshd_to_release(move)
         for name, runner in self.engine.runners.items():
             if name != "ssh":
                 runner.trigger(message, immediate=True, admin=True)
-                # and once more when sshd's reload has surely let go of the old port's socket (the
-                # firewall keeps every port sshd still listens on open)
-                later = threading.Timer(2.0, runner.trigger, (message,), {"immediate": True, "admin": True})
-                later.daemon = True
-                later.start()
+
+    def _wait_for_sshd_to_release(self, move: portmove.MoveState) -> None:
+        """sshd re-executes after its reload returned, so it still listens on the port(s) the move
+        closes for a moment, and the firewall keeps every port sshd listens on open: wait until it
+        has let go of them (milliseconds), or SSHD_RELEASE_WAIT if it keeps them (they then stay open)."""
+        closing = {*move.old, move.new} - set(self.moves.ports(self.engine.config()))
+        deadline = time.monotonic() + SSHD_RELEASE_WAIT
+        while closing & self.sshd_ports.fresh() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _watch_port_move(self) -> None:
         """While a move is open: look for a login on the new port in sshd's log every 2 s, and roll

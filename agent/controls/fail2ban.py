@@ -34,6 +34,7 @@ from agent.controls.base import (
 from agent.controls.firewall import ssh_ports
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
 from agent.portmove import PortMoves
+from agent.sshd_ports import SshdPorts
 from agent.system import apt, dpkg, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run
@@ -159,14 +160,14 @@ class Fail2banControl(Control):
         self,
         root: SystemRoot,
         services: ServiceManager | None = None,
-        listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
+        listening_ports: Callable[[], frozenset[int]] | None = None,
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
         moves: PortMoves | None = None,
     ) -> None:
         super().__init__(root)
         self.moves = moves or PortMoves(root)
         self.services = services or ServiceManager(root)
-        self._listening_ports = listening_ports
+        self._listening_ports = listening_ports or SshdPorts(root)  # agent/sshd_ports.py
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
         self._install = False  # from the config desired() last saw: observe() takes no config

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +41,13 @@ from agent.controls.base import (
 )
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
+from agent.sshd_ports import SshdPorts
 from agent.system import fs, netfilter
 from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
 
 CHAIN = "vps-agent-input"
 JUMP = f"-A INPUT -j {CHAIN}"
 POLICY = "DROP"
-LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
 _ICMP_LIMIT = "-m limit --limit 10/second --limit-burst 20"
 _ESTABLISHED = f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 
@@ -227,14 +226,14 @@ class FirewallControl(Control):
     def __init__(
         self,
         root: SystemRoot,
-        listening_ports: Callable[[], frozenset[int]] = lambda: netfilter.listening_tcp_ports("sshd"),
+        listening_ports: Callable[[], frozenset[int]] | None = None,
         in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
         moves: PortMoves | None = None,
     ) -> None:
         super().__init__(root)
         self.moves = moves or PortMoves(root)
-        self._read_listening_ports = listening_ports
-        self._listening_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
+        # what sshd listens on now (agent/sshd_ports.py: read at most once per transaction)
+        self._listening_ports = listening_ports or SshdPorts(root)
         self._in_host_netns = in_host_netns
         self._backend: Backend | None = None
         self._canonical: dict[str, list[str]] | None = None  # key -> the chain as iptables-save prints it
@@ -258,16 +257,6 @@ class FirewallControl(Control):
     def poll_interval(self, config: Config) -> float | None:
         # iptables-legacy announces nothing over netlink: look this often instead
         return config.firewall.poll_interval if self.backend.name == "legacy" else None
-
-    def _listening_ports(self) -> frozenset[int]:
-        """sshd's ports, read at most once per transaction (observe, desired and preconditions all ask;
-        reading /proc/net/tcp can cost several ms on a busy host)."""
-        now = time.monotonic()
-        at, ports = self._listening_cache
-        if now - at > LISTENING_TTL:
-            ports = self._read_listening_ports()
-            self._listening_cache = (now, ports)
-        return ports
 
     @property
     def backend(self) -> Backend:

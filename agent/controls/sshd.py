@@ -62,6 +62,25 @@ _ACCESS_KEYWORDS = (
 _SYNONYMS = {"without-password": "prohibit-password"}
 
 
+def ensure_privsep_dir(root: SystemRoot) -> None:
+    # sshd -t/-T refuse to run without it; systemd creates it only while ssh.service runs.
+    if root.is_host and not root.sshd_privsep_dir.is_dir():
+        fs.ensure_dir(root.sshd_privsep_dir, 0o755)
+
+
+def configured_ports(root: SystemRoot) -> frozenset[int] | None:
+    """The TCP ports sshd's effective configuration (`sshd -T`) binds: every ListenAddress as sshd
+    resolves it (each with its port; Port alone when there is none). None when sshd -T fails."""
+    ensure_privsep_dir(root)
+    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+    if not result.ok:
+        return None
+    effective = parse_effective(result.stdout)
+    listen = [address.split()[0] for address in effective.get("listenaddress", ())]
+    ports = [address.rsplit(":", 1)[1] for address in listen if ":" in address] or effective.get("port", ())
+    return frozenset(int(port) for port in ports if port.isdigit())
+
+
 def _norm(value: str) -> str:
     text = value.strip().strip('"').lower()
     return _SYNONYMS.get(text, text)
@@ -118,7 +137,7 @@ class SshdControl(Control):
     # observe ------------------------------------------------------------------------------------------
 
     def observe(self) -> SshdObserved:
-        self._ensure_privsep_dir()
+        ensure_privsep_dir(self.root)
         graph = read_graph(self.root)
         for path, why in graph.unreadable:
             if path != self._dropin_system_path:
@@ -148,22 +167,6 @@ class SshdControl(Control):
         except (fs.UnsafeFile, IsADirectoryError):
             return True, b""  # not ours to read: rewritten like any modified drop-in
 
-    def serving_ports(self) -> frozenset[int]:
-        """The ports a running sshd serves, per its effective config (`sshd -T`): the agent reloads sshd
-        after every change, so the files are what it runs with. Empty when sshd is not running here.
-        (Reading sshd's sockets from /proc needs CAP_SYS_PTRACE, sshd being non-dumpable, which the
-        agent's unit does not have.)"""
-        if not self.root.is_host:
-            return frozenset()
-        self._ensure_privsep_dir()
-        result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
-        if not result.ok:
-            return frozenset()
-        effective = parse_effective(result.stdout)
-        if not self._running(effective):
-            return frozenset()
-        return frozenset(int(p) for p in effective.get("port", ()) if p.isdigit())
-
     def _read_dropin(self) -> tuple[bytes | None, str | None]:
         try:
             return fs.read_regular(self.root.sshd_dropin), None
@@ -180,11 +183,6 @@ class SshdControl(Control):
     def _service(self, effective: Mapping[str, tuple[str, ...]] | None = None) -> Service:
         pidfile = (effective or {}).get("pidfile", ("/run/sshd.pid",))[0]
         return Service("ssh.service", pidfile, "sshd", (SSHD,))
-
-    def _ensure_privsep_dir(self) -> None:
-        # sshd -t/-T refuse to run without it; systemd creates it only while ssh.service runs.
-        if self.root.is_host and not self.root.sshd_privsep_dir.is_dir():
-            fs.ensure_dir(self.root.sshd_privsep_dir, 0o755)
 
     @property
     def _dropin_system_path(self) -> str:
@@ -214,7 +212,7 @@ class SshdControl(Control):
         argv = [SSHD, "-T", "-f", "/dev/null"]
         for keyword, value in settings:
             argv += ["-o", f"{keyword}={value}"]
-        self._ensure_privsep_dir()
+        ensure_privsep_dir(self.root)
         result = run(argv, timeout=15)
         if not result.ok:
             raise ValidationError(f"sshd rejects the configured ssh settings: {result.error_text()}")
@@ -381,7 +379,7 @@ class SshdControl(Control):
         """sshd's own check of the written config. `sshd -T` is its extended test mode: every check of
         `sshd -t`, plus the effective config, which serves as the transaction's observe-again (the
         reload does not change what the files say) and saves a third sshd run per heal."""
-        self._ensure_privsep_dir()
+        ensure_privsep_dir(self.root)
         result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
         if not result.ok:
             raise ValidationError(f"sshd test mode (sshd -T) rejects it: {result.error_text()}")

@@ -1,10 +1,11 @@
 """The door to the kernel's packet filter: which iptables flavour is in use, its save/restore tools,
-the netlink group that announces every ruleset change, and the ports a process listens on."""
+the netlink group that announces every ruleset change, and the TCP ports processes listen on."""
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,13 +135,23 @@ def _parent_pid(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
-def listening_tcp_ports(process_name: str) -> frozenset[int]:
-    """The TCP ports processes named process_name listen on in this network namespace.
+@dataclass(frozen=True)
+class Listening:
+    """The TCP sockets processes of one name listen on in this network namespace (tcp_listening)."""
 
-    Reads /proc directly: the processes' socket inodes first, the TCP tables (slow to read on a busy
-    kernel) only when there are any; psutil.net_connections walks every process and costs more than
-    a whole firewall heal."""
-    sockets: set[str] = set()
+    ports: frozenset[int]  # ports of the listening sockets in those processes' fd tables
+    hidden: bool  # one of them would not show its fd table (non-dumpable: reading it needs CAP_SYS_PTRACE)
+    root_ports: frozenset[int]  # when hidden: every port a socket owned by uid 0 listens on here
+
+
+def tcp_listening(process_name: str) -> Listening:
+    """What processes named process_name listen on in this network namespace.
+
+    Reads /proc directly: the processes' socket inodes first, the listening sockets only when there
+    are any (or a process hid its own); psutil.net_connections walks every process and costs more
+    than a whole firewall heal."""
+    sockets: set[int] = set()
+    hidden = False
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -151,17 +162,69 @@ def listening_tcp_ports(process_name: str) -> frozenset[int]:
             for fd in os.scandir(f"/proc/{entry.name}/fd"):
                 target = os.readlink(fd.path)
                 if target.startswith("socket:["):
-                    sockets.add(target[8:-1])
+                    sockets.add(int(target[8:-1]))
+        except PermissionError:
+            hidden = True  # EACCES/EPERM: a non-dumpable process and no CAP_SYS_PTRACE
         except OSError:
-            continue  # the process ended, or is not ours to read
-    if not sockets:
-        return frozenset()
-    return frozenset(port for inode, port in _listening_inodes().items() if inode in sockets)
+            continue  # the process ended
+    if not sockets and not hidden:
+        return Listening(frozenset(), False, frozenset())
+    table = tcp_listeners()
+    ports = frozenset(port for inode, (port, _) in table.items() if inode in sockets)
+    root_ports = frozenset(port for port, uid in table.values() if uid == 0) if hidden else frozenset()
+    return Listening(ports, hidden, root_ports)
 
 
-def _listening_inodes() -> dict[str, int]:
-    """socket inode -> port of every listening TCP socket (IPv4 and IPv6) in this network namespace."""
-    inodes: dict[str, int] = {}
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP_REQUEST = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_DIAG_REQUEST = struct.Struct("=BBBBI48x")  # struct inet_diag_req_v2: family, protocol, ext, pad, states, id
+_DIAG_PORT = struct.Struct("!H")  # inet_diag_msg.id.idiag_sport, at 4
+_DIAG_OWNER = struct.Struct("=II")  # inet_diag_msg.idiag_uid and idiag_inode, at 64
+_DIAG_MESSAGE_SIZE = 72  # struct inet_diag_msg
+
+
+def tcp_listeners() -> dict[int, tuple[int, int]]:
+    """socket inode -> (port, owner uid) of every listening TCP socket (IPv4 and IPv6) in this network
+    namespace. Asks sock_diag for listening sockets only (0.05 ms); reading /proc/net/tcp and tcp6
+    walks the whole connection hash table, 6.6 ms on a 2-CPU VM holding 4 sockets (measured)."""
+    try:
+        return {**_sock_diag_listeners(socket.AF_INET), **_sock_diag_listeners(socket.AF_INET6)}
+    except OSError:
+        return _proc_net_listeners()  # a kernel without inet_diag
+
+
+def _sock_diag_listeners(family: int) -> dict[int, tuple[int, int]]:
+    found: dict[int, tuple[int, int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(5.0)  # the kernel answers at once; a timeout is an OSError: /proc/net/tcp then
+        request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+        sock.sendto(
+            _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, 1, 0) + request, (0, 0)
+        )
+        while True:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind = _HEADER.unpack_from(data, offset)[:2]
+                body = offset + _HEADER.size
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR or length < _HEADER.size:
+                    error = -struct.unpack_from("=i", data, body)[0] if kind == _NLMSG_ERROR else 0
+                    raise OSError(error, f"sock_diag: {os.strerror(error) if error else 'a malformed message'}")
+                if kind == SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _DIAG_MESSAGE_SIZE:
+                    (port,) = _DIAG_PORT.unpack_from(data, body + 4)
+                    uid, inode = _DIAG_OWNER.unpack_from(data, body + 64)
+                    found[inode] = (port, uid)
+                offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _proc_net_listeners() -> dict[int, tuple[int, int]]:
+    found: dict[int, tuple[int, int]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as lines:
@@ -169,10 +232,10 @@ def _listening_inodes() -> dict[str, int]:
                 for line in lines:
                     fields = line.split()
                     if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                        inodes[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+                        found[int(fields[9])] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[7]))
         except OSError:
             continue
-    return inodes
+    return found
 
 
 def netlink_subscribe(protocol: int, group: int) -> socket.socket:

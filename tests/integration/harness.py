@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SSHD = "/usr/sbin/sshd"
+# the capabilities systemd/vps-agent.service leaves the daemon: no CAP_SYS_PTRACE, so sshd's fds are hidden
+NO_PTRACE = ("setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace", "--")
 
 
 def effective_sshd(root: Path) -> dict[str, list[str]]:
@@ -46,12 +49,20 @@ class Agent:
     """One `vps-agent run --root` subprocess; stop() is always called by the fixture."""
 
     def __init__(
-        self, root: Path, env: dict[str, str] | None = None, config: Path | None = None, netns: bool = True
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        config: Path | None = None,
+        netns: bool = True,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """wrap: a command that runs the daemon instead of `unshare --net` (it must exec it, keeping the pid)."""
         self.root = root
         self.log = root.parent / f"agent-{os.getpid()}-{time.monotonic_ns()}.log"
         argv = [sys.executable, "-m", "agent.daemon", "run", "--root", str(root)]
-        if netns:
+        if wrap:
+            argv = [*wrap, *argv]
+        elif netns:
             # a private network namespace: the firewall guard may change only that one's ruleset
             argv = ["unshare", "--net", "--", *argv]
         if config is not None:
@@ -153,6 +164,32 @@ def tree_snapshot(directory: Path) -> dict[str, tuple[bytes | str, int]]:
 def backup_of(root: Path, transaction_id: str, system_path: str) -> bytes:
     [backup] = list((root / "var/lib/vps-agent/backups/ssh").glob(f"*-{transaction_id}"))
     return (backup / "files" / system_path.lstrip("/")).read_bytes()
+
+
+@contextmanager
+def sshd_in_namespaces(root: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `sshd -D` on the fake root's /etc/ssh, in mount and network namespaces of its own (lo up),
+    its pidfile in the fake root so the agent reloads it; stopped at the end. unshare and sh exec, so
+    the process is sshd itself."""
+    pidfile = root / "run/sshd.pid"
+    pidfile.unlink(missing_ok=True)
+    script = (
+        'mount --make-rprivate / && mount --bind "$0/etc/ssh" /etc/ssh && mkdir -p /run/sshd && ip link set lo up && '
+        f"exec {SSHD} -D -o PidFile={pidfile}"
+    )
+    sshd = subprocess.Popen(["unshare", "--mount", "--net", "sh", "-c", script, str(root)])
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() == str(sshd.pid), what="sshd's pidfile")
+        yield sshd
+    finally:
+        sshd.terminate()
+        sshd.wait(10)
+
+
+def listening_in_netns_of(pid: int) -> set[int]:
+    """The TCP ports anything listens on in process pid's network namespace (`ss -ltn`)."""
+    out = in_netns_of(pid, "ss", "-Hltn").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
 def in_netns_of(pid: int, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import pytest
 
 from agent.engine.runner import FLAP_SETTLE
 from tests.fakeroot import make_root
-from tests.integration.harness import effective_sshd, wait_for
+from tests.integration.harness import effective_sshd, listening_in_netns_of, sshd_in_namespaces, wait_for
 
 DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
 
@@ -153,31 +153,14 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(fake_root: Path, sta
 
 def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path, start_agent) -> None:
     """A real sshd in its own network namespace, its pidfile inside the fake root: the agent SIGHUPs it."""
-    pidfile = fake_root / "run/sshd.pid"
-    script = (
-        'mount --make-rprivate / && mount --bind "$0/etc/ssh" /etc/ssh && mkdir -p /run/sshd && ip link set lo up && '
-        f"exec /usr/sbin/sshd -D -o PidFile={pidfile}"
-    )
-    sshd = subprocess.Popen(["unshare", "--mount", "--net", "sh", "-c", script, str(fake_root)])
-    try:
-        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="sshd's pidfile")
-        pid = int(pidfile.read_text())
-
-        def listening() -> set[str]:
-            out = subprocess.run(
-                ["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], capture_output=True, text=True
-            ).stdout
-            return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines() if line.strip()}
-
-        assert wait_for(lambda: listening() == {"22"}, what="sshd on port 22")
+    with sshd_in_namespaces(fake_root) as sshd:
+        pid = sshd.pid
+        assert wait_for(lambda: listening_in_netns_of(pid) == {22}, what="sshd on port 22")
         agent = start_agent(fake_root)
         reverted = agent.wait_event("drift-reverted")
         assert f"sent SIGHUP to sshd (pid {pid})" in reverted["reload"]
-        wait_for(lambda: listening() == {"2222"}, what="sshd re-executed on port 2222")
+        wait_for(lambda: listening_in_netns_of(pid) == {2222}, what="sshd re-executed on port 2222")
         assert sshd.poll() is None  # never stopped, only reloaded
-    finally:
-        sshd.terminate()
-        sshd.wait(10)
 
 
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}

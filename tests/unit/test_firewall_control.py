@@ -111,8 +111,7 @@ def test_a_fake_root_in_the_host_netns_is_blocked(tmp_path: Path, commands) -> N
     assert blocked is not None and "host's network namespace" in str(blocked)
 
 
-def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(firewall, "LISTENING_TTL", -1.0)  # read sshd's ports afresh every time
+def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     listening = {22}
     control = FirewallControl(SystemRoot.at(tmp_path), lambda: frozenset(listening), lambda: False)

@@ -1,0 +1,104 @@
+"""What sshd listens on, on faked readings: the edge cases of the fallback for a reader without
+CAP_SYS_PTRACE (tests/integration/test_sshd_ports.py reads a real sshd that way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent import sshd_ports
+from agent.controls.sshd import SSHD, configured_ports
+from agent.paths import SystemRoot
+from agent.sshd_ports import SshdPorts
+from agent.system.netfilter import Listening
+from tests.unit.conftest import DeclaredCommands
+
+NOTHING = frozenset[int]()
+
+
+class Readings:
+    """A fake /proc and `sshd -T`, counting how often each is asked."""
+
+    def __init__(self, listening: Listening, configured: frozenset[int] | None) -> None:
+        self.listening, self.configured = listening, configured
+        self.reads = self.sshd_t = 0
+        self.now = 100.0
+
+    def read(self) -> Listening:
+        self.reads += 1
+        return self.listening
+
+    def ask_sshd(self) -> frozenset[int] | None:
+        self.sshd_t += 1
+        return self.configured
+
+    def ports(self, tmp_path: Path) -> SshdPorts:
+        return SshdPorts(SystemRoot.at(tmp_path), self.ask_sshd, self.read, lambda: self.now)
+
+
+def hidden(*root_ports: int) -> Listening:
+    return Listening(NOTHING, True, frozenset(root_ports))
+
+
+def test_sshds_own_sockets_answer_when_they_can_be_read(tmp_path: Path) -> None:
+    readings = Readings(Listening(frozenset({2222}), False, NOTHING), frozenset({22}))
+    assert readings.ports(tmp_path).fresh() == {2222}
+    assert readings.sshd_t == 0  # sshd -T only when sshd hides its sockets
+
+
+def test_hidden_sockets_count_where_sshd_t_and_a_root_listener_agree(tmp_path: Path) -> None:
+    # 443: root's web server, not sshd's; 2200: in the files, but sshd does not listen there (not reloaded)
+    readings = Readings(hidden(22, 443), frozenset({22, 2200}))
+    assert readings.ports(tmp_path).fresh() == {22}
+
+
+def test_readable_and_hidden_sshds_add_up(tmp_path: Path) -> None:
+    readings = Readings(Listening(frozenset({2201}), True, frozenset({22, 2201})), frozenset({22}))
+    assert readings.ports(tmp_path).fresh() == {22, 2201}
+
+
+def test_sshd_t_is_asked_again_only_when_roots_listening_ports_change(tmp_path: Path) -> None:
+    readings = Readings(hidden(22), frozenset({22}))
+    ports = readings.ports(tmp_path)
+    for _ in range(3):
+        assert ports.fresh() == {22}
+    assert (readings.reads, readings.sshd_t) == (3, 1)
+    # a reload moved sshd: its old port is gone at once, the new one is asked about
+    readings.listening, readings.configured = hidden(2222), frozenset({2222})
+    assert ports.fresh() == {2222} and readings.sshd_t == 2
+
+
+def test_a_failing_sshd_t_keeps_the_last_answer_and_is_asked_again(tmp_path: Path) -> None:
+    readings = Readings(hidden(22), frozenset({22}))
+    ports = readings.ports(tmp_path)
+    assert ports.fresh() == {22}
+    readings.listening, readings.configured = hidden(22, 2222), None  # sshd -T rejects a broken file
+    assert ports.fresh() == {22} and ports.fresh() == {22}
+    assert readings.sshd_t == 3
+    readings.configured = frozenset({22, 2222})
+    assert ports.fresh() == {22, 2222} and readings.sshd_t == 4
+
+
+def test_one_transaction_reads_once_and_fresh_reads_now(tmp_path: Path) -> None:
+    readings = Readings(hidden(22), frozenset({22}))
+    ports = readings.ports(tmp_path)
+    assert ports() == ports() == {22} and readings.reads == 1
+    readings.now += sshd_ports.LISTENING_TTL / 2
+    readings.listening = hidden()  # sshd stopped
+    assert ports() == {22} and readings.reads == 1
+    assert ports.fresh() == NOTHING and readings.reads == 2
+    assert ports() == NOTHING and readings.reads == 2  # what fresh() read is the transaction's too
+    readings.now += sshd_ports.LISTENING_TTL + 0.01
+    assert ports() == NOTHING and readings.reads == 3
+
+
+def test_sshd_t_ports_are_its_listen_addresses(tmp_path: Path, commands: DeclaredCommands) -> None:
+    printed = "port 22\nlistenaddress 127.0.0.1:2201\nlistenaddress [::1]:2202 rdomain vrf1\npermitrootlogin no\n"
+    commands.expect([SSHD, "-T"], stdout=printed)
+    assert configured_ports(SystemRoot.at(tmp_path)) == {2201, 2202}  # Port is unused when each has its own
+
+
+def test_sshd_t_ports_without_listen_addresses_are_its_ports(tmp_path: Path, commands: DeclaredCommands) -> None:
+    commands.expect([SSHD, "-T"], stdout="port 22\nport 2222\n")
+    assert configured_ports(SystemRoot.at(tmp_path)) == {22, 2222}
+    commands.expect([SSHD, "-T"], returncode=255, stderr="/etc/ssh/sshd_config line 3: Bad configuration option")
+    assert configured_ports(SystemRoot.at(tmp_path)) is None
