@@ -305,10 +305,21 @@ class Daemon:
                 new_port=state.new if state else config.ssh.port,
                 deadline=state.deadline if state else None,
             )
-        if self.moves.problem:
-            self.events.emit(ev.CONFIG_REJECTED, outcome="failure", level="warning", message=self.moves.problem)
-            self.moves.problem = None
+        self._report_move_state_problem()
         self._move_wake.set()
+
+    def _report_move_state_problem(self) -> None:
+        """port-move.json was unreadable at start-up (no move in flight, then) or could not be saved."""
+        if self.moves.problem:
+            self.events.emit(
+                ev.PORT_MOVE_STATE_RESET,
+                outcome="failure",
+                level="warning",
+                control="ssh",
+                file_path=self.root.system_name(self.root.port_move_state),
+                message=self.moves.problem,
+            )
+            self.moves.problem = None
 
     def _confirm(self) -> dict[str, Any]:
         """`vps-agentctl confirm`: the new port works, close the old one."""
@@ -328,6 +339,7 @@ class Daemon:
             old_ports=move.old,
             new_port=move.new,
         )
+        self._report_move_state_problem()
         # sshd first: the firewall and fail2ban follow the ports sshd really listens on
         ssh = self.engine.runners.get("ssh")
         if ssh is not None:

@@ -43,6 +43,7 @@ PORT_MOVE_STARTED = "port-move-started"
 PORT_MOVE_CONFIRMED = "port-move-confirmed"
 PORT_MOVE_ROLLED_BACK = "port-move-rolled-back"
 PORT_MOVE_CANCELLED = "port-move-cancelled"
+PORT_MOVE_STATE_RESET = "port-move-state-reset"
 OUTPUT_FAILED = "output-failed"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}

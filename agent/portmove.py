@@ -172,7 +172,7 @@ class PortMoves:
                 data = json.dumps(asdict(state), indent=1, sort_keys=True) + "\n"
                 fs.atomic_write(path, data.encode(), mode=0o644)
         except OSError as exc:
-            self.problem = f"{self.root.system_name(path)}: {exc}"
+            self.problem = f"cannot save {self.root.system_name(path)}: {exc}"
 
     def _load(self) -> tuple[MoveState | None, str | None]:
         path = self.root.port_move_state

@@ -87,6 +87,12 @@ CATALOG: dict[str, EventType] = {
     "port-move-cancelled": EventType(
         "4f6604e0d2c843e2bcf837c34e741425", ("configuration",), ("change",), "SSH port move cancelled"
     ),
+    "port-move-state-reset": EventType(
+        "a754dd68cb8b4dde9467dd3ac3fd12c8",
+        ("configuration",),
+        ("error",),
+        "The SSH port move's state file could not be read or saved",
+    ),
 }
 
 _UNLISTED = uuid.UUID("7f0c4e55-0b0a-4f43-9d0e-2f7c7d9e1a10")

@@ -163,6 +163,20 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
         assert sshd.poll() is None  # never stopped, only reloaded
 
 
+def test_an_unreadable_port_move_state_is_reported_as_reset_not_as_a_rejected_config(
+    fake_root: Path, start_agent
+) -> None:
+    (fake_root / "var/lib/vps-agent/port-move.json").write_text('{"phase": "open", "old": [22')
+    agent = start_agent(fake_root)
+    reset = agent.wait_event("port-move-state-reset")
+    assert reset["event"]["outcome"] == "failure" and reset["log"]["level"] == "warning", reset
+    assert reset["file"]["path"] == "/var/lib/vps-agent/port-move.json"
+    assert "/var/lib/vps-agent/port-move.json: unreadable" in reset["message"], reset
+    assert "config-rejected" not in [e["event"]["action"] for e in agent.events()]
+    status = json.loads(agent.ctl("status", "--json").stdout)
+    assert status["port_move"] is None and status["config"]["error"] is None
+
+
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
 
 
