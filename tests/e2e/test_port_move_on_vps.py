@@ -1,6 +1,7 @@
 """The two-phase SSH port move on a booted Debian 12 VPS with the .deb installed: 22 -> 2222 confirmed by
 a real login from the client namespace, rolled back when nobody confirms, and made safe when the
-firewall guard only reports (and so never opens the new port)."""
+firewall guard only reports (and so never opens the new port). And the port sshd listens on, as the
+installed unit (no CAP_SYS_PTRACE) reads it, kept open by the firewall with the SSH guard off."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_vps, client_connects, events, sshd_effective, wait_for
+from tests.e2e.test_agent_on_vps import (
+    agent_vps,
+    client_connects,
+    events,
+    firewall_in_place,
+    firewall_status,
+    main_pid,
+    sshd_effective,
+    wait_for,
+)
+
+CAP_SYS_PTRACE = 19
 
 
 def config(port: int, *, confirm: str = "10m", firewall: str = "enforce") -> str:
@@ -116,4 +128,23 @@ def test_with_the_firewall_only_reporting_an_unreachable_new_port_rolls_back(vps
     assert logs_in(vps, 22)
     wait_for("the rollback", lambda: bool(since(vps, mark, "port-move-rolled-back")), 40)
     wait_for("sshd on 22 only", lambda: ports(vps) == ["22"])
+    assert logs_in(vps, 22)
+
+
+def test_with_the_ssh_guard_off_the_firewall_keeps_the_port_sshd_listens_on(vps: Sandbox) -> None:
+    """The unit withholds CAP_SYS_PTRACE, so sshd's sockets are hidden from the agent: its port comes
+    from sshd -T and the listening sockets. Before, this firewall accepted no SSH port at all."""
+    status_line = next(
+        line
+        for line in vps.exec(["cat", f"/proc/{main_pid(vps)}/status"]).stdout.splitlines()
+        if line.startswith("CapBnd:")
+    )
+    assert not int(status_line.split()[1], 16) & (1 << CAP_SYS_PTRACE), status_line
+    mark = len(events(vps))
+    apply(vps, "ssh:\n  enabled: false\n")
+    wait_for("the config without the SSH guard", lambda: bool(since(vps, mark, "config-reloaded")), 30)
+    vps.exec(["vps-agentctl", "converge", "firewall"], check=False)
+    firewall = firewall_status(vps)
+    assert firewall["facts"]["ssh_ports_accepted"] == "22", firewall  # type: ignore[index]
+    assert firewall_in_place(vps) and client_connects(vps, 22)
     assert logs_in(vps, 22)
