@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -270,6 +271,18 @@ class BenchError(Exception):
     pass
 
 
+def unit_environment() -> dict[str, str]:
+    """The `Environment=` systemd/vps-agent.service gives the daemon (glibc's malloc settings), so the
+    daemon measured here allocates as the installed one does."""
+    env: dict[str, str] = {}
+    for line in (REPO / "systemd/vps-agent.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.removeprefix("Environment=")):
+                key, _, value = assignment.partition("=")
+                env[key] = value
+    return env
+
+
 class Daemon:
     """`vps-agent run --root ROOT` in a private network namespace (the host's ruleset is never touched)."""
 
@@ -283,8 +296,7 @@ class Daemon:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            # MALLOC_ARENA_MAX=2: the environment systemd/vps-agent.service gives the daemon
-            env={**os.environ, "MALLOC_ARENA_MAX": "2", **(env or {})},
+            env={**os.environ, **unit_environment(), **(env or {})},
         )
         self.ps = psutil.Process(self.process.pid)  # unshare execs the interpreter: the same pid
         self.events = EventTail(root / "var/log/vps-agent/events.jsonl")
