@@ -17,6 +17,7 @@ printed right after the agent applied the same table (learned, like iptables-sav
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -44,6 +45,7 @@ from agent.portmove import PortMoves
 from agent.sshd_ports import SshdPorts
 from agent.system import fs, netfilter
 from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
+from agent.system.run import concurrently
 
 CHAIN = "vps-agent-input"
 JUMP = f"-A INPUT -j {CHAIN}"
@@ -281,8 +283,8 @@ class FirewallControl(Control):
         if not backend.iptables:
             raise ObserveError("neither iptables nor nft is installed (apt-get install iptables, or nftables)")
         families = []
-        for family in FAMILIES:
-            result = netfilter.save_filter(backend, family)
+        saved = concurrently([functools.partial(netfilter.save_filter, backend, family) for family in FAMILIES])
+        for family, result in zip(FAMILIES, saved, strict=True):
             if not result.ok:
                 raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
             families.append(parse_filter(family, result.stdout))

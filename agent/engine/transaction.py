@@ -3,6 +3,7 @@ observe again -> commit, or restore the backups, reload, and report. The only co
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from agent.controls.base import (
 )
 from agent.events import Events
 from agent.system import fs
-from agent.system.run import run
+from agent.system.run import concurrently, run
 
 COMPLIANT = "compliant"
 HEALED = "healed"
@@ -156,9 +157,8 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     backup = ctx.backups.begin(control.name, txid)
     applied: list[CommandChange] = []
     try:
-        for command in changes.commands:
-            if command.check is not None:
-                _invoke(command.check, "refuses")
+        # the checks only test (`iptables-restore --test`, `nft --check`): all at once
+        concurrently([functools.partial(_invoke, c.check, "refuses") for c in changes.commands if c.check is not None])
         for change in changes.files:
             backup.save(change.path)
         for change in changes.files:

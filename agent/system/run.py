@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 _BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C"}
@@ -79,6 +83,34 @@ def _spawn(
         close_fds=True,
         cwd="/",
     )
+
+
+def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Independent calls (tools that only read, or only test) at once: each but the first in a thread
+    of its own, the first in the caller's. The results in the calls' order; the first call's exception
+    (in that order) is raised once all have ended. A heal's tool runs are most of its time, and the two
+    address families' `iptables-save` or `iptables-restore --test` need not wait for each other."""
+    if len(calls) < 2:
+        return [call() for call in calls]
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def one(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except BaseException as exc:  # handed to the caller below
+            errors[index] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), name="tool-run", daemon=True) for i in range(1, len(calls))]
+    for thread in threads:
+        thread.start()
+    one(0)
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def which(name: str) -> str | None:
