@@ -310,16 +310,16 @@ class Daemon:
 
     def _report_move_state_problem(self) -> None:
         """port-move.json was unreadable at start-up (no move in flight, then) or could not be saved."""
-        if self.moves.problem:
+        problem = self.moves.take_problem()
+        if problem:
             self.events.emit(
                 ev.PORT_MOVE_STATE_RESET,
                 outcome="failure",
                 level="warning",
                 control="ssh",
                 file_path=self.root.system_name(self.root.port_move_state),
-                message=self.moves.problem,
+                message=problem,
             )
-            self.moves.problem = None
 
     def _confirm(self) -> dict[str, Any]:
         """`vps-agentctl confirm`: the new port works, close the old one."""

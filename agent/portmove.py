@@ -97,6 +97,13 @@ class PortMoves:
         with self._lock:
             return self.state is not None and self.state.phase == OPEN and self.state.new == config.ssh.port
 
+    def take_problem(self) -> str | None:
+        """What went wrong with port-move.json (unreadable at start-up, not saved), once: the daemon and
+        the port-move thread both report it, and only one of them may."""
+        with self._lock:
+            problem, self.problem = self.problem, None
+        return problem
+
     def current(self) -> MoveState | None:
         with self._lock:
             return self.state

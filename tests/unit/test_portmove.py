@@ -97,6 +97,9 @@ def test_an_unreadable_state_file_means_no_move_and_says_so(tmp_path: Path) -> N
     state.write_text("{not json")
     store = moves(tmp_path)
     assert store.current() is None and store.problem is not None and "port-move.json: unreadable" in store.problem
+    problem = store.take_problem()
+    assert problem is not None and "port-move.json: unreadable" in problem
+    assert store.take_problem() is None  # reported once, whichever thread asks first
 
 
 def test_only_a_login_accepted_on_the_new_port_proves_it() -> None:
