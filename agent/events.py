@@ -44,6 +44,7 @@ PORT_MOVE_CONFIRMED = "port-move-confirmed"
 PORT_MOVE_ROLLED_BACK = "port-move-rolled-back"
 PORT_MOVE_CANCELLED = "port-move-cancelled"
 PORT_MOVE_STATE_RESET = "port-move-state-reset"
+FINDINGS_CLEARED = "findings-cleared"
 OUTPUT_FAILED = "output-failed"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}

@@ -97,6 +97,7 @@ class ControlRunner:
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
         self._reported = ""  # the findings and warnings last reported (each distinct set once)
+        self._reported_items: list[str] = []
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -343,7 +344,17 @@ class ControlRunner:
             self.state.drift = [item.describe() for item in reported]
         if left is not None and left.findings and self.state.status in (tx.COMPLIANT, tx.HEALED):
             self._set_status(tx.DRIFTED, left.findings_summary())
-        summary = "; ".join(item.describe() for item in reported)
+        items = [item.describe() for item in reported]
+        summary = "; ".join(items)
+        if not summary and self._reported:
+            self.ctx.events.emit(
+                ev.FINDINGS_CLEARED,
+                outcome="success",
+                control=self.name,
+                message=f"{self.name}: no longer reported: {self._reported}",
+                cleared=self._reported_items,
+                transaction_id=outcome.transaction_id,
+            )
         if summary and summary != self._reported:
             paths = [item.where for item in reported if item.where.startswith("/")]
             self.ctx.events.emit(
@@ -358,6 +369,7 @@ class ControlRunner:
                 transaction_id=outcome.transaction_id,
             )
         self._reported = summary
+        self._reported_items = items
 
     def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
         """While paused (or in report mode), drift is still an event (once per distinct drift), so

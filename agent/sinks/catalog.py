@@ -87,6 +87,9 @@ CATALOG: dict[str, EventType] = {
     "port-move-cancelled": EventType(
         "4f6604e0d2c843e2bcf837c34e741425", ("configuration",), ("change",), "SSH port move cancelled"
     ),
+    "findings-cleared": EventType(
+        "70739e9227f94eb6b83737c42e05ade7", ("configuration",), ("end",), "Findings the agent reported are gone"
+    ),
     "port-move-state-reset": EventType(
         "a754dd68cb8b4dde9467dd3ac3fd12c8",
         ("configuration",),

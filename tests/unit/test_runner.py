@@ -246,6 +246,12 @@ def test_a_finding_alone_leaves_the_control_drifted_reported_once_and_never_touc
     finding.unlink()
     finding_runner.converge_and_wait("fixed by the admin")
     assert finding_runner.state.status == tx.COMPLIANT and finding_runner.state.drift == []
+    # collectors learn that the finding is gone, once
+    finding_runner.converge_and_wait("look again")
+    assert actions(finding_runner) == ["drift-detected", "findings-cleared"]
+    cleared = finding_runner.ctx.events.sinks.recent(100)[-1]
+    assert cleared["cleared"] == reported[0]["findings"] and cleared["event"]["outcome"] == "success"
+    assert "no longer reported: /etc/finding" in cleared["message"]
 
 
 def test_a_finding_left_after_a_heal_keeps_the_control_drifted(finding_runner: ControlRunner) -> None:
