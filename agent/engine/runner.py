@@ -96,8 +96,7 @@ class ControlRunner:
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
-        self._reported = ""  # the findings and warnings last reported (each distinct set once)
-        self._reported_items: list[str] = []
+        self._reported_items: list[str] = []  # the findings and warnings last reported
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -336,8 +335,9 @@ class ControlRunner:
         self._release_waiters(outcome)
 
     def _report_findings(self, outcome: tx.Outcome) -> None:
-        """Findings and warnings (drift the agent never changes) are reported once per distinct set, as a
-        drift-detected event; a finding left after a heal keeps the control `drifted`."""
+        """Findings and warnings (drift the agent never changes): a drift-detected event with the whole
+        set whenever one appears, a findings-cleared event naming each that is gone; a finding left
+        after a heal keeps the control `drifted`."""
         left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift
         reported = left.reported if left is not None else ()
         if outcome.status == tx.HEALED and reported:
@@ -346,16 +346,19 @@ class ControlRunner:
             self._set_status(tx.DRIFTED, left.findings_summary())
         items = [item.describe() for item in reported]
         summary = "; ".join(items)
-        if not summary and self._reported:
+        gone = [item for item in self._reported_items if item not in items]
+        if gone:
             self.ctx.events.emit(
                 ev.FINDINGS_CLEARED,
                 outcome="success",
                 control=self.name,
-                message=f"{self.name}: no longer reported: {self._reported}",
-                cleared=self._reported_items,
+                message=f"{self.name}: no longer reported: {'; '.join(gone)}"
+                + (f" (still reported: {summary})" if summary else ""),
+                cleared=gone,
+                remaining=items or None,
                 transaction_id=outcome.transaction_id,
             )
-        if summary and summary != self._reported:
+        if any(item not in self._reported_items for item in items):
             paths = [item.where for item in reported if item.where.startswith("/")]
             self.ctx.events.emit(
                 ev.DRIFT_DETECTED,
@@ -368,7 +371,6 @@ class ControlRunner:
                 file_path=paths[0] if paths else None,
                 transaction_id=outcome.transaction_id,
             )
-        self._reported = summary
         self._reported_items = items
 
     def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:

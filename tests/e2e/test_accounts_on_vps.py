@@ -92,3 +92,7 @@ def test_root_without_a_password_and_a_second_uid0_account_are_reported_and_left
     vps.exec(["passwd", "-l", "root"])
     vps.exec(["sed", "-i", "/^toor:/d", "/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow"])
     wait_for("the findings to clear", lambda: accounts_status(vps)["status"] == "compliant" and status_code(vps) == 0)
+    # and the collectors are told, so the alert drift-detected raised can be resolved
+    cleared = accounts_events(vps, "findings-cleared")
+    assert cleared and any("toor" in item for item in cleared[-1]["cleared"]), cleared
+    assert cleared[-1]["event"]["outcome"] == "success"

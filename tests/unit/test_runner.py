@@ -263,3 +263,45 @@ def test_a_finding_left_after_a_heal_keeps_the_control_drifted(finding_runner: C
     assert finding_runner.state.status == tx.DRIFTED and finding_runner.state.heals == 1
     assert [d.split(":")[0] for d in finding_runner.state.drift] == ["/etc/finding"]
     assert actions(finding_runner)[-2:] == ["drift-reverted", "drift-detected"]
+
+
+class FileControlWithTwoFindings(FileControl):
+    """A finding per file that exists of /etc/finding-a and /etc/finding-b."""
+
+    def diff(self, observed: object, desired: object) -> Drift | None:
+        drift = super().diff(observed, desired)
+        found = tuple(
+            DriftItem(f"finding {x}", f"/etc/finding-{x}", "absent", "is there", None, FINDING, "remove it by hand")
+            for x in "ab"
+            if self.root.path(f"/etc/finding-{x}").exists()
+        )
+        if not found:
+            return drift
+        return Drift(self.name, (drift.items if drift else ()) + found, drift.diff if drift else "")
+
+
+def test_each_finding_that_goes_is_named_and_a_smaller_set_is_not_reported_again(tmp_path: Path) -> None:
+    root = SystemRoot.at(tmp_path / "root")
+    (tmp_path / "root/etc").mkdir(parents=True)
+    control = FileControlWithTwoFindings(root)
+    control.file.write_text("good\n")
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    runner = ControlRunner(control, lambda: CONFIG, ctx)
+    runner.start()
+    try:
+        for x in "ab":
+            root.path(f"/etc/finding-{x}").write_text("left\n")
+        runner.converge_and_wait("look")
+        root.path("/etc/finding-a").unlink()
+        runner.converge_and_wait("look")
+        assert actions(runner) == ["drift-detected", "findings-cleared"]
+        cleared = runner.ctx.events.sinks.recent(10)[-1]
+        assert [c.split(":")[0] for c in cleared["cleared"]] == ["/etc/finding-a"]
+        assert [c.split(":")[0] for c in cleared["remaining"]] == ["/etc/finding-b"]
+        assert runner.state.status == tx.DRIFTED  # finding-b is still there
+        root.path("/etc/finding-a").write_text("back\n")  # a new one again: the whole set is reported
+        runner.converge_and_wait("look")
+        detected = runner.ctx.events.sinks.recent(10)[-1]
+        assert detected["event"]["action"] == "drift-detected" and len(detected["findings"]) == 2
+    finally:
+        runner.stop()
