@@ -408,16 +408,7 @@ class ControlRunner:
                 f"(meanwhile healed only after {FLAP_SETTLE:g}s without a change, at most {FLAP_RETRIES} times; "
                 "every version is in the backups)"
             )
-            self._set_status(FLAPPING, why)
-            self.ctx.events.emit(
-                ev.FLAPPING,
-                outcome="failure",
-                control=self.name,
-                level="error",
-                message=f"{self.name}: flapping: {why}",
-                backoff_seconds=backoff,
-                heals=len(self._heal_times),
-            )
+            self._flapping(why, backoff, len(self._heal_times))
 
     def _spend_backoff_heal(self) -> None:
         """One of the heals a back-off allows was spent; when the last one is, say that the agent now
@@ -432,6 +423,10 @@ class ControlRunner:
             f"not healing until the back-off ends at {ends} "
             "(`vps-agentctl converge` heals now; every version is in the backups)"
         )
+        self._flapping(why, round(left), FLAP_RETRIES)
+
+    def _flapping(self, why: str, backoff_seconds: float, heals: int) -> None:
+        """Status and event: a back-off began, or spent the heals it allows. Holds self._cond."""
         self._set_status(FLAPPING, why)
         self.ctx.events.emit(
             ev.FLAPPING,
@@ -439,8 +434,8 @@ class ControlRunner:
             control=self.name,
             level="error",
             message=f"{self.name}: flapping: {why}",
-            backoff_seconds=round(left),
-            heals=FLAP_RETRIES,
+            backoff_seconds=backoff_seconds,
+            heals=heals,
         )
 
     def _maybe_leave_flapping(self, config: Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,17 +215,26 @@ class FileControlWithFinding(FileControl):
         return Drift(self.name, (drift.items if drift else ()) + (finding,), drift.diff if drift else "")
 
 
-@pytest.fixture
-def finding_runner(tmp_path: Path) -> Iterator[ControlRunner]:
+@contextlib.contextmanager
+def compliant_runner(tmp_path: Path, control_class: type[FileControl]) -> Iterator[ControlRunner]:
+    """A started runner for a control whose file is already right (only its findings vary)."""
     root = SystemRoot.at(tmp_path / "root")
     (tmp_path / "root/etc").mkdir(parents=True)
-    control = FileControlWithFinding(root)
+    control = control_class(root)
     control.file.write_text("good\n")
     ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
     instance = ControlRunner(control, lambda: CONFIG, ctx)
     instance.start()
-    yield instance
-    instance.stop()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def finding_runner(tmp_path: Path) -> Iterator[ControlRunner]:
+    with compliant_runner(tmp_path, FileControlWithFinding) as instance:
+        yield instance
 
 
 def test_a_finding_alone_leaves_the_control_drifted_reported_once_and_never_touched(
@@ -281,14 +291,8 @@ class FileControlWithTwoFindings(FileControl):
 
 
 def test_each_finding_that_goes_is_named_and_a_smaller_set_is_not_reported_again(tmp_path: Path) -> None:
-    root = SystemRoot.at(tmp_path / "root")
-    (tmp_path / "root/etc").mkdir(parents=True)
-    control = FileControlWithTwoFindings(root)
-    control.file.write_text("good\n")
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
-    runner = ControlRunner(control, lambda: CONFIG, ctx)
-    runner.start()
-    try:
+    with compliant_runner(tmp_path, FileControlWithTwoFindings) as runner:
+        root = runner.control.root
         for x in "ab":
             root.path(f"/etc/finding-{x}").write_text("left\n")
         runner.converge_and_wait("look")
@@ -303,5 +307,3 @@ def test_each_finding_that_goes_is_named_and_a_smaller_set_is_not_reported_again
         runner.converge_and_wait("look")
         detected = runner.ctx.events.sinks.recent(10)[-1]
         assert detected["event"]["action"] == "drift-detected" and len(detected["findings"]) == 2
-    finally:
-        runner.stop()
