@@ -4,7 +4,7 @@ error, 3 daemon unreachable."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import functools
 import json
 import sys
 import time
@@ -21,6 +21,7 @@ from agent.events import null_events
 from agent.ipc import DaemonUnreachable, IpcClient, IpcError
 from agent.paths import SystemRoot
 from agent.system import fs, namespace
+from agent.system.run import concurrently
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 _ERROR_STATUSES = {tx.BLOCKED, tx.FAILED, tx.ERROR}
@@ -367,8 +368,7 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
         return tx.converge(control, config, ctx, reason="check", heal=False)
 
     # independent, and mostly waiting for their tools (sshd -T, iptables-save, fail2ban-client -d): at once
-    with concurrent.futures.ThreadPoolExecutor(len(controls)) as pool:
-        return config, list(pool.map(outcome, controls))
+    return config, concurrently([functools.partial(outcome, control) for control in controls])
 
 
 def _outcome_row(outcome: tx.Outcome) -> dict[str, Any]:
