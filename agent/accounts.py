@@ -7,8 +7,11 @@ both guards judge accounts with the same functions, so they never disagree about
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import fnmatch
+import hashlib
 import os
 import re
 import stat
@@ -186,6 +189,7 @@ class AccessPolicy:
     deny_users: Sequence[str] = ()
     allow_groups: Sequence[str] = ()
     deny_groups: Sequence[str] = ()
+    authentication_methods: Sequence[str] = ()  # sshd's AuthenticationMethods lists; () or ("any",): any one method
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,10 @@ def access(root: SystemRoot, account: Account, facts: AccountsFacts, policy: Acc
     barrier = _login_barrier(account, facts, policy)
     keys = tuple(authorized_keys(root, account, policy)) if policy.pubkey_authentication and not barrier else ()
     usable_password = account.password == "usable"
-    logs_in = barrier is None and (bool(keys) or policy.password_authentication and usable_password)
+    by_key, by_password = login_methods(policy, bool(keys), policy.password_authentication and usable_password)
+    if not by_key:
+        keys = ()
+    logs_in = barrier is None and (by_key or by_password)
     if grant is None:
         problem = f"{account.name} has no sudo rights (not in group sudo, no sudoers rule)"
         return Access(None, problem, None, barrier, keys, logs_in)
@@ -220,6 +227,21 @@ def access(root: SystemRoot, account: Account, facts: AccountsFacts, policy: Acc
         return Access(f"{account.name} (sudo) with a password", None, grant, None, (), True)
     needed = "an authorized_keys entry" + ("" if not policy.password_authentication else " or a usable password")
     return Access(None, f"{account.name} has sudo rights but no way in: needs {needed}", grant, None, (), False)
+
+
+def login_methods(policy: AccessPolicy, has_key: bool, has_password: bool) -> tuple[bool, bool]:
+    """(a login with a key works, a login without one works) under sshd's AuthenticationMethods."""
+    lists = [entry.split(",") for entry in policy.authentication_methods if entry.lower() != "any"]
+    if not lists:
+        return has_key, has_password
+    usable = {"publickey": has_key, "password": has_password, "keyboard-interactive": has_password}
+
+    def satisfied(methods: list[str]) -> bool:
+        return all(usable.get(method.split(":", 1)[0].lower(), False) for method in methods)
+
+    by_key = any(satisfied(methods) and "publickey" in methods for methods in lists)
+    by_password = any(satisfied(methods) and "publickey" not in methods for methods in lists)
+    return by_key, by_password
 
 
 def ways_to_root(root: SystemRoot, facts: AccountsFacts, policy: AccessPolicy) -> tuple[list[str], list[str]]:
@@ -318,6 +340,31 @@ def authorized_keys(root: SystemRoot, account: Account, policy: AccessPolicy) ->
             if strict_modes_problem(root, path, account) is None:
                 found.append(system_path)
     return found
+
+
+def key_fingerprints(root: SystemRoot, account: Account, policy: AccessPolicy) -> frozenset[str]:
+    """The SHA256 fingerprints (as sshd logs them: "SHA256:" + unpadded base64) of the keys sshd would
+    accept for account: its authorized_keys files that pass StrictModes."""
+    found: set[str] = set()
+    for system_path in authorized_keys(root, account, policy):
+        try:
+            text = fs.read_text(root.path(system_path), follow_symlinks=True) or ""
+        except (fs.UnsafeFile, PermissionError):
+            continue
+        for line in text.splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            match = KEY_TYPE.search(line)
+            if match is None:
+                continue
+            blob = match.group(0).split()[-1]
+            try:
+                raw = base64.b64decode(blob, validate=True)
+            except (ValueError, binascii.Error):
+                continue
+            digest = base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+            found.add(f"SHA256:{digest}")
+    return frozenset(found)
 
 
 def strict_modes_problem(root: SystemRoot, path: Path, account: Account) -> tuple[Path, str] | None:

@@ -25,7 +25,7 @@ from agent.system.run import concurrently
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 _ERROR_STATUSES = {tx.BLOCKED, tx.FAILED, tx.ERROR}
-_DRIFT_STATUSES = {tx.DRIFTED, FLAPPING, STARTING, WAITING}
+_DRIFT_STATUSES = {tx.DRIFTED, tx.PENDING, FLAPPING, STARTING, WAITING}
 
 
 def exit_code_for(controls: Iterable[dict[str, Any]]) -> int:
@@ -63,6 +63,8 @@ def render_table(controls: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
     for item in controls:
+        for held in item.get("held") or []:
+            lines.append(f"  {item['control']}: {held['setting']} held: {held['reason']}: {held['unblock']}")
         for drift in item.get("drift") or []:
             if item["status"] not in (tx.COMPLIANT, tx.HEALED):
                 lines.append(f"  {item['control']}: {drift}")
@@ -202,7 +204,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if not result["confirmed"]:
         print(f"vps-agentctl: {result['why']}", file=sys.stderr)
         return EXIT_DRIFT
-    print("port move confirmed: the old port closes")
+    for what in result["what"]:
+        print(f"confirmed {what}")
     print(render_table(result["status"]["controls"]))
     return exit_code_for(result["status"]["controls"])
 
@@ -379,6 +382,10 @@ def _outcome_row(outcome: tx.Outcome) -> dict[str, Any]:
         "facts": outcome.facts,
         "drift": [i.describe() for i in outcome.drift.items] if outcome.drift else [],
         "blocked": list(outcome.blocked.reasons) if outcome.blocked else [],
+        "held": [
+            {"setting": h.setting, "reason": h.reason, "unblock": h.unblock, "needs": h.needs}
+            for h in (outcome.held.settings if outcome.held else ())
+        ],
         "plan": list(outcome.changes.notes) if outcome.changes else [],
         "duration_ms": outcome.duration_ms,
     }
@@ -410,6 +417,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
             print(f"# {outcome.control}: cannot plan: {outcome.detail}", file=sys.stderr)
             code = EXIT_ERROR
             continue
+        if outcome.held is not None:
+            code = max(code, EXIT_ERROR if outcome.held.blocked else EXIT_DRIFT)
+            for held in outcome.held.settings:
+                print(f"# {outcome.control}: {held.describe()}")
         if outcome.drift is None:
             continue
         code = max(code, EXIT_ERROR if outcome.status in _ERROR_STATUSES else EXIT_DRIFT)
@@ -483,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="re-read the config file (an invalid one is rejected, the old stays)")
     reload.set_defaults(func=cmd_reload)
 
-    confirm = sub.add_parser("confirm", help="the new SSH port works: close the old one (ends a port move)")
+    confirm = sub.add_parser(
+        "confirm",
+        help="vouch for what waits for proof: the new SSH port works (the old one closes), a sudo admin's "
+        "key logs in (password logins go off)",
+    )
     confirm.set_defaults(func=cmd_confirm)
 
     upgrade = sub.add_parser("upgrade", help="show the upgrade schedule; with --now, run apt update + upgrade now")

@@ -25,28 +25,34 @@ from agent.controls.sshd import SshdControl
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
+from agent.keylogins import CONFIRMED, KeyLogins, KeyProof
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.sinks.outputs import Outputs
 from agent.sshd_ports import SshdPorts
-from agent.system import dpkg, fs, namespace
+from agent.system import dpkg, fs, journal, namespace
 from agent.system.run import run
 from agent.system.sdnotify import Notifier
 from agent.upgrades import UpgradeScheduler
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
+KEY_LOGIN_LOOKBACK = 86400.0  # seconds: a key login this long before the agent looks still proves the key
 SSHD_RELEASE_WAIT = 5.0  # seconds: how long a finished port move waits for sshd to let go of a port
 
 
 def build_controls(
-    root: SystemRoot, moves: PortMoves | None = None, sshd_ports: SshdPorts | None = None
+    root: SystemRoot,
+    moves: PortMoves | None = None,
+    sshd_ports: SshdPorts | None = None,
+    keylogins: KeyLogins | None = None,
 ) -> list[Control]:
     """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py), and
-    the firewall and fail2ban what sshd listens on (agent/sshd_ports.py)."""
+    the firewall and fail2ban what sshd listens on (agent/sshd_ports.py); the SSH guard reads the
+    proven key logins (agent/keylogins.py) the daemon records."""
     moves = moves or PortMoves(root)
     sshd_ports = sshd_ports or SshdPorts(root)
     return [
-        SshdControl(root, moves=moves),
+        SshdControl(root, moves=moves, keylogins=keylogins or KeyLogins(root)),
         FirewallControl(root, sshd_ports, moves=moves),
         Fail2banControl(root, listening_ports=sshd_ports, moves=moves),
         AccountsControl(root),
@@ -83,11 +89,15 @@ class Daemon:
         )
         self.moves = PortMoves(root)
         self.sshd_ports = SshdPorts(root)
+        self.keylogins = KeyLogins(root)
         self.engine = Engine(
-            build_controls(root, self.moves, self.sshd_ports), config, transaction_context(root, config, self.events)
+            build_controls(root, self.moves, self.sshd_ports, self.keylogins),
+            config,
+            transaction_context(root, config, self.events),
         )
-        self._move_wake = threading.Event()
-        self._move_thread = threading.Thread(target=self._watch_port_move, name="port-move", daemon=True)
+        self._move_wake = self.keylogins.awaiting_changed  # a new wait for a key login wakes the watcher too
+        self._key_cursor: str | None = None  # sshd's journal, read up to here for key logins
+        self._move_thread = threading.Thread(target=self._watch_logins, name="login-watch", daemon=True)
         self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
         # events: the journal, remote syslog and the metrics textfile (agent/sinks)
         self.outputs = Outputs(root, self.events, self.status)
@@ -322,12 +332,68 @@ class Daemon:
             )
 
     def _confirm(self) -> dict[str, Any]:
-        """`vps-agentctl confirm`: the new port works, close the old one."""
-        done = self.moves.confirm("vps-agentctl confirm")
-        if done is None:
-            return {"confirmed": False, "why": "no port move is waiting for confirmation"}
-        self._port_move_done(ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by vps-agentctl confirm", done)
-        return {"confirmed": True, "status": self.status()}
+        """`vps-agentctl confirm`: the admin vouches for what waits for proof: the new SSH port works (the
+        old one closes), and a sudo admin's key logs in (password logins go off)."""
+        confirmed: list[str] = []
+        done = self.moves.confirm(CONFIRMED)
+        if done is not None:
+            self._port_move_done(ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by {CONFIRMED}", done)
+            confirmed.append(f"port move to {done.new}: the old port closes")
+        keyed = sorted(self.keylogins.awaiting_with_keys)
+        for user in keyed:
+            self._key_login_proven(KeyProof(user, CONFIRMED, time.time()))
+        if keyed:
+            ssh = self.engine.runners.get("ssh")
+            if ssh is not None:
+                ssh.converge_and_wait(f"key login of {', '.join(keyed)} confirmed by {CONFIRMED}")
+            confirmed.append(f"key login of {', '.join(keyed)}: password logins go off")
+        if not confirmed:
+            keyless = sorted(self.keylogins.awaiting - self.keylogins.awaiting_with_keys)
+            why = "nothing waits for confirmation: no port move is open and no key login is awaited"
+            if keyless:
+                why = (
+                    f"{', '.join(keyless)} has no key sshd accepts yet: add one (ssh-copy-id), log in with it "
+                    "once (that alone turns passwords off), or then run confirm"
+                )
+            return {"confirmed": False, "why": why}
+        return {"confirmed": True, "what": confirmed, "status": self.status()}
+
+    def _key_login_proven(self, proof: KeyProof) -> None:
+        if not self.keylogins.record(proof):
+            return
+        self.events.emit(
+            ev.KEY_LOGIN_PROVEN,
+            outcome="success",
+            control="ssh",
+            message=f"ssh: {proof.user}'s key login proven by {proof.how}: password logins may go off",
+            user_name=proof.user,
+            key_fingerprint=proof.fingerprint or None,
+            file_path=self.root.system_name(self.root.key_logins_state),
+        )
+        self._report_key_state_problem()
+
+    def _report_key_state_problem(self) -> None:
+        for proof in self.keylogins.take_forgotten():
+            self.events.emit(
+                ev.KEY_LOGIN_FORGOTTEN,
+                outcome="success",
+                level="warning",
+                control="ssh",
+                message=f"ssh: the key that proved {proof.user}'s login is gone from authorized_keys: passwords "
+                "stay on (or come back on) until a key logs in again",
+                user_name=proof.user,
+                key_fingerprint=proof.fingerprint or None,
+            )
+        problem = self.keylogins.take_problem()
+        if problem:
+            self.events.emit(
+                ev.PORT_MOVE_STATE_RESET,
+                outcome="failure",
+                level="warning",
+                control="ssh",
+                file_path=self.root.system_name(self.root.key_logins_state),
+                message=problem,
+            )
 
     def _port_move_done(self, action: str, message: str, move: portmove.MoveState) -> None:
         self.events.emit(
@@ -358,41 +424,72 @@ class Daemon:
         while closing & self.sshd_ports.fresh() and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def _watch_port_move(self) -> None:
-        """While a move is open: look for a login on the new port in sshd's log every 2 s, and roll
-        back at the deadline."""
+    def _watch_logins(self) -> None:
+        """sshd's journal, read every 2 s while a login there can prove something: a login on the new port
+        of an open port move (else it rolls back at the deadline), or a sudo admin's key login the SSH
+        guard waits for before password logins go off. Idle otherwise."""
         while not self.stopping.is_set():
+            self._report_key_state_problem()
             move = self.moves.current()
-            if move is None or move.phase != portmove.OPEN:
+            moving = move is not None and move.phase == portmove.OPEN
+            awaiting = self.keylogins.awaiting
+            if not moving and not awaiting:
                 self._move_wake.wait(60.0)
                 self._move_wake.clear()
                 continue
             try:
-                who = self._login_on(move) if self.root.is_host else None
-                if who is not None:
-                    done = self.moves.confirm(f"a login on port {move.new}: {who}")
-                    if done is not None:
-                        self._port_move_done(
-                            ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by {done.confirmed_by}", done
-                        )
-                        continue
-                expired = self.moves.expire(time.time())
-                if expired is not None:
-                    olds = ", ".join(str(p) for p in expired.old)
-                    self._port_move_done(
-                        ev.PORT_MOVE_ROLLED_BACK,
-                        f"port move to {expired.new} rolled back to {olds}: no login on {expired.new} and no "
-                        f"`vps-agentctl confirm` within {format_duration(expired.deadline - expired.started)}; "
-                        f"ssh.port {expired.new} is refused until the config changes",
-                        expired,
-                    )
+                if move is not None and moving and self._check_port_move(move):
                     continue
+                if awaiting and self.root.is_host:
+                    self._look_for_key_logins(awaiting)
             except Exception as exc:  # the deadline must still be kept: log and look again
                 self.events.emit(
-                    ev.PORT_MOVE_ROLLED_BACK, outcome="unknown", level="error", message=f"port move: {exc}"
+                    ev.REMEDIATION_FAILED, outcome="unknown", level="error", control="ssh",
+                    message=f"ssh: reading sshd's logins: {type(exc).__name__}: {exc}",
                 )
             self._move_wake.wait(2.0)
             self._move_wake.clear()
+
+    def _check_port_move(self, move: portmove.MoveState) -> bool:
+        """A login on the new port confirms the move; the deadline rolls it back. True: it ended."""
+        who = self._login_on(move) if self.root.is_host else None
+        if who is not None:
+            done = self.moves.confirm(f"a login on port {move.new}: {who}")
+            if done is not None:
+                self._port_move_done(
+                    ev.PORT_MOVE_CONFIRMED, f"port move to {done.new} confirmed by {done.confirmed_by}", done
+                )
+                return True
+        expired = self.moves.expire(time.time())
+        if expired is not None:
+            olds = ", ".join(str(p) for p in expired.old)
+            self._port_move_done(
+                ev.PORT_MOVE_ROLLED_BACK,
+                f"port move to {expired.new} rolled back to {olds}: no login on {expired.new} and no "
+                f"`vps-agentctl confirm` within {format_duration(expired.deadline - expired.started)}; "
+                f"ssh.port {expired.new} is refused until the config changes",
+                expired,
+            )
+            return True
+        return False
+
+    def _look_for_key_logins(self, awaiting: frozenset[str]) -> None:
+        """The newest publickey login sshd logged for each awaited admin: proof its key works. The first
+        look reaches back KEY_LOGIN_LOOKBACK (a login made before the agent started counts), later ones
+        go on from the last entry read."""
+        since = None if self._key_cursor else time.time() - KEY_LOGIN_LOOKBACK
+        logins, self._key_cursor = journal.sshd_logins(since=since, after_cursor=self._key_cursor)
+        newest: dict[str, journal.SshdLogin] = {}
+        for login in logins:
+            if login.method == "publickey" and login.user in awaiting and login.key:
+                newest[login.user] = login
+        for user, login in sorted(newest.items()):
+            how = f"a publickey login from {login.address} port {login.port} ({login.key})"
+            self._key_login_proven(KeyProof(user, how, login.at, login.key.split()[-1]))
+        if newest:
+            ssh = self.engine.runners.get("ssh")
+            if ssh is not None:
+                ssh.trigger(f"key login of {', '.join(sorted(newest))}", immediate=True, admin=True)
 
     def _login_on(self, move: portmove.MoveState) -> str | None:
         """sshd's log since the move began (journald; LogLevel VERBOSE names each connection's port)."""

@@ -65,6 +65,11 @@ class SystemRoot:
         return self.state_dir / "updates.json"
 
     @property
+    def key_logins_state(self) -> Path:
+        """The sudo admins whose SSH key login was proven (what lets passwords go off)."""
+        return self.state_dir / "key-logins.json"
+
+    @property
     def port_move_state(self) -> Path:
         """A two-phase SSH port move in flight (or rolled back)."""
         return self.state_dir / "port-move.json"

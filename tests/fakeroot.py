@@ -7,6 +7,9 @@ Used by the tests and by `make demo`; run as `python3 -m tests.fakeroot DIR [--n
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -70,7 +73,28 @@ def write(path: Path, text: str | bytes, mode: int = 0o644) -> Path:
     return path
 
 
-def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True, config: str = CONFIG) -> Path:
+def key_fingerprint(public_key: bytes) -> str:
+    """"SHA256:..." as sshd logs it for an accepted key (ssh-keygen -lf prints the same)."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def prove_key_login(root: Path, user: str = "admin", public_key: bytes | None = None) -> None:
+    """What the daemon keeps once sshd logged a publickey login of user with that key (agent/keylogins.py)."""
+    fingerprint = key_fingerprint(public_key or client_key())
+    proof = {user: {"user": user, "how": "a publickey login (fake root)", "at": 1.0, "fingerprint": fingerprint}}
+    write(root / "var/lib/vps-agent/key-logins.json", json.dumps(proof) + "\n", 0o600)
+
+
+def make_root(
+    root: Path,
+    *,
+    admin: str | None = "admin",
+    admin_key: bool = True,
+    key_proven: bool = True,
+    config: str = CONFIG,
+) -> Path:
+    """key_proven: the admin has logged in with its key once (what lets the SSH guard turn passwords off)."""
     ssh = root / "etc/ssh"
     (ssh / "sshd_config.d").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DATA / "sshd_config.debian12", ssh / "sshd_config")
@@ -107,6 +131,8 @@ def make_root(root: Path, *, admin: str | None = "admin", admin_key: bool = True
         )
     for directory in ("run", "var/lib/vps-agent", "var/log/vps-agent"):
         (root / directory).mkdir(parents=True, exist_ok=True)
+    if admin and admin_key and key_proven:
+        prove_key_login(root, admin)
     return root
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import socket
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -394,6 +395,20 @@ def _admin_items(observed: AccountsObserved, admin: AdminState, desired: Account
     if found.barrier:
         advice = _barrier_advice(name, found.barrier)
         items.append(_admin_finding(name, PASSWD, f"cannot log in: {found.barrier}", advice))
+    elif not found.logs_in and not fixes.keys and admin.account.password == "usable":
+        # the SSH guard keeps password logins on for it until a key login is proven (agent/keylogins.py)
+        items.append(
+            DriftItem(
+                f"admin user {name}",
+                keys_path,
+                "a key it has logged in with",
+                "logs in with a password only",
+                None,
+                WARNING,
+                f"passwords stay on until a key login is proven: ssh-copy-id {name}@{socket.gethostname()}, then "
+                "log in once with the key",
+            )
+        )
     elif not found.logs_in and not fixes.keys:
         needed = "a key in " + keys_path + (" or a password" if desired.policy.password_authentication else "")
         advice = "add one (or list it in accounts.admin_keys with accounts.create_admin: true)"

@@ -150,6 +150,42 @@ class Blocked:
         return "; ".join(self.reasons)
 
 
+# What unblocks a held setting: a proof the admin gives (a login), or a change only the admin can make.
+WAITS_FOR_PROOF = "proof"
+NEEDS_CHANGE = "change"
+
+
+@dataclass(frozen=True)
+class HeldSetting:
+    """One desired setting the lockout invariants hold back; the rest of the desired state applies."""
+
+    setting: str  # as the tool reads it, e.g. "PasswordAuthentication no"
+    reason: str  # e.g. "passwords stay on until admin logs in with a key"
+    unblock: str  # the exact command or step that lets it apply
+    needs: str = WAITS_FOR_PROOF
+
+    def describe(self) -> str:
+        return f"{self.setting} held: {self.reason}: {self.unblock}"
+
+
+@dataclass(frozen=True)
+class Held:
+    """Per-setting lockout invariants: `desired` is what applies safely now, `settings` what waits.
+
+    A control with only settings that wait for the admin's proof is `pending`; one with a setting that
+    needs a change only the admin can make (an admin account, a config fix) is `blocked`."""
+
+    settings: tuple[HeldSetting, ...]
+    desired: Any
+
+    @property
+    def blocked(self) -> bool:
+        return any(item.needs == NEEDS_CHANGE for item in self.settings)
+
+    def __str__(self) -> str:
+        return "; ".join(item.describe() for item in self.settings)
+
+
 class ObserveError(Exception):
     """The effective state cannot be read (the tool rejects the current config, a file is unsafe)."""
 
@@ -193,8 +229,9 @@ class Control(ABC):
     def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes: ...
 
     @abstractmethod
-    def preconditions(self, observed: Any, desired: Any) -> Blocked | None:
-        """The lockout invariants for going from observed to desired; Blocked means change nothing."""
+    def preconditions(self, observed: Any, desired: Any) -> Blocked | Held | None:
+        """The lockout invariants for going from observed to desired, per setting: None, all of it
+        applies; Held, the settings held back and the desired state without them; Blocked, nothing."""
 
     @abstractmethod
     def validate(self, changes: Changes) -> Any | None:

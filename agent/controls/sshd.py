@@ -13,6 +13,7 @@ changing it, runs `systemctl daemon-reload` and restarts ssh.socket.
 from __future__ import annotations
 
 import datetime
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,15 @@ from typing import Any
 from agent import accounts
 from agent.config import Config
 from agent.controls.base import (
-    Blocked,
+    NEEDS_CHANGE,
+    WAITS_FOR_PROOF,
     Changes,
     Control,
     Drift,
     DriftItem,
     FileChange,
+    Held,
+    HeldSetting,
     ObserveError,
     ReloadOutcome,
     ValidationError,
@@ -41,6 +45,7 @@ from agent.controls.sshd_config import (
     parse_effective,
     read_graph,
 )
+from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.system import fs
@@ -58,6 +63,19 @@ _ACCESS_KEYWORDS = (
     "allowgroups",
     "denygroups",
     "authorizedkeysfile",
+    "authenticationmethods",
+)
+# keywords of ssh.options that can take a way in away: judged by the same lockout check as the rest
+_CUTTING_OPTIONS = frozenset(
+    {
+        "allowusers",
+        "denyusers",
+        "allowgroups",
+        "denygroups",
+        "authenticationmethods",
+        "pubkeyauthentication",
+        "authorizedkeysfile",
+    }
 )
 _SYNONYMS = {"without-password": "prohibit-password"}
 
@@ -103,6 +121,7 @@ class SshdDesired:
     effective: Mapping[str, tuple[str, ...]]  # lower-case keyword -> values as `sshd -T` prints them
     dropin_text: str
     socket_text: str = ""  # ssh.socket's drop-in, where socket activation is in use
+    admin_port: str = "22"  # ssh.port: where the admin logs in once any move is done (for the advice)
 
     def accepts(self, keyword: str, value: str) -> bool:
         """Whether a directive elsewhere agrees with what the agent wants for keyword."""
@@ -115,11 +134,16 @@ class SshdControl(Control):
     name = "ssh"
 
     def __init__(
-        self, root: SystemRoot, services: ServiceManager | None = None, moves: PortMoves | None = None
+        self,
+        root: SystemRoot,
+        services: ServiceManager | None = None,
+        moves: PortMoves | None = None,
+        keylogins: KeyLogins | None = None,
     ) -> None:
         super().__init__(root)
         self.services = services or ServiceManager(root)
         self.moves = moves or PortMoves(root)
+        self.keylogins = keylogins or KeyLogins(root)
         self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
 
@@ -201,9 +225,13 @@ class SshdControl(Control):
         settings.extend((k, v) for k, v in ssh.options)
         if self.moves.verbose_logging(config) and not any(k.lower() == "loglevel" for k, _ in ssh.options):
             settings.append(("LogLevel", "VERBOSE"))  # names the local port of each login: the move's proof
-        frozen = tuple(settings)
-        ports = [value for keyword, value in frozen if keyword == "Port"]
-        return SshdDesired(frozen, self._normalise(frozen), render_dropin(frozen), render_socket_dropin(ports))
+        return self._desired_from(tuple(settings), str(ssh.port))
+
+    def _desired_from(self, settings: tuple[tuple[str, str], ...], admin_port: str) -> SshdDesired:
+        ports = [value for keyword, value in settings if keyword == "Port"]
+        return SshdDesired(
+            settings, self._normalise(settings), render_dropin(settings), render_socket_dropin(ports), admin_port
+        )
 
     def _normalise(self, settings: tuple[tuple[str, str], ...]) -> Mapping[str, tuple[str, ...]]:
         """The values as `sshd -T` will print them (1m -> 60, prohibit-password -> without-password)."""
@@ -349,29 +377,125 @@ class SshdControl(Control):
 
     # preconditions ------------------------------------------------------------------------------------
 
-    def preconditions(self, observed: SshdObserved, desired: SshdDesired) -> Blocked | None:
-        """Tightening login rules needs a way in that survives it: a sudo user (or root) who can log in."""
-        after = dict(observed.effective)
-        after.update(desired.effective)
-        if all(_same(observed.effective.get(k, ()), after.get(k, ())) for k in _ACCESS_KEYWORDS):
-            return None
-        policy = accounts.AccessPolicy(
-            permit_root_login=_norm(_first(after, "permitrootlogin", "prohibit-password")),
-            password_authentication=_first(after, "passwordauthentication", "yes") == "yes",
-            pubkey_authentication=_first(after, "pubkeyauthentication", "yes") == "yes",
-            authorized_keys_files=after.get("authorizedkeysfile", (".ssh/authorized_keys",))[0].split(),
-            allow_users=after.get("allowusers", ()),
-            deny_users=after.get("denyusers", ()),
-            allow_groups=after.get("allowgroups", ()),
-            deny_groups=after.get("denygroups", ()),
-        )
+    def preconditions(self, observed: SshdObserved, desired: SshdDesired) -> Held | None:
+        """Each setting that can take a way in away applies only while a way to root over SSH stays:
+        ssh.options' Allow*/Deny*/AuthenticationMethods/... and PermitRootLogin while some admin (or root)
+        still gets in with what stays on; PasswordAuthentication no once a sudo admin's key login is
+        proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies."""
+        wanted = {keyword.lower(): value for keyword, value in desired.settings}
+        accepted = {k: v for k, v in wanted.items() if k not in _CUTTING_OPTIONS and k not in _CUT_KEYWORDS}
+        held: list[HeldSetting] = []
         facts = accounts.read_facts(self.root)
-        ways, problems = accounts.ways_to_root(self.root, facts, policy)
-        if ways:
+        self.keylogins.set_awaiting(())
+
+        def trial(extra: Mapping[str, str]) -> accounts.AccessPolicy:
+            return _policy(observed.effective, desired, {**accepted, **extra})
+
+        def changes(keyword: str) -> bool:
+            return not _same(observed.effective.get(keyword, ()), desired.effective.get(keyword, (wanted[keyword],)))
+
+        for keyword, value in desired.settings:
+            key = keyword.lower()
+            if key not in _CUTTING_OPTIONS:
+                continue
+            if not changes(key) or accounts.ways_to_root(self.root, facts, trial({key: value}))[0]:
+                accepted[key] = value
+                continue
+            problems = accounts.ways_to_root(self.root, facts, trial({key: value}))[1]
+            held.append(
+                HeldSetting(
+                    f"{keyword} {value}",
+                    "it would leave no way to get root over SSH: " + "; ".join(problems),
+                    f"change ssh.options {keyword} in /etc/vps-agent/config.yaml so an admin is let in, "
+                    "then `vps-agentctl reload`",
+                    NEEDS_CHANGE,
+                )
+            )
+        if "passwordauthentication" in wanted:
+            if wanted["passwordauthentication"] == "yes" or not changes("passwordauthentication"):
+                accepted["passwordauthentication"] = wanted["passwordauthentication"]
+            else:
+                hold = self._password_hold(facts, trial, desired.admin_port)
+                if hold is None:
+                    accepted["passwordauthentication"] = "no"
+                else:
+                    held.append(hold)
+                    accepted["passwordauthentication"] = "yes"  # the way in the admin has today stays
+        if "permitrootlogin" in wanted:
+            value = wanted["permitrootlogin"]
+            ways, problems = accounts.ways_to_root(self.root, facts, trial({"permitrootlogin": value}))
+            if not changes("permitrootlogin") or ways:
+                accepted["permitrootlogin"] = value
+            else:
+                # left as sshd has it now: root's way in is the only one
+                held.append(
+                    HeldSetting(
+                        f"PermitRootLogin {value}",
+                        "it would leave no way to get root over SSH: " + "; ".join(problems),
+                        "create a sudo admin who can log in: adduser NAME && usermod -aG sudo NAME (or "
+                        "accounts.admin_user, accounts.create_admin and accounts.admin_keys in the config)",
+                        NEEDS_CHANGE,
+                    )
+                )
+        if not held:
             return None
-        password = "yes" if policy.password_authentication else "no"
-        rules = f"PermitRootLogin {policy.permit_root_login}, PasswordAuthentication {password}"
-        return Blocked((f"applying {rules} would leave no way to get root over SSH",) + tuple(problems))
+        settings = tuple((k, accepted[k.lower()]) for k, _ in desired.settings if k.lower() in accepted)
+        return Held(tuple(held), self._desired_from(settings, desired.admin_port))
+
+    def _password_hold(
+        self, facts: accounts.AccountsFacts, trial: Any, admin_port: str
+    ) -> HeldSetting | None:
+        """PasswordAuthentication no: None when a sudo admin's key login is proven and that key still gets
+        in with passwords off; otherwise why passwords stay on and what ends it."""
+        without = trial({"passwordauthentication": "no"})
+        with_passwords = trial({"passwordauthentication": "yes"})
+        admins = [
+            account
+            for account in sorted(facts.accounts.values(), key=lambda a: a.uid)
+            if account.uid != 0 and accounts.sudo_grant(account, facts) is not None
+        ]
+        waiting: list[str] = []
+        keyless: list[str] = []
+        for account in admins:
+            found = accounts.access(self.root, account, facts, without)
+            proof = self.keylogins.proof(account.name)
+            fingerprints = accounts.key_fingerprints(self.root, account, without) if found.keys else frozenset()
+            if proof is not None and not proof.holds(fingerprints):
+                self.keylogins.forget(account.name)
+                proof = None
+            if found.way is not None and proof is not None:
+                return None
+            if found.way is not None:
+                waiting.append(account.name)
+            elif accounts.access(self.root, account, facts, with_passwords).way is not None:
+                keyless.append(account.name)
+        host = socket.gethostname()
+        if waiting:
+            self.keylogins.set_awaiting(waiting, keyless)
+            who = " or ".join(waiting)
+            return HeldSetting(
+                "PasswordAuthentication no",
+                f"passwords stay on until {who} logs in with a key",
+                f"log in once with that key (ssh -p {admin_port} {waiting[0]}@{host}), or after such a login "
+                "run `sudo vps-agentctl confirm`",
+                WAITS_FOR_PROOF,
+            )
+        if keyless:
+            self.keylogins.set_awaiting((), keyless)
+            who = " or ".join(keyless)
+            return HeldSetting(
+                "PasswordAuthentication no",
+                f"passwords stay on until {who} logs in with a key",
+                f"ssh-copy-id -p {admin_port} {keyless[0]}@{host}, then log in once",
+                WAITS_FOR_PROOF,
+            )
+        return HeldSetting(
+            "PasswordAuthentication no",
+            "passwords stay on: no sudo admin can log in to prove a key",
+            "create a sudo admin with a key: adduser NAME && usermod -aG sudo NAME, ssh-copy-id NAME@"
+            f"{host}, then log in once as NAME (or accounts.create_admin with accounts.admin_keys)",
+            NEEDS_CHANGE,
+        )
 
     # validate / reload --------------------------------------------------------------------------------
 
@@ -456,6 +580,36 @@ def _wanted_text(desired: SshdDesired, keyword: str) -> str:
         if key.lower() == keyword:
             return f"{key} {value}"
     return keyword
+
+
+_CUT_KEYWORDS = frozenset({"permitrootlogin", "passwordauthentication"})
+
+
+def _policy(
+    observed: Mapping[str, tuple[str, ...]], desired: SshdDesired, settings: Mapping[str, str]
+) -> accounts.AccessPolicy:
+    """Who could log in with these settings of the agent's drop-in on top of the effective config."""
+    after = dict(observed)
+    for keyword in settings:
+        after[keyword] = desired.effective.get(keyword) or (settings[keyword],)
+        if keyword == "passwordauthentication":
+            after[keyword] = (settings[keyword],)
+    return accounts.AccessPolicy(
+        permit_root_login=_norm(_first(after, "permitrootlogin", "prohibit-password")),
+        password_authentication=_first(after, "passwordauthentication", "yes") == "yes",
+        pubkey_authentication=_first(after, "pubkeyauthentication", "yes") == "yes",
+        authorized_keys_files=after.get("authorizedkeysfile", (".ssh/authorized_keys",))[0].split(),
+        allow_users=_words(after, "allowusers"),
+        deny_users=_words(after, "denyusers"),
+        allow_groups=_words(after, "allowgroups"),
+        deny_groups=_words(after, "denygroups"),
+        authentication_methods=_words(after, "authenticationmethods"),
+    )
+
+
+def _words(values: Mapping[str, tuple[str, ...]], key: str) -> tuple[str, ...]:
+    """sshd -T prints a list keyword once per value, or once with the values separated by spaces."""
+    return tuple(word for value in values.get(key, ()) for word in value.split())
 
 
 def _first(values: Mapping[str, tuple[str, ...]], key: str, default: str) -> str:

@@ -48,6 +48,8 @@ class ControlState:
     backoff_until: float | None = None  # monotonic
     facts: dict[str, Any] = field(default_factory=dict)
     drift: list[str] = field(default_factory=list)
+    # settings the lockout invariants hold back: {"setting", "reason", "unblock", "needs"}
+    held: list[dict[str, str]] = field(default_factory=list)
 
     def snapshot(self, name: str) -> dict[str, Any]:
         paused = None
@@ -66,6 +68,7 @@ class ControlState:
             "paused_until": paused,
             "facts": self.facts,
             "drift": self.drift,
+            "held": self.held,
         }
 
 
@@ -97,6 +100,7 @@ class ControlRunner:
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
         self._reported_items: list[str] = []  # the findings and warnings last reported
+        self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -297,6 +301,15 @@ class ControlRunner:
             if outcome.facts:
                 self.state.facts = outcome.facts
             self.state.drift = [i.describe() for i in outcome.drift.items] if outcome.drift else []
+            held = outcome.held
+            self.state.held = (
+                [
+                    {"setting": h.setting, "reason": h.reason, "unblock": h.unblock, "needs": h.needs}
+                    for h in held.settings
+                ]
+                if held
+                else []
+            )
             if paused:
                 drifted = outcome.status not in (tx.COMPLIANT,)
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
@@ -311,7 +324,10 @@ class ControlRunner:
                 if not admin:
                     self._record_heal(config)
                 if self.state.status != FLAPPING:
-                    self._set_status(tx.HEALED, outcome.detail)
+                    if held is not None:  # what was safe is applied; the rest still waits
+                        self._set_status(tx.BLOCKED if held.blocked else tx.PENDING, str(held))
+                    else:
+                        self._set_status(tx.HEALED, outcome.detail)
             elif outcome.status == tx.COMPLIANT:
                 if self.state.status == FLAPPING and self._heal_times:
                     pass  # stay flapping until the window has passed
@@ -331,8 +347,55 @@ class ControlRunner:
                 self._spend_backoff_heal()
             self._maybe_leave_flapping(config)
             if not paused and not report_only:
+                self._report_hold(outcome)
                 self._report_findings(outcome)
         self._release_waiters(outcome)
+
+    def _report_hold(self, outcome: tx.Outcome) -> None:
+        """A blocked control, or settings held back: one event when the state or its reasons change,
+        none for a re-check that finds the same. Holds self._cond."""
+        signature = ""
+        if outcome.status == tx.BLOCKED and outcome.blocked is not None and outcome.drift is not None:
+            signature = f"blocked: {outcome.drift.summary()} / {outcome.blocked}"
+        elif outcome.held is not None:
+            signature = f"held: {outcome.held}"
+        if signature == self._reported_hold:
+            return
+        self._reported_hold = signature
+        if outcome.status == tx.BLOCKED and outcome.blocked is not None and outcome.drift is not None:
+            drift = outcome.drift
+            self.ctx.events.emit(
+                ev.DRIFT_DETECTED,
+                outcome="unknown",
+                control=self.name,
+                level="warning",
+                message=f"{self.name}: drift detected: {drift.summary()}",
+                file_path=drift.primary_path,
+                diff=drift.diff,
+                drift=[item.describe() for item in drift.items],
+                transaction_id=outcome.transaction_id,
+            )
+            self.ctx.events.emit(
+                ev.REMEDIATION_BLOCKED,
+                outcome="failure",
+                control=self.name,
+                level="error",
+                message=f"{self.name}: blocked, nothing changed: {outcome.blocked}",
+                reasons=list(outcome.blocked.reasons),
+                transaction_id=outcome.transaction_id,
+            )
+        elif outcome.held is not None:
+            held = outcome.held
+            self.ctx.events.emit(
+                ev.REMEDIATION_BLOCKED if held.blocked else ev.REMEDIATION_PENDING,
+                outcome="failure" if held.blocked else "unknown",
+                control=self.name,
+                level="warning" if held.blocked else "info",
+                message=f"{self.name}: applied what is safe; held back: {held}",
+                reasons=[item.describe() for item in held.settings],
+                held=[item.setting for item in held.settings],
+                transaction_id=outcome.transaction_id,
+            )
 
     def _report_findings(self, outcome: tx.Outcome) -> None:
         """Findings and warnings (drift the agent never changes): a drift-detected event with the whole

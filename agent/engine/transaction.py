@@ -18,6 +18,7 @@ from agent.controls.base import (
     CommandChange,
     Control,
     Drift,
+    Held,
     Invocation,
     ObserveError,
     ValidationError,
@@ -30,6 +31,7 @@ COMPLIANT = "compliant"
 HEALED = "healed"
 DRIFTED = "drifted"  # seen but not healed on purpose (check, dry run)
 BLOCKED = "blocked"
+PENDING = "pending"  # applied what is safe; the rest waits for the admin's proof (a login, `confirm`)
 FAILED = "failed"
 ERROR = "error"  # the state could not even be observed
 
@@ -47,6 +49,8 @@ class Outcome:
     facts: dict[str, Any] = field(default_factory=dict)
     # after a heal: the findings and warnings it left (the agent never changes those), or None
     remaining: Drift | None = None
+    # the settings the lockout invariants hold back (the rest was applied, or already in place)
+    held: Held | None = None
 
 
 def _dpkg_idle() -> str | None:
@@ -114,7 +118,16 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         status, detail = (DRIFTED, drift.findings_summary()) if drift.findings else (COMPLIANT, "")
         return Outcome(control.name, status, detail, drift, None, None, elapsed(), txid, facts)
 
-    blocked = control.preconditions(observed, desired)
+    gate = control.preconditions(observed, desired)
+    blocked = gate if isinstance(gate, Blocked) else None
+    held = gate if isinstance(gate, Held) else None
+    if held is not None:
+        # what is safe applies now; only the held settings wait
+        desired = held.desired
+        drift = control.diff(observed, desired)
+        if drift is None or not drift.fixable:
+            status = BLOCKED if held.blocked else PENDING
+            return Outcome(control.name, status, str(held), drift, None, None, elapsed(), txid, facts, held=held)
     try:
         changes = control.plan(observed, desired, drift)
     except fs.UnsafeFile as exc:
@@ -125,8 +138,20 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     if not heal:
         status = BLOCKED if blocked else DRIFTED
         return Outcome(
-            control.name, status, str(blocked or drift.summary()), drift, changes, blocked, elapsed(), txid, facts
+            control.name,
+            status,
+            str(blocked or drift.summary()),
+            drift,
+            changes,
+            blocked,
+            elapsed(),
+            txid,
+            facts,
+            held=held,
         )
+    if blocked is not None:
+        # reported by the runner, once per distinct drift and reasons: a re-check of the same state says nothing
+        return Outcome(control.name, BLOCKED, str(blocked), drift, changes, blocked, elapsed(), txid, facts)
 
     report(
         ev.DRIFT_DETECTED,
@@ -138,14 +163,6 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         reason=reason,
         drift=[item.describe() for item in drift.items],
     )
-    if blocked is not None:
-        report(
-            ev.REMEDIATION_BLOCKED,
-            f"blocked, nothing changed: {blocked}",
-            reasons=list(blocked.reasons),
-            duration_ms=elapsed(),
-        )
-        return Outcome(control.name, BLOCKED, str(blocked), drift, changes, blocked, elapsed(), txid, facts)
     if changes is None:
         report(
             ev.REMEDIATION_FAILED,
@@ -195,7 +212,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
             backup=str(backup.directory),
         )
         ctx.backups.prune(control.name)
-        return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts)
+        return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts, held=held)
     ctx.backups.prune(control.name)
     report(
         ev.DRIFT_REVERTED,
@@ -219,6 +236,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         txid,
         control.facts(after),
         remaining,
+        held,
     )
 
 

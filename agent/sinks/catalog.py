@@ -42,6 +42,18 @@ CATALOG: dict[str, EventType] = {
     "remediation-blocked": EventType(
         "59dbd215fc4f40ee9a1ee000c2d86537", ("configuration",), ("info",), "Remediation blocked by a lockout check"
     ),
+    "remediation-pending": EventType(
+        "12ca10ec110547a6bdb03c0c0228f669",
+        ("configuration",),
+        ("info",),
+        "Safe settings applied; the rest waits for the admin's proof",
+    ),
+    "key-login-proven": EventType(
+        "5ab437408e774ee7bf7b378e11e7a461", ("authentication",), ("info",), "An admin's SSH key login was proven"
+    ),
+    "key-login-forgotten": EventType(
+        "50f7e3e3a99f433ca07c40c041ff1836", ("authentication",), ("change",), "An admin's proven SSH key is gone"
+    ),
     "observe-failed": EventType(
         "d408506f02ce485f884313f1ada94bf4", ("configuration",), ("error",), "The effective state could not be read"
     ),

@@ -294,10 +294,20 @@ def test_the_agent_never_writes_keys_into_a_home_others_can_write(root: Path) ->
     assert lacks and lacks[0].kind == FINDING and "writable by others" in lacks[0].advice
 
 
-def test_an_admin_without_a_way_in_is_a_finding(root: Path) -> None:
+def test_an_admin_without_a_key_or_a_password_has_no_way_in_a_finding(root: Path) -> None:
     (root / "home/admin/.ssh/authorized_keys").unlink()
+    edit(root / "etc/shadow", "admin:$y$", "admin:!$y$")
     [finding] = items(converge(root, parse_config("accounts: {admin_user: admin}")))
     assert finding.kind == FINDING and finding.actual.startswith("has no way in: needs a key in")
+
+
+def test_an_admin_who_logs_in_with_a_password_only_is_a_warning_that_passwords_stay_on(root: Path) -> None:
+    (root / "home/admin/.ssh/authorized_keys").unlink()
+    outcome = converge(root, parse_config("accounts: {admin_user: admin}"))
+    [warning] = items(outcome)
+    assert warning.kind == WARNING and warning.actual == "logs in with a password only"
+    assert "passwords stay on until a key login is proven: ssh-copy-id admin@" in warning.advice
+    assert outcome.status == tx.COMPLIANT
 
 
 def test_an_admin_with_a_nologin_shell_cannot_log_in(root: Path) -> None:

@@ -1,4 +1,5 @@
-"""Who can still get root over SSH after the change: the SSH guard blocks rather than lock anyone out."""
+"""Who can still get root over SSH after the change: the SSH guard holds back, setting by setting, what would
+lock the admin out, and applies the rest."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 from agent.accounts import AccessPolicy, read_facts, ways_to_root
 from agent.config import parse_config
+from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, Held
 from agent.controls.sshd import SshdControl
+from agent.keylogins import CONFIRMED, KeyProof
 from agent.paths import SystemRoot
 from tests.fakeroot import make_root
 from tests.unit import fake_sshd
@@ -79,17 +82,114 @@ def test_root_key_counts_only_while_root_may_log_in(fake_root: Path, tmp_path: P
     assert ways(root, KEYS_ONLY)[0] == []
 
 
-@pytest.mark.parametrize("admin", [None, "admin"])
-def test_guard_blocks_only_without_a_way_in(tmp_path: Path, commands: object, admin: str | None) -> None:
-    root = SystemRoot.at(make_root(tmp_path / "r", admin=admin))
-    fake_sshd.install(commands, root)
+def _held(root: SystemRoot, config: str = "ssh: {port: 2222}") -> tuple[SshdControl, Held | None]:
     control = SshdControl(root)
-    observed = control.observe()
-    blocked = control.preconditions(observed, control.desired(parse_config("ssh: {port: 2222}")))
-    if admin is None:
-        assert blocked is not None and "no way to get root over SSH" in str(blocked)
-    else:
-        assert blocked is None
+    gate = control.preconditions(control.observe(), control.desired(parse_config(config)))
+    assert gate is None or isinstance(gate, Held)
+    return control, gate
+
+
+def _settings(gate: Held) -> dict[str, str]:
+    return dict(gate.desired.settings)
+
+
+def test_a_proven_key_admin_lets_every_setting_apply(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r"))
+    fake_sshd.install(commands, root)
+    assert _held(root)[1] is None
+
+
+def test_passwords_stay_on_until_the_key_admin_has_logged_in_with_the_key(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
+    fake_sshd.install(commands, root)
+    control, gate = _held(root)
+    assert gate is not None and not gate.blocked
+    [held] = gate.settings
+    assert held.setting == "PasswordAuthentication no" and held.needs == WAITS_FOR_PROOF
+    assert "until admin logs in with a key" in held.reason and "ssh -p 2222 admin@" in held.unblock
+    assert _settings(gate) == {"Port": "2222", "PermitRootLogin": "no", "PasswordAuthentication": "yes"}
+    assert control.keylogins.awaiting_with_keys == {"admin"}
+
+
+def test_a_password_only_admin_gets_root_login_off_and_keeps_passwords(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
+    fake_sshd.install(commands, root)
+    control, gate = _held(root)
+    assert gate is not None and not gate.blocked
+    [held] = gate.settings
+    assert held.setting == "PasswordAuthentication no"
+    assert held.unblock.startswith("ssh-copy-id -p 2222 admin@") and held.unblock.endswith("then log in once")
+    assert _settings(gate)["PermitRootLogin"] == "no" and _settings(gate)["PasswordAuthentication"] == "yes"
+    assert control.keylogins.awaiting == {"admin"} and control.keylogins.awaiting_with_keys == set()
+
+
+def test_a_root_only_vps_is_blocked_and_root_login_is_left_as_it_is(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", admin=None))
+    fake_sshd.install(commands, root)
+    _, gate = _held(root)
+    assert gate is not None and gate.blocked
+    assert [h.setting for h in gate.settings] == ["PasswordAuthentication no", "PermitRootLogin no"]
+    assert all(h.needs == NEEDS_CHANGE for h in gate.settings)
+    assert "no way to get root over SSH" in gate.settings[1].reason and "adduser" in gate.settings[1].unblock
+    assert _settings(gate) == {"Port": "2222", "PasswordAuthentication": "yes"}  # PermitRootLogin: sshd's own
+
+
+def test_a_proof_whose_key_was_removed_is_forgotten(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r"))
+    fake_sshd.install(commands, root)
+    (root.prefix / "home/admin/.ssh/authorized_keys").write_text("")
+    control, gate = _held(root)
+    assert gate is not None and gate.settings[0].setting == "PasswordAuthentication no"
+    assert control.keylogins.proof("admin") is None
+    assert [p.user for p in control.keylogins.take_forgotten()] == ["admin"]
+    assert not (root.prefix / "var/lib/vps-agent/key-logins.json").exists()
+
+
+def test_a_proof_by_another_key_does_not_count(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
+    fake_sshd.install(commands, root)
+    SshdControl(root).keylogins.record(KeyProof("admin", "a login", 1.0, "SHA256:someotherkey"))
+    assert _held(root)[1] is not None
+
+
+def test_a_proof_by_confirm_stands_while_the_admin_has_a_key(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
+    fake_sshd.install(commands, root)
+    SshdControl(root).keylogins.record(KeyProof("admin", CONFIRMED, 1.0))
+    assert _held(root)[1] is None
+
+
+def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(
+    tmp_path: Path, commands: object
+) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r"))
+    fake_sshd.install(commands, root)
+    _, gate = _held(root, "ssh: {port: 2222, options: {AllowUsers: bob, MaxAuthTries: 4}}")
+    assert gate is not None and gate.blocked
+    [held] = gate.settings
+    assert held.setting == "AllowUsers bob" and held.needs == NEEDS_CHANGE
+    assert "AllowUsers does not list it" in held.reason and "ssh.options AllowUsers" in held.unblock
+    assert _settings(gate) == {
+        "Port": "2222",
+        "PermitRootLogin": "no",
+        "PasswordAuthentication": "no",
+        "MaxAuthTries": "4",
+    }
+
+
+def test_an_allowusers_that_lists_the_admin_applies(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r"))
+    fake_sshd.install(commands, root)
+    assert _held(root, "ssh: {options: {AllowUsers: admin}}")[1] is None
+
+
+def test_authenticationmethods_publickey_is_held_for_a_password_only_admin(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
+    fake_sshd.install(commands, root)
+    _, gate = _held(root, "ssh: {options: {AuthenticationMethods: publickey}}")
+    assert gate is not None
+    assert [h.setting for h in gate.settings] == ["AuthenticationMethods publickey", "PasswordAuthentication no"]
+    assert "AuthenticationMethods" not in _settings(gate) and _settings(gate)["PermitRootLogin"] == "no"
 
 
 def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: object) -> None:

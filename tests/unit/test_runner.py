@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.controls.base import FINDING, Drift, DriftItem
+from agent.controls.base import FINDING, WAITS_FOR_PROOF, Blocked, Drift, DriftItem, Held, HeldSetting
 from agent.engine import runner as runner_module
 from agent.engine import transaction as tx
 from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
@@ -307,3 +307,36 @@ def test_each_finding_that_goes_is_named_and_a_smaller_set_is_not_reported_again
         runner.converge_and_wait("look")
         detected = runner.ctx.events.sinks.recent(10)[-1]
         assert detected["event"]["action"] == "drift-detected" and len(detected["findings"]) == 2
+
+
+def test_a_blocked_control_rechecked_unchanged_reports_once(runner: ControlRunner) -> None:
+    runner.control.blocked = Blocked(("no admin could log in",))  # type: ignore[attr-defined]
+    tamper(runner)
+    for _ in range(3):
+        outcome = runner.converge_and_wait("re-check", admin=False)
+        assert outcome is not None and outcome.status == tx.BLOCKED
+    assert runner.state.status == tx.BLOCKED
+    assert actions(runner).count("remediation-blocked") == 1 and actions(runner).count("drift-detected") == 1
+    runner.control.blocked = Blocked(("no admin could log in", "and another reason"))  # type: ignore[attr-defined]
+    runner.converge_and_wait("re-check", admin=False)
+    assert actions(runner).count("remediation-blocked") == 2
+
+
+def test_held_settings_make_the_control_pending_and_are_reported_once(runner: ControlRunner) -> None:
+    wait = HeldSetting("Risky yes", "passwords stay on until admin logs in with a key", "ssh-copy-id admin@vps")
+    runner.control.blocked = Held((wait,), "safe\n")  # type: ignore[attr-defined]
+    tamper(runner)
+    assert wait_until(lambda: runner.state.heals == 1)
+    assert wait_until(lambda: runner.state.status == tx.PENDING)
+    assert runner.control.file.read_text() == "safe\n"  # type: ignore[attr-defined]
+    for _ in range(3):
+        runner.converge_and_wait("re-check", admin=False)
+    assert runner.state.status == tx.PENDING and "ssh-copy-id admin@vps" in runner.state.why
+    assert runner.state.snapshot("demo")["held"] == [
+        {"setting": "Risky yes", "reason": wait.reason, "unblock": wait.unblock, "needs": WAITS_FOR_PROOF}
+    ]
+    assert actions(runner).count("remediation-pending") == 1 and actions(runner).count("drift-detected") == 1
+    runner.control.blocked = None  # type: ignore[attr-defined]
+    runner.converge_and_wait("the proof came")
+    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert runner.state.status == tx.HEALED and runner.state.held == []

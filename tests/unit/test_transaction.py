@@ -12,12 +12,15 @@ import pytest
 
 from agent.config import Config, default_config
 from agent.controls.base import (
+    NEEDS_CHANGE,
     Blocked,
     Changes,
     Control,
     Drift,
     DriftItem,
     FileChange,
+    Held,
+    HeldSetting,
     ReloadOutcome,
     ValidationError,
     WatchSpec,
@@ -39,7 +42,7 @@ class FileControl(Control):
         self.want = want
         self.validate_error: str | None = None
         self.reload_ok = True
-        self.blocked: Blocked | None = None
+        self.blocked: Blocked | Held | None = None
         self.reloads = 0
         self.sabotage_after_apply = False
 
@@ -61,7 +64,7 @@ class FileControl(Control):
     def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes:
         return Changes((FileChange(self.file, "/etc/demo.conf", desired.encode(), None, "rewrite"),), ("rewrite",))
 
-    def preconditions(self, observed: Any, desired: Any) -> Blocked | None:
+    def preconditions(self, observed: Any, desired: Any) -> Blocked | Held | None:
         return self.blocked
 
     def validate(self, changes: Changes) -> None:
@@ -146,11 +149,24 @@ def test_blocked_changes_nothing_and_says_why(setup: Any) -> None:
     control, ctx = setup
     control.blocked = Blocked(("no admin could log in",))
     outcome = tx.converge(control, default_config(), ctx, reason="test")
-    assert outcome.status == tx.BLOCKED
+    assert outcome.status == tx.BLOCKED and outcome.blocked is not None
+    assert outcome.blocked.reasons == ("no admin could log in",) and outcome.drift is not None
     assert control.file.read_text() == "tampered\n" and control.reloads == 0
-    event = ctx.events.sinks.recent(1)[0]
-    assert event["event"]["action"] == "remediation-blocked" and event["reasons"] == ["no admin could log in"]
+    assert actions(ctx) == []  # the runner reports it, once per distinct state
     assert ctx.backups.list("demo") == []
+
+
+def test_held_settings_wait_and_what_is_safe_is_applied(setup: Any) -> None:
+    control, ctx = setup
+    wait = HeldSetting("Risky yes", "waits for a login", "log in once")
+    control.blocked = Held((wait,), "safe\n")
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.HEALED and outcome.held is not None
+    assert control.file.read_text() == "safe\n" and control.reloads == 1
+    again = tx.converge(control, default_config(), ctx, reason="test")
+    assert again.status == tx.PENDING and again.changes is None and "Risky yes held: waits for a login" in again.detail
+    control.blocked = Held((HeldSetting("Risky yes", "no admin", "adduser", NEEDS_CHANGE),), "safe\n")
+    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.BLOCKED
 
 
 def test_check_mode_observes_and_plans_but_never_writes(setup: Any) -> None:

@@ -1,0 +1,141 @@
+"""Proof that a sudo admin's SSH key logs in: what lets the SSH guard turn password logins off.
+
+A key in authorized_keys proves nothing by itself: a typo, a key for another machine, a client that
+never offers it, and turning passwords off would lock the admin out. So `PasswordAuthentication no`
+waits for a publickey login of a sudo admin that sshd itself logged (agent/system/journal.py reads
+only fields a local user cannot forge), with the key that logged in still in the admin's
+authorized_keys, or for `vps-agentctl confirm`. The proof is kept in /var/lib/vps-agent/key-logins.json,
+so a restart or a reboot does not ask for it again, and is dropped when that key is gone (for a
+proof by `confirm`, when all of the admin's keys are).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.paths import SystemRoot
+from agent.system import fs
+
+CONFIRMED = "vps-agentctl confirm"
+
+
+@dataclass(frozen=True)
+class KeyProof:
+    user: str
+    how: str  # "publickey login from 10.213.0.2 port 40000" or CONFIRMED
+    at: float  # wall clock
+    fingerprint: str = ""  # "SHA256:..." of the key that logged in; "" for a proof by `confirm`
+
+    def holds(self, fingerprints: Iterable[str]) -> bool:
+        """Whether the proof still stands with these keys in the admin's authorized_keys."""
+        keys = set(fingerprints)
+        return self.fingerprint in keys if self.fingerprint else bool(keys)
+
+
+class KeyLogins:
+    """The proven key logins, shared by the SSH guard (which reads them) and the daemon (which records
+    them from sshd's journal and from `confirm`)."""
+
+    def __init__(self, root: SystemRoot) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._awaiting: frozenset[str] = frozenset()
+        self._with_keys: frozenset[str] = frozenset()
+        self.awaiting_changed = threading.Event()  # the login watcher wakes when the guard starts waiting
+        self._forgotten: list[KeyProof] = []
+        self.proofs, self.problem = self._load()
+
+    def proof(self, user: str) -> KeyProof | None:
+        with self._lock:
+            return self.proofs.get(user)
+
+    def record(self, proof: KeyProof) -> bool:
+        """Keep a proof; False when that user already had one that stands for the same key."""
+        with self._lock:
+            known = self.proofs.get(proof.user)
+            if known is not None and known.fingerprint == proof.fingerprint:
+                return False
+            self.proofs[proof.user] = proof
+            self._save()
+            return True
+
+    def forget(self, user: str) -> None:
+        """The key that proved it is gone: the next key must prove itself again."""
+        with self._lock:
+            proof = self.proofs.pop(user, None)
+            if proof is None:
+                return
+            self._forgotten.append(proof)
+            self._save()
+        self.awaiting_changed.set()  # the daemon reports it
+
+    def take_forgotten(self) -> list[KeyProof]:
+        with self._lock:
+            forgotten, self._forgotten = self._forgotten, []
+        return forgotten
+
+    def take_problem(self) -> str | None:
+        with self._lock:
+            problem, self.problem = self.problem, None
+        return problem
+
+    # what the SSH guard waits for ---------------------------------------------------------------------
+
+    @property
+    def awaiting(self) -> frozenset[str]:
+        """The sudo admins whose key login would let passwords go off (empty: nothing waits for one)."""
+        with self._lock:
+            return self._awaiting
+
+    @property
+    def awaiting_with_keys(self) -> frozenset[str]:
+        """Those of them who have a key sshd accepts (what `vps-agentctl confirm` vouches for)."""
+        with self._lock:
+            return self._with_keys
+
+    def set_awaiting(self, with_keys: Iterable[str], without_keys: Iterable[str] = ()) -> None:
+        keyed = frozenset(with_keys)
+        wanted = keyed | frozenset(without_keys)
+        with self._lock:
+            changed = wanted != self._awaiting
+            self._awaiting, self._with_keys = wanted, keyed
+        if changed and wanted:
+            self.awaiting_changed.set()
+
+    # persistence --------------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        path = self.root.key_logins_state
+        try:
+            if not self.proofs:
+                path.unlink(missing_ok=True)
+                return
+            fs.ensure_dir(path.parent, 0o755)
+            data = {user: asdict(proof) for user, proof in sorted(self.proofs.items())}
+            fs.atomic_write(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+        except OSError as exc:
+            self.problem = f"cannot save {self.root.system_name(path)}: {exc}"
+
+    def _load(self) -> tuple[dict[str, KeyProof], str | None]:
+        path = self.root.key_logins_state
+        try:
+            raw = fs.read_regular(path)
+            if raw is None:
+                return {}, None
+            data: dict[str, Any] = json.loads(raw)
+            proofs = {}
+            for user, fields in data.items():
+                proof = KeyProof(
+                    str(fields["user"]), str(fields["how"]), float(fields["at"]), str(fields.get("fingerprint", ""))
+                )
+                if proof.user != user:
+                    raise ValueError(f"entry {user!r} names user {proof.user!r}")
+                proofs[user] = proof
+            return proofs, None
+        except (fs.UnsafeFile, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # unreadable: the safe reading is "nothing proven", so passwords stay on until a key logs in again
+            return {}, f"{self.root.system_name(path)}: unreadable, key logins must be proven again ({exc})"
