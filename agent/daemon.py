@@ -387,7 +387,7 @@ class Daemon:
         problem = self.keylogins.take_problem()
         if problem:
             self.events.emit(
-                ev.PORT_MOVE_STATE_RESET,
+                ev.KEY_LOGIN_FORGOTTEN,
                 outcome="failure",
                 level="warning",
                 control="ssh",

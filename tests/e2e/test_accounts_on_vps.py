@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_vps, events, status_code, wait_for
+from tests.e2e.test_agent_on_vps import agent_vps, events, prove_key_login, status_code, wait_for
 
 CONFIG = """# the admin's config: the accounts guard creates deploy, with the client's key
 accounts:
@@ -39,6 +39,7 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         key = (sandbox.client_dir / "id_ed25519.pub").read_text().strip()
         sandbox.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=CONFIG.format(key=key))
         sandbox.exec(["systemctl", "reload", "vps-agent"])
+        prove_key_login(sandbox)
         yield sandbox
 
 

@@ -109,6 +109,17 @@ def configure(vps: Sandbox) -> None:
     wait_for("the agent to apply the admin's config", lambda: hardened(vps) and status_code(vps) == 0)
 
 
+def prove_key_login(vps: Sandbox, port: int = 22) -> None:
+    """The admin's first key login, as a user makes it after install: sshd's journal proves the key, and
+    the SSH guard turns password logins off (until then it is pending, exit 1)."""
+    assert vps.ssh("id -un", port=port).stdout.strip() == "admin"
+    wait_for(
+        "passwords off after the admin's key login",
+        lambda: sshd_effective(vps)["passwordauthentication"] == ["no"] and status_code(vps) == 0,
+        30,
+    )
+
+
 @contextmanager
 def agent_vps(factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
     """A fresh Debian 12 VPS, the .deb installed before first boot, booted, the agent active;

@@ -16,7 +16,7 @@ from tests.aptrepo import Dummy
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS
 from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_vps, events, wait_for
+from tests.e2e.test_agent_on_vps import agent_vps, events, prove_key_login, wait_for
 
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", "dpkg-deb", "dpkg-scanpackages", *BUILD_TOOLS)
 REPO = "/srv/vps-agent-test-repo"
@@ -86,6 +86,7 @@ def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     require_root_and_tools(*TOOLS)
     with agent_vps(tmp_path_factory, "vps-upgrades") as sandbox:
         configure(sandbox, CONFIG)
+        prove_key_login(sandbox)
         # only the local repository: the VPS has no route to a mirror
         shutil.move(sandbox.root / "etc/apt/sources.list", sandbox.root / "etc/apt/sources.list.orig")
         (sandbox.root / "etc/apt/sources.list.d/test.list").write_text(aptrepo.SOURCE_LINE.format(path=REPO))
