@@ -444,7 +444,10 @@ class Daemon:
                     self._look_for_key_logins(awaiting)
             except Exception as exc:  # the deadline must still be kept: log and look again
                 self.events.emit(
-                    ev.REMEDIATION_FAILED, outcome="unknown", level="error", control="ssh",
+                    ev.REMEDIATION_FAILED,
+                    outcome="unknown",
+                    level="error",
+                    control="ssh",
                     message=f"ssh: reading sshd's logins: {type(exc).__name__}: {exc}",
                 )
             self._move_wake.wait(2.0)

@@ -74,7 +74,7 @@ def write(path: Path, text: str | bytes, mode: int = 0o644) -> Path:
 
 
 def key_fingerprint(public_key: bytes) -> str:
-    """"SHA256:..." as sshd logs it for an accepted key (ssh-keygen -lf prints the same)."""
+    """ "SHA256:..." as sshd logs it for an accepted key (ssh-keygen -lf prints the same)."""
     blob = base64.b64decode(public_key.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 

@@ -442,9 +442,7 @@ class SshdControl(Control):
         settings = tuple((k, accepted[k.lower()]) for k, _ in desired.settings if k.lower() in accepted)
         return Held(tuple(held), self._desired_from(settings, desired.admin_port))
 
-    def _password_hold(
-        self, facts: accounts.AccountsFacts, trial: Any, admin_port: str
-    ) -> HeldSetting | None:
+    def _password_hold(self, facts: accounts.AccountsFacts, trial: Any, admin_port: str) -> HeldSetting | None:
         """PasswordAuthentication no: None when a sudo admin's key login is proven and that key still gets
         in with passwords off; otherwise why passwords stay on and what ends it."""
         without = trial({"passwordauthentication": "no"})

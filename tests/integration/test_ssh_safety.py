@@ -20,19 +20,28 @@ def effective_core(root: Path) -> dict[str, list[str]]:
     return {k: effective[k] for k in STOCK}
 
 
-def test_no_sudo_user_blocks_the_guard_and_nothing_is_written(tmp_path: Path, start_agent) -> None:
+def test_no_sudo_user_blocks_the_guard_and_root_keeps_its_way_in(tmp_path: Path, start_agent) -> None:
     root = make_root(tmp_path / "root", admin=None)
     before = tree_snapshot(root / "etc/ssh")
     agent = start_agent(root)
     blocked = agent.wait_event("remediation-blocked")
     assert "no way to get root over SSH" in blocked["message"]
     assert any("no non-root account with sudo rights" in r for r in blocked["reasons"])
+    assert blocked["held"] == ["PasswordAuthentication no", "PermitRootLogin no"]
     status = agent.ctl("status")
     assert status.returncode == 2 and "blocked" in status.stdout and "no way to get root" in status.stdout
-    assert tree_snapshot(root / "etc/ssh") == before
-    assert effective_core(root) == STOCK
+    assert "ssh: PermitRootLogin no held:" in status.stdout and "adduser" in status.stdout
+    # only the agent's own drop-in, pinning what is already in force; sshd_config and root's way in untouched
+    after = tree_snapshot(root / "etc/ssh")
+    dropin = str(root / "etc/ssh/sshd_config.d/00-vps-agent.conf")
+    assert {k: v for k, v in after.items() if k != dropin} == before
+    assert b"PermitRootLogin" not in after[dropin][0] and b"PasswordAuthentication yes" in after[dropin][0]
+    assert effective_core(root) == {**STOCK, "port": ["2222"]}  # the port needs no admin (no move: sshd is not running)
     check = agent.ctl("check", "--json")
     assert check.returncode == 2 and json.loads(check.stdout)["controls"][0]["status"] == "blocked"
+    time.sleep(1.5)
+    agent.ctl("converge", "ssh")
+    assert sum(e["event"]["action"] == "remediation-blocked" for e in agent.events()) == 1  # once, not per re-check
 
 
 def test_blocked_guard_heals_once_an_admin_with_a_key_appears(tmp_path: Path, start_agent) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from agent.accounts import AccessPolicy, read_facts, ways_to_root
 from agent.config import parse_config
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, Held
@@ -159,9 +157,7 @@ def test_a_proof_by_confirm_stands_while_the_admin_has_a_key(tmp_path: Path, com
     assert _held(root)[1] is None
 
 
-def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(
-    tmp_path: Path, commands: object
-) -> None:
+def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(tmp_path: Path, commands: object) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root)
     _, gate = _held(root, "ssh: {port: 2222, options: {AllowUsers: bob, MaxAuthTries: 4}}")
