@@ -185,6 +185,11 @@ class Held:
     def __str__(self) -> str:
         return "; ".join(item.describe() for item in self.settings)
 
+    def summary(self) -> str:
+        """The status line: which settings wait (each one's reason and command is listed below it)."""
+        what = "needs the admin's change" if self.blocked else "waits for the admin's proof"
+        return f"held back, {what}: {', '.join(item.setting for item in self.settings)}"
+
 
 class ObserveError(Exception):
     """The effective state cannot be read (the tool rejects the current config, a file is unsafe)."""

@@ -216,6 +216,7 @@ class SshdControl(Control):
 
     def desired(self, config: Config) -> SshdDesired:
         ssh = config.ssh
+        self.keylogins.set_awaiting(())  # preconditions() says again whom it waits for, if anyone
         # one Port line per port: two while a port move is open (agent/portmove.py)
         settings: list[tuple[str, str]] = [("Port", str(port)) for port in self.moves.ports(config)]
         settings += [
@@ -386,7 +387,6 @@ class SshdControl(Control):
         accepted = {k: v for k, v in wanted.items() if k not in _CUTTING_OPTIONS and k not in _CUT_KEYWORDS}
         held: list[HeldSetting] = []
         facts = accounts.read_facts(self.root)
-        self.keylogins.set_awaiting(())
 
         def trial(extra: Mapping[str, str]) -> accounts.AccessPolicy:
             return _policy(observed.effective, desired, {**accepted, **extra})

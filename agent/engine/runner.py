@@ -325,7 +325,7 @@ class ControlRunner:
                     self._record_heal(config)
                 if self.state.status != FLAPPING:
                     if held is not None:  # what was safe is applied; the rest still waits
-                        self._set_status(tx.BLOCKED if held.blocked else tx.PENDING, str(held))
+                        self._set_status(tx.BLOCKED if held.blocked else tx.PENDING, held.summary())
                     else:
                         self._set_status(tx.HEALED, outcome.detail)
             elif outcome.status == tx.COMPLIANT:

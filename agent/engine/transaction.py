@@ -127,7 +127,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         drift = control.diff(observed, desired)
         if drift is None or not drift.fixable:
             status = BLOCKED if held.blocked else PENDING
-            return Outcome(control.name, status, str(held), drift, None, None, elapsed(), txid, facts, held=held)
+            return Outcome(control.name, status, held.summary(), drift, None, None, elapsed(), txid, facts, held=held)
     try:
         changes = control.plan(observed, desired, drift)
     except fs.UnsafeFile as exc:

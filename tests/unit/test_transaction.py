@@ -164,7 +164,7 @@ def test_held_settings_wait_and_what_is_safe_is_applied(setup: Any) -> None:
     assert outcome.status == tx.HEALED and outcome.held is not None
     assert control.file.read_text() == "safe\n" and control.reloads == 1
     again = tx.converge(control, default_config(), ctx, reason="test")
-    assert again.status == tx.PENDING and again.changes is None and "Risky yes held: waits for a login" in again.detail
+    assert again.status == tx.PENDING and again.changes is None and "proof: Risky yes" in again.detail
     control.blocked = Held((HeldSetting("Risky yes", "no admin", "adduser", NEEDS_CHANGE),), "safe\n")
     assert tx.converge(control, default_config(), ctx, reason="test").status == tx.BLOCKED
 
