@@ -379,8 +379,8 @@ class Daemon:
                 outcome="success",
                 level="warning",
                 control="ssh",
-                message=f"ssh: the key that proved {proof.user}'s login is gone from authorized_keys: passwords "
-                "stay on (or come back on) until a key logs in again",
+                message=f"ssh: the key that proved {proof.user}'s login is gone from authorized_keys: password "
+                "logins that are on stay on until a key logs in again",
                 user_name=proof.user,
                 key_fingerprint=proof.fingerprint or None,
             )

@@ -5,8 +5,9 @@ never offers it, and turning passwords off would lock the admin out. So `Passwor
 waits for a publickey login of a sudo admin that sshd itself logged (agent/system/journal.py reads
 only fields a local user cannot forge), with the key that logged in still in the admin's
 authorized_keys, or for `vps-agentctl confirm`. The proof is kept in /var/lib/vps-agent/key-logins.json,
-so a restart or a reboot does not ask for it again, and is dropped when that key is gone (for a
-proof by `confirm`, when all of the admin's keys are).
+so a restart or a reboot does not ask for it again. It counts only while the key that logged in is
+still in authorized_keys (a proof by `confirm`: while the admin has any key), checked whenever passwords
+are to go off; a proof found stale is dropped, and the next key must prove itself again.
 """
 
 from __future__ import annotations
