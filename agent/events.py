@@ -232,6 +232,9 @@ def _to_ecs(logger: object, method: str, event_dict: MutableMapping[str, Any]) -
     file_path = event_dict.pop("file_path", None)
     if file_path is not None:
         shaped["file"] = {"path": file_path}
+    user_name = event_dict.pop("user_name", None)
+    if user_name is not None:
+        shaped["user"] = {"name": user_name}  # ECS user.name: the account an event is about
     transaction_id = event_dict.pop("transaction_id", None)
     if transaction_id is not None:
         shaped["transaction"] = {"id": transaction_id}
