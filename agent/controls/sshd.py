@@ -384,7 +384,8 @@ class SshdControl(Control):
         still gets in with what stays on; PasswordAuthentication no once a sudo admin's key login is
         proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies."""
         wanted = {keyword.lower(): value for keyword, value in desired.settings}
-        accepted = {k: v for k, v in wanted.items() if k not in _CUTTING_OPTIONS and k not in _CUT_KEYWORDS}
+        judged = (_CUTTING_OPTIONS | _CUT_KEYWORDS) & set(wanted)  # each of these applies only if it keeps a way in
+        accepted = {k: v for k, v in wanted.items() if k not in judged}
         held: list[HeldSetting] = []
         facts = accounts.read_facts(self.root)
 
@@ -439,7 +440,13 @@ class SshdControl(Control):
                 )
         if not held:
             return None
-        settings = tuple((k, accepted[k.lower()]) for k, _ in desired.settings if k.lower() in accepted)
+        # every other setting as desired, in its order (Port repeats while a move is open); a held one is left out,
+        # or keeps the value that holds the way in (PasswordAuthentication yes)
+        settings = tuple(
+            (keyword, accepted[keyword.lower()] if keyword.lower() in judged else value)
+            for keyword, value in desired.settings
+            if keyword.lower() not in judged or keyword.lower() in accepted
+        )
         return Held(tuple(held), self._desired_from(settings, desired.admin_port))
 
     def _password_hold(self, facts: accounts.AccountsFacts, trial: Any, admin_port: str) -> HeldSetting | None:

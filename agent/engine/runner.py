@@ -300,7 +300,8 @@ class ControlRunner:
             self.state.last_transaction = outcome.transaction_id
             if outcome.facts:
                 self.state.facts = outcome.facts
-            self.state.drift = [i.describe() for i in outcome.drift.items] if outcome.drift else []
+            left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift  # a heal leaves only these
+            self.state.drift = [i.describe() for i in left.items] if left else []
             held = outcome.held
             self.state.held = (
                 [

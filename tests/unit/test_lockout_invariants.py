@@ -195,3 +195,15 @@ def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: o
     control = SshdControl(root)
     desired = control.desired(parse_config("ssh: {port: 2222}"))
     assert control.preconditions(control.observe(), desired) is None
+
+
+def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(tmp_path: Path, commands: object) -> None:
+    root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
+    fake_sshd.install(commands, root)
+    control = SshdControl(root)
+    config = parse_config("ssh: {port: 2222}")
+    control.moves.on_config(config, frozenset({22}), 1000.0)
+    gate = control.preconditions(control.observe(), control.desired(config))
+    assert isinstance(gate, Held)
+    ports = [value for keyword, value in gate.desired.settings if keyword == "Port"]
+    assert ports == ["22", "2222"] and "Port 22\nPort 2222\n" in gate.desired.dropin_text
