@@ -25,7 +25,7 @@ from agent.controls.sshd import SshdControl
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
-from agent.keylogins import CONFIRMED, KeyLogins, KeyProof
+from agent.keylogins import CONFIRMED, KeyLogins, KeyProof, proofs_from
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.sinks.outputs import Outputs
@@ -482,17 +482,14 @@ class Daemon:
         go on from the last entry read."""
         since = None if self._key_cursor else time.time() - KEY_LOGIN_LOOKBACK
         logins, self._key_cursor = journal.sshd_logins(since=since, after_cursor=self._key_cursor)
-        newest: dict[str, journal.SshdLogin] = {}
-        for login in logins:
-            if login.method == "publickey" and login.user in awaiting and login.key:
-                newest[login.user] = login
-        for user, login in sorted(newest.items()):
-            how = f"a publickey login from {login.address} port {login.port} ({login.key})"
-            self._key_login_proven(KeyProof(user, how, login.at, login.key.split()[-1]))
-        if newest:
+        proofs = proofs_from(logins, awaiting)
+        for proof in proofs:
+            self._key_login_proven(proof)
+        if proofs:
             ssh = self.engine.runners.get("ssh")
             if ssh is not None:
-                ssh.trigger(f"key login of {', '.join(sorted(newest))}", immediate=True, admin=True)
+                users = ", ".join(proof.user for proof in proofs)
+                ssh.trigger(f"key login of {users}", immediate=True, admin=True)
 
     def _login_on(self, move: portmove.MoveState) -> str | None:
         """sshd's log since the move began (journald; LogLevel VERBOSE names each connection's port)."""

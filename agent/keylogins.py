@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.paths import SystemRoot
 from agent.system import fs
+from agent.system.journal import SshdLogin
 
 CONFIRMED = "vps-agentctl confirm"
 
@@ -35,6 +36,26 @@ class KeyProof:
         """Whether the proof still stands with these keys in the admin's authorized_keys."""
         keys = set(fingerprints)
         return self.fingerprint in keys if self.fingerprint else bool(keys)
+
+
+def proofs_from(logins: Iterable[SshdLogin], awaiting: Iterable[str]) -> list[KeyProof]:
+    """The newest publickey login of each awaited admin, as a proof of its key (sshd logs the key as
+    "ED25519 SHA256:..."; a login without it proves nothing)."""
+    wanted = set(awaiting)
+    newest: dict[str, SshdLogin] = {}
+    for login in logins:
+        fingerprint = login.key.split()[-1] if login.key else ""
+        if login.method == "publickey" and login.user in wanted and fingerprint.startswith("SHA256:"):
+            newest[login.user] = login
+    return [
+        KeyProof(
+            user,
+            f"a publickey login from {login.address} port {login.port} ({login.key})",
+            login.at,
+            login.key.split()[-1],
+        )
+        for user, login in sorted(newest.items())
+    ]
 
 
 class KeyLogins:

@@ -10,8 +10,9 @@ from agent.accounts import AccessPolicy, read_facts, ways_to_root
 from agent.config import parse_config
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, Held
 from agent.controls.sshd import SshdControl
-from agent.keylogins import CONFIRMED, KeyProof
+from agent.keylogins import CONFIRMED, KeyProof, proofs_from
 from agent.paths import SystemRoot
+from agent.system.journal import SshdLogin
 from tests.fakeroot import make_root
 from tests.unit import fake_sshd
 
@@ -207,3 +208,20 @@ def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(tmp_path: P
     assert isinstance(gate, Held)
     ports = [value for keyword, value in gate.desired.settings if keyword == "Port"]
     assert ports == ["22", "2222"] and "Port 22\nPort 2222\n" in gate.desired.dropin_text
+
+
+def _login(user: str, method: str = "publickey", key: str = "ED25519 SHA256:abc", at: float = 1.0) -> SshdLogin:
+    return SshdLogin(user, method, "10.213.0.2", 40000, None, 99, at, key)
+
+
+def test_only_an_awaited_admins_publickey_login_with_a_key_is_a_proof_the_newest_wins() -> None:
+    logins = [
+        _login("admin", at=1.0),
+        _login("admin", key="ED25519 SHA256:newer", at=2.0),
+        _login("admin", method="password", key="", at=3.0),
+        _login("bob", at=4.0),  # not awaited: not a sudo admin the guard waits for
+        _login("carol", key="", at=5.0),  # sshd named no key
+    ]
+    [proof] = proofs_from(logins, {"admin", "carol"})
+    assert proof.user == "admin" and proof.fingerprint == "SHA256:newer" and proof.at == 2.0
+    assert "publickey login from 10.213.0.2 port 40000" in proof.how
