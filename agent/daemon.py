@@ -31,7 +31,6 @@ from agent.portmove import PortMoves
 from agent.sinks.outputs import Outputs
 from agent.sshd_ports import SshdPorts
 from agent.system import dpkg, fs, journal, namespace
-from agent.system.run import run
 from agent.system.sdnotify import Notifier
 from agent.upgrades import UpgradeScheduler
 
@@ -493,9 +492,8 @@ class Daemon:
 
     def _login_on(self, move: portmove.MoveState) -> str | None:
         """sshd's log since the move began (journald; LogLevel VERBOSE names each connection's port)."""
-        since = f"@{int(move.started)}"
-        result = run(["journalctl", "-q", "--no-pager", "-o", "cat", "-t", "sshd", "--since", since], timeout=10)
-        return portmove.confirming_login(result.stdout.splitlines(), move.new) if result.ok else None
+        logins, _ = journal.sshd_logins(since=move.started)
+        return portmove.confirming_login(logins, move.new)
 
     def _upgrade(self, args: Any) -> dict[str, Any]:
         """`vps-agentctl upgrade --now`: run one now; with wait, answer when it has finished."""

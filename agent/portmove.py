@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable
@@ -27,15 +26,11 @@ from typing import Any
 from agent.config import Config, format_duration
 from agent.paths import SystemRoot
 from agent.system import fs
+from agent.system.journal import SshdLogin
 
 STARTED, CANCELLED = "started", "cancelled"
 OPEN = "open"  # both ports open, waiting for proof
 ROLLED_BACK = "rolled-back"  # no proof in time: the old port stays, the config's port is refused
-
-# sshd at LogLevel VERBOSE: "Connection from A port P on B port L rdomain ...", then
-# "Accepted publickey for admin from A port P ssh2: ..."
-_CONNECTION = re.compile(r"Connection from (\S+) port (\d+) on (\S+) port (\d+)")
-_ACCEPTED = re.compile(r"Accepted (\S+) for (\S+) from (\S+) port (\d+)")
 
 
 @dataclass
@@ -57,17 +52,12 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(repr(config.ssh).encode()).hexdigest()[:16]
 
 
-def confirming_login(lines: Iterable[str], port: int) -> str | None:
-    """The first login sshd accepted on `port` in its log lines, as "user from address", or None."""
-    on_port: set[tuple[str, str]] = set()
-    for line in lines:
-        connection = _CONNECTION.search(line)
-        if connection and int(connection.group(4)) == port:
-            on_port.add((connection.group(1), connection.group(2)))
-            continue
-        accepted = _ACCEPTED.search(line)
-        if accepted and (accepted.group(3), accepted.group(4)) in on_port:
-            return f"{accepted.group(2)} from {accepted.group(3)} ({accepted.group(1)})"
+def confirming_login(logins: Iterable[SshdLogin], port: int) -> str | None:
+    """The first login sshd accepted on `port` (agent/system/journal.py: trusted entries only), as "user
+    from address (method)", or None."""
+    for login in logins:
+        if login.local_port == port:
+            return f"{login.user} from {login.address} ({login.method})"
     return None
 
 

@@ -10,6 +10,8 @@ from agent.config import parse_config
 from agent.controls.firewall import ssh_ports
 from agent.paths import SystemRoot
 from agent.portmove import CANCELLED, OPEN, ROLLED_BACK, STARTED, PortMoves, confirming_login
+from agent.system import journal
+from tests.unit.test_journal import sshd_entry
 
 MOVE_TO_2222 = parse_config("ssh: {port: 2222, confirm_timeout: 10m}")
 STAY_ON_22 = parse_config("ssh: {port: 22}")
@@ -103,14 +105,14 @@ def test_an_unreadable_state_file_means_no_move_and_says_so(tmp_path: Path) -> N
 
 
 def test_only_a_login_accepted_on_the_new_port_proves_it() -> None:
-    log = [
-        'Connection from 10.213.0.2 port 40000 on 10.213.0.1 port 22 rdomain ""',
-        "Accepted publickey for admin from 10.213.0.2 port 40000 ssh2: ED25519 SHA256:abc",  # on the old port
-        'Connection from 10.213.0.2 port 40002 on 10.213.0.1 port 2222 rdomain ""',
-        "Invalid user nosuchuser from 10.213.0.2 port 40002",  # a failed attempt proves nothing
-        'Connection from 10.213.0.2 port 40004 on 10.213.0.1 port 2222 rdomain ""',
+    entries = [
+        sshd_entry('Connection from 10.213.0.2 port 40000 on 10.213.0.1 port 22 rdomain ""', pid=10),
+        sshd_entry("Accepted publickey for admin from 10.213.0.2 port 40000 ssh2: ED25519 SHA256:abc", pid=10),
+        sshd_entry('Connection from 10.213.0.2 port 40002 on 10.213.0.1 port 2222 rdomain ""', pid=11),
+        sshd_entry("Invalid user nosuchuser from 10.213.0.2 port 40002", pid=11),  # a failed attempt proves nothing
+        sshd_entry('Connection from 10.213.0.2 port 40004 on 10.213.0.1 port 2222 rdomain ""', pid=12),
     ]
-    assert confirming_login(log, 2222) is None
-    log.append("Accepted publickey for admin from 10.213.0.2 port 40004 ssh2: ED25519 SHA256:abc")
-    assert confirming_login(log, 2222) == "admin from 10.213.0.2 (publickey)"
-    assert confirming_login(log, 2200) is None
+    assert confirming_login(journal.logins(entries), 2222) is None
+    entries.append(sshd_entry("Accepted password for admin from 10.213.0.2 port 40004 ssh2", pid=12))
+    assert confirming_login(journal.logins(entries), 2222) == "admin from 10.213.0.2 (password)"
+    assert confirming_login(journal.logins(entries), 2200) is None
