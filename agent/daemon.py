@@ -21,7 +21,7 @@ from agent.controls.accounts import AccountsControl
 from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
-from agent.controls.sshd import SshdControl
+from agent.controls.sshd import SshdControl, password_logins
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
@@ -53,7 +53,7 @@ def build_controls(
     return [
         SshdControl(root, moves=moves, keylogins=keylogins or KeyLogins(root)),
         FirewallControl(root, sshd_ports, moves=moves),
-        Fail2banControl(root, listening_ports=sshd_ports, moves=moves),
+        Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=lambda: password_logins(root)),
         AccountsControl(root),
     ]
 

@@ -149,6 +149,11 @@ class SystemRoot:
         return self.path("/run/fail2ban")
 
     @property
+    def logind_sessions(self) -> Path:
+        """systemd-logind's file per login session (USER=, REMOTE_HOST=, SERVICE=, STATE=)."""
+        return self.path("/run/systemd/sessions")
+
+    @property
     def auth_log(self) -> Path:
         return self.path("/var/log/auth.log")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ast
 import datetime
+import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent import accounts
 from agent.config import Config, parse_duration
 from agent.controls.base import (
     Blocked,
@@ -46,7 +48,11 @@ JAIL = "sshd"
 UNIT = "fail2ban.service"
 MARKER = "vps-agent"
 # the keys the agent guards in [sshd], in the order its file sets them
-KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banaction", "backend")
+KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banaction", "backend", "mode")
+# Debian's sshd filter in `mode = normal` does not count `Connection closed by authenticating user root A port
+# P [preauth]`, all a password guesser leaves once sshd takes no passwords; `aggressive` (ddos + extra)
+# does. The dump has no mode: its failregex that counts those closes as failures tells it.
+_COUNTS_PREAUTH_CLOSE = "^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)</F-MLFFORGET>"
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
 
 
@@ -73,6 +79,10 @@ class Fail2banObserved:
     running: bool | None  # None: not known (a fake root: fail2ban is never started there)
     banned: int | None = None  # `fail2ban-client status sshd`: currently banned
     installed: bool = True  # False only where the guard may install it (fail2ban.install, the host)
+    runtime_ignore: tuple[str, ...] | None = None  # the running jail's ignore list (None: not asked)
+    banned_ips: tuple[str, ...] = ()
+    # live SSH sessions of sudo admins (logind), whose addresses the running jail must ignore; None: unknown
+    admin_sessions: tuple[accounts.SshSession, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,10 @@ def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
                 values["ignoreip"] = " ".join(str(a) for a in command[3:])
             elif key == "addaction" and "banaction" not in values:
                 values["banaction"] = str(command[3])
+        elif verb in ("multi-set", "set") and len(command) > 3 and command[2] == "addfailregex":
+            regexes = command[3] if isinstance(command[3], list) else command[3:]
+            counts = any(str(r).startswith(_COUNTS_PREAUTH_CLOSE) for r in regexes)
+            values["mode"] = "aggressive" if counts or values.get("mode") == "aggressive" else "normal"
         elif verb == "multi-set" and len(command) > 4 and command[2] == "action":
             params = {p[0]: p[1] for p in command[4] if isinstance(p, list) and len(p) == 2}
             if command[3] == values.get("banaction") and "port" in params:
@@ -134,6 +148,38 @@ def parse_status(text: str) -> int | None:
     """`fail2ban-client status sshd` -> how many addresses are banned now."""
     match = re.search(r"Currently banned:\s*(\d+)", text)
     return int(match.group(1)) if match else None
+
+
+def parse_banned_ips(text: str) -> tuple[str, ...]:
+    """`fail2ban-client status sshd` -> the addresses banned now."""
+    match = re.search(r"Banned IP list:[ \t]*(.*)", text)
+    return tuple(match.group(1).split()) if match else ()
+
+
+def parse_ignore_list(text: str) -> tuple[str, ...]:
+    """`fail2ban-client get sshd ignoreip`: "These IP addresses/networks are ignored:" then one `|- A` per
+    entry (the last `` `- A``), or "No IP address/network is ignored"."""
+    return tuple(line.strip()[2:].strip() for line in text.splitlines() if line.strip()[:2] in ("|-", "`-"))
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def _ignored(address: str, entries: Sequence[str]) -> bool:
+    """Whether an ignore list (addresses, networks, names) already covers address."""
+    wanted = _network(address)
+    for entry in entries:
+        network = _network(entry)
+        if entry == address:
+            return True
+        if wanted is not None and network is not None and wanted.version == network.version:
+            if wanted.subnet_of(network):  # type: ignore[arg-type]
+                return True
+    return False
 
 
 def overrides(text: str, jail: str = JAIL) -> list[tuple[int, str, str]]:
@@ -163,9 +209,13 @@ class Fail2banControl(Control):
         listening_ports: Callable[[], frozenset[int]] | None = None,
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
         moves: PortMoves | None = None,
+        password_logins: Callable[[], bool | None] = lambda: None,
     ) -> None:
         super().__init__(root)
         self.moves = moves or PortMoves(root)
+        self._password_logins = password_logins  # sshd's effective PasswordAuthentication (None: unknown)
+        self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
+        self._keep_ignored: tuple[str, ...] = ()  # live admin sessions' addresses, to add again after a reload
         self.services = services or ServiceManager(root)
         self._listening_ports = listening_ports or SshdPorts(root)  # agent/sshd_ports.py
         self._detect_backend = detect_backend
@@ -181,6 +231,12 @@ class Fail2banControl(Control):
         return (
             WatchSpec(self.root.fail2ban_dir, names),
             WatchSpec(self.root.fail2ban_jail_d),
+            # logind's session files: a sudo admin's SSH login or logout changes what the jail ignores
+            WatchSpec(self.root.logind_sessions),
+            # the jail's mode follows sshd's PasswordAuthentication (the SSH guard's own heals trigger
+            # fail2ban through the engine; these catch a hand edit while the SSH guard is off)
+            WatchSpec(self.root.ssh_dir, frozenset({"sshd_config", "sshd_config.d"})),
+            WatchSpec(self.root.sshd_config_d),
             # the server removes its socket when it stops, and systemd removes /run/fail2ban
             # (RuntimeDirectory=) when it crashes or is killed: noticed at once, no poll needed
             WatchSpec(self.root.fail2ban_run_dir, frozenset({"fail2ban.sock"})),
@@ -216,8 +272,31 @@ class Fail2banControl(Control):
             # the agent's own file broke fail2ban's parse: ours to rewrite
             effective, problem = None, problem or f"fail2ban rejects it: {result.error_text()}"
         running = self.services.is_active(UNIT)
-        banned = self._banned() if running else None
-        return Fail2banObserved(effective, agent_file, problem, later, jail_conf, running, banned)
+        banned: int | None = None
+        banned_ips: tuple[str, ...] = ()
+        runtime_ignore: tuple[str, ...] | None = None
+        sessions: tuple[accounts.SshSession, ...] | None = None
+        if running and effective is not None:
+            status = run([CLIENT, "status", JAIL], timeout=15)
+            if status.ok:
+                banned, banned_ips = parse_status(status.stdout), parse_banned_ips(status.stdout)
+            ignore = run([CLIENT, "get", JAIL, "ignoreip"], timeout=15)
+            runtime_ignore = parse_ignore_list(ignore.stdout) if ignore.ok else None
+            found = accounts.admin_sessions(self.root, accounts.read_facts(self.root))
+            sessions = tuple(found) if found is not None else None
+        return Fail2banObserved(
+            effective,
+            agent_file,
+            problem,
+            later,
+            jail_conf,
+            running,
+            banned,
+            True,
+            runtime_ignore,
+            banned_ips,
+            sessions,
+        )
 
     def _not_installing(self) -> str:
         if not self.root.is_host:
@@ -246,10 +325,6 @@ class Fail2banControl(Control):
                     later.append(JailFile(self.root.system_name(path), text))
         return tuple(later)
 
-    def _banned(self) -> int | None:
-        result = run([CLIENT, "status", JAIL], timeout=15)
-        return parse_status(result.stdout) if result.ok else None
-
     # desired ------------------------------------------------------------------------------------------
 
     def desired(self, config: Config) -> Fail2banDesired:
@@ -266,6 +341,8 @@ class Fail2banControl(Control):
         }
         if not self.root.auth_log.exists():
             values["backend"] = "systemd"  # Debian 12 logs to the journal only: no auth.log to read
+        if self._password_logins() is False:
+            values["mode"] = "aggressive"  # with passwords on, the admin's own choice of mode stays
         return Fail2banDesired(values, render_jail(values))
 
     # diff ---------------------------------------------------------------------------------------------
@@ -290,6 +367,8 @@ class Fail2banControl(Control):
             items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
+        for _address, expected, actual in self._runtime_drift(observed, desired):
+            items.append(DriftItem("ignoreip (live admin session)", f"running [{JAIL}]", expected, actual))
         if observed.jail_conf is not None and not self.root.fail2ban_jail_conf_orig.exists():
             # the guide's first step, taken as soon as there is a jail.conf (e.g. right after the install)
             orig = self.root.system_name(self.root.fail2ban_jail_conf_orig)
@@ -297,6 +376,26 @@ class Fail2banControl(Control):
         if not items:
             return None
         return Drift(self.name, tuple(items), _effective_diff(observed, desired))
+
+    def _runtime_drift(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[str, str, str]]:
+        """(address, expected, actual) for the running jail's ignore list: every live sudo admin session's
+        address ignored (and not banned); a single address the agent added once its session is gone, out."""
+        if observed.runtime_ignore is None or observed.admin_sessions is None:
+            return []
+        configured = desired.effective["ignoreip"].split()
+        live = list(dict.fromkeys(session.address for session in observed.admin_sessions))
+        found = []
+        for address in live:
+            if address in observed.banned_ips:
+                found.append((address, f"{address} not banned (a live admin session)", "banned"))
+            if not _ignored(address, observed.runtime_ignore):
+                found.append((address, f"{address} ignored (a live admin session)", "not ignored"))
+        for entry in observed.runtime_ignore:
+            network = _network(entry)
+            single = network is not None and network.num_addresses == 1
+            if single and not _ignored(entry, configured) and entry not in live:
+                found.append((entry, f"{entry} not ignored (its admin session has ended)", "ignored"))
+        return found
 
     def _conflicts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, int, str, str]]:
         return [
@@ -352,6 +451,20 @@ class Fail2banControl(Control):
             notes.append(f"install {PACKAGE} (apt-get install --no-install-recommends {PACKAGE})")
         if observed.running is False:
             notes.append(f"start {UNIT}")
+        for address, expected, _ in self._runtime_drift(observed, desired):
+            if expected.endswith("not banned (a live admin session)"):
+                verb, undo = "unbanip", None
+            elif expected.endswith("ignored (a live admin session)"):
+                verb, undo = "addignoreip", "delignoreip"
+            else:
+                verb, undo = "delignoreip", "addignoreip"
+            apply = Invocation((CLIENT, "set", JAIL, verb, address), timeout=15)
+            back = Invocation((CLIENT, "set", JAIL, undo, address), timeout=15) if undo else None
+            commands.append(CommandChange(apply, back, reason=expected))
+            notes.append(f"fail2ban-client set {JAIL} {verb} {address} ({expected})")
+        self._files_changed = bool(files) or not observed.installed or observed.running is False
+        sessions = observed.admin_sessions or ()
+        self._keep_ignored = tuple(dict.fromkeys(session.address for session in sessions))
         return Changes(tuple(files), tuple(notes), "".join(diffs), tuple(commands))
 
     # preconditions ------------------------------------------------------------------------------------
@@ -374,6 +487,9 @@ class Fail2banControl(Control):
         return Fail2banObserved(parse_dump(result.stdout), agent_file, problem, self._later_files(), jail_conf, None)
 
     def reload(self) -> ReloadOutcome:
+        if not self._files_changed:
+            # only the running jail's ignore list changed (fail2ban-client set ...): a reload would undo it
+            return ReloadOutcome(True, "the running sshd jail's ignore list updated; no reload needed")
         if not self.root.is_host:
             return ReloadOutcome(True, "a fake root: fail2ban is never started or reloaded")
         if not self.services.is_active(UNIT):
@@ -387,6 +503,8 @@ class Fail2banControl(Control):
         if not status.ok:
             return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")
         self._after_reload = (True, parse_status(status.stdout))
+        for address in self._keep_ignored:  # the reload reset the running jail's ignore list to the files'
+            run([CLIENT, "set", JAIL, "addignoreip", address], timeout=15)
         return ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
 
     def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
@@ -404,6 +522,10 @@ class Fail2banControl(Control):
             facts["service"] = "active" if running else "not active"
         if banned is not None:
             facts["banned"] = banned
+        if observed.effective is not None and "mode" in observed.effective:
+            facts["mode"] = observed.effective["mode"]
+        if observed.admin_sessions:
+            facts["admin_sessions_ignored"] = ", ".join(f"{s.address} ({s.user})" for s in observed.admin_sessions)
         return facts
 
 

@@ -99,6 +99,15 @@ def configured_ports(root: SystemRoot) -> frozenset[int] | None:
     return frozenset(int(port) for port in ports if port.isdigit())
 
 
+def password_logins(root: SystemRoot) -> bool | None:
+    """Whether sshd's effective configuration (`sshd -T`) accepts passwords; None when sshd -T fails."""
+    ensure_privsep_dir(root)
+    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+    if not result.ok:
+        return None
+    return parse_effective(result.stdout).get("passwordauthentication", ("yes",))[0].lower() == "yes"
+
+
 def _norm(value: str) -> str:
     text = value.strip().strip('"').lower()
     return _SYNONYMS.get(text, text)

@@ -16,6 +16,10 @@ from agent.engine.watch import DirectoryWatcher, NetlinkWatcher
 STUCK_AFTER = 120.0  # a transaction running longer than this means the agent is wedged
 
 
+# guard -> the guards whose desired state depends on what it applies
+FOLLOWS: dict[str, tuple[str, ...]] = {"ssh": ("fail2ban",)}
+
+
 class Engine:
     def __init__(self, controls: Sequence[Control], config: Config, ctx: tx.TransactionContext) -> None:
         self._config = config
@@ -23,7 +27,9 @@ class Engine:
         self.ctx = ctx
         self.watcher = DirectoryWatcher(ctx.echo)
         self.netlink = NetlinkWatcher()
-        self.runners = {c.name: ControlRunner(c, self.config, ctx, self._after_converge) for c in controls}
+        self.runners = {
+            c.name: ControlRunner(c, self.config, ctx, self._after_converge, on_heal=self._healed) for c in controls
+        }
         # called after every converge (the metrics textfile); each must return at once
         self.converge_listeners: list[Callable[[], None]] = []
         self.started_at = time.time()
@@ -65,6 +71,14 @@ class Engine:
             thread.join(timeout)
         self.refresh_watches()
         return results
+
+    def _healed(self, name: str) -> None:
+        """A heal of one guard can change another's desired state: sshd's PasswordAuthentication sets the
+        fail2ban jail's mode. The agent's own writes are no inotify event (echo filter), so say it here."""
+        for dependent in FOLLOWS.get(name, ()):
+            runner = self.runners.get(dependent)
+            if runner is not None:
+                runner.trigger(f"the {name} guard changed", immediate=True, admin=True)
 
     def _after_converge(self) -> None:
         self.refresh_watches()

@@ -80,8 +80,10 @@ class ControlRunner:
         ctx: tx.TransactionContext,
         after_converge: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        on_heal: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._after_converge = after_converge
+        self._on_heal = on_heal
         self.control = control
         self.get_config = get_config
         self.ctx = ctx
@@ -351,6 +353,8 @@ class ControlRunner:
                 self._report_hold(outcome)
                 self._report_findings(outcome)
         self._release_waiters(outcome)
+        if outcome.status == tx.HEALED and not paused and not report_only:
+            self._on_heal(self.name)
 
     def _report_hold(self, outcome: tx.Outcome) -> None:
         """A blocked control, or settings held back: one event when the state or its reasons change,

@@ -62,9 +62,11 @@ class Sandbox:
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    def create(self, debs: Iterable[Path | str] = ()) -> None:
-        """A fresh copy of the base (built first if not cached: about a minute), each .deb installed."""
-        args = ["create", str(self.root)]
+    def create(self, debs: Iterable[Path | str] = (), admin: str = "key") -> None:
+        """A fresh copy of the base (built first if not cached: about a minute), each .deb installed.
+        admin: "key" (a sudo admin with a password and the client's key), "password" (no ~/.ssh, as
+        `adduser` leaves it) or "none" (no admin; root has the client's key)."""
+        args = ["create", str(self.root), "--admin", admin]
         for deb in debs:
             args += ["--deb", str(deb)]
         self._script(args, timeout=900)
@@ -135,6 +137,16 @@ class Sandbox:
         argv = ["env", f"SSH_ASKPASS={self.client_dir / 'askpass'}", "SSH_ASKPASS_REQUIRE=force"]
         argv += ["ssh", "-F", str(self.ssh_config), "-p", str(port), *options, f"{user}@vps", command]
         return self.client(argv, check, timeout)
+
+    def install_key(self, port: int = 22, user: str = "admin") -> None:
+        """What `ssh-copy-id` does: over a password login, the client's public key appended to the admin's
+        ~/.ssh/authorized_keys (made 0700/0600 if missing)."""
+        key = (self.client_dir / "id_ed25519.pub").read_text().strip()
+        script = (
+            "umask 077; mkdir -p ~/.ssh && chmod 700 ~/.ssh && "
+            f"printf '%s\\n' {shlex.quote(key)} >> ~/.ssh/authorized_keys && chmod 600 ~/.ssh/authorized_keys"
+        )
+        self.ssh_with_password(script, user=user, port=port)
 
     # ---- the script ---------------------------------------------------------------------------
 

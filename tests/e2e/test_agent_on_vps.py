@@ -121,12 +121,12 @@ def prove_key_login(vps: Sandbox, port: int = 22) -> None:
 
 
 @contextmanager
-def agent_vps(factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+def agent_vps(factory: pytest.TempPathFactory, name: str, admin: str = "key") -> Iterator[Sandbox]:
     """A fresh Debian 12 VPS, the .deb installed before first boot, booted, the agent active;
-    destroyed when the block ends."""
+    destroyed when the block ends. admin: the sandbox's admin (Sandbox.create)."""
     require_root_and_tools(*TOOLS)
     sandbox = Sandbox(factory.mktemp(name) / "root")
-    sandbox.create(debs=[built_deb()])
+    sandbox.create(debs=[built_deb()], admin=admin)
     try:
         sandbox.boot()
         wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)

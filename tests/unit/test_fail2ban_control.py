@@ -5,10 +5,12 @@ and one with the agent's jail file plus a later jail.d/zzz-other.local setting `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from agent import accounts
 from agent.config import Config, Fail2banConfig, SshConfig
 from agent.controls.base import ObserveError
 from agent.controls.fail2ban import (
@@ -18,6 +20,7 @@ from agent.controls.fail2ban import (
     banaction_for,
     overrides,
     parse_dump,
+    parse_ignore_list,
     parse_status,
     render_jail,
 )
@@ -51,6 +54,7 @@ def test_the_dump_of_the_real_tool_gives_the_effective_sshd_jail() -> None:
         "ignoreip": "127.0.0.1/8 ::1 10.0.0.0/8",
         "banaction": "nftables-multiport",
         "port": "99",  # the later zzz-other.local wins over the agent's 2222,22
+        "mode": "normal",  # no failregex that counts a preauth close
     }
 
 
@@ -144,9 +148,9 @@ def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_wri
     assert edited[3].startswith("# [vps-agent ") and edited[3].endswith("the agent keeps port = 2222: port = 99")
     assert edited[4] == "# [vps-agent] 100"  # the continued value goes with its key
     assert "the agent keeps maxretry = 5: maxretry = 10" in edited[5]
-    assert edited[6] == "mode = aggressive"  # not a guarded key
+    assert edited[6] == "mode = aggressive"  # guarded only while sshd takes no passwords: the admin's choice
     assert edited[7] == "bantime = 1h"  # 3600 seconds, as the agent wants
-    assert overrides("\n".join(edited)) == [(8, "bantime", "1h")]
+    assert overrides("\n".join(edited)) == [(7, "mode", "aggressive"), (8, "bantime", "1h")]
 
 
 def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
@@ -297,3 +301,109 @@ def test_an_interrupted_dpkg_is_configured_before_the_install_and_apt_runs_outsi
         assert "--setenv=DEBIAN_FRONTEND=noninteractive" in command.apply.argv
     assert repair.apply.argv[-2:] == ("--configure", "-a")
     assert "apt-get" in install.apply.argv and install.apply.argv[-1] == "fail2ban"
+
+
+# --- passwords off: the mode that counts a guesser; live admin sessions never banned ---------------------
+
+
+def _with(control: Fail2banControl, passwords: bool | None) -> Fail2banControl:
+    control._password_logins = lambda: passwords
+    return control
+
+
+def test_the_jail_is_aggressive_only_while_sshd_takes_no_passwords(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    assert _with(control, False).desired(_config()).effective["mode"] == "aggressive"
+    assert "mode = aggressive\n" in control.desired(_config()).text
+    assert "mode" not in _with(control, True).desired(_config()).effective  # the admin's own mode stays
+    assert "mode" not in _with(control, None).desired(_config()).effective  # sshd -T failed: not known
+
+
+def test_the_dump_tells_the_mode_by_the_failregex_that_counts_a_preauth_close() -> None:
+    counting = "^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)</F-MLFFORGET> (?:by|from) <HOST>"
+    aggressive = DUMP + f"['multi-set', 'sshd', 'addfailregex', [{counting!r}]]\n"
+    assert parse_dump(aggressive)["mode"] == "aggressive"  # type: ignore[index]
+    assert parse_dump(DUMP)["mode"] == "normal"  # type: ignore[index]
+
+
+def _session(tmp_path: Path, name: str, user: str, host: str, service: str = "sshd", owner: int = 0) -> Path:
+    path = tmp_path / "run/systemd/sessions" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"UID=1000\nUSER={user}\nACTIVE=1\nSTATE=active\nREMOTE=1\nSERVICE={service}\nREMOTE_HOST={host}\n")
+    os.chown(path, owner, 0)
+    return path
+
+
+def _accounts(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/bash\nadmin:x:1000:1000::/home/admin:/bin/bash\n"
+        "web:x:1001:1001::/home/web:/bin/bash\n"
+    )
+    (tmp_path / "etc/group").write_text("sudo:x:27:admin\nadmin:x:1000:\nweb:x:1001:\n")
+    (tmp_path / "etc/sudoers").write_text("%sudo ALL=(ALL:ALL) ALL\n")
+
+
+def test_only_sshd_sessions_of_sudo_admins_in_root_owned_files_count(tmp_path: Path) -> None:
+    _accounts(tmp_path)
+    _session(tmp_path, "1", "admin", "192.0.2.7")
+    _session(tmp_path, "2", "web", "198.51.100.1")  # no sudo rights
+    _session(tmp_path, "3", "admin", "198.51.100.2", service="login")  # not over SSH
+    _session(tmp_path, "4", "admin", "198.51.100.3", owner=1001)  # not written by logind
+    (tmp_path / "run/systemd/sessions/5").symlink_to(tmp_path / "run/systemd/sessions/1")
+    root = SystemRoot.at(tmp_path)
+    found = accounts.admin_sessions(root, accounts.read_facts(root))
+    assert found is not None and [(s.user, s.address) for s in found] == [("admin", "192.0.2.7")]
+    assert accounts.live_ssh_sessions(SystemRoot.at(tmp_path / "nowhere")) is None
+
+
+def _running(control: Fail2banControl, runtime: tuple[str, ...], banned: tuple[str, ...] = ()) -> Fail2banObserved:
+    root = control.root
+    found = accounts.admin_sessions(root, accounts.read_facts(root))
+    desired = control.desired(_config())
+    text = render_jail(desired.effective).encode()
+    return Fail2banObserved(
+        dict(desired.effective),
+        text,
+        None,
+        (),
+        None,  # jail.conf: its copy is not the point here
+        True,
+        len(banned),
+        True,
+        runtime,
+        banned,
+        tuple(found or ()),
+    )
+
+
+def test_a_live_admin_sessions_address_is_ignored_and_unbanned_and_dropped_when_it_ends(tmp_path: Path) -> None:
+    control = _control(tmp_path)
+    _accounts(tmp_path)
+    session = _session(tmp_path, "7", "admin", "192.0.2.7")
+    desired = control.desired(_config())
+    observed = _running(control, ("127.0.0.0/8", "::1"), banned=("192.0.2.7",))
+    drift = control.diff(observed, desired)
+    assert drift is not None and {i.actual for i in drift.items} == {"banned", "not ignored"}
+    changes = control.plan(observed, desired, drift)
+    assert [c.apply.argv for c in changes.commands] == [
+        (CLIENT, "set", "sshd", "unbanip", "192.0.2.7"),
+        (CLIENT, "set", "sshd", "addignoreip", "192.0.2.7"),
+    ]
+    assert changes.files == () and "no reload" in control.reload().detail  # a reload would drop it again
+    assert control.facts(observed)["admin_sessions_ignored"] == "192.0.2.7 (admin)"
+    # covered by a configured network: nothing to add; the session over: the address the agent added goes
+    assert control.diff(_running(control, ("127.0.0.0/8", "::1", "192.0.2.7")), desired) is None
+    session.unlink()
+    ended = _running(control, ("127.0.0.0/8", "::1", "192.0.2.7"))
+    drift = control.diff(ended, desired)
+    assert drift is not None
+    [command] = control.plan(ended, desired, drift).commands
+    assert command.apply.argv == (CLIENT, "set", "sshd", "delignoreip", "192.0.2.7")
+    assert command.undo is not None and command.undo.argv[-2:] == ("addignoreip", "192.0.2.7")
+
+
+def test_the_running_ignore_list_is_read_as_fail2ban_client_prints_it() -> None:
+    text = "These IP addresses/networks are ignored:\n|- 127.0.0.0/8\n|- ::1\n`- 192.0.2.7\n"
+    assert parse_ignore_list(text) == ("127.0.0.0/8", "::1", "192.0.2.7")
+    assert parse_ignore_list("No IP address/network is ignored\n") == ()

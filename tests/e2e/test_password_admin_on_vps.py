@@ -1,0 +1,136 @@
+"""Day one on the hardening guide's VPS, booted: the sudo admin has a password and no key (as `adduser`
+leaves it), the .deb is installed, the admin asks for `ssh.port: 2222` and `permit_root_login: "no"`.
+What is safe applies at once; passwords go off only after the admin's first key login, seen in sshd's
+journal; nobody is ever locked out. The tests run in order, as the admin's day does: one VPS for all."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.sandbox import Sandbox
+from tests.e2e.test_agent_on_vps import agent_vps, events, sshd_effective, status_code, wait_for
+
+CONFIG = 'ssh:\n  port: 2222\n  permit_root_login: "no"\n'
+REPEATED = ("drift-detected", "remediation-blocked", "remediation-pending")
+
+
+def ssh_status(vps: Sandbox) -> dict[str, object]:
+    controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
+    found: dict[str, object] = next(c for c in controls if c["control"] == "ssh")
+    return found
+
+
+def baseline(vps: Sandbox, passwords: str) -> bool:
+    effective = sshd_effective(vps)
+    return (
+        effective["port"] == ["2222"]
+        and effective["permitrootlogin"] == ["no"]
+        and effective["passwordauthentication"] == [passwords]
+    )
+
+
+def count(vps: Sandbox, actions: tuple[str, ...]) -> int:
+    return sum(e["event"]["action"] in actions and e.get("control") == "ssh" for e in events(vps))  # type: ignore[index]
+
+
+def password_login(vps: Sandbox, port: int) -> bool:
+    return vps.ssh_with_password("id -un", port=port, check=False, timeout=30).stdout.strip() == "admin"
+
+
+def key_login(vps: Sandbox, port: int) -> bool:
+    return vps.ssh("id -un", port=port, check=False, timeout=30).stdout.strip() == "admin"
+
+
+@pytest.fixture(scope="module")
+def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    with agent_vps(tmp_path_factory, "vps-password-admin", admin="password") as sandbox:
+        assert not (sandbox.root / "home/admin/.ssh").exists()
+        sandbox.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=CONFIG)
+        sandbox.exec(["systemctl", "reload", "vps-agent"])
+        wait_for("sshd on 22 and 2222", lambda: sshd_effective(sandbox)["port"] == ["22", "2222"], 30)
+        yield sandbox
+
+
+def test_1_root_login_goes_off_at_once_passwords_stay_on_and_both_ports_listen(vps: Sandbox) -> None:
+    effective = sshd_effective(vps)
+    assert effective["permitrootlogin"] == ["no"] and effective["passwordauthentication"] == ["yes"]
+    assert effective["port"] == ["22", "2222"]
+    assert password_login(vps, 22) is True
+
+
+def test_2_status_is_pending_exit_1_and_names_the_key_step(vps: Sandbox) -> None:
+    status = vps.exec(["vps-agentctl", "status"], check=False)
+    assert status.returncode == 1, status.stdout
+    assert "passwords stay on until admin logs in with a key: ssh-copy-id -p 2222 admin@vps" in status.stdout
+    ssh = ssh_status(vps)
+    assert ssh["status"] == "pending" and [h["setting"] for h in ssh["held"]] == ["PasswordAuthentication no"]  # type: ignore[attr-defined]
+    assert count(vps, ("remediation-blocked",)) == 0
+
+
+def test_3_a_password_login_on_the_new_port_confirms_the_move(vps: Sandbox) -> None:
+    assert password_login(vps, 2222)
+    wait_for("22 to close", lambda: sshd_effective(vps)["port"] == ["2222"], 30)
+    confirmed = [e for e in events(vps) if e["event"]["action"] == "port-move-confirmed"]  # type: ignore[index]
+    assert confirmed and "(password)" in str(confirmed[-1]["message"])
+    assert password_login(vps, 2222) and not password_login(vps, 22)
+
+
+def test_4_every_sshd_drift_is_healed_while_pending(vps: Sandbox) -> None:
+    drifts = [
+        ["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"],
+        ["sh", "-c", "printf 'PermitRootLogin yes\\nPort 22\\n' > /etc/ssh/sshd_config.d/00-evil.conf"],
+        ["rm", "-f", "/etc/ssh/sshd_config.d/00-vps-agent.conf"],
+        ["sed", "-i", "/^Include /d", "/etc/ssh/sshd_config"],
+    ]
+    for drift in drifts:
+        healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))  # type: ignore[index]
+        vps.exec(drift)
+        wait_for(
+            f"the heal of {' '.join(drift)}",
+            lambda b=healed_before: (
+                sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > b  # type: ignore[index]
+                and baseline(vps, passwords="yes")
+            ),
+            20,
+        )
+    assert ssh_status(vps)["status"] == "pending" and password_login(vps, 2222)
+
+
+def test_5_an_unchanged_pending_state_emits_nothing_new(vps: Sandbox) -> None:
+    time.sleep(2)
+    before = count(vps, REPEATED)
+    for _ in range(3):
+        vps.exec(["vps-agentctl", "converge", "ssh"], check=False)
+    vps.exec(["touch", "/etc/ssh/sshd_config"])  # a watched file's metadata: a re-check, no change
+    time.sleep(15)
+    assert count(vps, REPEATED) == before
+
+
+def test_6_a_key_added_but_never_used_leaves_passwords_on(vps: Sandbox) -> None:
+    vps.install_key(port=2222)  # as ssh-copy-id does: over a password login
+    time.sleep(8)
+    assert baseline(vps, passwords="yes")
+    assert ssh_status(vps)["status"] == "pending"
+    assert "log in once with that key" in vps.exec(["vps-agentctl", "status"], check=False).stdout
+
+
+def test_7_one_key_login_turns_passwords_off_within_10s(vps: Sandbox) -> None:
+    started = time.monotonic()
+    assert key_login(vps, 2222)
+    wait_for("passwords off", lambda: baseline(vps, passwords="no"), 10)
+    took = time.monotonic() - started
+    wait_for("status exit 0", lambda: status_code(vps) == 0, 10)
+    proven = [e for e in events(vps) if e["event"]["action"] == "key-login-proven"]  # type: ignore[index]
+    assert proven and proven[-1]["user"]["name"] == "admin"  # type: ignore[index]
+    assert not password_login(vps, 2222) and key_login(vps, 2222)
+    print(f"\n[e2e] key login -> PasswordAuthentication no in {took:.1f}s")
+
+
+def test_8_the_proof_outlives_a_restart(vps: Sandbox) -> None:
+    vps.exec(["systemctl", "restart", "vps-agent"])
+    wait_for("the agent back and compliant", lambda: status_code(vps) == 0, 30)
+    assert baseline(vps, passwords="no") and key_login(vps, 2222)
