@@ -138,6 +138,13 @@ class Sandbox:
         argv += ["ssh", "-F", str(self.ssh_config), "-p", str(port), *options, f"{user}@vps", command]
         return self.client(argv, check, timeout)
 
+    def ssh_session(self, port: int = 22, user: str = "admin", seconds: int = 300) -> subprocess.Popen[bytes]:
+        """A live SSH session in the background (the admin's own, with the key), kept until terminate();
+        poweroff ends it too (it runs in the client's network namespace)."""
+        argv = [str(SCRIPT), "client", str(self.root), "--", "ssh", "-F", str(self.ssh_config), "-p", str(port)]
+        argv += [f"{user}@vps", f"sleep {seconds}"]
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def install_key(self, port: int = 22, user: str = "admin") -> None:
         """What `ssh-copy-id` does: over a password login, the client's public key appended to the admin's
         ~/.ssh/authorized_keys (made 0700/0600 if missing)."""

@@ -11,8 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.sandbox import Sandbox
-from tests.e2e.test_agent_on_vps import agent_vps, events, sshd_effective, status_code, wait_for
+from tests.e2e.sandbox import CLIENT_ADDR, Sandbox
+from tests.e2e.test_agent_on_vps import (
+    BAD_LOGIN,
+    MAXRETRY,
+    agent_vps,
+    banned,
+    events,
+    sshd_effective,
+    status_code,
+    wait_for,
+)
 
 CONFIG = 'ssh:\n  port: 2222\n  permit_root_login: "no"\n'
 REPEATED = ("drift-detected", "remediation-blocked", "remediation-pending")
@@ -134,3 +143,52 @@ def test_8_the_proof_outlives_a_restart(vps: Sandbox) -> None:
     vps.exec(["systemctl", "restart", "vps-agent"])
     wait_for("the agent back and compliant", lambda: status_code(vps) == 0, 30)
     assert baseline(vps, passwords="no") and key_login(vps, 2222)
+
+
+def guess_root_password(vps: Sandbox) -> None:
+    """What a password guesser does once passwords are off: sshd offers none and logs `Connection closed by
+    authenticating user root ... [preauth]`, which the jail counts only in its aggressive mode."""
+    result = vps.ssh("true", user="root", port=2222, options=BAD_LOGIN, check=False, timeout=15)
+    assert result.returncode != 0
+
+
+def fail2ban_facts(vps: Sandbox) -> dict[str, object]:
+    controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
+    facts: dict[str, object] = next(c for c in controls if c["control"] == "fail2ban")["facts"]
+    return facts
+
+
+def test_9_a_password_guesser_is_banned_after_maxretry_with_passwords_off(vps: Sandbox) -> None:
+    wait_for("the jail in aggressive mode", lambda: fail2ban_facts(vps).get("mode") == "aggressive", 30)
+    assert "mode = aggressive" in vps.exec(["cat", "/etc/fail2ban/jail.d/zz-vps-agent.local"]).stdout
+    if CLIENT_ADDR in banned(vps):
+        vps.exec(["fail2ban-client", "set", "sshd", "unbanip", CLIENT_ADDR])
+    attempts = 0
+    while CLIENT_ADDR not in banned(vps):
+        assert attempts < MAXRETRY, f"{attempts} guesses and {CLIENT_ADDR} is not banned"
+        guess_root_password(vps)
+        attempts += 1
+        try:  # the journal reaches fail2ban a moment after ssh returns
+            wait_for(f"{CLIENT_ADDR} banned", lambda: CLIENT_ADDR in banned(vps), 3 if attempts < MAXRETRY else 15)
+        except AssertionError:
+            continue
+    assert not key_login(vps, 2222)  # banned: even the admin's key does not get through from there
+    vps.exec(["fail2ban-client", "set", "sshd", "unbanip", CLIENT_ADDR])
+    wait_for("the admin in again after the unban", lambda: key_login(vps, 2222), 20)
+
+
+def test_10_a_live_admin_sessions_address_is_never_banned_even_after_failures_from_it(vps: Sandbox) -> None:
+    ignoreip = ["fail2ban-client", "get", "sshd", "ignoreip"]
+    session = vps.ssh_session(port=2222)
+    try:
+        wait_for("the session's address ignored", lambda: CLIENT_ADDR in vps.exec(ignoreip).stdout, 15)
+        assert fail2ban_facts(vps)["admin_sessions_ignored"] == f"{CLIENT_ADDR} (admin)"
+        for _ in range(MAXRETRY + 2):
+            guess_root_password(vps)
+        time.sleep(3)  # the journal reaches fail2ban a moment after ssh returns
+        assert CLIENT_ADDR not in banned(vps)
+        assert key_login(vps, 2222)
+    finally:
+        session.terminate()
+        session.wait(30)
+    wait_for("the address out of the ignore list", lambda: CLIENT_ADDR not in vps.exec(ignoreip).stdout, 20)
