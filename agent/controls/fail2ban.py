@@ -216,6 +216,7 @@ class Fail2banControl(Control):
         self._password_logins = password_logins  # sshd's effective PasswordAuthentication (None: unknown)
         self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
         self._keep_ignored: tuple[str, ...] = ()  # live admin sessions' addresses, to add again after a reload
+        self._sessions_seen: tuple[accounts.SshSession, ...] | None = None  # for a heal's facts (-t -d has none)
         self.services = services or ServiceManager(root)
         self._listening_ports = listening_ports or SshdPorts(root)  # agent/sshd_ports.py
         self._detect_backend = detect_backend
@@ -284,6 +285,7 @@ class Fail2banControl(Control):
             runtime_ignore = parse_ignore_list(ignore.stdout) if ignore.ok else None
             found = accounts.admin_sessions(self.root, accounts.read_facts(self.root))
             sessions = tuple(found) if found is not None else None
+        self._sessions_seen = sessions
         return Fail2banObserved(
             effective,
             agent_file,
@@ -524,8 +526,9 @@ class Fail2banControl(Control):
             facts["banned"] = banned
         if observed.effective is not None and "mode" in observed.effective:
             facts["mode"] = observed.effective["mode"]
-        if observed.admin_sessions:
-            facts["admin_sessions_ignored"] = ", ".join(f"{s.address} ({s.user})" for s in observed.admin_sessions)
+        sessions = observed.admin_sessions if observed.admin_sessions is not None else self._sessions_seen
+        if sessions:
+            facts["admin_sessions_ignored"] = ", ".join(f"{s.address} ({s.user})" for s in sessions)
         return facts
 
 
