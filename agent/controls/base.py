@@ -50,6 +50,9 @@ class DriftItem:
     line: int | None = None
     kind: str = FIX
     advice: str = ""  # for a finding or warning: why it matters and how the admin fixes it
+    # False: following the system's own change (a login's address to keep ignored), not reverting anyone's:
+    # a heal of only such items does not count towards flapping
+    damped: bool = True
 
     def describe(self) -> str:
         place = f"{self.where}:{self.line}" if self.line else self.where

@@ -52,7 +52,9 @@ KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banac
 # Debian's sshd filter in `mode = normal` does not count `Connection closed by authenticating user root A port
 # P [preauth]`, all a password guesser leaves once sshd takes no passwords; `aggressive` (ddos + extra)
 # does. The dump has no mode: its failregex that counts those closes as failures tells it.
-_COUNTS_PREAUTH_CLOSE = "^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)</F-MLFFORGET>"
+# 1.0.2: ^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)..., 1.1.0: ^<F-MLFFORGET>(?:Connection ...;
+# in normal mode the same line is wrapped in <F-NOFAIL>
+_COUNTS_PREAUTH_CLOSE = re.compile(r"\^<F-MLFFORGET>\((?:\?:)?Connection \(\?:closed\|reset\)")
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
 
 
@@ -131,7 +133,7 @@ def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
                 values["banaction"] = str(command[3])
         elif verb in ("multi-set", "set") and len(command) > 3 and command[2] == "addfailregex":
             regexes = command[3] if isinstance(command[3], list) else command[3:]
-            counts = any(str(r).startswith(_COUNTS_PREAUTH_CLOSE) for r in regexes)
+            counts = any(_COUNTS_PREAUTH_CLOSE.match(str(r)) for r in regexes)
             values["mode"] = "aggressive" if counts or values.get("mode") == "aggressive" else "normal"
         elif verb == "multi-set" and len(command) > 4 and command[2] == "action":
             params = {p[0]: p[1] for p in command[4] if isinstance(p, list) and len(p) == 2}
@@ -370,7 +372,9 @@ class Fail2banControl(Control):
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
         for _address, expected, actual in self._runtime_drift(observed, desired):
-            items.append(DriftItem("ignoreip (live admin session)", f"running [{JAIL}]", expected, actual))
+            items.append(
+                DriftItem("ignoreip (live admin session)", f"running [{JAIL}]", expected, actual, damped=False)
+            )
         if observed.jail_conf is not None and not self.root.fail2ban_jail_conf_orig.exists():
             # the guide's first step, taken as soon as there is a jail.conf (e.g. right after the install)
             orig = self.root.system_name(self.root.fail2ban_jail_conf_orig)

@@ -324,7 +324,8 @@ class ControlRunner:
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
-                if not admin:
+                damped = outcome.drift is not None and any(item.damped for item in outcome.drift.fixable)
+                if not admin and damped:
                     self._record_heal(config)
                 if self.state.status != FLAPPING:
                     if held is not None:  # what was safe is applied; the rest still waits

@@ -340,3 +340,20 @@ def test_held_settings_make_the_control_pending_and_are_reported_once(runner: Co
     runner.converge_and_wait("the proof came")
     assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
     assert runner.state.status == tx.HEALED and runner.state.held == []
+
+
+def test_heals_that_follow_the_systems_own_change_never_count_towards_flapping(runner: ControlRunner) -> None:
+    original = runner.control.diff
+
+    def undamped(observed: object, desired: object) -> Drift | None:
+        drift = original(observed, desired)  # type: ignore[arg-type]
+        if drift is None:
+            return None
+        items = tuple(DriftItem(i.what, i.where, i.expected, i.actual, damped=False) for i in drift.items)
+        return Drift(drift.control, items, drift.diff)
+
+    runner.control.diff = undamped  # type: ignore[method-assign]
+    for n in range(6):  # flap_max_heals is 3: six damped heals would be flapping
+        tamper(runner, f"login {n}\n")
+        assert wait_until(lambda n=n: runner.state.heals == n + 1)
+    assert runner.state.status == tx.HEALED and "flapping" not in actions(runner)
