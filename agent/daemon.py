@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,26 @@ def build_controls(
     moves: PortMoves | None = None,
     sshd_ports: SshdPorts | None = None,
     keylogins: KeyLogins | None = None,
+    ssh_guard_heals: Callable[[], bool] = lambda: False,
 ) -> list[Control]:
     """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py), and
     the firewall and fail2ban what sshd listens on (agent/sshd_ports.py); the SSH guard reads the
-    proven key logins (agent/keylogins.py) the daemon records."""
+    proven key logins (agent/keylogins.py) the daemon records. fail2ban's jail mode follows whether sshd
+    takes passwords: what the SSH guard holds sshd to while it heals (`ssh_guard_heals`: enabled, not
+    paused), else what sshd -T says."""
     moves = moves or PortMoves(root)
     sshd_ports = sshd_ports or SshdPorts(root)
+    ssh = SshdControl(root, moves=moves, keylogins=keylogins or KeyLogins(root))
+
+    def passwords(config: Config) -> bool | None:
+        if ssh_guard_heals():
+            return ssh.password_logins_held_to(config)
+        return password_logins(root)
+
     return [
-        SshdControl(root, moves=moves, keylogins=keylogins or KeyLogins(root)),
+        ssh,
         FirewallControl(root, sshd_ports, moves=moves),
-        Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=lambda: password_logins(root)),
+        Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=passwords),
         AccountsControl(root),
     ]
 
@@ -90,7 +100,7 @@ class Daemon:
         self.sshd_ports = SshdPorts(root)
         self.keylogins = KeyLogins(root)
         self.engine = Engine(
-            build_controls(root, self.moves, self.sshd_ports, self.keylogins),
+            build_controls(root, self.moves, self.sshd_ports, self.keylogins, lambda: self.engine.heals("ssh")),
             config,
             transaction_context(root, config, self.events),
         )

@@ -211,11 +211,12 @@ class Fail2banControl(Control):
         listening_ports: Callable[[], frozenset[int]] | None = None,
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
         moves: PortMoves | None = None,
-        password_logins: Callable[[], bool | None] = lambda: None,
+        password_logins: Callable[[Config], bool | None] = lambda config: None,
     ) -> None:
         super().__init__(root)
         self.moves = moves or PortMoves(root)
-        self._password_logins = password_logins  # sshd's effective PasswordAuthentication (None: unknown)
+        # whether sshd takes passwords (None: unknown): what the SSH guard holds it to, or the effective setting
+        self._password_logins = password_logins
         self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
         self._keep_ignored: tuple[str, ...] = ()  # live admin sessions' addresses, to add again after a reload
         self._sessions_seen: tuple[accounts.SshSession, ...] | None = None  # for a heal's facts (-t -d has none)
@@ -345,7 +346,7 @@ class Fail2banControl(Control):
         }
         if not self.root.auth_log.exists():
             values["backend"] = "systemd"  # Debian 12 logs to the journal only: no auth.log to read
-        if self._password_logins() is False:
+        if self._password_logins(config) is False:
             values["mode"] = "aggressive"  # with passwords on, the admin's own choice of mode stays
         return Fail2banDesired(values, render_jail(values))
 

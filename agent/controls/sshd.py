@@ -155,9 +155,16 @@ class SshdControl(Control):
         self.keylogins = keylogins or KeyLogins(root)
         self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
+        self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
 
     def enabled(self, config: Config) -> bool:
         return config.ssh.enabled
+
+    def password_logins_held_to(self, config: Config) -> bool:
+        """Whether the guard holds sshd to taking passwords: the config's password_authentication, or yes while
+        the lockout check keeps passwords on (no proven key login yet). A drift the guard is about to heal does
+        not change it, so what follows sshd (fail2ban's jail mode) does not flip with every tamper."""
+        return config.ssh.password_authentication or self._passwords_held
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         dirs = {self.root.ssh_dir, self.root.sshd_config_d}
@@ -421,6 +428,7 @@ class SshdControl(Control):
                     NEEDS_CHANGE,
                 )
             )
+        passwords_held = False
         if "passwordauthentication" in wanted:
             if wanted["passwordauthentication"] == "yes" or not changes("passwordauthentication"):
                 accepted["passwordauthentication"] = wanted["passwordauthentication"]
@@ -431,6 +439,8 @@ class SshdControl(Control):
                 else:
                     held.append(hold)
                     accepted["passwordauthentication"] = "yes"  # the way in the admin has today stays
+                    passwords_held = True
+        self._passwords_held = passwords_held
         if "permitrootlogin" in wanted:
             value = wanted["permitrootlogin"]
             ways, problems = accounts.ways_to_root(self.root, facts, trial({"permitrootlogin": value}))

@@ -58,22 +58,37 @@ class Engine:
         """Converge every control now and wait (the start-up reconcile: drift that built up while the
         agent was down counts toward flap damping like any other; admin=True for the admin's asks)."""
         results: dict[str, tx.Outcome | None] = {}
-        threads = []
+        threads: dict[str, threading.Thread] = {}
+        leaders = {f: [n for n, after in FOLLOWS.items() if f in after and n in self.runners] for f in self.runners}
+        deadline = time.monotonic() + timeout
         for name, runner in self.runners.items():
 
             def work(n: str = name, r: ControlRunner = runner) -> None:
-                results[n] = r.converge_and_wait(reason, timeout, admin=admin)
+                # a guard that follows another converges once that one has: fail2ban sees what sshd ends up with
+                for leader in leaders[n]:
+                    threads[leader].join(max(deadline - time.monotonic(), 0.0))
+                results[n] = r.converge_and_wait(reason, max(deadline - time.monotonic(), 1.0), admin=admin)
 
-            thread = threading.Thread(target=work, daemon=True)
+            threads[name] = threading.Thread(target=work, daemon=True)
+        for thread in threads.values():
             thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join(timeout)
+        for thread in threads.values():
+            thread.join(max(deadline - time.monotonic(), 0.0))
         self.refresh_watches()
         return results
 
+    def heals(self, name: str) -> bool:
+        """Whether the guard `name` heals what it guards now: enabled, remediating, not paused (backing off from
+        flapping still counts: it heals once the changes stop)."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return False
+        config = self.config()
+        control = runner.control
+        return control.enabled(config) and control.remediates(config) and runner.state.paused_until is None
+
     def _healed(self, name: str) -> None:
-        """A heal of one guard can change another's desired state: sshd's PasswordAuthentication sets the
+        """A heal of one guard can change another's desired state: whether sshd takes passwords sets the
         fail2ban jail's mode. The agent's own writes are no inotify event (echo filter), so say it here."""
         for dependent in FOLLOWS.get(name, ()):
             runner = self.runners.get(dependent)

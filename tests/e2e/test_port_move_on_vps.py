@@ -6,6 +6,7 @@ installed unit (no CAP_SYS_PTRACE) reads it, kept open by the firewall with the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -81,6 +82,19 @@ def test_a_move_confirmed_by_a_real_login_closes_the_old_port(vps: Sandbox) -> N
     assert move["exit_code"] == 1 and move["port_move"]["phase"] == "open", move  # type: ignore[index]
     assert logs_in(vps, 22)
     assert since(vps, mark, "port-move-started")
+    # forgeries prove nothing: sshd's lines written by nobody to /dev/log, and a user name carrying them
+    forged = [
+        'Connection from 10.213.0.2 port 40000 on 10.213.0.1 port 2222 rdomain ""',
+        "Accepted password for admin from 10.213.0.2 port 40000 ssh2",
+    ]
+    for line in forged:
+        vps.exec(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "logger", "-t", "sshd", line])
+    name = "x Accepted password for admin from 10.213.0.2 port 40000 ssh2"
+    vps.ssh("true", user=name, port=2222, check=False, timeout=15)
+    assert "Accepted password for admin" in vps.exec(["journalctl", "-t", "sshd", "-o", "cat"]).stdout
+    time.sleep(6)  # the watcher reads sshd's journal every 2 s
+    assert status(vps)["port_move"]["phase"] == "open" and ports(vps) == ["22", "2222"]  # type: ignore[index]
+    assert not since(vps, mark, "port-move-confirmed")
     # the proof: the admin logs in on 2222
     assert logs_in(vps, 2222)
     wait_for("the move to be confirmed", lambda: bool(since(vps, mark, "port-move-confirmed")), 20)

@@ -34,10 +34,16 @@ def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, sta
     assert evil.read_text() == "PasswordAuthentication yes\n"
     reported = agent.wait_event("drift-detected", mark)
     assert reported["paused"] is True and reported["file"]["path"].endswith("00-by-hand.conf")
-    assert "drift-reverted" not in [e["event"]["action"] for e in agent.events()[mark:]]
+    assert not [e for e in agent.events()[mark:] if e["event"]["action"] == "drift-reverted" and e["control"] == "ssh"]
+    # nobody holds sshd to passwords off while the guard is paused: fail2ban's jail goes by what sshd takes now
+    jail = fake_root / "etc/fail2ban/jail.d/zz-vps-agent.local"
+    wait_for(lambda: "mode = aggressive" not in jail.read_text(), what="the jail's mode to follow the paused sshd")
+    resumed = agent.mark()
     assert agent.ctl("resume", "ssh").returncode == 0
-    agent.wait_event("drift-reverted", mark)
+    agent.wait_event("drift-reverted", resumed)
     assert effective_sshd(fake_root)["passwordauthentication"] == ["no"]
+    agent.wait_event("drift-reverted", resumed, control="fail2ban")
+    assert "mode = aggressive" in jail.read_text()
     assert agent.ctl("status").returncode == 0
 
 

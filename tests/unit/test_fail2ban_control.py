@@ -310,7 +310,7 @@ def test_an_interrupted_dpkg_is_configured_before_the_install_and_apt_runs_outsi
 
 
 def _with(control: Fail2banControl, passwords: bool | None) -> Fail2banControl:
-    control._password_logins = lambda: passwords
+    control._password_logins = lambda _config: passwords
     return control
 
 
