@@ -296,6 +296,7 @@ class Daemon:
             "controls": self.engine.status(),
             "updates": self.upgrades.status(),
             "port_move": self.moves.status(config),
+            "ipc": self.ipc.stats(),  # what clients hold on the control socket, and what its caps refused
         }
 
     # the SSH port move (agent/portmove.py) ---------------------------------------------------------------
