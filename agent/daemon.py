@@ -556,7 +556,7 @@ class Daemon:
             return self._follow(count, control)
         return self.events.sinks.recent(count, control)
 
-    def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
+    def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any] | None]:
         yield from self.events.sinks.follow(control, self.stopping, backlog=count)
 
 

@@ -6,6 +6,8 @@ Wire format (one request per connection):
             {"ok": false, "error": "<message>"}\\n                   then closes, or
             {"ok": true, "stream": true}\\n then {"item": {...}}\\n per item until the stream ends;
             a stream that fails part-way ends with {"error": "<message>"}\\n.
+A streaming handler returns an iterator of JSON objects; it may also yield None (nothing new, nothing
+sent), the server's chance to end a stream whose client has gone before the next item would show it.
 
 Every connection costs the agent an fd and a thread, so what a client may hold is capped (DESIGN.md,
 "Who we defend against": a member of adm may connect): per uid, for all uids but root together, and
@@ -21,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -402,6 +405,10 @@ class IpcServer:
                 # An iterator failure ends the stream with an error line; a send failure means the client left.
                 try:
                     item = next(items)
+                    if item is None:
+                        if _hung_up(conn):
+                            return  # gone: its thread, fd and place under the caps go now, not at the next item
+                        continue
                     if not isinstance(item, dict):
                         raise TypeError(f"stream item must be a JSON object, got {type(item).__name__}")
                     line = _encode_line({"item": item})
@@ -678,6 +685,13 @@ def _send_refusal(conn: socket.socket, message: str) -> None:
         conn.send(_encode_line({"ok": False, "error": message}), socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
     except OSError:
         pass
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The client closed its end (POLLHUP); one that only half-closed after its request still reads."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, revents in poller.poll(0))
 
 
 def _close_iterator(items: Iterator[Any]) -> None:

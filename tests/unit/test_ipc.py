@@ -57,6 +57,8 @@ class RecordingHandler:
             return {"when": object()}
         if request.verb == "stream-then-fail":
             return self._failing_events()
+        if request.verb == "quiet-events":
+            return self._quiet_events()
         raise IpcError(f"unknown verb {request.verb!r}")
 
     def _endless_events(self) -> Iterator[dict[str, Any]]:
@@ -66,6 +68,15 @@ class RecordingHandler:
                 n += 1
                 yield {"event.action": "drift-detected", "n": n}
                 time.sleep(0.001)
+        finally:
+            self.stream_closed.set()
+
+    def _quiet_events(self) -> Iterator[dict[str, Any] | None]:
+        """`events -f` on a quiet system: no event, only the ticks that say nothing is new."""
+        try:
+            while True:
+                yield None
+                time.sleep(0.01)
         finally:
             self.stream_closed.set()
 
@@ -688,3 +699,31 @@ def test_the_client_waits_out_a_full_listen_backlog_instead_of_giving_up(
     monkeypatch.setattr(socket.socket, "connect", backlog_full_twice)
     assert IpcClient(server.path).call("status")["compliant"] is True
     assert len(refusals) == 2
+
+
+def test_a_quiet_stream_whose_client_has_gone_gives_its_place_back_at_the_next_tick(
+    small_caps: None, server: IpcServer, handler: RecordingHandler
+) -> None:
+    for _ in range(2):
+        sock = connect_as(server.path, 1000)
+        sock.sendall(b'{"verb": "quiet-events"}\n')
+        assert sock.makefile("rb").readline() == b'{"ok": true, "stream": true}\n'
+        sock.close()
+    # no item was ever sent that could have failed: the ticks found both clients gone
+    wait_until(lambda: server.stats()["streams"] == 0 and server.stats()["connections"] == 0, 2.0)
+    assert handler.stream_closed.is_set()
+    streams = [follow_as(server.path, 1000), follow_as(server.path, 1000)]  # the cap is free again
+    close_all(streams)
+
+
+def test_a_client_that_half_closes_after_its_request_keeps_its_stream(
+    small_caps: None, server: IpcServer, handler: RecordingHandler
+) -> None:
+    sock = connect_as(server.path, 1000)
+    sock.sendall(b'{"verb": "quiet-events"}\n')
+    sock.shutdown(socket.SHUT_WR)  # what `printf ... | socat - UNIX-CONNECT:...` does at its EOF
+    assert sock.makefile("rb").readline() == b'{"ok": true, "stream": true}\n'
+    time.sleep(0.2)  # twenty ticks
+    assert server.stats()["streams"] == 1 and not handler.stream_closed.is_set()
+    sock.close()
+    wait_until(lambda: server.stats()["streams"] == 0, 2.0)
