@@ -305,6 +305,7 @@ class Daemon:
             "controls": self.engine.status(),
             "updates": self.upgrades.status(),
             "port_move": self.moves.status(config),
+            "ipc": self.ipc.stats(),  # what clients hold on the control socket, and what its caps refused
         }
 
     # the SSH port move (agent/portmove.py) ---------------------------------------------------------------
@@ -560,7 +561,7 @@ class Daemon:
             return self._follow(count, control)
         return self.events.sinks.recent(count, control)
 
-    def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any]]:
+    def _follow(self, count: int, control: str | None) -> Iterator[dict[str, Any] | None]:
         yield from self.events.sinks.follow(control, self.stopping, backlog=count)
 
 

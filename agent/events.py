@@ -158,9 +158,10 @@ class EventSinks:
 
     def follow(
         self, control: str | None = None, stop: threading.Event | None = None, backlog: int = 0
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[dict[str, Any] | None]:
         """Yield the last `backlog` events, then events as they arrive (`vps-agentctl events -f`): none
-        emitted in between is lost or shown twice."""
+        emitted in between is lost or shown twice. None at least once a second: nothing new, a chance
+        for the reader to see whether its client is still there (agent/ipc.py)."""
         with self._lock:
             seen = self._sequence
             lines = [line for owner, line in self.ring if control is None or owner == control]
@@ -175,6 +176,7 @@ class EventSinks:
             for owner, line in batch:
                 if control is None or owner == control:
                     yield json.loads(line)
+            yield None
 
     def _newer_than(self, sequence: int) -> bool:
         return self._sequence > sequence

@@ -57,6 +57,17 @@ def test_ring_buffer_serves_recent_events_per_control(tmp_path: Path) -> None:
     assert len(events.sinks.recent(100)) == 10  # bounded by ring_size
 
 
+def test_follow_yields_the_backlog_then_new_events_and_a_tick_when_nothing_came(tmp_path: Path) -> None:
+    events, _ = make(tmp_path)
+    events.emit(ev.DRIFT_DETECTED, control="ssh", message="before")
+    following = events.sinks.follow("ssh", backlog=1)
+    assert next(following)["message"] == "before"
+    events.emit(ev.DRIFT_DETECTED, control="ssh", message="after")
+    assert next(following)["message"] == "after"
+    assert next(following) is None  # within a second: nothing new (the IPC server checks its client then)
+    following.close()
+
+
 def test_unwritable_events_file_is_reported_not_fatal(tmp_path: Path) -> None:
     (tmp_path / "log").write_text("a file where the directory should be")
     events, _ = make(tmp_path)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import grp
+import itertools
 import json
+import logging
 import os
 import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import ipc
 from agent.ipc import (
     MAX_REQUEST_BYTES,
     DaemonUnreachable,
@@ -53,6 +57,8 @@ class RecordingHandler:
             return {"when": object()}
         if request.verb == "stream-then-fail":
             return self._failing_events()
+        if request.verb == "quiet-events":
+            return self._quiet_events()
         raise IpcError(f"unknown verb {request.verb!r}")
 
     def _endless_events(self) -> Iterator[dict[str, Any]]:
@@ -62,6 +68,15 @@ class RecordingHandler:
                 n += 1
                 yield {"event.action": "drift-detected", "n": n}
                 time.sleep(0.001)
+        finally:
+            self.stream_closed.set()
+
+    def _quiet_events(self) -> Iterator[dict[str, Any] | None]:
+        """`events -f` on a quiet system: no event, only the ticks that say nothing is new."""
+        try:
+            while True:
+                yield None
+                time.sleep(0.01)
         finally:
             self.stream_closed.set()
 
@@ -389,3 +404,326 @@ def test_stop_leaves_alone_a_socket_that_replaced_ours(socket_path: Path, handle
     leave_stale_socket(socket_path)  # e.g. a newer daemon instance bound the path meanwhile
     ipc_server.stop()
     assert stat.S_ISSOCK(os.lstat(socket_path).st_mode)
+
+
+# --- the caps: what a client may make the agent spend ---------------------------------------------
+#
+# The peer's uid comes from SO_PEERCRED, which a test cannot set without forking as other users. Here
+# a client that binds its socket to the abstract name "\0uid-N-..." is taken for uid N (the server sees
+# that name as the peer's address); an unbound client, as IpcClient is, for root.
+
+_client_numbers = itertools.count(1)
+
+
+def fake_peer_credentials(conn: socket.socket) -> PeerCred:
+    name = conn.getpeername()
+    if isinstance(name, bytes) and name.startswith(b"\0uid-"):
+        return PeerCred(pid=os.getpid(), uid=int(name.split(b"-")[1]), gid=100)
+    return PeerCred(pid=os.getpid(), uid=0, gid=0)
+
+
+@pytest.fixture
+def small_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ipc, "_peer_credentials", fake_peer_credentials)
+    monkeypatch.setattr(ipc, "MAX_CONNECTIONS_PER_UID", 3)
+    monkeypatch.setattr(ipc, "MAX_STREAMS_PER_UID", 2)
+    monkeypatch.setattr(ipc, "MAX_UNPRIVILEGED_CONNECTIONS", 5)
+    monkeypatch.setattr(ipc, "MAX_ROOT_CONNECTIONS", 4)
+    monkeypatch.setattr(ipc, "REQUEST_DEADLINE", 30.0)  # idle clients hold their connection in these tests
+
+
+def connect_as(path: Path, uid: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5.0)
+    if uid != 0:
+        sock.bind(f"\0uid-{uid}-{os.getpid()}-{next(_client_numbers)}")
+    sock.connect(str(path))
+    return sock
+
+
+def answer_and_close(sock: socket.socket) -> list[dict[str, Any]]:
+    """Every line the server sent before it closed the connection."""
+    received = b""
+    with sock:
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed with our request unread: the lines before the reset still count
+    return [json.loads(line) for line in received.splitlines()]
+
+
+def request_as(path: Path, uid: int, payload: bytes = b'{"verb": "status"}\n') -> list[dict[str, Any]]:
+    sock = connect_as(path, uid)
+    try:
+        sock.sendall(payload)
+    except BrokenPipeError:
+        pass  # refused before it read a byte: the answer is still waiting for us
+    return answer_and_close(sock)
+
+
+def hold_idle(path: Path, uid: int, count: int, server: IpcServer) -> list[socket.socket]:
+    """count connections of uid that send nothing, each counted in by the server before the next."""
+    held = []
+    for _ in range(count):
+        held.append(connect_as(path, uid))
+        counted = len(held)
+        wait_until(lambda: server.stats()["by_uid"].get(str(uid)) == counted)  # noqa: B023 (called at once)
+    return held
+
+
+def follow_as(path: Path, uid: int) -> socket.socket:
+    """An `events --follow` stream of uid, its first line read: the server holds it open."""
+    sock = connect_as(path, uid)
+    sock.sendall(b'{"verb": "events", "args": {"follow": true}}\n')
+    assert sock.makefile("rb").readline() == b'{"ok": true, "stream": true}\n'
+    return sock
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def test_a_uid_over_its_connection_cap_is_told_so_and_closed_while_other_uids_are_served(
+    small_caps: None, server: IpcServer
+) -> None:
+    held = hold_idle(server.path, 1000, 3, server)
+    try:
+        assert request_as(server.path, 1000) == [{"ok": False, "error": "too many connections from uid 1000 (cap 3)"}]
+        [served] = request_as(server.path, 1001)
+        assert served["ok"] is True and served["result"]["compliant"] is True
+        assert server.stats()["refused_over_cap"] == 1
+    finally:
+        close_all(held)
+    # the slots come back when the connections end
+    wait_until(lambda: server.stats()["connections"] == 0)
+    assert request_as(server.path, 1000)[0]["ok"] is True
+
+
+def test_all_uids_but_root_together_are_capped(small_caps: None, server: IpcServer) -> None:
+    held = hold_idle(server.path, 1000, 3, server) + hold_idle(server.path, 1001, 2, server)
+    try:
+        assert request_as(server.path, 1002) == [
+            {"ok": False, "error": "too many connections from uids other than root (cap 5); uid 1002 holds 0"}
+        ]
+    finally:
+        close_all(held)
+
+
+def test_root_is_served_while_the_others_hold_every_connection_they_may(small_caps: None, server: IpcServer) -> None:
+    held = hold_idle(server.path, 1000, 3, server) + hold_idle(server.path, 1001, 2, server)
+    try:
+        assert request_as(server.path, 1002)[0]["ok"] is False
+        # three idle root connections as well: root's fourth is still served, with vps-agentctl's client
+        held += hold_idle(server.path, 0, 3, server)
+        assert IpcClient(server.path).call("status")["compliant"] is True
+    finally:
+        close_all(held)
+
+
+def test_root_has_a_cap_of_its_own_and_its_client_says_so(small_caps: None, server: IpcServer) -> None:
+    held = hold_idle(server.path, 0, 4, server)
+    try:
+        with pytest.raises(IpcError) as raised:
+            IpcClient(server.path).call("status")
+        assert not isinstance(raised.value, DaemonUnreachable)
+        assert raised.value.message == "too many connections from uid 0 (cap 4)"
+    finally:
+        close_all(held)
+
+
+def test_a_uid_over_its_stream_cap_is_refused_the_stream_but_served_status(
+    small_caps: None, server: IpcServer, handler: RecordingHandler
+) -> None:
+    streams = [follow_as(server.path, 1000), follow_as(server.path, 1000)]
+    try:
+        assert request_as(server.path, 1000, b'{"verb": "events", "args": {"follow": true}}\n') == [
+            {"ok": False, "error": "too many event streams from uid 1000 (cap 2)"}
+        ]
+        assert request_as(server.path, 1000)[0]["ok"] is True
+        assert follow_as(server.path, 1001)  # another uid's streams are its own
+        assert server.stats()["refused_streams"] == 1
+    finally:
+        close_all(streams)
+    wait_until(lambda: server.stats()["streams"] <= 1)
+    follow_as(server.path, 1000).close()  # a closed stream gives its place back
+
+
+def test_a_slow_sender_is_dropped_at_the_deadline_however_it_spaces_its_bytes(
+    small_caps: None, monkeypatch: pytest.MonkeyPatch, server: IpcServer, handler: RecordingHandler
+) -> None:
+    monkeypatch.setattr(ipc, "REQUEST_DEADLINE", 1.0)
+    request = b'{"verb": "status", "args": {"pad": "' + b"x" * 100 + b'"}}\n'
+    sock = connect_as(server.path, 1000)
+    started = time.monotonic()
+    sent = 0
+    try:
+        # a byte every 50 ms: each recv() on the server is quick, only the deadline can end this
+        while time.monotonic() - started < 3.0:
+            sock.send(request[sent : sent + 1])
+            sent += 1
+            time.sleep(0.05)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    dropped_after = time.monotonic() - started
+    assert 0.9 < dropped_after < 1.5, dropped_after
+    assert answer_and_close(sock) == [{"ok": False, "error": "request not received within 1s of connecting"}]
+    assert handler.requests == []
+    assert server.stats()["request_deadline"] == 1
+    wait_until(lambda: server.stats()["connections"] == 0)
+
+
+def test_a_thread_that_cannot_start_costs_that_connection_only(
+    small_caps: None, monkeypatch: pytest.MonkeyPatch, server: IpcServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_start = threading.Thread.start
+    failures: list[str] = []
+
+    def start_or_fail_once(thread: threading.Thread) -> None:
+        if thread.name.startswith("ipc-conn-") and not failures:
+            failures.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail_once)
+    [refused] = request_as(server.path, 1000)
+    assert refused == {
+        "ok": False,
+        "error": "the agent is busy (no thread for this connection: can't start new thread); try again",
+    }
+    assert server.stats()["thread_start_failed"] == 1
+    assert server.stats()["connections"] == 0  # its place was given back
+    # the accept thread lives on, and serves the next client
+    assert IpcClient(server.path).call("status")["compliant"] is True
+    assert [r.getMessage() for r in caplog.records if "no thread" in r.getMessage()], caplog.records
+
+
+def test_emfile_on_accept_backs_off_and_is_logged_once_per_period(
+    monkeypatch: pytest.MonkeyPatch, socket_path: Path, handler: RecordingHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_accept = socket.socket.accept
+    failing_until = time.monotonic() + 1.5
+    attempts: list[float] = []
+
+    def accept_or_emfile(listener: socket.socket) -> tuple[socket.socket, Any]:
+        if time.monotonic() < failing_until:
+            attempts.append(time.monotonic())
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_accept(listener)
+
+    monkeypatch.setattr(socket.socket, "accept", accept_or_emfile)
+    ipc_server = IpcServer(socket_path, handler)
+    caplog.set_level(logging.WARNING, logger="agent.ipc")
+    ipc_server.start()
+    try:
+        # a client waiting in the backlog through the storm is served once fds are back
+        assert IpcClient(socket_path, timeout=10.0).call("status")["compliant"] is True
+    finally:
+        ipc_server.stop()
+    # 0.05 s doubling to 1 s: a handful of tries in 1.5 s, not one every few milliseconds
+    assert 3 <= len(attempts) <= 7, attempts
+    warnings = [r for r in caplog.records if r.name == "agent.ipc"]
+    assert [r.getMessage() for r in warnings] == [f"accept() on {socket_path} failed: Too many open files; retrying"]
+    assert warnings[0].exc_info is None  # no traceback
+    assert ipc_server.stats()["accept_failed"] == len(attempts)
+
+
+def test_the_throttled_log_reports_what_it_held_back_at_the_next_period(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(ipc.time, "monotonic", lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="agent.ipc")
+    throttled = ipc._ThrottledLog(60.0)
+    for _ in range(500):
+        throttled.warning("refused", "refused a connection")
+    throttled.warning("accept", "accept() failed")
+    now[0] += 61.0
+    throttled.warning("refused", "refused a connection")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused a connection",
+        "accept() failed",
+        "refused a connection (499 more like it in the last 60s)",
+    ]
+
+
+def test_a_refusal_sent_before_the_client_could_send_its_request_still_reaches_the_client(
+    monkeypatch: pytest.MonkeyPatch, socket_path: Path
+) -> None:
+    socket_path.parent.mkdir(parents=True)
+    refusing_server_done = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(socket_path))
+        listener.listen(1)
+
+        def refuse_at_once() -> None:
+            conn, _ = listener.accept()
+            conn.sendall(b'{"ok": false, "error": "too many connections from uid 0 (cap 32)"}\n')
+            conn.close()
+            refusing_server_done.set()
+
+        threading.Thread(target=refuse_at_once, daemon=True).start()
+        real_connect = IpcClient._connect
+
+        def connect_then_dawdle(client: IpcClient, sock: socket.socket) -> None:
+            real_connect(client, sock)
+            refusing_server_done.wait(5.0)  # the server has answered and closed: our send fails with EPIPE
+
+        monkeypatch.setattr(IpcClient, "_connect", connect_then_dawdle)
+        with pytest.raises(IpcError) as raised:
+            IpcClient(socket_path).call("status")
+    assert not isinstance(raised.value, DaemonUnreachable)
+    assert raised.value.message == "too many connections from uid 0 (cap 32)"
+
+
+def test_the_client_waits_out_a_full_listen_backlog_instead_of_giving_up(
+    monkeypatch: pytest.MonkeyPatch, server: IpcServer
+) -> None:
+    real_connect = socket.socket.connect
+    refusals: list[Any] = []
+
+    def backlog_full_twice(sock: socket.socket, address: Any) -> None:
+        if len(refusals) < 2:
+            refusals.append(address)
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", backlog_full_twice)
+    assert IpcClient(server.path).call("status")["compliant"] is True
+    assert len(refusals) == 2
+
+
+def test_a_quiet_stream_whose_client_has_gone_gives_its_place_back_at_the_next_tick(
+    small_caps: None, server: IpcServer, handler: RecordingHandler
+) -> None:
+    for _ in range(2):
+        sock = connect_as(server.path, 1000)
+        sock.sendall(b'{"verb": "quiet-events"}\n')
+        assert sock.makefile("rb").readline() == b'{"ok": true, "stream": true}\n'
+        sock.close()
+    # no item was ever sent that could have failed: the ticks found both clients gone
+    wait_until(lambda: server.stats()["streams"] == 0 and server.stats()["connections"] == 0, 2.0)
+    assert handler.stream_closed.is_set()
+    streams = [follow_as(server.path, 1000), follow_as(server.path, 1000)]  # the cap is free again
+    close_all(streams)
+
+
+def test_a_client_that_half_closes_after_its_request_keeps_its_stream(
+    small_caps: None, server: IpcServer, handler: RecordingHandler
+) -> None:
+    sock = connect_as(server.path, 1000)
+    sock.sendall(b'{"verb": "quiet-events"}\n')
+    sock.shutdown(socket.SHUT_WR)  # what `printf ... | socat - UNIX-CONNECT:...` does at its EOF
+    assert sock.makefile("rb").readline() == b'{"ok": true, "stream": true}\n'
+    time.sleep(0.2)  # twenty ticks
+    assert server.stats()["streams"] == 1 and not handler.stream_closed.is_set()
+    sock.close()
+    wait_until(lambda: server.stats()["streams"] == 0, 2.0)
