@@ -48,7 +48,7 @@ class Outputs:
             if self.writer is None or self.writer.path != path:
                 if self.writer is not None:
                     self.writer.close()
-                    textfile.remove_stale(self.writer.path)
+                    textfile.remove_stale(self.writer.path, textfile.collector_owners(self.root))
                 self._optional_textfile = wanted.prometheus_textfile == DEFAULT_PROMETHEUS_TEXTFILE
                 self.textfile_problem = None
                 self.writer = self._start_writer(path)
@@ -136,6 +136,7 @@ class Outputs:
             lambda: textfile.render(self._daemon_status(), self.root),
             self._textfile_result,
             skip_missing_directory=self._optional_textfile,
+            owners=lambda: textfile.collector_owners(self.root),
         )
 
     def _textfile_result(self, error: str | None) -> None:
@@ -143,12 +144,19 @@ class Outputs:
             self.textfile_problem = None
             return
         source = self._config.source
+        refused = self.writer is not None and self.writer.refused
+        expected = (
+            "a file in a directory reached without symlinks others could replace, each directory owned by "
+            f"root or {textfile.COLLECTOR_USER} and writable by no one else (the agent refuses to write there)"
+            if refused
+            else "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
+            "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)"
+        )
         problem = ConfigError(
             source,
             locate_key(source, TEXTFILE_KEY),
             TEXTFILE_KEY,
-            "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
-            "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)",
+            expected,
             # the reason first: a long path must not push it past what the message shows
             Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
         )
