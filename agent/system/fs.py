@@ -113,7 +113,8 @@ def open_directory(path: Path, owners: Owners = Owners()) -> int:
     (a root-owned sticky directory such as /tmp excepted); a symlink is followed only where only root
     could have put it (owned by root, in a directory only root can change), so what another user can
     replace is never followed. Raises UnsafeFile naming the first component that fails and why,
-    FileNotFoundError when one is missing. The caller closes the descriptor."""
+    FileNotFoundError when one is missing, NotADirectoryError when one is a file. The caller closes
+    the descriptor."""
     if not path.is_absolute():
         raise ValueError(f"open_directory needs an absolute path, not {path}")
     stack = [(os.open("/", _DIR_FLAGS), Path("/"))]
@@ -141,7 +142,7 @@ def open_directory(path: Path, owners: Owners = Owners()) -> int:
                     raise
                 entry = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
                 if not stat.S_ISLNK(entry.st_mode):
-                    raise UnsafeFile(where, "is not a directory") from exc
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where)) from exc
                 target = os.readlink(name, dir_fd=parent_fd)
                 changeable = _replaceable_by_others(os.fstat(parent_fd), Owners())
                 if entry.st_uid != 0 or changeable is not None:
