@@ -199,21 +199,16 @@ def test_a_shell_user_toggling_a_mode_makes_a_bounded_number_of_events(
         "n=$((n+1)); done; echo $n"
     )
     toggles = int(vps.exec(as_user("alice", "sh", "-c", toggle), timeout=FLOOD_SECONDS + 30).stdout.strip())
+    time.sleep(2)  # the last converges
     during = accounts_events_since(vps, mark)
-    # settled (chmod 600 last): status is exact at once, and the folded toggles are summed up once
-    wait_for("status to be exact", lambda: accounts_status(vps)["status"] in ("healed", "compliant"))
-    wait_for(
-        "one summary of the toggles",
-        lambda: any("times" in str(e.get("message")) for e in accounts_events_since(vps, mark)),
-        120,
-    )
-    after = accounts_events_since(vps, mark)
     with capsys.disabled():
-        print(f"\n[e2e] {toggles} chmod toggles in {FLOOD_SECONDS}s: {len(during)} events then, {len(after)} in all")
+        print(f"\n[e2e] {toggles} chmod toggles in {FLOOD_SECONDS}s: {len(during)} events")
     assert toggles > 50, toggles
+    # the first appearance and its clearing at once; the rest folded into one summary 5 minutes on
+    # (agent/engine/findings.py), which this test does not wait for
     assert len(during) <= 3, [e["message"] for e in during]
-    assert len(after) <= 4, [e["message"] for e in after]
-    assert after[-1]["event"]["action"] == "findings-cleared", after[-1]  # collectors end where the box is
+    assert [e["event"]["action"] for e in during][:2] == ["drift-detected", "findings-cleared"], during
+    assert accounts_status(vps)["status"] in ("healed", "compliant")  # settled at 600: status is exact
 
     # left world-writable: status says so, at once, though the event about it was folded
     vps.exec(as_user("alice", "chmod", "666", "/home/alice/.ssh/authorized_keys"))
