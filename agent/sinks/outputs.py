@@ -139,27 +139,31 @@ class Outputs:
             owners=lambda: textfile.collector_owners(self.root),
         )
 
-    def _textfile_result(self, error: str | None) -> None:
+    def _textfile_result(self, error: str | None, refused: bool = False) -> None:
         if error is None:
             self.textfile_problem = None
             return
         source = self._config.source
-        refused = self.writer is not None and self.writer.refused
-        expected = (
-            "a file in a directory reached without symlinks others could replace, each directory owned by "
-            f"root or {textfile.COLLECTOR_USER} and writable by no one else (the agent refuses to write there)"
-            if refused
-            else "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
-            "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)"
-        )
-        problem = ConfigError(
-            source,
-            locate_key(source, TEXTFILE_KEY),
-            TEXTFILE_KEY,
-            expected,
-            # the reason first: a long path must not push it past what the message shows
-            Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
-        )
+        line = locate_key(source, TEXTFILE_KEY)
+        problem: ConfigError | str
+        if refused:
+            # in full: the directory at fault and why come first, and must not be cut short
+            where = source if line is None else f"{source}:{line}"
+            problem = (
+                f"{where}: {TEXTFILE_KEY}: refused, {error.replace(': ', ' ', 1)}; the agent writes metrics only "
+                f"into a directory reached without symlinks others could replace, each directory owned by root or "
+                f"{textfile.COLLECTOR_USER} and writable by no one else"
+            )
+        else:
+            problem = ConfigError(
+                source,
+                line,
+                TEXTFILE_KEY,
+                "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
+                "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)",
+                # the reason first: a long path must not push it past what the message shows
+                Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
+            )
         self.events.emit(
             ev.OUTPUT_FAILED,
             outcome="failure",

@@ -279,7 +279,7 @@ class TextfileWriter:
         self,
         path: Path,
         render_text: Callable[[], str],
-        on_result: Callable[[str | None], None],
+        on_result: Callable[[str | None, bool], None],
         *,
         refresh: float = 30.0,
         min_interval: float = 1.0,
@@ -293,7 +293,8 @@ class TextfileWriter:
         self._skip_missing_directory = skip_missing_directory
         self.note: str | None = None
         self._render = render_text
-        self._on_result = on_result  # None after a good write, else the error (only when it changes)
+        # (None after a good write, else the error; and whether it was a refusal), only when it changes
+        self._on_result = on_result
         self._refresh, self._min_interval = refresh, min_interval
         self._cond = threading.Condition()
         self._dirty = True
@@ -355,7 +356,7 @@ class TextfileWriter:
         self.refused = refused
         if error != self.error:
             self.error = error
-            self._on_result(error)
+            self._on_result(error, refused)
 
 
 def remove_stale(path: Path, owners: fs.Owners | None = None) -> None:
