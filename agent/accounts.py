@@ -54,6 +54,7 @@ class AccountsFacts:
     group_members: Mapping[str, frozenset[str]]  # group name -> users (explicit members and primary)
     sudo_grants: tuple[SudoGrant, ...]
     uid0: tuple[Account, ...] = ()  # every passwd line with uid 0, in file order (a repeated name too)
+    group_ids: frozenset[int] = frozenset()  # every gid in /etc/group
 
 
 def read_facts(root: SystemRoot) -> AccountsFacts:
@@ -94,7 +95,34 @@ def read_facts(root: SystemRoot) -> AccountsFacts:
         if primary:
             members.setdefault(primary, set()).add(account.name)
     grants = tuple(_read_sudoers(root))
-    return AccountsFacts(accounts, {g: frozenset(m) for g, m in members.items()}, grants, tuple(uid0))
+    return AccountsFacts(
+        accounts, {g: frozenset(m) for g, m in members.items()}, grants, tuple(uid0), frozenset(gid_to_group)
+    )
+
+
+# useradd's defaults when login.defs does not set them
+_ID_DEFAULTS = {"UID_MIN": 1000, "UID_MAX": 60000, "GID_MIN": 1000, "GID_MAX": 60000}
+
+
+def free_account_id(root: SystemRoot, facts: AccountsFacts) -> int | None:
+    """A uid that is also free as a gid, for a new account and its own group: one above the highest of
+    both in login.defs' ranges, as useradd picks a uid (so an old account's files are not inherited
+    from a gap); None when none is left."""
+    limits = dict(_ID_DEFAULTS)
+    try:
+        text = fs.read_text(root.login_defs, follow_symlinks=True) or ""
+    except (fs.UnsafeFile, OSError):
+        text = ""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] in limits and words[1].isdigit():
+            limits[words[0]] = int(words[1])
+    low = max(limits["UID_MIN"], limits["GID_MIN"])
+    high = min(limits["UID_MAX"], limits["GID_MAX"])
+    used = {a.uid for a in facts.accounts.values()} | set(facts.group_ids)
+    in_range = [n for n in used if low <= n <= high]
+    candidate = max(in_range) + 1 if in_range else low
+    return candidate if candidate <= high and candidate not in used else None
 
 
 @dataclass(frozen=True)

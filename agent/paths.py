@@ -179,6 +179,11 @@ class SystemRoot:
         return self.path("/etc/sudoers.d")
 
     @property
+    def login_defs(self) -> Path:
+        """shadow's defaults for new accounts (UID_MIN, UID_MAX, GID_MIN, GID_MAX)."""
+        return self.path("/etc/login.defs")
+
+    @property
     def home_base(self) -> Path:
         """Where the agent creates the admin's home (useradd's default HOME)."""
         return self.path("/home")

@@ -18,6 +18,15 @@ from agent.paths import SystemRoot
 from agent.system import netfilter
 
 LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
+# what sshd's listener runs (Debian's, and where OpenSSH 9.8+ puts the per-connection sshd-session)
+SSHD_EXECUTABLES = frozenset(
+    {
+        "/usr/sbin/sshd",
+        "/usr/lib/openssh/sshd-session",
+        "/usr/libexec/openssh/sshd-session",
+        "/usr/libexec/sshd-session",
+    }
+)
 
 
 class SshdPorts:
@@ -27,7 +36,7 @@ class SshdPorts:
         self,
         root: SystemRoot,
         configured: Callable[[], frozenset[int] | None] | None = None,
-        listening: Callable[[], netfilter.Listening] = lambda: netfilter.tcp_listening("sshd"),
+        listening: Callable[[], netfilter.Listening] = lambda: netfilter.tcp_listening("sshd", SSHD_EXECUTABLES),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._configured = configured or (lambda: configured_ports(root))

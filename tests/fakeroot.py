@@ -117,6 +117,10 @@ def make_root(
         if admin_key:
             write(home / ".ssh/authorized_keys", client_key(), 0o600)
             os.chmod(home / ".ssh", 0o700)
+        if os.geteuid() == 0:  # the admin's own, as useradd and ssh-copy-id leave them
+            for path in (home, home / ".ssh", home / ".ssh/authorized_keys"):
+                if path.exists():
+                    os.chown(path, 1000, 1000)
     write(root / "etc/passwd", passwd)
     write(root / "etc/shadow", shadow, 0o640)
     write(root / "etc/group", group)

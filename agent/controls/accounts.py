@@ -77,6 +77,7 @@ class AdminState:
     home_exists: bool
     keys_text: str | None  # ~/.ssh/authorized_keys as it is now (None: missing or unreadable)
     keys_unwritable: str | None  # why the agent will not write its keys there (None: it may)
+    new_id: int | None = None  # a missing admin: the uid and gid useradd is to give it (None: none free)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ class AccountsControl(Control):
         if account is None:
             home = f"{self.root.system_name(self.root.home_base)}/{name}"
             exists = os.path.lexists(self.root.path(home))
-            return AdminState(name, None, None, False, home, exists, None, None)
+            new_id = accounts.free_account_id(self.root, facts)
+            return AdminState(name, None, None, False, home, exists, None, None, new_id)
         found = accounts.access(self.root, account, facts, self._desired.policy)
         in_group = name in facts.group_members.get(SUDO_GROUP, frozenset())
         home_exists = self.root.path(account.home).is_dir() if account.home.startswith("/") else False
@@ -137,30 +139,56 @@ class AccountsControl(Control):
 
     def _keys_file(self, account: accounts.Account) -> tuple[str | None, str | None]:
         """~/.ssh/authorized_keys of account, and why the agent may not add keys to it (None: it may).
-        The agent writes there as root: only where the account alone (or root) owns and can write."""
+
+        Read as root one directory at a time from /, never through a symlink the account could have put
+        there (fs.open_directory); written as the account itself (plan), so only where the account owns
+        ~/.ssh and the file: what the agent writes there, the account could have written."""
         if not account.home.startswith("/"):
             return None, f"its home {account.home!r} is not an absolute path"
         home = self.root.path(account.home)
-        ssh_dir = home / ".ssh"
-        keys = home / KEYS_FILE
-        for path, kind in ((home, stat.S_IFDIR), (ssh_dir, stat.S_IFDIR), (keys, stat.S_IFREG)):
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                if path == home:
-                    return None, f"its home {account.home} does not exist"
-                break  # the agent makes what is missing below an existing, safe directory
-            system = self.root.system_name(path)
-            if stat.S_IFMT(info.st_mode) != kind:
-                return None, f"{system} is not a {'directory' if kind == stat.S_IFDIR else 'regular file'}"
-            if info.st_uid not in (0, account.uid):
-                return None, f"{system} is owned by uid {info.st_uid}, not {account.name} or root"
-            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                return None, f"{system} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+        ssh_dir, keys = home / ".ssh", home / KEYS_FILE
+        owners = fs.Owners(frozenset({account.uid}))
+        name = self.root.system_name
         try:
-            return fs.read_text(keys), None
-        except (fs.UnsafeFile, OSError) as exc:
-            return None, str(exc)
+            with fs.opened_directory(home, owners) as fd:
+                home_owner = os.fstat(fd).st_uid
+        except FileNotFoundError:
+            return None, f"its home {account.home} does not exist"
+        except fs.UnsafeFile as exc:
+            return None, f"{name(exc.path)} {exc.why}"
+        except OSError as exc:
+            return None, f"{account.home}: {exc.strerror or exc}"
+        try:
+            with fs.opened_directory(ssh_dir, owners) as fd:
+                ssh_owner = os.fstat(fd).st_uid
+                found = fs.read_regular_at(fd, keys.name, keys)
+        except FileNotFoundError:
+            if home_owner != account.uid:
+                return None, f"{account.home} is owned by root: {account.name} cannot make ~/.ssh there"
+            return None, None  # the agent makes ~/.ssh, as the account, in its own home
+        except fs.UnsafeFile as exc:
+            return None, f"{name(exc.path)} {exc.why}"
+        except OSError as exc:
+            return None, f"{name(ssh_dir)}: {exc.strerror or exc}"
+        text = None
+        if found is not None:
+            data, info = found
+            if info.st_uid not in (0, account.uid):
+                return None, f"{name(keys)} is owned by uid {info.st_uid}, not {account.name} or root"
+            if info.st_uid != account.uid and info.st_nlink > 1:
+                return None, f"{name(keys)} is root's and has {info.st_nlink} hard links; not reading it"
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                return None, f"{name(keys)} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+            try:
+                text = fs.decode_text(data, keys)
+            except fs.UnsafeFile as exc:
+                return None, f"{name(exc.path)} {exc.why}"
+        # the agent writes as the account: where root owns ~/.ssh or the file, the account cannot
+        if ssh_owner != account.uid:
+            return text, f"{name(ssh_dir)} is owned by root, and the agent adds keys as {account.name}"
+        if found is not None and found[1].st_uid != account.uid:
+            return text, f"{name(keys)} is owned by root, and the agent adds keys as {account.name}"
+        return text, None
 
     def _unsafe_paths(self, facts: accounts.AccountsFacts, policy: accounts.AccessPolicy) -> list[UnsafePath]:
         """The homes and authorized_keys of accounts that can log in, where others can write or own them."""
@@ -204,8 +232,10 @@ class AccountsControl(Control):
         notes: list[str] = []
         root_option = () if self.root.is_host else ("--root", str(self.root.prefix))
         if fixes.create:
+            assert admin.new_id is not None  # _cannot_create says so otherwise
             options = ["--create-home", "--home-dir", admin.home, "--shell", SHELL, "--groups", SUDO_GROUP]
-            options += ["--comment", COMMENT, admin.name]
+            # the ids chosen here, so the keys below are written as the new account before it exists
+            options += ["--uid", str(admin.new_id), "--user-group", "--comment", COMMENT, admin.name]
             commands.append(self._command(["useradd", *root_option, *options], f"create the admin {admin.name}"))
             notes.append(f"create user {admin.name} (useradd {shlex.join(options)})")
         if fixes.join_sudo:
@@ -213,19 +243,31 @@ class AccountsControl(Control):
             commands.append(self._command(["usermod", *root_option, *options], f"add {admin.name} to {SUDO_GROUP}"))
             notes.append(f"add {admin.name} to group {SUDO_GROUP} (usermod {shlex.join(options)})")
         if fixes.keys:
+            if admin.account is not None:
+                ids = (admin.account.uid, admin.account.gid)
+            else:
+                assert admin.new_id is not None
+                ids = (admin.new_id, admin.new_id)
             home = self.root.path(admin.home)
-            keys_path = home / KEYS_FILE
+            ssh_dir, keys_path = home / ".ssh", home / KEYS_FILE
+            staged = ssh_dir / f".{keys_path.name}{fs.TMP_MARKER}new"
             content = _with_keys(admin.keys_text or "", fixes.keys)
-            # install(1) makes the file anew, never writing through a link, with the mode given; the owner
-            # is the home's (useradd just made it, or it is the admin's own): a fake root's user names mean
-            # nothing to chown
-            commands.append(self._command(["install", "-d", "-m", "0700", str(home / ".ssh")], "make ~/.ssh"))
-            install = ["install", "-m", "0600", "/dev/stdin", str(keys_path)]
-            commands.append(self._command(install, "write authorized_keys", content))
-            chown = ["chown", f"--reference={home}", str(home / ".ssh"), str(keys_path)]
-            commands.append(self._command(chown, f"give ~/.ssh to {admin.name}"))
+            # Every step runs as the admin (never as root by path in a home it owns: it could swap ~/.ssh
+            # for a symlink between two steps), so it can only change what the admin could. tee reads the
+            # keys from the pipe itself (the admin may not reopen root's pipe as /dev/stdin); the rename
+            # puts the whole file in place at once.
+            steps = (
+                (["install", "-d", "-m", "0700", str(ssh_dir)], "make ~/.ssh", None),
+                (["tee", str(staged)], "write the keys beside authorized_keys", content),
+                (["chmod", "0600", str(staged)], "make them the admin's only", None),
+                (["mv", "-f", "-T", str(staged), str(keys_path)], "put them in place", None),
+            )
+            for argv, reason, stdin in steps:
+                commands.append(self._command(_as_account(ids, argv), f"{reason} (as {admin.name})", stdin))
             where = f"{admin.home}/{KEYS_FILE}"
-            notes.append(f"add {len(fixes.keys)} key(s) of accounts.admin_keys to {where} (0600, ~/.ssh 0700)")
+            notes.append(
+                f"add {len(fixes.keys)} key(s) of accounts.admin_keys to {where} as {admin.name} (0600, ~/.ssh 0700)"
+            )
         return Changes((), tuple(notes), drift.diff, tuple(commands))
 
     def _command(self, argv: list[str], reason: str, input_text: str | None = None) -> CommandChange:
@@ -250,6 +292,12 @@ class AccountsControl(Control):
 
     def facts(self, observed: AccountsObserved) -> dict[str, Any]:
         return describe(observed, self._desired)
+
+
+def _as_account(ids: tuple[int, int], argv: list[str]) -> list[str]:
+    """argv run with the account's uid and primary gid and no other groups (util-linux setpriv)."""
+    uid, gid = ids
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
 
 
 def baseline_policy(ssh: SshConfig) -> accounts.AccessPolicy:
@@ -448,6 +496,8 @@ def _cannot_create(observed: AccountsObserved, admin: AdminState, desired: Accou
         return f"there is no group {SUDO_GROUP} (is sudo installed? apt-get install sudo)"
     if admin.home_exists:
         return f"{admin.home} already exists: the agent does not make an account over someone else's files"
+    if admin.new_id is None:
+        return "no uid and gid are free together between UID_MIN/GID_MIN and UID_MAX/GID_MAX of login.defs"
     return None
 
 

@@ -13,6 +13,7 @@ from agent import events as ev
 from agent.config import Config, format_duration
 from agent.controls.base import FINDING, WARNING, Control
 from agent.engine import transaction as tx
+from agent.engine.findings import FindingsReporter
 
 # Status words `vps-agentctl status` shows; COMPLIANT/HEALED count as in compliance.
 PAUSED = "paused"
@@ -101,7 +102,7 @@ class ControlRunner:
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
         self._paused_drift = ""
-        self._reported_items: list[str] = []  # the findings and warnings last reported
+        self._findings = FindingsReporter()  # findings and warnings as events, rate-limited per item
         self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
         self._backoff_level = 0
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
@@ -405,8 +406,9 @@ class ControlRunner:
 
     def _report_findings(self, outcome: tx.Outcome) -> None:
         """Findings and warnings (drift the agent never changes): a drift-detected event with the whole
-        set whenever one appears, a findings-cleared event naming each that is gone; a finding left
-        after a heal keeps the control `drifted`."""
+        set whenever one appears, a findings-cleared event naming each that is gone, at most once per
+        item per window while it flaps, the rest summed up once it settles (agent/engine/findings.py);
+        status is always exact. A finding left after a heal keeps the control `drifted`."""
         left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift
         reported = left.reported if left is not None else ()
         if outcome.status == tx.HEALED and reported:
@@ -415,32 +417,42 @@ class ControlRunner:
             self._set_status(tx.DRIFTED, left.findings_summary())
         items = [item.describe() for item in reported]
         summary = "; ".join(items)
-        gone = [item for item in self._reported_items if item not in items]
-        if gone:
+        news = self._findings.update(reported, self._clock())
+        if news.recheck_at is not None and self._pending is None:
+            # a flapping item's summary is due then: look again, rather than at the next periodic reconcile
+            self._pending, self._first_trigger = "folded findings settle", self._clock()
+            self._deadline = news.recheck_at
+        folded = "".join(
+            f" ({what}: changed {n} more time{'s' if n > 1 else ''} since the last event about it, summed up here)"
+            for what, n in news.folded.items()
+        )
+        if news.cleared:
             self.ctx.events.emit(
                 ev.FINDINGS_CLEARED,
                 outcome="success",
                 control=self.name,
-                message=f"{self.name}: no longer reported: {'; '.join(gone)}"
-                + (f" (still reported: {summary})" if summary else ""),
-                cleared=gone,
+                message=f"{self.name}: no longer reported: {'; '.join(news.cleared)}"
+                + (f" (still reported: {summary})" if summary else "")
+                + folded,
+                cleared=list(news.cleared),
                 remaining=items or None,
+                folded=news.folded or None,
                 transaction_id=outcome.transaction_id,
             )
-        if any(item not in self._reported_items for item in items):
+        if news.appeared:
             paths = [item.where for item in reported if item.where.startswith("/")]
             self.ctx.events.emit(
                 ev.DRIFT_DETECTED,
                 outcome="unknown",
                 control=self.name,
                 level="warning",
-                message=f"{self.name}: reported, never changed by the agent: {summary}",
+                message=f"{self.name}: reported, never changed by the agent: {summary}" + folded,
                 findings=[item.describe() for item in reported if item.kind == FINDING] or None,
                 warnings=[item.describe() for item in reported if item.kind == WARNING] or None,
                 file_path=paths[0] if paths else None,
+                folded=news.folded or None,
                 transaction_id=outcome.transaction_id,
             )
-        self._reported_items = items
 
     def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
         """While paused (or in report mode), drift is still an event (once per distinct drift), so

@@ -42,6 +42,7 @@ class DirectoryWatcher:
         self._observer = Observer()
         self._observer.daemon = True
         self._lock = threading.Lock()
+        self._schedule_lock = threading.Lock()
         self._watches: dict[str, tuple[ObservedWatch, int]] = {}  # directory -> (watch, its inode)
         # directory -> control name -> names of interest in it (None: all)
         self._interested: dict[str, dict[str, frozenset[str] | None]] = {}
@@ -64,15 +65,24 @@ class DirectoryWatcher:
                 wanted[directory] = None
             else:
                 wanted[directory] = (wanted.get(directory) or frozenset()) | names if names is not None else None
-        with self._lock:
-            self._triggers[control] = trigger
-            for directory, controls in list(self._interested.items()):
-                controls.pop(control, None)
-                if not controls and directory not in wanted:
-                    del self._interested[directory]
-                    self._unschedule(directory)
-            for directory, names in wanted.items():
-                self._interested.setdefault(directory, {})[control] = names
+        # watchdog holds its observer lock while it calls dispatch(), which takes self._lock: so schedule
+        # and unschedule (which take the observer lock) are never called holding self._lock, or a watched
+        # directory replaced while its events are dispatched deadlocks the agent (a user's ~/.ssh swapped
+        # back and forth did). _schedule_lock keeps two controls' set_watches from interleaving.
+        with self._schedule_lock:
+            with self._lock:
+                self._triggers[control] = trigger
+                dropped = []
+                for directory, controls in list(self._interested.items()):
+                    controls.pop(control, None)
+                    if not controls and directory not in wanted:
+                        del self._interested[directory]
+                        dropped.append(directory)
+                for directory, names in wanted.items():
+                    self._interested.setdefault(directory, {})[control] = names
+            for directory in dropped:
+                self._unschedule(directory)
+            for directory in wanted:
                 inode = _inode(directory)
                 current = self._watches.get(directory)
                 if current is not None and current[1] != inode:
@@ -81,7 +91,8 @@ class DirectoryWatcher:
                     current = None
                 if current is None and inode is not None:
                     watch = self._observer.schedule(self._handler, directory, recursive=False)
-                    self._watches[directory] = (watch, inode)
+                    with self._lock:
+                        self._watches[directory] = (watch, inode)
 
     def forget_move_records(self) -> None:
         """Work around watchdog 2.2.1's inotify leak (upstream issue #1041): every rename in a watched
@@ -93,7 +104,9 @@ class DirectoryWatcher:
                 records.clear()
 
     def _unschedule(self, directory: str) -> None:
-        entry = self._watches.pop(directory, None)
+        """Holding _schedule_lock, never self._lock (see set_watches)."""
+        with self._lock:
+            entry = self._watches.pop(directory, None)
         if entry is not None:
             try:
                 self._observer.unschedule(entry[0])

@@ -48,7 +48,7 @@ class Outputs:
             if self.writer is None or self.writer.path != path:
                 if self.writer is not None:
                     self.writer.close()
-                    textfile.remove_stale(self.writer.path)
+                    textfile.remove_stale(self.writer.path, textfile.collector_owners(self.root))
                 self._optional_textfile = wanted.prometheus_textfile == DEFAULT_PROMETHEUS_TEXTFILE
                 self.textfile_problem = None
                 self.writer = self._start_writer(path)
@@ -136,22 +136,34 @@ class Outputs:
             lambda: textfile.render(self._daemon_status(), self.root),
             self._textfile_result,
             skip_missing_directory=self._optional_textfile,
+            owners=lambda: textfile.collector_owners(self.root),
         )
 
-    def _textfile_result(self, error: str | None) -> None:
+    def _textfile_result(self, error: str | None, refused: bool = False) -> None:
         if error is None:
             self.textfile_problem = None
             return
         source = self._config.source
-        problem = ConfigError(
-            source,
-            locate_key(source, TEXTFILE_KEY),
-            TEXTFILE_KEY,
-            "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
-            "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)",
-            # the reason first: a long path must not push it past what the message shows
-            Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
-        )
+        line = locate_key(source, TEXTFILE_KEY)
+        problem: ConfigError | str
+        if refused:
+            # in full: the directory at fault and why come first, and must not be cut short
+            where = source if line is None else f"{source}:{line}"
+            problem = (
+                f"{where}: {TEXTFILE_KEY}: refused, {error.replace(': ', ' ', 1)}; the agent writes metrics only "
+                f"into a directory reached without symlinks others could replace, each directory owned by root or "
+                f"{textfile.COLLECTOR_USER} and writable by no one else"
+            )
+        else:
+            problem = ConfigError(
+                source,
+                line,
+                TEXTFILE_KEY,
+                "a file in a directory the agent can write (node_exporter installed after the agent: systemctl "
+                "restart vps-agent; another directory also needs a ReadWritePaths= line: systemctl edit vps-agent)",
+                # the reason first: a long path must not push it past what the message shows
+                Described("{1} ({0})".format(*error.rpartition(": ")[::2])),
+            )
         self.events.emit(
             ev.OUTPUT_FAILED,
             outcome="failure",

@@ -247,26 +247,54 @@ def _syslog_families(out: Exposition, syslog: dict[str, Any] | None) -> None:
     )
 
 
+COLLECTOR_USER = "prometheus"  # whom Debian's prometheus-node-exporter runs as, and gives /var/lib/prometheus
+
+
+def collector_owners(root: SystemRoot) -> fs.Owners:
+    """Who besides root may own the directories on the way to the textfile: the prometheus user (and
+    its group may write there). Debian's postinst gives it /var/lib/prometheus, and node_exporter runs
+    as it and serves whatever that directory holds anyway; a directory it could swap is only ever
+    reached without following its symlinks, so the agent writes nothing it could not have written."""
+    try:
+        passwd = fs.read_text(root.passwd, follow_symlinks=True) or ""
+    except (fs.UnsafeFile, OSError):
+        return fs.Owners()
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == COLLECTOR_USER and fields[2].isdigit() and fields[3].isdigit():
+            return fs.Owners(frozenset({int(fields[2])}), frozenset({int(fields[3])}))
+    return fs.Owners()
+
+
 class TextfileWriter:
     """Rewrites the file at most once per min_interval after a change, and every refresh seconds anyway
-    (reboot-required and updates.json change without telling the agent)."""
+    (reboot-required and updates.json change without telling the agent).
+
+    The directory is opened one component at a time, never through a symlink someone other than root
+    could have put there, each owned by root or the prometheus user (fs.open_directory), and the file
+    is written through that descriptor: a prometheus that swaps node-exporter/ for a symlink gets a
+    refusal (an output-failed event naming the directory and why), not a file where it pointed."""
 
     def __init__(
         self,
         path: Path,
         render_text: Callable[[], str],
-        on_result: Callable[[str | None], None],
+        on_result: Callable[[str | None, bool], None],
         *,
         refresh: float = 30.0,
         min_interval: float = 1.0,
         skip_missing_directory: bool = False,
+        owners: Callable[[], fs.Owners] = fs.Owners,
     ) -> None:
         self.path = path
+        self._owners = owners
+        self.refused = False  # the last error was a refusal (an unsafe directory), not a failed write
         # the default path: no node_exporter (no directory) is not an error, nothing is written
         self._skip_missing_directory = skip_missing_directory
         self.note: str | None = None
         self._render = render_text
-        self._on_result = on_result  # None after a good write, else the error (only when it changes)
+        # (None after a good write, else the error; and whether it was a refusal), only when it changes
+        self._on_result = on_result
         self._refresh, self._min_interval = refresh, min_interval
         self._cond = threading.Condition()
         self._dirty = True
@@ -309,26 +337,33 @@ class TextfileWriter:
             self.write_now()
 
     def write_now(self) -> None:
-        if self._skip_missing_directory and not self.path.parent.is_dir():
+        if self._skip_missing_directory and not os.path.lexists(self.path.parent):
             self.note = f"not written: {self.path.parent} does not exist (is prometheus-node-exporter installed?)"
             return
         self.note = None
         error: str | None = None
+        refused = False
         try:
             text = self._render()
-            fs.atomic_write(self.path, text.encode(), mode=0o644, durable=False)
+            with fs.opened_directory(self.path.parent, self._owners()) as directory:
+                fs.atomic_write_at(directory, self.path.name, text.encode(), mode=0o644, durable=False)
+        except fs.UnsafeFile as exc:
+            error, refused = f"{exc.path}: {exc.why}", True
         except OSError as exc:
             error = f"{self.path.parent}: {exc.strerror or exc}"
         else:
             self.written_at = time.time()
+        self.refused = refused
         if error != self.error:
             self.error = error
-            self._on_result(error)
+            self._on_result(error, refused)
 
 
-def remove_stale(path: Path) -> None:
-    """A textfile the agent no longer writes must go: node_exporter would serve it frozen forever."""
+def remove_stale(path: Path, owners: fs.Owners | None = None) -> None:
+    """A textfile the agent no longer writes must go: node_exporter would serve it frozen forever
+    (removed through its directory opened as for writing: never through a planted symlink)."""
     try:
-        os.unlink(path)
-    except OSError:
+        with fs.opened_directory(path.parent, owners or fs.Owners()) as directory:
+            fs.remove_at(directory, path.name)
+    except (fs.UnsafeFile, OSError):
         pass

@@ -11,7 +11,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,13 +63,180 @@ def read_regular(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: 
 
 def read_text(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: bool = False) -> str | None:
     data = read_regular(path, limit=limit, follow_symlinks=follow_symlinks)
-    if data is None:
-        return None
+    return None if data is None else decode_text(data, path)
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """data as UTF-8 text; UnsafeFile naming path and the line of the first bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UnsafeFile(path, f"line {line}: expected UTF-8 text, found byte 0x{data[exc.start]:02x}") from exc
+
+
+# --- by directory fd: where someone other than root owns a directory on the way ----------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # as the kernel's path walk
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Who besides root may own a directory on a path the agent opens as root (the admin for its home,
+    prometheus for the textfile directory), and which groups besides root's may write to one."""
+
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+
+def _trusted_uids(owners: Owners) -> frozenset[int]:
+    return owners.uids | {0, os.geteuid()}
+
+
+def _replaceable_by_others(info: os.stat_result, owners: Owners) -> str | None:
+    """Why someone not trusted could replace what is in this directory (None: nobody can)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in _trusted_uids(owners):
+        return f"is owned by uid {info.st_uid}"
+    if mode & stat.S_IWOTH and not (mode & stat.S_ISVTX and info.st_uid in (0, os.geteuid())):
+        return f"is writable by others (mode {mode:04o})"  # a root-owned sticky directory (/tmp) is fine
+    if mode & stat.S_IWGRP and info.st_gid not in owners.gids | {0}:
+        return f"is writable by group {info.st_gid} (mode {mode:04o})"
+    return None
+
+
+def open_directory(path: Path, owners: Owners = Owners()) -> int:
+    """A descriptor of the directory at path (O_RDONLY), opened one component at a time from /.
+
+    Every directory on the way must be owned by root or one of owners.uids and writable by no one else
+    (a root-owned sticky directory such as /tmp excepted); a symlink is followed only where only root
+    could have put it (owned by root, in a directory only root can change), so what another user can
+    replace is never followed. Raises UnsafeFile naming the first component that fails and why,
+    FileNotFoundError when one is missing, NotADirectoryError when one is a file. The caller closes
+    the descriptor."""
+    if not path.is_absolute():
+        raise ValueError(f"open_directory needs an absolute path, not {path}")
+    stack = [(os.open("/", _DIR_FLAGS), Path("/"))]
+    pending = list(path.parts[1:])
+    links = 0
+    try:
+        info = os.fstat(stack[-1][0])
+        problem = _replaceable_by_others(info, Owners())
+        if problem is not None:
+            raise UnsafeFile(Path("/"), problem)
+        while pending:
+            name = pending.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop()[0])
+                continue
+            parent_fd, parent = stack[-1]
+            where = parent / name
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                entry = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                if not stat.S_ISLNK(entry.st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where)) from exc
+                target = os.readlink(name, dir_fd=parent_fd)
+                changeable = _replaceable_by_others(os.fstat(parent_fd), Owners())
+                if entry.st_uid != 0 or changeable is not None:
+                    whose = f"{parent} {changeable}" if changeable else f"it is owned by uid {entry.st_uid}"
+                    raise UnsafeFile(where, f"is a symlink to {target!r} and {whose}; not following it") from exc
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise UnsafeFile(where, "too many levels of symlinks") from exc
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop()[0])
+                pending = list(Path(target).parts[1 if target.startswith("/") else 0 :]) + pending
+                continue
+            stack.append((fd, where))
+            problem = _replaceable_by_others(os.fstat(fd), owners)
+            if problem is not None:
+                raise UnsafeFile(where, problem)
+        fd = stack.pop()[0]
+        return fd
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def opened_directory(path: Path, owners: Owners = Owners()) -> Iterator[int]:
+    """open_directory as a context: the descriptor is closed when the block ends."""
+    fd = open_directory(path, owners)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_regular_at(
+    dir_fd: int, name: str, path: Path, *, limit: int = MAX_CONFIG_BYTES
+) -> tuple[bytes, os.stat_result] | None:
+    """Bytes and stat of the regular file name in the directory dir_fd (path: how to name it in errors),
+    None when it does not exist; never a symlink, a FIFO or past limit."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(path, f"is a symlink to {os.readlink(name, dir_fd=dir_fd)!r}; not following it") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(path, "is not a regular file")
+        if info.st_size > limit:
+            raise UnsafeFile(path, f"is {info.st_size} bytes, over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(65536, remaining))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise UnsafeFile(path, f"grew past the {limit}-byte limit")
+        return data, info
+    finally:
+        os.close(fd)
+
+
+def atomic_write_at(dir_fd: int, name: str, content: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """atomic_write into the directory dir_fd (from open_directory): a temporary file made there with
+    O_EXCL, then renamed over name; what is at name (a symlink too) is replaced, never followed."""
+    tmp_name = f".{name}{TMP_MARKER}{os.urandom(6).hex()}"
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
+        raise
+    if durable:
+        os.fsync(dir_fd)
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """Remove name from the directory dir_fd; a missing one is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
 
 
 @dataclass(frozen=True)

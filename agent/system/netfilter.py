@@ -144,22 +144,33 @@ class Listening:
     root_ports: frozenset[int]  # when hidden: every port a socket owned by uid 0 listens on here
 
 
-def tcp_listening(process_name: str) -> Listening:
-    """What processes named process_name listen on in this network namespace.
+def tcp_listening(process_name: str, executables: frozenset[str], proc: Path = Path("/proc")) -> Listening:
+    """What root's processes named process_name, running one of executables, listen on in this network
+    namespace. A name is anyone's to set (prctl PR_SET_NAME, or exec -a), so a process counts only if it
+    runs as root (real and effective uid 0, from /proc/PID/status, which anyone may read) and, where
+    /proc/PID/exe can be read, runs one of executables (sshd hides it: non-dumpable, as its fds).
 
     Reads /proc directly: the processes' socket inodes first, the listening sockets only when there
     are any (or a process hid its own); psutil.net_connections walks every process and costs more
     than a whole firewall heal."""
     sockets: set[int] = set()
     hidden = False
-    for entry in os.scandir("/proc"):
+    for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/comm") as comm:
+            with open(f"{entry.path}/comm") as comm:
                 if comm.read().strip() != process_name:
                     continue
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+            if not _runs_as_root(Path(entry.path)):
+                continue  # anyone's process may call itself sshd: never sshd's ports
+            try:
+                exe = os.readlink(f"{entry.path}/exe").removesuffix(" (deleted)")  # upgraded, not restarted
+            except PermissionError:
+                exe = None  # non-dumpable: its fds are hidden too, below
+            if exe is not None and exe not in executables:
+                continue
+            for fd in os.scandir(f"{entry.path}/fd"):
                 target = os.readlink(fd.path)
                 if target.startswith("socket:["):
                     sockets.add(int(target[8:-1]))
@@ -173,6 +184,16 @@ def tcp_listening(process_name: str) -> Listening:
     ports = frozenset(port for inode, (port, _) in table.items() if inode in sockets)
     root_ports = frozenset(port for port, uid in table.values() if uid == 0) if hidden else frozenset()
     return Listening(ports, hidden, root_ports)
+
+
+def _runs_as_root(process: Path) -> bool:
+    """Real and effective uid 0 (/proc/PID/status: world-readable, even for a non-dumpable process)."""
+    with open(process / "status") as status:
+        for line in status:
+            if line.startswith("Uid:"):
+                real, effective = line.split()[1:3]
+                return real == effective == "0"
+    return False
 
 
 NETLINK_SOCK_DIAG = 4

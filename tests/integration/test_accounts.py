@@ -47,7 +47,17 @@ def test_root_without_a_password_and_a_second_uid0_account_are_reported_and_left
     assert agent.ctl("status").returncode == 0
 
 
+def let_accounts_through(root: Path) -> None:
+    """Search (not read) permission for everyone on the fake root's ancestors, as / and /home have on a
+    host: the agent writes the admin's keys as the admin, who must reach its home below pytest's 0700 dir."""
+    for directory in root.parents:
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(directory, mode | stat.S_IXOTH)
+
+
 def test_the_admin_in_the_config_is_created_by_the_real_useradd_and_its_key_kept(fake_root: Path, start_agent) -> None:
+    let_accounts_through(fake_root)
     key = client_key().decode().strip()
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(

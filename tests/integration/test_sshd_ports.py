@@ -36,9 +36,9 @@ READ = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from agent.paths import SystemRoot
-from agent.sshd_ports import SshdPorts
+from agent.sshd_ports import SSHD_EXECUTABLES, SshdPorts
 from agent.system import netfilter
-listening = netfilter.tcp_listening("sshd")
+listening = netfilter.tcp_listening("sshd", SSHD_EXECUTABLES)
 caps = next(l for l in open("/proc/self/status") if l.startswith("CapEff:")).split()[1]
 print(json.dumps({
     "cap_eff": int(caps, 16),

@@ -242,13 +242,17 @@ def test_a_missing_admin_with_create_admin_is_planned_with_useradd_group_sudo_an
     argv = [command.apply.argv for command in outcome.changes.commands]
     assert argv[0] == (
         "useradd", "--root", str(root), "--create-home", "--home-dir", "/home/deploy", "--shell", "/bin/bash",
-        "--groups", "sudo", "--comment", "admin created by vps-agent", "deploy",
+        "--groups", "sudo", "--uid", "1001", "--user-group", "--comment", "admin created by vps-agent", "deploy",
     )  # fmt: skip
     home = str(root / "home/deploy")
+    # the keys are written as the new account (uid and gid chosen above), never as root by path
+    as_deploy = ("setpriv", "--reuid=1001", "--regid=1001", "--clear-groups", "--")
+    staged = f"{home}/.ssh/.authorized_keys.vps-agent-tmp-new"
     assert argv[1:] == [
-        ("install", "-d", "-m", "0700", f"{home}/.ssh"),
-        ("install", "-m", "0600", "/dev/stdin", f"{home}/.ssh/authorized_keys"),
-        ("chown", f"--reference={home}", f"{home}/.ssh", f"{home}/.ssh/authorized_keys"),
+        (*as_deploy, "install", "-d", "-m", "0700", f"{home}/.ssh"),
+        (*as_deploy, "tee", staged),
+        (*as_deploy, "chmod", "0600", staged),
+        (*as_deploy, "mv", "-f", "-T", staged, f"{home}/.ssh/authorized_keys"),
     ]
     assert outcome.changes.commands[2].apply.input_text == key() + "\n"
     assert all(command.undo is None for command in outcome.changes.commands)  # accounts are never deleted
@@ -281,7 +285,8 @@ def test_a_key_missing_from_an_existing_admin_is_added_keeping_the_others(root: 
     (root / "home/admin/.ssh/authorized_keys").write_text("# mine\nssh-ed25519 AAAAother other@laptop")
     outcome = converge(root, create_config("admin"), heal=False)
     assert outcome.changes is not None
-    [install] = [c for c in outcome.changes.commands if "/dev/stdin" in c.apply.argv]
+    [install] = [c for c in outcome.changes.commands if "tee" in c.apply.argv]
+    assert install.apply.argv[:5] == ("setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--")
     assert install.apply.input_text == f"# mine\nssh-ed25519 AAAAother other@laptop\n{key()}\n"
 
 
@@ -292,6 +297,99 @@ def test_the_agent_never_writes_keys_into_a_home_others_can_write(root: Path) ->
     assert outcome.changes is None  # findings only: nothing is planned
     lacks = [i for i in items(outcome) if i.actual.startswith("lacks")]
     assert lacks and lacks[0].kind == FINDING and "writable by others" in lacks[0].advice
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Owner, group, mode and bytes of everything below directory (symlinks not followed)."""
+    found = {}
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        info = os.lstat(path)
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        found[str(path)] = (info.st_uid, info.st_gid, info.st_mode, data)
+    return found
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A root-owned directory outside the home, as /etc would be: what a racing admin points ~/.ssh at."""
+    made = tmp_path / "victim"
+    made.mkdir(mode=0o755)
+    (made / "marker").write_text("root owns this\n")
+    return made
+
+
+def test_a_symlinked_ssh_dir_is_refused_with_a_finding_and_nothing_outside_the_home_changes(
+    root: Path, victim: Path, commands: DeclaredCommands
+) -> None:
+    ssh = root / "home/admin/.ssh"
+    os.rename(ssh, root / "home/admin/.ssh.real")
+    os.symlink(victim, ssh)
+    os.lchown(ssh, 1000, 1000)  # the admin made it
+    before = snapshot(victim)
+    outcome = converge(root, create_config("admin"))
+    assert outcome.changes is None and commands.calls == []  # findings only: nothing is planned or run
+    [lacks] = [i for i in items(outcome) if i.actual.startswith("lacks")]
+    assert lacks.kind == FINDING and lacks.where == "/home/admin/.ssh/authorized_keys"
+    assert f"/home/admin/.ssh is a symlink to '{victim}'" in lacks.advice and "not following it" in lacks.advice
+    assert snapshot(victim) == before
+
+
+def test_a_symlinked_authorized_keys_is_refused_and_never_read_or_written(
+    root: Path, victim: Path, commands: DeclaredCommands
+) -> None:
+    keys = root / "home/admin/.ssh/authorized_keys"
+    keys.unlink()
+    os.symlink(victim / "marker", keys)
+    before = snapshot(victim)
+    outcome = converge(root, create_config("admin"))
+    assert outcome.changes is None and commands.calls == []
+    [lacks] = [i for i in items(outcome) if i.actual.startswith("lacks")]
+    assert f"/home/admin/.ssh/authorized_keys is a symlink to '{victim}/marker'" in lacks.advice
+    assert snapshot(victim) == before
+
+
+def test_a_root_file_hard_linked_into_the_admins_ssh_dir_is_not_read(root: Path, victim: Path) -> None:
+    keys = root / "home/admin/.ssh/authorized_keys"
+    keys.unlink()
+    os.link(victim / "marker", keys)  # what fs.protected_hardlinks=0 would let the admin do
+    outcome = converge(root, create_config("admin"), heal=False)
+    [lacks] = [i for i in items(outcome) if i.actual.startswith("lacks")]
+    assert "has 2 hard links; not reading it" in lacks.advice and outcome.changes is None
+
+
+def test_keys_are_not_added_where_root_owns_the_ssh_dir_the_admin_would_write_as(root: Path) -> None:
+    os.chown(root / "home/admin/.ssh", 0, 0)
+    (root / "home/admin/.ssh/authorized_keys").write_text("# mine\n")
+    outcome = converge(root, create_config("admin"), heal=False)
+    [lacks] = [i for i in items(outcome) if i.actual.startswith("lacks")]
+    assert "/home/admin/.ssh is owned by root, and the agent adds keys as admin" in lacks.advice
+    assert outcome.changes is None
+
+
+def test_a_home_reached_through_roots_own_symlink_is_read_and_written_as_usual(root: Path) -> None:
+    # /home -> srv/home, made by root in a directory only root can change: safe to follow
+    (root / "srv").mkdir()
+    os.rename(root / "home", root / "srv/home")
+    os.symlink("srv/home", root / "home")
+    (root / "home/admin/.ssh/authorized_keys").write_text("# mine\n")
+    outcome = converge(root, create_config("admin"), heal=False)
+    assert outcome.changes is not None
+    [install] = [c for c in outcome.changes.commands if "tee" in c.apply.argv]
+    assert install.apply.input_text == f"# mine\n{key()}\n"
+
+
+def test_a_new_admin_gets_ids_above_every_uid_and_gid_in_login_defs_range(root: Path) -> None:
+    with (root / "etc/group").open("a") as group:
+        group.write("web:x:1003:\nnfs:x:70000:\n")  # a group above the range does not count
+    (root / "etc/login.defs").write_text("# shadow\nUID_MIN 1000\nUID_MAX 60000\nGID_MIN  1000\n")
+    outcome = converge(root, create_config(), heal=False)
+    assert outcome.changes is not None
+    useradd = outcome.changes.commands[0].apply.argv
+    assert useradd[useradd.index("--uid") + 1] == "1004" and "--user-group" in useradd
+    assert all("--reuid=1004" in c.apply.argv for c in outcome.changes.commands[1:])
+    (root / "etc/login.defs").write_text("UID_MIN 1000\nUID_MAX 1003\n")
+    [finding] = items(converge(root, create_config(), heal=False))
+    assert finding.kind == FINDING and "no uid and gid are free" in finding.advice
 
 
 def test_an_admin_without_a_key_or_a_password_has_no_way_in_a_finding(root: Path) -> None:

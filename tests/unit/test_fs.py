@@ -80,3 +80,64 @@ def test_echo_filter_recognises_only_the_agents_own_write(tmp_path: Path) -> Non
     target.write_text("someone else's\n")
     assert not echo.is_echo(str(target))
     assert echo.is_echo(str(tmp_path / f".f{fs.TMP_MARKER}abc"))
+
+
+# by directory fd: where someone other than root owns a directory on the way ----------------------------
+
+
+def test_open_directory_refuses_a_symlink_another_user_could_have_planted(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 4242, 4242)
+    os.symlink("/etc", home / ".ssh")
+    with pytest.raises(fs.UnsafeFile, match=r"is a symlink to '/etc' and .* is owned by uid 4242; not following"):
+        fs.open_directory(home / ".ssh", fs.Owners(frozenset({4242})))
+
+
+def test_open_directory_follows_roots_own_symlinks_in_roots_own_directories(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "link")
+    with fs.opened_directory(tmp_path / "link") as fd:
+        assert os.fstat(fd).st_ino == os.stat(tmp_path / "real").st_ino
+
+
+def test_open_directory_refuses_owners_not_trusted_and_writable_directories(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(fs.UnsafeFile, match="is owned by uid 4242"):
+        fs.open_directory(theirs)
+    with fs.opened_directory(theirs, fs.Owners(frozenset({4242}))):
+        pass  # its owner trusted for this path (the admin for its home): opened
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(fs.UnsafeFile, match=r"writable by others \(mode 0777\)"):
+        fs.open_directory(shared)
+    os.chmod(shared, 0o1777)  # root's and sticky, like /tmp: others cannot replace what is in it
+    with fs.opened_directory(shared):
+        pass
+    os.chmod(shared, 0o775)
+    os.chown(shared, 0, 4242)
+    with pytest.raises(fs.UnsafeFile, match=r"writable by group 4242 \(mode 0775\)"):
+        fs.open_directory(shared)
+    with fs.opened_directory(shared, fs.Owners(gids=frozenset({4242}))):
+        pass
+    with pytest.raises(FileNotFoundError):
+        fs.open_directory(tmp_path / "missing")
+
+
+def test_atomic_write_at_replaces_a_planted_symlink_and_leaves_no_temporary(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    os.symlink(victim, metrics / "vps_agent.prom")
+    with fs.opened_directory(metrics) as fd:
+        fs.atomic_write_at(fd, "vps_agent.prom", b"x 1\n", mode=0o644)
+        assert fs.read_regular_at(fd, "missing", metrics / "missing") is None
+        data, info = fs.read_regular_at(fd, "vps_agent.prom", metrics / "vps_agent.prom") or (b"", None)
+        assert data == b"x 1\n" and info is not None and oct(info.st_mode & 0o777) == "0o644"
+        fs.remove_at(fd, "vps_agent.prom")
+        fs.remove_at(fd, "vps_agent.prom")  # gone already: fine
+    assert victim.read_text() == "root's\n" and os.listdir(metrics) == []

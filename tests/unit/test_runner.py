@@ -11,6 +11,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.controls.base import FINDING, WAITS_FOR_PROOF, Blocked, Drift, DriftItem, Held, HeldSetting
+from agent.engine import findings
 from agent.engine import runner as runner_module
 from agent.engine import transaction as tx
 from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
@@ -303,10 +304,114 @@ def test_each_finding_that_goes_is_named_and_a_smaller_set_is_not_reported_again
         assert [c.split(":")[0] for c in cleared["cleared"]] == ["/etc/finding-a"]
         assert [c.split(":")[0] for c in cleared["remaining"]] == ["/etc/finding-b"]
         assert runner.state.status == tx.DRIFTED  # finding-b is still there
-        root.path("/etc/finding-a").write_text("back\n")  # a new one again: the whole set is reported
+        root.path("/etc/finding-a").write_text("back\n")  # back at once: folded, then summed up (below)
         runner.converge_and_wait("look")
-        detected = runner.ctx.events.sinks.recent(10)[-1]
-        assert detected["event"]["action"] == "drift-detected" and len(detected["findings"]) == 2
+        assert actions(runner) == ["drift-detected", "findings-cleared"] and len(runner.state.drift) == 2
+
+
+class Clock:
+    """time.monotonic, moved forward by the test (the runner's waits still run in real time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+@contextlib.contextmanager
+def flapping_runner(tmp_path: Path, clock: Clock | None = None) -> Iterator[ControlRunner]:
+    root = SystemRoot.at(tmp_path / "root")
+    (tmp_path / "root/etc").mkdir(parents=True)
+    control = FileControlWithFinding(root)
+    control.file.write_text("good\n")
+    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    instance = ControlRunner(control, lambda: CONFIG, ctx, clock=clock or Clock())
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def toggle(runner: ControlRunner, times: int) -> None:
+    """The finding comes and goes, one converge each (a user's `chmod 666/600` in a loop); status is exact."""
+    finding = runner.control.root.path("/etc/finding")
+    for _ in range(times):
+        there = not finding.exists()
+        finding.write_text("left\n") if there else finding.unlink()
+        assert runner.converge_and_wait("toggled") is not None
+        assert runner.state.status == (tx.DRIFTED if there else tx.COMPLIANT)
+        assert len(runner.state.drift) == (1 if there else 0)
+
+
+def test_a_finding_a_user_toggles_is_reported_once_and_summed_up_once_a_window_has_passed(tmp_path: Path) -> None:
+    clock = Clock()
+    with flapping_runner(tmp_path, clock) as runner:
+        toggle(runner, 40)
+        assert actions(runner) == ["drift-detected", "findings-cleared"]  # the first appearance and clearing
+        assert runner._pending == "folded findings settle"  # a look is due when the summary is
+        # a window later (settled: gone, as the last event said), one event sums the 38 changes up
+        clock.offset += findings.WINDOW
+        runner.converge_and_wait("look")
+        assert len(actions(runner)) == 3
+        summary = runner.ctx.events.sinks.recent(1)[0]
+        assert summary["event"]["action"] == "findings-cleared" and "changed 38 more times" in summary["message"]
+        assert list(summary["folded"].values()) == [38]
+        runner.converge_and_wait("look")
+        assert len(actions(runner)) == 3  # nothing more while it stays as it is
+
+        # back within the window of that summary: folded (status exact at once), then summed up as there
+        toggle(runner, 1)
+        assert len(actions(runner)) == 3
+        clock.offset += findings.WINDOW
+        runner.converge_and_wait("look")
+        assert actions(runner)[-1] == "drift-detected" and len(actions(runner)) == 4
+
+        # after a quiet window, a change is told at once again
+        clock.offset += findings.WINDOW
+        toggle(runner, 1)
+        assert actions(runner)[-1] == "findings-cleared" and len(actions(runner)) == 5
+        assert "summed up" not in runner.ctx.events.sinks.recent(1)[0]["message"]
+
+
+def test_a_finding_that_never_stops_flapping_is_summed_up_every_two_windows(tmp_path: Path) -> None:
+    clock = Clock()
+    with flapping_runner(tmp_path, clock) as runner:
+        for _ in range(4):
+            toggle(runner, 11)
+            clock.offset += findings.WINDOW  # still changing at each look: no settling
+        toggle(runner, 1)
+        # 2 at once, then a summary at most every two windows: 4 windows, 2 summaries
+        assert len(actions(runner)) == 4
+
+
+def test_the_runner_looks_again_by_itself_when_a_summary_is_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(findings, "WINDOW", 0.5)
+    monkeypatch.setattr(findings, "SETTLE", 0.1)
+    with flapping_runner(tmp_path) as runner:
+        toggle(runner, 5)
+        assert len(actions(runner)) == 2
+        assert wait_until(lambda: len(actions(runner)) == 3, 5)  # no trigger, no periodic reconcile (1h)
+        assert runner.ctx.events.sinks.recent(1)[0]["event"]["action"] == "drift-detected"  # it is there now
+
+
+def test_the_rate_limit_is_per_item_whatever_its_value() -> None:
+    reporter = findings.FindingsReporter(window=600, settle=30)
+    modes = [f"is writable by others (mode 0{m}66)" for m in range(6)]
+    told = []
+    item = None
+    for n, mode in enumerate(modes * 10):  # an attacker cycling the mode: one item, not sixty
+        item = DriftItem("login files of alice", "/home/alice/.ssh/authorized_keys", "0600", mode, None, FINDING, "")
+        news = reporter.update([item], float(n))
+        told += list(news.appeared) + list(news.cleared)
+    assert item is not None and len(told) == 1
+    news = reporter.update([item], 600.0)  # a window on: one summary with the value it has now
+    assert [i.actual for i in news.appeared] == [modes[-1]] and news.folded == {item.describe(): 59}
+    assert reporter.update([], 700.0).cleared == ()  # gone within the window of that summary: folded
+    assert reporter.update([], 1200.0).cleared == (item.describe(),)  # and told a window later
 
 
 def test_a_blocked_control_rechecked_unchanged_reports_once(runner: ControlRunner) -> None:

@@ -19,7 +19,9 @@ from agent.config import SyslogConfig
 from agent.paths import SystemRoot
 from agent.sinks import catalog, textfile
 from agent.sinks.journald import JournalSink, field_name, journal_fields, stdout_is_the_journal
+from agent.sinks.outputs import Outputs
 from agent.sinks.syslog import SD_ID, SyslogForwarder, format_rfc5424
+from agent.system import fs
 
 ECS_CATEGORIES = {
     "api", "authentication", "configuration", "database", "driver", "file", "host", "iam", "intrusion_detection",
@@ -354,10 +356,22 @@ def test_textfile_shows_the_syslog_counters(tmp_path: Path) -> None:
     assert values['vps_agent_syslog_connected{target="tcp://logs:514"}'] == 0
 
 
+class Results(list[str | None]):
+    """What a TextfileWriter reports: each error (None after a good write), and which were refusals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[bool] = []
+
+    def __call__(self, error: str | None, refused: bool) -> None:
+        self.append(error)
+        self.refusals.append(refused)
+
+
 def test_textfile_writer_replaces_the_file_and_reports_an_unwritable_directory(tmp_path: Path) -> None:
-    results: list[str | None] = []
+    results = Results()
     path = tmp_path / "textfile/vps_agent.prom"
-    writer = textfile.TextfileWriter(path, lambda: "vps_agent_x 1\n", results.append, min_interval=0.01)
+    writer = textfile.TextfileWriter(path, lambda: "vps_agent_x 1\n", results, min_interval=0.01)
     try:
         deadline = time.monotonic() + 5
         while not results and time.monotonic() < deadline:
@@ -375,9 +389,90 @@ def test_textfile_writer_replaces_the_file_and_reports_an_unwritable_directory(t
 
 
 def test_textfile_default_path_without_node_exporter_is_a_note_not_an_error(tmp_path: Path) -> None:
-    results: list[str | None] = []
+    results = Results()
     path = tmp_path / "var/lib/prometheus/node-exporter/vps_agent.prom"
-    writer = textfile.TextfileWriter(path, lambda: "", results.append, skip_missing_directory=True)
+    writer = textfile.TextfileWriter(path, lambda: "", results, skip_missing_directory=True)
     writer.close()
     writer.write_now()
     assert results == [] and writer.error is None and writer.note and "does not exist" in writer.note
+
+
+def debian_node_exporter(root: Path, prometheus: int = 4242) -> Path:
+    """Debian's layout: user prometheus owns /var/lib/prometheus; node-exporter/ in it is root's."""
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/passwd").write_text(f"root:x:0:0::/root:/bin/bash\nprometheus:x:{prometheus}:{prometheus}::/:/x\n")
+    textfile_dir = root / "var/lib/prometheus/node-exporter"
+    textfile_dir.mkdir(parents=True)
+    os.chown(textfile_dir.parent, prometheus, prometheus)
+    return textfile_dir
+
+
+def test_textfile_is_written_in_debians_layout_where_prometheus_owns_the_parent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    textfile_dir = debian_node_exporter(root)
+    results = Results()
+    owners = textfile.collector_owners(SystemRoot.at(root))
+    assert owners == fs.Owners(frozenset({4242}), frozenset({4242}))
+    writer = textfile.TextfileWriter(textfile_dir / "vps_agent.prom", lambda: "x 1\n", results, owners=lambda: owners)
+    writer.close()
+    writer.write_now()
+    assert results == [] and (textfile_dir / "vps_agent.prom").read_text() == "x 1\n"
+
+
+def test_textfile_dir_swapped_for_a_symlink_by_prometheus_is_refused_and_nothing_written_there(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    textfile_dir = debian_node_exporter(root)
+    chosen = tmp_path / "etc/ssh/sshd_config.d"  # where the attacker points it: somewhere root writes
+    chosen.mkdir(parents=True)
+    os.rename(textfile_dir, textfile_dir.with_name("node-exporter.old"))
+    os.symlink(chosen, textfile_dir)
+    os.lchown(textfile_dir, 4242, 4242)
+    results = Results()
+    system = SystemRoot.at(root)
+    writer = textfile.TextfileWriter(
+        textfile_dir / "vps_agent.prom", lambda: "x 1\n", results,
+        owners=lambda: textfile.collector_owners(system), skip_missing_directory=True,
+    )  # fmt: skip
+    writer.close()
+    writer.write_now()
+    assert os.listdir(chosen) == []
+    [error] = results
+    assert error == (
+        f"{textfile_dir}: is a symlink to '{chosen}' and {textfile_dir.parent} is owned by uid 4242; not following it"
+    )
+    assert results.refusals == [True] and writer.note is None  # a refusal, not "node_exporter is not installed"
+    textfile.remove_stale(textfile_dir / "vps_agent.prom", textfile.collector_owners(system))
+    assert os.listdir(chosen) == []
+
+
+def test_textfile_dir_owned_by_another_user_or_writable_by_others_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    textfile_dir = debian_node_exporter(root)
+    owners = textfile.collector_owners(SystemRoot.at(root))
+    results = Results()
+    writer = textfile.TextfileWriter(textfile_dir / "vps_agent.prom", lambda: "", results, owners=lambda: owners)
+    writer.close()
+    (textfile_dir / "vps_agent.prom").unlink(missing_ok=True)  # the thread's first write, before the change
+    os.chown(textfile_dir, 1000, 1000)
+    writer.write_now()
+    os.chown(textfile_dir, 0, 0)
+    os.chmod(textfile_dir, 0o777)
+    writer.write_now()
+    assert results == [f"{textfile_dir}: is owned by uid 1000", f"{textfile_dir}: is writable by others (mode 0777)"]
+    assert not (textfile_dir / "vps_agent.prom").exists()
+
+
+def test_a_refused_textfile_directory_is_an_output_failed_event_naming_it_in_full(tmp_path: Path) -> None:
+    events = ev.null_events()
+    outputs = Outputs(SystemRoot.at(tmp_path), events, dict)
+    long_dir = "/var/lib/prometheus/node-exporter"
+    why = "is a symlink to '/etc/ssh/sshd_config.d' and /var/lib/prometheus is owned by uid 998; not following it"
+    error = f"{long_dir}: {why}"
+    outputs._textfile_result(error, True)
+    [failed] = events.sinks.recent(10)
+    assert failed["event"]["action"] == "output-failed" and failed["output"] == "prometheus_textfile"
+    assert f"refused, {long_dir} is a symlink to '/etc/ssh/sshd_config.d'" in failed["message"]
+    assert "not following it; the agent writes metrics only into a directory" in failed["message"]
+    assert outputs.textfile_problem == failed["error"]

@@ -3,12 +3,16 @@ CAP_SYS_PTRACE (tests/integration/test_sshd_ports.py reads a real sshd that way)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from agent import sshd_ports
 from agent.controls.sshd import SSHD, configured_ports
 from agent.paths import SystemRoot
 from agent.sshd_ports import SshdPorts
+from agent.system import netfilter
 from agent.system.netfilter import Listening
 from tests.unit.conftest import DeclaredCommands
 
@@ -102,3 +106,30 @@ def test_sshd_t_ports_without_listen_addresses_are_its_ports(tmp_path: Path, com
     assert configured_ports(SystemRoot.at(tmp_path)) == {22, 2222}
     commands.expect([SSHD, "-T"], returncode=255, stderr="/etc/ssh/sshd_config line 3: Bad configuration option")
     assert configured_ports(SystemRoot.at(tmp_path)) is None
+
+
+def fake_process(proc: Path, pid: int, *, comm: str, uid: int, exe: str | None, sockets: tuple[int, ...]) -> None:
+    """/proc/PID as the kernel shows it: comm, status's Uid line, exe (None: hidden), fd/ of sockets."""
+    directory = proc / str(pid)
+    (directory / "fd").mkdir(parents=True)
+    (directory / "comm").write_text(f"{comm}\n")
+    (directory / "status").write_text(f"Name:\t{comm}\nUmask:\t0022\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    if exe is not None:
+        os.symlink(exe, directory / "exe")
+    for n, inode in enumerate(sockets):
+        os.symlink(f"socket:[{inode}]", directory / "fd" / str(n + 3))
+
+
+def test_only_roots_sshd_counts_not_any_process_that_calls_itself_sshd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = tmp_path / "proc"
+    fake_process(proc, 100, comm="sshd", uid=0, exe="/usr/sbin/sshd", sockets=(11,))
+    # prctl(PR_SET_NAME, "sshd") as nobody, listening on 4444; and as root, but python
+    fake_process(proc, 200, comm="sshd", uid=65534, exe="/usr/bin/python3.11", sockets=(22,))
+    fake_process(proc, 300, comm="sshd", uid=0, exe="/usr/bin/python3.11", sockets=(33,))
+    fake_process(proc, 400, comm="sshd", uid=0, exe="/usr/sbin/sshd (deleted)", sockets=(44,))  # upgraded
+    table = {11: (22, 0), 22: (4444, 65534), 33: (4445, 0), 44: (2222, 0)}
+    monkeypatch.setattr(netfilter, "tcp_listeners", lambda: table)
+    found = netfilter.tcp_listening("sshd", sshd_ports.SSHD_EXECUTABLES, proc)
+    assert found == Listening(frozenset({22, 2222}), False, NOTHING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -77,5 +78,40 @@ def test_move_records_do_not_grow_without_bound(tmp_path: Path) -> None:
         assert sum(len(r) for r in records) > 0  # watchdog 2.2.1 keeps every rename (its issue #1041)
         watcher.forget_move_records()
         assert sum(len(r) for r in records) == 0
+    finally:
+        watcher.stop()
+
+
+def test_a_watched_directory_replaced_while_its_events_are_dispatched_does_not_deadlock(tmp_path: Path) -> None:
+    # watchdog calls dispatch() holding its observer lock; re-declaring the watches unschedules the old
+    # one (the directory was swapped: a user's ~/.ssh moved away and back) and needs that lock too
+    ssh = tmp_path / "home/.ssh"
+    ssh.mkdir(parents=True)
+    watcher, hits = watcher_on(ssh)
+    try:
+        os.rename(ssh, tmp_path / "home/.ssh.real")
+        ssh.mkdir()  # a new inode: set_watches will unschedule the old watch
+        dispatching = threading.Event()
+
+        def a_dispatch_in_progress() -> None:
+            with watcher._observer._lock:  # type: ignore[attr-defined]
+                dispatching.set()
+                time.sleep(0.3)
+                watcher.dispatch([str(ssh / "authorized_keys")])
+
+        dispatcher = threading.Thread(target=a_dispatch_in_progress, daemon=True)
+        dispatcher.start()
+        dispatching.wait(5)
+        redeclare = threading.Thread(
+            target=watcher.set_watches, args=("demo", [WatchSpec(ssh)], hits.append), daemon=True
+        )
+        redeclare.start()
+        dispatcher.join(5)
+        redeclare.join(5)
+        assert not dispatcher.is_alive() and not redeclare.is_alive(), "deadlocked"
+        assert watcher.watched() == [str(ssh)]
+        (ssh / "authorized_keys").write_text("key\n")
+        settle(hits, 2)
+        assert any(h.endswith("/authorized_keys") for h in hits)  # the new directory is watched
     finally:
         watcher.stop()
