@@ -16,8 +16,9 @@ from agent.engine.watch import DirectoryWatcher, NetlinkWatcher
 STUCK_AFTER = 120.0  # a transaction running longer than this means the agent is wedged
 
 
-# guard -> the guards whose desired state depends on what it applies
-FOLLOWS: dict[str, tuple[str, ...]] = {"ssh": ("fail2ban",)}
+# guard -> the guards whose desired state depends on what it applies: the admin the accounts guard creates is
+# the SSH guard's way in (its lockout check), whether sshd takes passwords sets fail2ban's jail mode
+FOLLOWS: dict[str, tuple[str, ...]] = {"accounts": ("ssh",), "ssh": ("fail2ban",)}
 
 
 class Engine:
@@ -58,21 +59,25 @@ class Engine:
         """Converge every control now and wait (the start-up reconcile: drift that built up while the
         agent was down counts toward flap damping like any other; admin=True for the admin's asks)."""
         results: dict[str, tx.Outcome | None] = {}
-        threads: dict[str, threading.Thread] = {}
+        done = {name: threading.Event() for name in self.runners}
         leaders = {f: [n for n, after in FOLLOWS.items() if f in after and n in self.runners] for f in self.runners}
         deadline = time.monotonic() + timeout
+        threads = []
         for name, runner in self.runners.items():
 
             def work(n: str = name, r: ControlRunner = runner) -> None:
-                # a guard that follows another converges once that one has: fail2ban sees what sshd ends up with
-                for leader in leaders[n]:
-                    threads[leader].join(max(deadline - time.monotonic(), 0.0))
-                results[n] = r.converge_and_wait(reason, max(deadline - time.monotonic(), 1.0), admin=admin)
+                try:
+                    # a guard that follows another converges once that one has: fail2ban sees what sshd ends up with
+                    for leader in leaders[n]:
+                        done[leader].wait(max(deadline - time.monotonic(), 0.0))
+                    results[n] = r.converge_and_wait(reason, max(deadline - time.monotonic(), 1.0), admin=admin)
+                finally:
+                    done[n].set()
 
-            threads[name] = threading.Thread(target=work, daemon=True)
-        for thread in threads.values():
+            thread = threading.Thread(target=work, daemon=True)
             thread.start()
-        for thread in threads.values():
+            threads.append(thread)
+        for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
         self.refresh_watches()
         return results
@@ -88,8 +93,8 @@ class Engine:
         return control.enabled(config) and control.remediates(config) and runner.state.paused_until is None
 
     def _healed(self, name: str) -> None:
-        """A heal of one guard can change another's desired state: whether sshd takes passwords sets the
-        fail2ban jail's mode. The agent's own writes are no inotify event (echo filter), so say it here."""
+        """A heal of one guard can change another's desired state (FOLLOWS). The agent's own writes are no
+        inotify event (echo filter), so say it here."""
         for dependent in FOLLOWS.get(name, ()):
             runner = self.runners.get(dependent)
             if runner is not None:

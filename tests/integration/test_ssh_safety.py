@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.fakeroot import client_key, make_root
 from tests.integration.harness import effective_sshd, tree_snapshot, wait_for
+from tests.integration.test_accounts import let_accounts_through
 
 STOCK = {"port": ["22"], "permitrootlogin": ["without-password"], "passwordauthentication": ["yes"]}
 
@@ -59,6 +60,26 @@ def test_blocked_guard_heals_once_an_admin_with_a_key_appears(tmp_path: Path, st
     keys.write_bytes(client_key())
     agent.wait_event("drift-reverted", mark)
     assert effective_sshd(root)["permitrootlogin"] == ["no"]
+
+
+def test_the_admin_the_accounts_guard_creates_lets_root_login_go_off_at_once(tmp_path: Path, start_agent) -> None:
+    """A root-only VPS whose config asks for an admin with a key: the SSH guard judges again as soon as the
+    accounts guard has made it, not at its next periodic look minutes later; fail2ban converges once, after."""
+    key = client_key().decode().strip()
+    config = f"ssh: {{port: 2222}}\naccounts:\n  admin_user: ops\n  create_admin: true\n  admin_keys: ['{key}']\n"
+    root = make_root(tmp_path / "root", admin=None, config=config)
+    let_accounts_through(root)
+    agent = start_agent(root)
+    wait_for(lambda: agent.status()["accounts"]["status"] in ("healed", "compliant"), what="ops to be created")
+    assert (root / "home/ops/.ssh/authorized_keys").read_text().strip() == key
+    # at once, the SSH guard says what ops still lacks: the agent sets no password, so sudo needs one (or NOPASSWD)
+    wait_for(lambda: "ops has a key but no usable password for sudo" in agent.ctl("status").stdout, 5, "ops judged")
+    assert effective_sshd(root)["permitrootlogin"] == ["without-password"]
+    (root / "etc/sudoers.d/ops").write_text("ops ALL=(ALL) NOPASSWD: ALL\n")
+    wait_for(lambda: effective_sshd(root)["permitrootlogin"] == ["no"], 5, "PermitRootLogin no once ops can sudo")
+    ssh = agent.status()["ssh"]
+    assert ssh["status"] == "pending" and [h["setting"] for h in ssh["held"]] == ["PasswordAuthentication no"], ssh
+    assert [e["control"] for e in agent.events() if e["event"]["action"] == "drift-reverted"].count("fail2ban") == 1
 
 
 def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path: Path, start_agent) -> None:
