@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import select
 import socket
 import threading
 from collections.abc import Callable, Iterable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
-from watchdog.observers.api import ObservedWatch
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from agent.controls.base import NetlinkGroup, WatchSpec
 from agent.system.fs import EchoFilter
@@ -18,13 +29,35 @@ from agent.system.netfilter import netlink_subscribe
 
 Trigger = Callable[[str], None]
 
+# What counts as a change: an entry made, removed or renamed, a file's content or metadata (mode, owner:
+# IN_MODIFY, IN_ATTRIB). Never an open or a close without a write (watchdog 5+, Debian 13's 6.0, reports
+# those): sshd -T and the agent's own observe read every watched file, and each converge would cause the next.
+CHANGES = frozenset({"created", "deleted", "modified", "moved"})
+# watchdog 4+ takes the event classes wanted at schedule() and asks inotify for those alone (no wake-up for
+# a read at all); 2.2.1 (Debian 12) has no such parameter and never reports opens: CHANGES filters both.
+_EVENT_FILTER = (
+    {
+        "event_filter": [
+            FileCreatedEvent,
+            DirCreatedEvent,
+            FileDeletedEvent,
+            DirDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            DirMovedEvent,
+        ]
+    }
+    if "event_filter" in inspect.signature(BaseObserver.schedule).parameters
+    else {}
+)
+
 
 class _DirectoryHandler(FileSystemEventHandler):
     def __init__(self, watcher: DirectoryWatcher) -> None:
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type == "opened" or (event.is_directory and event.event_type == "modified"):
+        if event.event_type not in CHANGES or (event.is_directory and event.event_type == "modified"):
             # a directory's "modified" is the echo of an entry changing in it, reported on its own
             return
         paths = [event.src_path]
@@ -90,7 +123,7 @@ class DirectoryWatcher:
                     self._unschedule(directory)
                     current = None
                 if current is None and inode is not None:
-                    watch = self._observer.schedule(self._handler, directory, recursive=False)
+                    watch = self._observer.schedule(self._handler, directory, recursive=False, **_EVENT_FILTER)
                     with self._lock:
                         self._watches[directory] = (watch, inode)
 

@@ -56,6 +56,31 @@ def test_the_agents_own_atomic_write_is_not_a_trigger(tmp_path: Path) -> None:
         watcher.stop()
 
 
+def test_reading_a_watched_file_is_no_trigger_whatever_the_watchdog_version(tmp_path: Path) -> None:
+    """watchdog 5+ (Debian 13 ships 6.0) reports opens and closes without a write; `sshd -T` and the agent's own
+    observe read every watched file, so those must never count as a change, or each converge causes the next."""
+    config = tmp_path / "sshd_config"
+    config.write_text("Port 22\n")
+    watcher, hits = watcher_on(tmp_path)
+    try:
+        for _ in range(20):
+            config.read_bytes()
+            os.close(os.open(config, os.O_RDONLY))
+        os.listdir(tmp_path)
+        time.sleep(0.3)
+        assert hits == []
+        os.chmod(config, 0o600)  # metadata counts: a mode change can open a way in
+        settle(hits)
+        assert hits
+        hits.clear()
+        with config.open("a") as handle:  # and content, of course
+            handle.write("PermitRootLogin yes\n")
+        settle(hits)
+        assert hits and all(h.endswith("/sshd_config") for h in hits)
+    finally:
+        watcher.stop()
+
+
 def test_a_missing_directory_is_watched_through_its_parent(tmp_path: Path) -> None:
     watcher, hits = watcher_on(tmp_path / "sshd_config.d")
     try:
