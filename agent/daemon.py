@@ -108,11 +108,11 @@ class Daemon:
         self._key_cursor: str | None = None  # sshd's journal, read up to here for key logins
         self._move_thread = threading.Thread(target=self._watch_logins, name="login-watch", daemon=True)
         self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
+        self.ipc = IpcServer(root.socket, self.handle)  # before the outputs: the metrics render status(), ipc too
         # events: the journal, remote syslog and the metrics textfile (agent/sinks)
         self.outputs = Outputs(root, self.events, self.status)
         self.outputs.apply(config)
         self.engine.converge_listeners.append(self.outputs.changed)
-        self.ipc = IpcServer(root.socket, self.handle)
 
     def _initial_config(self) -> Config:
         """The config file, or the last good one when the file is broken: the guards never go unmanned."""

@@ -48,7 +48,23 @@ JAIL = "sshd"
 UNIT = "fail2ban.service"
 MARKER = "vps-agent"
 # the keys the agent guards in [sshd], in the order its file sets them
-KEYS = ("enabled", "port", "maxretry", "findtime", "bantime", "ignoreip", "banaction", "backend", "mode")
+KEYS = (
+    "enabled",
+    "port",
+    "maxretry",
+    "findtime",
+    "bantime",
+    "ignoreip",
+    "banaction",
+    "backend",
+    "journalmatch",
+    "mode",
+)
+# With the journal backend, only what sshd's own unit logged as root counts (the key-login proof's door,
+# agent/system/journal.py): the filter's stock match, `_SYSTEMD_UNIT=sshd.service + _COMM=sshd`, is an OR
+# that misses OpenSSH 9.8+'s `sshd-session` in Debian's ssh.service (Debian 13: nothing ever banned) and
+# takes any process named sshd writing to /dev/log (a local user getting any address banned).
+JOURNALMATCH = "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0"
 # Debian's sshd filter in `mode = normal` does not count `Connection closed by authenticating user root A port
 # P [preauth]`, all a password guesser leaves once sshd takes no passwords; `aggressive` (ddos + extra)
 # does. The dump has no mode: its failregex that counts those closes as failures tells it.
@@ -129,6 +145,9 @@ def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
                 values[key] = str(command[3])
             elif key == "addignoreip":
                 values["ignoreip"] = " ".join(str(a) for a in command[3:])
+            elif key == "addjournalmatch":
+                match = " ".join(str(a) for a in command[3:])
+                values["journalmatch"] = f"{values['journalmatch']} + {match}" if "journalmatch" in values else match
             elif key == "addaction" and "banaction" not in values:
                 values["banaction"] = str(command[3])
         elif verb in ("multi-set", "set") and len(command) > 3 and command[2] == "addfailregex":
@@ -346,6 +365,7 @@ class Fail2banControl(Control):
         }
         if not self.root.auth_log.exists():
             values["backend"] = "systemd"  # Debian 12 logs to the journal only: no auth.log to read
+            values["journalmatch"] = JOURNALMATCH
         if self._password_logins(config) is False:
             values["mode"] = "aggressive"  # with passwords on, the admin's own choice of mode stays
         return Fail2banDesired(values, render_jail(values))

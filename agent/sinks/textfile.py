@@ -345,14 +345,18 @@ class TextfileWriter:
         refused = False
         try:
             text = self._render()
-            with fs.opened_directory(self.path.parent, self._owners()) as directory:
-                fs.atomic_write_at(directory, self.path.name, text.encode(), mode=0o644, durable=False)
-        except fs.UnsafeFile as exc:
-            error, refused = f"{exc.path}: {exc.why}", True
-        except OSError as exc:
-            error = f"{self.path.parent}: {exc.strerror or exc}"
+        except Exception as exc:  # a bug in a status source must not end the metrics thread for good
+            error = f"internal error rendering the metrics: {type(exc).__name__}: {exc}"
         else:
-            self.written_at = time.time()
+            try:
+                with fs.opened_directory(self.path.parent, self._owners()) as directory:
+                    fs.atomic_write_at(directory, self.path.name, text.encode(), mode=0o644, durable=False)
+            except fs.UnsafeFile as exc:
+                error, refused = f"{exc.path}: {exc.why}", True
+            except OSError as exc:
+                error = f"{self.path.parent}: {exc.strerror or exc}"
+            else:
+                self.written_at = time.time()
         self.refused = refused
         if error != self.error:
             self.error = error

@@ -192,3 +192,21 @@ def test_10_a_live_admin_sessions_address_is_never_banned_even_after_failures_fr
         session.terminate()
         session.wait(30)
     wait_for("the address out of the ignore list", lambda: CLIENT_ADDR not in vps.exec(ignoreip).stdout, 20)
+
+
+def test_11_a_local_user_cannot_get_an_address_banned_with_forged_sshd_lines(vps: Sandbox) -> None:
+    """A copy of logger named sshd, run as nobody: journald records _COMM=sshd, which the filter's stock
+    journalmatch (`_SYSTEMD_UNIT=sshd.service + _COMM=sshd`, an OR) takes as sshd's. The agent's match takes
+    only sshd's own unit as root - the same lines that got the real guesser banned above."""
+    victim = "10.213.0.77"
+    match = vps.exec(["fail2ban-client", "get", "sshd", "journalmatch"]).stdout
+    assert "_SYSTEMD_UNIT=ssh.service" in match and "_UID=0" in match and "_COMM=sshd" not in match, match
+    vps.exec(["install", "-m", "0755", "/usr/bin/logger", "/tmp/sshd"])
+    lines = "".join(f"Failed password for invalid user oracle from {victim} port {40000 + n} ssh2\n" for n in range(20))
+    # one process that outlives its lines: journald reads _COMM from /proc while the sender still runs
+    forge = f"(printf '%s' '{lines}'; sleep 2) | /tmp/sshd -t sshd"
+    vps.exec(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", forge])
+    forged = vps.exec(["journalctl", "_COMM=sshd", "-o", "cat", "--grep", victim]).stdout
+    assert forged.count("Failed password for invalid user oracle") > MAXRETRY  # journald has them as sshd's
+    time.sleep(5)  # the journal reaches fail2ban a moment after it is written
+    assert victim not in banned(vps)

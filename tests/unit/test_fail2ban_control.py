@@ -57,6 +57,8 @@ def test_the_dump_of_the_real_tool_gives_the_effective_sshd_jail() -> None:
         "ignoreip": "127.0.0.1/8 ::1 10.0.0.0/8",
         "banaction": "nftables-multiport",
         "port": "99",  # the later zzz-other.local wins over the agent's 2222,22
+        # the filter's stock match: an OR of sshd.service (not Debian's ssh.service) and any process named sshd
+        "journalmatch": "_SYSTEMD_UNIT=sshd.service + _COMM=sshd",
         "mode": "normal",  # no failregex that counts a preauth close
     }
 
@@ -104,6 +106,8 @@ def test_desired_uses_the_ssh_ports_the_firewall_keeps_open_and_the_journal(tmp_
         "ignoreip": "10.0.0.0/8",
         "banaction": "nftables-multiport",
         "backend": "systemd",
+        # only sshd's own unit, as root: OpenSSH 10's sshd-session too, no forged /dev/log line
+        "journalmatch": "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0",
     }
     assert "[sshd]\nenabled = true\nport = 22,2222\n" in desired.text
     assert desired.text == render_jail(desired.effective)
@@ -113,7 +117,7 @@ def test_with_an_auth_log_the_backend_is_left_to_fail2ban(tmp_path: Path) -> Non
     control = _control(tmp_path)
     (tmp_path / "var/log").mkdir(parents=True)
     (tmp_path / "var/log/auth.log").write_text("")
-    assert "backend" not in control.desired(_config()).effective
+    assert not {"backend", "journalmatch"} & set(control.desired(_config()).effective)
 
 
 def test_observe_reads_the_real_tools_dump(tmp_path: Path, commands: DeclaredCommands) -> None:

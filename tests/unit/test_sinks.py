@@ -388,6 +388,36 @@ def test_textfile_writer_replaces_the_file_and_reports_an_unwritable_directory(t
         writer.close()
 
 
+def test_a_status_source_that_raises_is_reported_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """Seen on a booted VPS: the metrics thread rendered status() before the daemon had its control socket
+    (AttributeError), died, and no metrics were ever written until the next restart."""
+    results = Results()
+    path = tmp_path / "vps_agent.prom"
+    broken = [True]
+
+    def render() -> str:
+        if broken[0]:
+            raise AttributeError("'Daemon' object has no attribute 'ipc'")
+        return "vps_agent_x 1\n"
+
+    writer = textfile.TextfileWriter(path, render, results, min_interval=0.01)
+    try:
+        deadline = time.monotonic() + 5
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert results == [
+            "internal error rendering the metrics: AttributeError: 'Daemon' object has no attribute 'ipc'"
+        ]
+        assert not path.exists()
+        broken[0] = False
+        writer.changed()
+        while writer.written_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert path.read_text() == "vps_agent_x 1\n" and results[-1] is None
+    finally:
+        writer.close()
+
+
 def test_textfile_default_path_without_node_exporter_is_a_note_not_an_error(tmp_path: Path) -> None:
     results = Results()
     path = tmp_path / "var/lib/prometheus/node-exporter/vps_agent.prom"
