@@ -12,6 +12,7 @@ import ast
 import datetime
 import ipaddress
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,9 @@ KEYS = (
 # that misses OpenSSH 9.8+'s `sshd-session` in Debian's ssh.service (Debian 13: nothing ever banned) and
 # takes any process named sshd writing to /dev/log (a local user getting any address banned).
 JOURNALMATCH = "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0"
+# After a start or reload the server adds the jail's actions a moment after the jail itself (fail2ban 1.1
+# answered `No actions for jail sshd` right after a reload): a heal is done once the jail can ban.
+ACTIONS_WAIT = 15.0  # seconds
 # Debian's sshd filter in `mode = normal` does not count `Connection closed by authenticating user root A port
 # P [preauth]`, all a password guesser leaves once sshd takes no passwords; `aggressive` (ddos + extra)
 # does. The dump has no mode: its failregex that counts those closes as failures tells it.
@@ -163,6 +167,29 @@ def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
     values["enabled"] = "true"
     values.setdefault("ignoreip", "")
     return values
+
+
+def parse_actions(text: str) -> list[str]:
+    """`fail2ban-client get sshd actions`: "The jail sshd has the following actions:" then the names, comma
+    separated; `No actions for jail sshd` while there are none."""
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].startswith("The jail "):
+        return []
+    return [name.strip() for line in lines[1:] for name in line.split(",") if name.strip()]
+
+
+def wait_until_banning(timeout: float | None = None, pause: float = 0.2) -> str | None:
+    """Wait for the running sshd jail to have its ban action; None once it has, else what was last seen."""
+    timeout = ACTIONS_WAIT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        result = run([CLIENT, "get", JAIL, "actions"], timeout=15)
+        if result.ok and parse_actions(result.stdout):
+            return None
+        if time.monotonic() >= deadline:
+            seen = (result.stdout.strip() or result.error_text()) if result.ok else result.error_text()
+            return f"the {JAIL} jail has no ban action {timeout:g}s later ({seen})"
+        time.sleep(pause)
 
 
 def parse_status(text: str) -> int | None:
@@ -522,10 +549,17 @@ class Fail2banControl(Control):
         if not self.services.is_active(UNIT):
             started = self.services.enable_now(UNIT)
             self._after_reload = (started.ok, None)
+            if started.ok and self.services.use_systemd:
+                problem = wait_until_banning()
+                if problem:
+                    return ReloadOutcome(False, f"{started.detail}: {problem}", {"service_action": started.action})
             return ReloadOutcome(started.ok, started.detail, {"service_action": started.action})
         result = run([CLIENT, "reload"], timeout=60)
         if not result.ok:
             return ReloadOutcome(False, f"fail2ban-client reload: {result.error_text()}")
+        problem = wait_until_banning()
+        if problem:
+            return ReloadOutcome(False, f"fail2ban-client reload: {problem}")
         status = run([CLIENT, "status", JAIL], timeout=15)
         if not status.ok:
             return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")

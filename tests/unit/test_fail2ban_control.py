@@ -235,11 +235,34 @@ def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path,
     commands.expect([CLIENT, "-t", "-d"], stdout=DUMP)
     commands.expect(["systemctl", "is-active"])
     commands.expect([CLIENT, "reload"])
+    # fail2ban 1.1 has the jail before its actions: the reload is done once it can ban
+    answers = iter(["No actions for jail sshd", "No actions for jail sshd"])
+    commands.expect_with(
+        [CLIENT, "get", "sshd", "actions"],
+        lambda argv: (0, next(answers, "The jail sshd has the following actions:\nnftables-multiport"), ""),
+    )
     commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t3\n")
     after = control.validate(Changes())  # the observe-again, before the reload
     assert control.reload().ok
+    assert [c[:4] for c in commands.calls].count([CLIENT, "get", "sshd", "actions"]) == 3
     facts = control.facts(after)
     assert (facts["service"], facts["banned"]) == ("active", 3)
+
+
+def test_a_reload_after_which_the_jail_never_gets_its_action_fails(
+    tmp_path: Path, commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.controls import fail2ban
+
+    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    control = Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    monkeypatch.setattr(fail2ban, "ACTIONS_WAIT", 0.3)
+    commands.expect(["systemctl", "is-active"])
+    commands.expect([CLIENT, "reload"])
+    commands.expect([CLIENT, "get", "sshd", "actions"], stdout="No actions for jail sshd\n")
+    outcome = control.reload()
+    assert not outcome.ok and "the sshd jail has no ban action 0.3s later (No actions for jail sshd)" in outcome.detail
 
 
 def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2banControl:
@@ -422,3 +445,12 @@ def test_the_running_ignore_list_is_read_as_fail2ban_client_prints_it() -> None:
     text = "These IP addresses/networks are ignored:\n|- 127.0.0.0/8\n|- ::1\n`- 192.0.2.7\n"
     assert parse_ignore_list(text) == ("127.0.0.0/8", "::1", "192.0.2.7")
     assert parse_ignore_list("No IP address/network is ignored\n") == ()
+
+
+def test_the_jails_actions_as_fail2ban_client_prints_them() -> None:
+    from agent.controls.fail2ban import parse_actions
+
+    assert parse_actions("The jail sshd has the following actions:\niptables-multiport\n") == ["iptables-multiport"]
+    assert parse_actions("The jail sshd has the following actions:\nnftables, sendmail\n") == ["nftables", "sendmail"]
+    assert parse_actions("No actions for jail sshd\n") == []  # fail2ban 1.1 right after a reload
+    assert parse_actions("") == []
