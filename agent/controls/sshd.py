@@ -13,6 +13,7 @@ changing it, runs `systemctl daemon-reload` and restarts ssh.socket.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from agent.system.run import run
 from agent.system.services import Service, ServiceManager
 
 SSHD = "/usr/sbin/sshd"
+PENALTY_EXEMPT = "PerSourcePenaltyExemptList"
 MARKER = "vps-agent"
 _ACCESS_KEYWORDS = (
     "permitrootlogin",
@@ -108,6 +110,10 @@ def password_logins(root: SystemRoot) -> bool | None:
     return parse_effective(result.stdout).get("passwordauthentication", ("yes",))[0].lower() == "yes"
 
 
+def _without_exempt(text: str) -> str:
+    return "".join(line for line in text.splitlines(True) if not line.startswith(PENALTY_EXEMPT + " "))
+
+
 def _norm(value: str) -> str:
     text = value.strip().strip('"').lower()
     return _SYNONYMS.get(text, text)
@@ -156,6 +162,7 @@ class SshdControl(Control):
         self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
         self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
+        self._penalties: bool | None = None  # sshd has PerSourcePenaltyExemptList (OpenSSH 9.8+); None: not asked
 
     def enabled(self, config: Config) -> bool:
         return config.ssh.enabled
@@ -172,6 +179,8 @@ class SshdControl(Control):
         specs = [WatchSpec(d) for d in sorted(dirs)]
         # the lockout invariants: a blocked guard unblocks as soon as an admin gets a way in
         specs.extend(accounts.watches(self.root))
+        # an admin's login or logout changes the addresses PerSourcePenalties exempts
+        specs.append(WatchSpec(self.root.logind_sessions))
         return specs
 
     # observe ------------------------------------------------------------------------------------------
@@ -242,7 +251,34 @@ class SshdControl(Control):
         settings.extend((k, v) for k, v in ssh.options)
         if self.moves.verbose_logging(config) and not any(k.lower() == "loglevel" for k, _ in ssh.options):
             settings.append(("LogLevel", "VERBOSE"))  # names the local port of each login: the move's proof
+        exempt = self._penalty_exemptions(config)
+        if exempt:
+            settings.append((PENALTY_EXEMPT, exempt))
         return self._desired_from(tuple(settings), str(ssh.port))
+
+    def _penalty_exemptions(self, config: Config) -> str:
+        """OpenSSH 9.8+ (Debian 13) penalises a source address after failed logins (PerSourcePenalties, on by
+        default) and then refuses its connections for up to 10 minutes: the admin mistyping a password in a
+        second terminal would be shut out. The addresses of live SSH sessions of sudo admins (logind's, as for
+        fail2ban's ignore list) are exempt while the session lasts. "" when none, where sshd has no such option,
+        or where ssh.options sets it (the admin's list stays)."""
+        if any(k.lower() == PENALTY_EXEMPT.lower() for k, _ in config.ssh.options) or not self._knows_penalties():
+            return ""
+        sessions = accounts.admin_sessions(self.root, accounts.read_facts(self.root)) or ()
+        addresses = []
+        for session in sessions:
+            try:
+                addresses.append(str(ipaddress.ip_address(session.address)))
+            except ValueError:
+                continue  # a host name (UseDNS yes) is no address sshd can match
+        return ",".join(sorted(set(addresses)))
+
+    def _knows_penalties(self) -> bool:
+        if self._penalties is None:
+            ensure_privsep_dir(self.root)
+            result = run([SSHD, "-T", "-f", "/dev/null"], timeout=15)
+            self._penalties = result.ok and PENALTY_EXEMPT.lower() in parse_effective(result.stdout)
+        return self._penalties
 
     def _desired_from(self, settings: tuple[tuple[str, str], ...], admin_port: str) -> SshdDesired:
         ports = [value for keyword, value in settings if keyword == "Port"]
@@ -277,13 +313,17 @@ class SshdControl(Control):
             want = desired.effective.get(key, ())
             have = observed.effective.get(key, ())
             if {_norm(v) for v in want} != {_norm(v) for v in have}:
-                items.append(DriftItem(key, "effective", " ".join(want), " ".join(have) or "(unset)"))
+                # the exempt list follows logins and logouts: no one's change to revert, never flapping
+                damped = keyword != PENALTY_EXEMPT
+                items.append(DriftItem(key, "effective", " ".join(want), " ".join(have) or "(unset)", damped=damped))
         if observed.dropin_problem:
             items.append(DriftItem("agent drop-in", dropin_path, "a regular file", observed.dropin_problem))
         elif observed.dropin is None:
             items.append(DriftItem("agent drop-in", dropin_path, "present", "missing"))
         elif observed.dropin.decode("utf-8", "replace") != desired.dropin_text:
-            items.append(DriftItem("agent drop-in", dropin_path, "the agent's content", "modified"))
+            # only the session-following exempt list differs (an admin logged in or out): not a tamper
+            damped = _without_exempt(observed.dropin.decode("utf-8", "replace")) != _without_exempt(desired.dropin_text)
+            items.append(DriftItem("agent drop-in", dropin_path, "the agent's content", "modified", damped=damped))
         if not self._include_present(observed.graph):
             items.append(DriftItem("include", MAIN_CONFIG, f"Include {DEFAULT_INCLUDE}", "missing"))
         if (

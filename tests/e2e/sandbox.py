@@ -1,6 +1,6 @@
-"""A booted Debian 12 VPS for end-to-end tests: a thin driver of the `sandbox` script beside this file.
+"""A booted Debian 12 or 13 VPS for end-to-end tests: a thin driver of the `sandbox` script beside this file.
 
-    with Sandbox(tmp_path / "root") as vps:      # leaving the block always powers it off
+    with Sandbox(tmp_path / "root", "trixie") as vps:  # leaving the block always powers it off
         vps.create(debs=[deb])                   # fresh copy of the cached base, the .deb installed
         vps.boot()                               # systemd is PID 1; returns once it is running/degraded
         vps.exec(["systemctl", "is-active", "vps-agent"])
@@ -24,6 +24,7 @@ from types import TracebackType
 SCRIPT = Path(__file__).resolve().with_name("sandbox")
 VPS_ADDR = "10.213.0.1"
 CLIENT_ADDR = "10.213.0.2"
+SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable) and 13 (stable)
 
 
 class CommandFailed(subprocess.CalledProcessError):
@@ -36,9 +37,12 @@ class CommandFailed(subprocess.CalledProcessError):
 class Sandbox:
     """One VPS root directory and the life cycle around it: create, boot, exec, poweroff."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, suite: str = "bookworm") -> None:
+        if suite not in SUITES:
+            raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)}")
         self.root = Path(os.path.abspath(root))
         self.client_dir = self.root.parent / "client"
+        self.suite = suite
 
     # ---- files the client side uses -------------------------------------------------------------
 
@@ -69,7 +73,7 @@ class Sandbox:
         args = ["create", str(self.root), "--admin", admin]
         for deb in debs:
             args += ["--deb", str(deb)]
-        self._script(args, timeout=900)
+        self._script(args, timeout=900, suite=self.suite)
 
     def boot(self) -> None:
         """Boot in the background; raises if systemd is not running/degraded within 60 s (it is then off)."""
@@ -166,13 +170,14 @@ class Sandbox:
         return result
 
     @staticmethod
-    def _script(args: list[str], timeout: float) -> None:
+    def _script(args: list[str], timeout: float, suite: str | None = None) -> None:
         """Run a life-cycle verb, its output going to ours (pytest shows it when a test fails).
 
         On a timeout the whole process group gets SIGTERM first: the script's traps power a
         half-booted VPS off and remove what create had put in place.
         """
-        process = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, start_new_session=True)
+        env = {**os.environ, "SANDBOX_SUITE": suite} if suite else None  # the base create copies
+        process = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
             code = process.wait(timeout=timeout)
         except BaseException:

@@ -33,9 +33,9 @@ def accounts_events(vps: Sandbox, action: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
     """A VPS of its own (its own network namespaces): fresh Debian 12, the .deb, then the accounts config."""
-    with agent_vps(tmp_path_factory, "vps-accounts") as sandbox:
+    with agent_vps(tmp_path_factory, "vps-accounts", release=release) as sandbox:
         key = (sandbox.client_dir / "id_ed25519.pub").read_text().strip()
         sandbox.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=CONFIG.format(key=key))
         sandbox.exec(["systemctl", "reload", "vps-agent"])

@@ -121,11 +121,13 @@ def prove_key_login(vps: Sandbox, port: int = 22) -> None:
 
 
 @contextmanager
-def agent_vps(factory: pytest.TempPathFactory, name: str, admin: str = "key") -> Iterator[Sandbox]:
-    """A fresh Debian 12 VPS, the .deb installed before first boot, booted, the agent active;
+def agent_vps(
+    factory: pytest.TempPathFactory, name: str, admin: str = "key", release: str = "bookworm"
+) -> Iterator[Sandbox]:
+    """A fresh Debian VPS of `release`, the .deb installed before first boot, booted, the agent active;
     destroyed when the block ends. admin: the sandbox's admin (Sandbox.create)."""
     require_root_and_tools(*TOOLS)
-    sandbox = Sandbox(factory.mktemp(name) / "root")
+    sandbox = Sandbox(factory.mktemp(f"{name}-{release}") / "root", release)
     sandbox.create(debs=[built_deb()], admin=admin)
     try:
         sandbox.boot()
@@ -136,9 +138,9 @@ def agent_vps(factory: pytest.TempPathFactory, name: str, admin: str = "key") ->
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
     """One VPS for the module, with the admin's config applied."""
-    with agent_vps(tmp_path_factory, "vps") as sandbox:
+    with agent_vps(tmp_path_factory, "vps", release=release) as sandbox:
         configure(sandbox)
         yield sandbox
 
@@ -495,10 +497,10 @@ def diagnose(vps: Sandbox) -> str:
     return "\n".join(parts)
 
 
-def test_upgrade_from_the_previous_version_then_purge(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_upgrade_from_the_previous_version_then_purge(tmp_path_factory: pytest.TempPathFactory, release: str) -> None:
     require_root_and_tools(*TOOLS)
     previous, current = built_deb(PREVIOUS_VERSION), built_deb()
-    with Sandbox(tmp_path_factory.mktemp("upgrade") / "root") as vps:
+    with Sandbox(tmp_path_factory.mktemp(f"upgrade-{release}") / "root", release) as vps:
         vps.create(debs=[previous])
         vps.boot()
         wait_for("the previous version running", lambda: agent_active(vps), 60)

@@ -119,9 +119,9 @@ def admin_proven(vps: Sandbox) -> None:
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
     """A VPS of its own: the .deb, the accounts config (the agent creates deploy with the client's key)."""
-    with agent_vps(tmp_path_factory, "vps-local-attacks") as sandbox:
+    with agent_vps(tmp_path_factory, "vps-local-attacks", release=release) as sandbox:
         sandbox.ssh("true")  # the sandbox's admin logs in once: the SSH guard's proof
         key = (sandbox.client_dir / "id_ed25519.pub").read_text().strip()
         sandbox.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=CONFIG.format(key=key))

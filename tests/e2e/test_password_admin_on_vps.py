@@ -55,8 +55,8 @@ def key_login(vps: Sandbox, port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    with agent_vps(tmp_path_factory, "vps-password-admin", admin="password") as sandbox:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
+    with agent_vps(tmp_path_factory, "vps-password-admin", admin="password", release=release) as sandbox:
         assert not (sandbox.root / "home/admin/.ssh").exists()
         sandbox.exec(["sh", "-c", "cat > /etc/vps-agent/config.yaml"], input=CONFIG)
         sandbox.exec(["systemctl", "reload", "vps-agent"])

@@ -65,9 +65,9 @@ def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
     """A fresh VPS per test: each starts from sshd on 22."""
-    with agent_vps(tmp_path_factory, "vps-port-move") as sandbox:
+    with agent_vps(tmp_path_factory, "vps-port-move", release=release) as sandbox:
         wait_for("the admin on 22", lambda: logs_in(sandbox, 22), 30)
         yield sandbox
 

@@ -13,8 +13,8 @@ from tests.e2e.test_agent_on_vps import agent_vps, sshd_effective, wait_for
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    with agent_vps(tmp_path_factory, "vps-root-only", admin="none") as sandbox:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
+    with agent_vps(tmp_path_factory, "vps-root-only", admin="none", release=release) as sandbox:
         yield sandbox
 
 

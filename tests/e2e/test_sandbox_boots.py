@@ -19,9 +19,9 @@ TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", "ssh-keygen")
 
 
 @pytest.fixture
-def vps(tmp_path: Path) -> Iterator[Sandbox]:
+def vps(tmp_path: Path, release: str) -> Iterator[Sandbox]:
     require_root_and_tools(*TOOLS)
-    with Sandbox(tmp_path / "root") as sandbox:
+    with Sandbox(tmp_path / "root", release) as sandbox:
         yield sandbox
     sandbox.destroy()  # a root is ~300 MB; pytest keeps the last three runs' tmp dirs
 

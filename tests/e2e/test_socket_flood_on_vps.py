@@ -164,8 +164,8 @@ class Flood:
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    with agent_vps(tmp_path_factory, "flood") as sandbox:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
+    with agent_vps(tmp_path_factory, "flood", release=release) as sandbox:
         for user in (FLOODER, WATCHER):
             sandbox.exec(["useradd", "--create-home", "--shell", "/bin/bash", user])
             sandbox.exec(["usermod", "-aG", "adm", user])

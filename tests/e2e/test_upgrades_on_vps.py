@@ -82,9 +82,9 @@ LOCK_TAKEN = (
 
 
 @pytest.fixture(scope="module")
-def vps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sandbox]:
     require_root_and_tools(*TOOLS)
-    with agent_vps(tmp_path_factory, "vps-upgrades") as sandbox:
+    with agent_vps(tmp_path_factory, "vps-upgrades", release=release) as sandbox:
         configure(sandbox, CONFIG)
         prove_key_login(sandbox)
         # only the local repository: the VPS has no route to a mirror

@@ -16,8 +16,10 @@ DEFAULTS = {
 _PRINTED = {"prohibit-password": "without-password"}
 
 
-def effective(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+def effective(pairs: list[tuple[str, str]], penalties: bool = False) -> dict[str, list[str]]:
     values = {k: list(v) for k, v in DEFAULTS.items()}
+    if penalties:  # OpenSSH 9.8+
+        values["persourcepenaltyexemptlist"] = ["none"]
     seen: set[str] = set()
     for keyword, value in pairs:
         value = _PRINTED.get(value.lower(), value)
@@ -34,24 +36,25 @@ def render(values: dict[str, list[str]]) -> str:
 
 
 class FakeSshd:
-    def __init__(self, root: SystemRoot, reject: str | None = None) -> None:
+    def __init__(self, root: SystemRoot, reject: str | None = None, penalties: bool = False) -> None:
         self.root = root
         self.reject = reject  # sshd -t/-T fail with this message when set
+        self.penalties = penalties  # knows PerSourcePenaltyExemptList, as OpenSSH 9.8+ (Debian 13)
 
     def __call__(self, argv: list[str]) -> tuple[int, str, str]:
         if "/dev/null" in argv:
             options = [argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-o"]
-            return 0, render(effective([(k.lower(), v) for k, v in options])), ""
+            return 0, render(effective([(k.lower(), v) for k, v in options], self.penalties)), ""
         if self.reject:
             return 255, "", self.reject
         graph = read_graph(self.root)
         pairs = [(d.keyword, d.first_arg) for d in graph.directives if not d.in_match]
         if "-t" in argv:
             return 0, "", ""
-        return 0, render(effective(pairs)), ""
+        return 0, render(effective(pairs, self.penalties)), ""
 
 
-def install(commands: object, root: SystemRoot, reject: str | None = None) -> FakeSshd:
-    fake = FakeSshd(root, reject)
+def install(commands: object, root: SystemRoot, reject: str | None = None, penalties: bool = False) -> FakeSshd:
+    fake = FakeSshd(root, reject, penalties)
     commands.expect_with(["/usr/sbin/sshd"], fake)  # type: ignore[attr-defined]
     return fake

@@ -1,0 +1,28 @@
+"""Every e2e module runs once per Debian release: one booted VPS per module and release.
+
+VPS_RELEASES picks them (default: "bookworm trixie", Debian 12 and 13, both first-class); a test's id
+names its release, e.g. `test_x[trixie]`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.e2e.sandbox import SUITES
+
+
+def releases() -> list[str]:
+    wanted = os.environ.get("VPS_RELEASES", " ".join(SUITES)).split()
+    unknown = [r for r in wanted if r not in SUITES]
+    if unknown or not wanted:
+        raise pytest.UsageError(f"VPS_RELEASES={os.environ.get('VPS_RELEASES')!r}: expected some of {' '.join(SUITES)}")
+    return wanted
+
+
+@pytest.fixture(scope="module", params=releases())
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release of this module's VPS."""
+    suite: str = request.param
+    return suite
