@@ -3,9 +3,16 @@ PYTHON ?= /usr/bin/python3
 PYTEST ?= $(PYTHON) -m pytest
 DEMO_ROOT ?= $(CURDIR)/demo-root
 
-.PHONY: test unit integration lint sandbox demo demo-clean bench deb deb-clean
+.PHONY: deps test unit integration lint sandbox demo demo-clean bench deb deb-clean
 
-test:  ## every test: unit, integration (real sshd in namespaces), timeline (the real daemon loop)
+# The Debian packages each of the README's two commands needs, installed by tools/install-deps: once
+# (nothing is run when they are there: dpkg-query, no apt, no network), as root; as another user it names
+# what is missing and stops. `sudo make deps` installs what both need. The lists are in the script.
+deps:  ## install what `make sandbox` and `make test` need (Debian packages, apt-get, as root)
+	tools/install-deps test
+
+test:  ## every test: unit, integration (real sshd in namespaces), timeline (the real daemon loop), e2e
+	tools/install-deps test
 	$(PYTEST) -q tests
 
 unit:
@@ -18,7 +25,10 @@ lint:
 	ruff check agent tests bench
 	mypy
 
-sandbox: deb  ## boot a Debian 12 VPS with the .deb installed, show status, a heal and a real ssh login
+# the packages first, then the .deb (a sub-make, so that `make -j sandbox` cannot build before installing)
+sandbox:  ## boot a Debian 12 VPS with the .deb installed, show status, a heal and a real ssh login
+	tools/install-deps sandbox
+	$(MAKE) --no-print-directory deb
 	tests/e2e/sandbox-demo
 
 demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, its status and a healed tamper
