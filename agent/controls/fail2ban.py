@@ -65,7 +65,13 @@ KEYS = (
 # agent/system/journal.py): the filter's stock match, `_SYSTEMD_UNIT=sshd.service + _COMM=sshd`, is an OR
 # that misses OpenSSH 9.8+'s `sshd-session` in Debian's ssh.service (Debian 13: nothing ever banned) and
 # takes any process named sshd writing to /dev/log (a local user getting any address banned).
-JOURNALMATCH = "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0"
+# journald learns _SYSTEMD_UNIT and _COMM from /proc, which a short-lived preauth process has often left by then
+# (seen on a booted Debian 12: the guesser's `Connection closed ... [preauth]` lines carry _UID=0 alone); _UID
+# comes from the socket's credentials, always there and unforgeable by another user: root's sshd lines count.
+JOURNALMATCH = (
+    "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0"
+    " + SYSLOG_IDENTIFIER=sshd _UID=0 + SYSLOG_IDENTIFIER=sshd-session _UID=0"
+)
 # After a start or reload the server adds the jail's actions a moment after the jail itself (fail2ban 1.1
 # answered `No actions for jail sshd` right after a reload): a heal is done once the jail can ban.
 ACTIONS_WAIT = 15.0  # seconds

