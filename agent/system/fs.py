@@ -39,13 +39,19 @@ def read_regular(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: 
         if exc.errno == errno.ELOOP:
             raise UnsafeFile(path, f"is a symlink to {os.readlink(path)!r}; not following it") from exc
         raise
+    return _read_opened(fd, path, limit, " for config files")[0]
+
+
+def _read_opened(fd: int, path: Path, limit: int, what: str = "") -> tuple[bytes, os.stat_result]:
+    """Bytes and stat of the regular file open at fd (closed here), never past limit; `what` ends the
+    limit's error message."""
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafeFile(path, "is not a regular file")
         if info.st_size > limit:
-            raise UnsafeFile(path, f"is {info.st_size} bytes, over the {limit}-byte limit for config files")
-        chunks = []
+            raise UnsafeFile(path, f"is {info.st_size} bytes, over the {limit}-byte limit{what}")
+        chunks: list[bytes] = []
         remaining = limit + 1
         while remaining > 0:
             chunk = os.read(fd, min(65536, remaining))
@@ -55,8 +61,8 @@ def read_regular(path: Path, *, limit: int = MAX_CONFIG_BYTES, follow_symlinks: 
             remaining -= len(chunk)
         data = b"".join(chunks)
         if len(data) > limit:
-            raise UnsafeFile(path, f"grew past the {limit}-byte limit for config files")
-        return data
+            raise UnsafeFile(path, f"grew past the {limit}-byte limit{what}")
+        return data, info
     finally:
         os.close(fd)
 
@@ -190,26 +196,7 @@ def read_regular_at(
         if exc.errno == errno.ELOOP:
             raise UnsafeFile(path, f"is a symlink to {os.readlink(name, dir_fd=dir_fd)!r}; not following it") from exc
         raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFile(path, "is not a regular file")
-        if info.st_size > limit:
-            raise UnsafeFile(path, f"is {info.st_size} bytes, over the {limit}-byte limit")
-        chunks: list[bytes] = []
-        remaining = limit + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(65536, remaining))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise UnsafeFile(path, f"grew past the {limit}-byte limit")
-        return data, info
-    finally:
-        os.close(fd)
+    return _read_opened(fd, path, limit)
 
 
 def atomic_write_at(dir_fd: int, name: str, content: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
