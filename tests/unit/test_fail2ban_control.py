@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +45,8 @@ def _control(tmp_path: Path, backend: str = "nft", listening: frozenset[int] = f
     return Fail2banControl(root, listening_ports=lambda: listening, detect_backend=lambda: Backend(backend))
 
 
-def _config(**fail2ban: object) -> Config:
-    return Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig(**fail2ban))  # type: ignore[arg-type]
+def _config(**fail2ban: Any) -> Config:
+    return Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig(**fail2ban))
 
 
 def test_the_dump_of_the_real_tool_gives_the_effective_sshd_jail() -> None:
