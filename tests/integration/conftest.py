@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, StartAgent
+from tests.integration.harness import Agent, AgentOptions, StartAgent
 
 
 @pytest.fixture(autouse=True)
@@ -19,16 +20,8 @@ def start_agent() -> Iterator[StartAgent]:
     """start_agent(root) -> a running, ready Agent; every agent is stopped (and must exit 0) at teardown."""
     agents: list[Agent] = []
 
-    def start(
-        root: Path,
-        ready: bool = True,
-        *,
-        env: dict[str, str] | None = None,
-        config: Path | None = None,
-        netns: bool = True,
-        wrap: Sequence[str] = (),
-    ) -> Agent:
-        agent = Agent(root, env=env, config=config, netns=netns, wrap=wrap)
+    def start(root: Path, ready: bool = True, **options: Unpack[AgentOptions]) -> Agent:
+        agent = Agent(root, **options)
         agents.append(agent)
         if ready:
             agent.wait_ready()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 REPO = Path(__file__).resolve().parents[2]
 SSHD = "/usr/sbin/sshd"
@@ -148,19 +148,19 @@ class Agent:
         return self.process.returncode
 
 
-class StartAgent(Protocol):
-    """The start_agent fixture: start_agent(root) -> a running, ready Agent (Agent's keywords pass through)."""
+class AgentOptions(TypedDict, total=False):
+    """Agent's keywords, as start_agent passes them on."""
 
-    def __call__(
-        self,
-        root: Path,
-        ready: bool = True,
-        *,
-        env: dict[str, str] | None = None,
-        config: Path | None = None,
-        netns: bool = True,
-        wrap: Sequence[str] = (),
-    ) -> Agent: ...
+    env: dict[str, str] | None
+    config: Path | None
+    netns: bool
+    wrap: Sequence[str]
+
+
+class StartAgent(Protocol):
+    """The start_agent fixture: start_agent(root) -> a running, ready Agent."""
+
+    def __call__(self, root: Path, ready: bool = True, **options: Unpack[AgentOptions]) -> Agent: ...
 
 
 def tree_snapshot(directory: Path) -> dict[str, tuple[bytes | str, int]]:
