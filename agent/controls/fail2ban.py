@@ -271,6 +271,7 @@ class Fail2banControl(Control):
         self._password_logins = password_logins
         self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
         self._keep_ignored: tuple[str, ...] = ()  # live admin sessions' addresses, to add again after a reload
+        self._renames_action = ""  # "old -> new" when the transaction in flight changes the ban action's name
         self._sessions_seen: tuple[accounts.SshSession, ...] | None = None  # for a heal's facts (-t -d has none)
         self.services = services or ServiceManager(root)
         self._listening_ports = listening_ports or SshdPorts(root)  # agent/sshd_ports.py
@@ -523,6 +524,9 @@ class Fail2banControl(Control):
             commands.append(CommandChange(apply, back, reason=expected))
             notes.append(f"fail2ban-client set {JAIL} {verb} {address} ({expected})")
         self._files_changed = bool(files) or not observed.installed or observed.running is False
+        was = (observed.effective or {}).get("banaction", "")
+        want = desired.effective.get("banaction", "")
+        self._renames_action = f"{was} -> {want}" if files and was and want and was != want else ""
         sessions = observed.admin_sessions or ()
         self._keep_ignored = tuple(dict.fromkeys(session.address for session in sessions))
         return Changes(tuple(files), tuple(notes), "".join(diffs), tuple(commands))
@@ -560,19 +564,36 @@ class Fail2banControl(Control):
                 if problem:
                     return ReloadOutcome(False, f"{started.detail}: {problem}", {"service_action": started.action})
             return ReloadOutcome(started.ok, started.detail, {"service_action": started.action})
-        result = run([CLIENT, "reload"], timeout=60)
-        if not result.ok:
-            return ReloadOutcome(False, f"fail2ban-client reload: {result.error_text()}")
-        problem = wait_until_banning()
-        if problem:
-            return ReloadOutcome(False, f"fail2ban-client reload: {problem}")
+        if self._renames_action:
+            # fail2ban 1.1's reload (Debian 13) drops the old ban action and never adds the renamed one:
+            # `No actions for jail sshd`, nothing banned, until a restart. Bans outlive it (fail2ban's db).
+            outcome = self._restart(f"the ban action changes: {self._renames_action}")
+        else:
+            result = run([CLIENT, "reload"], timeout=60)
+            if not result.ok:
+                return ReloadOutcome(False, f"fail2ban-client reload: {result.error_text()}")
+            problem = wait_until_banning()
+            outcome = ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
+            if problem:  # whatever the cause, a restart is what gives the jail its action back
+                outcome = self._restart(f"fail2ban-client reload: {problem}")
+        if not outcome.ok:
+            return outcome
         status = run([CLIENT, "status", JAIL], timeout=15)
         if not status.ok:
             return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")
         self._after_reload = (True, parse_status(status.stdout))
         for address in self._keep_ignored:  # the reload reset the running jail's ignore list to the files'
             run([CLIENT, "set", JAIL, "addignoreip", address], timeout=15)
-        return ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
+        return outcome
+
+    def _restart(self, why: str) -> ReloadOutcome:
+        """Restart fail2ban, then wait for the jail's ban action."""
+        restarted = self.services.restart(UNIT)
+        detail = f"{restarted.detail} ({why})"
+        problem = wait_until_banning() if restarted.ok else None
+        if problem:
+            detail = f"{detail}: {problem}"
+        return ReloadOutcome(restarted.ok and problem is None, detail, {"service_action": restarted.action})
 
     def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
         effective = observed.effective or {}

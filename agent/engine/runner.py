@@ -101,6 +101,7 @@ class ControlRunner:
         self._backoff_heals_left = 0  # heals a back-off still allows (after FLAP_SETTLE without a change)
         self._deadline = 0.0
         self._heal_times: collections.deque[float] = collections.deque()
+        self._last_intent = ""  # the last converge's Outcome.intent
         self._paused_drift = ""
         self._findings = FindingsReporter()  # findings and warnings as events, rate-limited per item
         self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
@@ -297,6 +298,11 @@ class ControlRunner:
         report_only = not paused and not self.control.remediates(config)
         backing_off = self.state.backoff_until is not None and self._clock() < self.state.backoff_until
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
+        # a heal towards a changed aim (the admin's key login proven, a move confirmed, a reload) applies the
+        # agent's own new intent: nobody undid anything, so it does not count towards flapping
+        new_intent = bool(outcome.intent) and self._last_intent not in ("", outcome.intent)
+        if outcome.intent:
+            self._last_intent = outcome.intent
         with self._cond:
             self.state.last_converge_at = self._clock()
             self.state.converged_at = time.time()
@@ -326,7 +332,7 @@ class ControlRunner:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
                 damped = outcome.drift is not None and any(item.damped for item in outcome.drift.fixable)
-                if not admin and damped:
+                if not admin and damped and not new_intent:
                     self._record_heal(config)
                 if self.state.status != FLAPPING:
                     if held is not None:  # what was safe is applied; the rest still waits

@@ -4,6 +4,7 @@ observe again -> commit, or restore the backups, reload, and report. The only co
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -51,6 +52,10 @@ class Outcome:
     remaining: Drift | None = None
     # the settings the lockout invariants hold back (the rest was applied, or already in place)
     held: Held | None = None
+    # a fingerprint of what this converge aimed at (the desired state, after any holds): when it differs
+    # from the last converge's, a heal follows a new intent (a proof, a confirmed move, a config reload),
+    # not somebody undoing the agent's work, and does not count towards flapping. "" when not known.
+    intent: str = ""
 
 
 def _dpkg_idle() -> str | None:
@@ -68,6 +73,16 @@ class TransactionContext:
 
 def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:
     """One transaction for one control; heal=False only observes and plans (check, diff, dry run)."""
+    aims: list[Any] = []  # the desired state, then the one left once settings are held back
+    outcome = _converge(control, config, ctx, reason=reason, heal=heal, aims=aims)
+    if aims:
+        outcome.intent = hashlib.sha256(repr(aims[-1]).encode()).hexdigest()[:16]
+    return outcome
+
+
+def _converge(
+    control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool, aims: list[Any]
+) -> Outcome:
     started = time.monotonic()
     txid = uuid.uuid4().hex[:12]
 
@@ -88,6 +103,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
 
     try:
         desired = control.desired(config)
+        aims.append(desired)
     except ValidationError as exc:
         if heal:
             report(
@@ -124,6 +140,7 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
     if held is not None:
         # what is safe applies now; only the held settings wait
         desired = held.desired
+        aims.append(desired)
         drift = control.diff(observed, desired)
         if drift is None or not drift.fixable:
             status = BLOCKED if held.blocked else PENDING

@@ -74,6 +74,13 @@ class ServiceManager:
         detail = f"systemctl enable --now {unit}" if result.ok else result.error_text()
         return ServiceResult(result.ok, "start", detail)
 
+    def restart(self, unit: str) -> ServiceResult:
+        """Stop and start a unit that runs (for what its reload cannot do); only where systemd runs the system."""
+        if not self.use_systemd:
+            return ServiceResult(True, "none", f"{unit} is never restarted in a fake root")
+        result = run(["systemctl", "restart", unit], timeout=90)
+        return ServiceResult(result.ok, "restart", f"systemctl restart {unit}" if result.ok else result.error_text())
+
     def _systemctl(self, verb: str, service: Service) -> ServiceResult:
         result: Completed = run(["systemctl", verb, service.unit], timeout=60)
         return ServiceResult(result.ok, verb, f"systemctl {verb} {service.unit}" if result.ok else result.error_text())

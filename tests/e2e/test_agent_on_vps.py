@@ -27,13 +27,17 @@ FIREWALL_CHAIN = "vps-agent-input"
 BLOCKED_PORT = 8080  # not in the config: the default-deny INPUT drops it until firewall.allow_tcp names it
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], timeout: float = 30.0, explain: Callable[[], str] | None = None
+) -> None:
+    """Poll `check` until it holds; on a timeout the error carries what `explain` says about the state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    seen = f"\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{seen}")
 
 
 def sshd_effective(vps: Sandbox) -> dict[str, list[str]]:
@@ -63,6 +67,13 @@ def agent_active(vps: Sandbox) -> bool:
 
 def status_code(vps: Sandbox) -> int:
     return vps.exec(["vps-agentctl", "status"], check=False).returncode
+
+
+def status_text(vps: Sandbox) -> str:
+    """What `vps-agentctl status` shows now and the last events: a timed-out wait's explanation."""
+    status = vps.exec(["vps-agentctl", "status"], check=False).stdout
+    tail = vps.exec(["vps-agentctl", "events", "-n", "15"], check=False).stdout
+    return f"status:\n{status}\nlast events:\n{tail}"
 
 
 def events(vps: Sandbox) -> list[dict[str, object]]:

@@ -20,6 +20,7 @@ from tests.e2e.test_agent_on_vps import (
     events,
     sshd_effective,
     status_code,
+    status_text,
     wait_for,
 )
 
@@ -132,7 +133,7 @@ def test_7_one_key_login_turns_passwords_off_within_10s(vps: Sandbox) -> None:
     assert key_login(vps, 2222)
     wait_for("passwords off", lambda: baseline(vps, passwords="no"), 10)
     took = time.monotonic() - started
-    wait_for("status exit 0", lambda: status_code(vps) == 0, 10)
+    wait_for("status exit 0", lambda: status_code(vps) == 0, 10, explain=lambda: status_text(vps))
     proven = [e for e in events(vps) if e["event"]["action"] == "key-login-proven"]  # type: ignore[index]
     assert proven and proven[-1]["user"]["name"] == "admin"  # type: ignore[index]
     assert not password_login(vps, 2222) and key_login(vps, 2222)

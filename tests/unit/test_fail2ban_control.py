@@ -251,20 +251,72 @@ def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path,
     assert (facts["service"], facts["banned"]) == ("active", 3)
 
 
-def test_a_reload_after_which_the_jail_never_gets_its_action_fails(
+def _host_control(tmp_path: Path) -> Fail2banControl:
+    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    return Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+
+
+def test_a_reload_after_which_the_jail_never_gets_its_action_is_followed_by_a_restart_and_fails_if_that_does_not_help(
     tmp_path: Path, commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from agent.controls import fail2ban
 
-    (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
-    (tmp_path / "run/systemd/system").mkdir(parents=True)
-    control = Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    control = _host_control(tmp_path)
     monkeypatch.setattr(fail2ban, "ACTIONS_WAIT", 0.3)
     commands.expect(["systemctl", "is-active"])
     commands.expect([CLIENT, "reload"])
+    commands.expect(["systemctl", "restart", "fail2ban.service"])
     commands.expect([CLIENT, "get", "sshd", "actions"], stdout="No actions for jail sshd\n")
     outcome = control.reload()
     assert not outcome.ok and "the sshd jail has no ban action 0.3s later (No actions for jail sshd)" in outcome.detail
+    assert outcome.detail.startswith("systemctl restart fail2ban.service (fail2ban-client reload: the sshd jail has no")
+    assert [CLIENT, "reload"] in commands.calls and ["systemctl", "restart", "fail2ban.service"] in commands.calls
+
+
+def test_a_reload_that_leaves_no_action_is_mended_by_a_restart(
+    tmp_path: Path, commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.controls import fail2ban
+
+    control = _host_control(tmp_path)
+    monkeypatch.setattr(fail2ban, "ACTIONS_WAIT", 0.3)
+    restarted: list[bool] = []
+    commands.expect(["systemctl", "is-active"])
+    commands.expect([CLIENT, "reload"])
+    commands.expect_with(["systemctl", "restart", "fail2ban.service"], lambda argv: (restarted.append(True), (0, "", ""))[1])
+    commands.expect_with(
+        [CLIENT, "get", "sshd", "actions"],
+        lambda argv: (0, "The jail sshd has the following actions:\nnftables" if restarted else "No actions", ""),
+    )
+    commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t0\n")
+    outcome = control.reload()
+    assert outcome.ok and outcome.detail.startswith("systemctl restart fail2ban.service (fail2ban-client reload:")
+
+
+def test_a_heal_that_renames_the_ban_action_restarts_fail2ban_instead_of_reloading(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
+    """Debian 13 ships `banaction = nftables`; the agent bans with iptables-multiport (iptables-nft here) or nftables-multiport.
+    fail2ban 1.1's reload drops the old action and never adds the new one (`No actions for jail sshd`,
+    seen on a booted Debian 13 VPS until fail2ban restarted): a restart it is."""
+    control = _host_control(tmp_path)
+    desired = control.desired(_config())
+    debian13 = parse_dump(STOCK)
+    assert debian13 is not None
+    debian13["banaction"] = "nftables"
+    observed = Fail2banObserved(debian13, None, None, (), b"[DEFAULT]\n", running=True)
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    control.plan(observed, desired, drift)
+    commands.expect(["systemctl", "is-active"])
+    commands.expect(["systemctl", "restart", "fail2ban.service"])
+    commands.expect([CLIENT, "get", "sshd", "actions"], stdout="The jail sshd has the following actions:\nx\n")
+    commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t0\n")
+    outcome = control.reload()
+    assert outcome.ok, outcome.detail
+    assert "the ban action changes: nftables -> iptables-multiport" in outcome.detail
+    assert [CLIENT, "reload"] not in commands.calls
 
 
 def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2banControl:

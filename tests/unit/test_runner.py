@@ -74,9 +74,10 @@ def test_a_burst_of_events_is_one_transaction(runner: ControlRunner) -> None:
 
 
 def _into_backoff(runner: ControlRunner) -> None:
+    before = runner.state.heals
     for n in range(4):  # flap_max_heals is 3
         tamper(runner, f"attacker {n}\n")
-        assert wait_until(lambda n=n: runner.state.heals == n + 1)
+        assert wait_until(lambda n=n: runner.state.heals == before + n + 1)
     assert runner.state.status == FLAPPING
 
 
@@ -211,6 +212,19 @@ def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunne
         assert outcome is not None and outcome.status == tx.HEALED
     assert runner.state.status == tx.HEALED and runner.state.backoff_until is None
     assert "flapping" not in actions(runner)
+
+
+def test_heals_towards_a_new_aim_are_not_flapping_but_undoing_them_still_is(runner: ControlRunner) -> None:
+    """The agent's own new intent (a key login proven, a move confirmed: the desired state changed) is
+    applied, not reverted: on a booted VPS the admin's first key login, after a morning of healed drifts,
+    put the SSH guard into flapping and status said so for five minutes."""
+    for n in range(CONFIG.engine.flap_max_heals + 3):
+        runner.control.want = f"aim {n}\n"  # type: ignore[attr-defined]
+        runner.trigger("the aim changed")
+        assert wait_until(lambda n=n: runner.state.heals == n + 1)
+    assert runner.state.status == tx.HEALED and "flapping" not in actions(runner)
+    _into_backoff(runner)  # the same aim, undone again and again: flapping as before
+    assert runner.control.file.read_text() == f"aim {CONFIG.engine.flap_max_heals + 2}\n"  # type: ignore[attr-defined]
 
 
 class FileControlWithFinding(FileControl):
