@@ -219,12 +219,12 @@ def test_heals_towards_a_new_aim_are_not_flapping_but_undoing_them_still_is(runn
     applied, not reverted: on a booted VPS the admin's first key login, after a morning of healed drifts,
     put the SSH guard into flapping and status said so for five minutes."""
     for n in range(CONFIG.engine.flap_max_heals + 3):
-        runner.control.want = f"aim {n}\n"  # type: ignore[attr-defined]
+        file_control(runner).want = f"aim {n}\n"
         runner.trigger("the aim changed")
         assert wait_until(lambda n=n: runner.state.heals == n + 1)
     assert runner.state.status == tx.HEALED and "flapping" not in actions(runner)
     _into_backoff(runner)  # the same aim, undone again and again: flapping as before
-    assert runner.control.file.read_text() == f"aim {CONFIG.engine.flap_max_heals + 2}\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == f"aim {CONFIG.engine.flap_max_heals + 2}\n"
 
 
 class FileControlWithFinding(FileControl):
