@@ -28,7 +28,6 @@ LINT_VENV ?= $(CURDIR)/build/lint-venv
 lint:  ## ruff and mypy, as CI runs them
 	LINT_VENV=$(LINT_VENV) tools/install-deps lint
 	$(LINT_VENV)/bin/ruff check agent tests bench
-	$(LINT_VENV)/bin/ruff format --check agent tests bench
 	$(LINT_VENV)/bin/mypy
 
 # the packages first, then the .deb (a sub-make, so that `make -j sandbox` cannot build before installing)
