@@ -161,7 +161,7 @@ class EventSinks:
     ) -> Generator[dict[str, Any] | None, None, None]:
         """Yield the last `backlog` events, then events as they arrive (`vps-agentctl events -f`): none
         emitted in between is lost or shown twice. None at least once a second: nothing new, a chance
-        for the reader to see whether its client is still there (agent/ipc.py)."""
+        for the reader to see whether its client is still there (agent/ipc/server.py)."""
         with self._lock:
             seen = self._sequence
             lines = [line for owner, line in self.ring if control is None or owner == control]

@@ -78,3 +78,13 @@ def test_the_rest_of_the_agent_imports_config_names_from_agent_config_alone() ->
     used = {n.removeprefix("agent.config.") for n in names if n.startswith("agent.config.")}
     assert used and used <= set(agent.config.__all__)
     assert all(hasattr(agent.config, name) for name in agent.config.__all__)
+
+
+def test_ipc_is_a_package_whose_client_needs_none_of_the_server() -> None:
+    modules = sorted(p.name for p in (AGENT / "ipc").glob("*.py"))
+    assert modules == ["__init__.py", "client.py", "connection.py", "server.py", "wire.py"]
+    assert not (AGENT / "ipc.py").exists()
+    for path in (AGENT / "ipc").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path.name
+    imported = {n.split(".")[2] for n in imports_of(AGENT / "ipc" / "client.py") if n.startswith("agent.")}
+    assert imported == {"wire"}  # vps-agentctl loads no server code
