@@ -26,7 +26,7 @@ from agent.sinks.outputs import Outputs
 from agent.sshd_ports import SshdPorts
 from agent.system import fs, journal, namespace
 from agent.system.sdnotify import Notifier
-from agent.upgrades import UpgradeScheduler
+from agent.updates import UpgradeScheduler
 from agent.wiring import build_controls, transaction_context
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"

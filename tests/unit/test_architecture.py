@@ -88,3 +88,11 @@ def test_ipc_is_a_package_whose_client_needs_none_of_the_server() -> None:
         assert len(path.read_text().splitlines()) <= 400, path.name
     imported = {n.split(".")[2] for n in imports_of(AGENT / "ipc" / "client.py") if n.startswith("agent.")}
     assert imported == {"wire"}  # vps-agentctl loads no server code
+
+
+def test_the_upgrades_run_every_process_through_the_system_doors() -> None:
+    assert not (AGENT / "upgrades.py").exists()
+    for path in (AGENT / "updates").glob("*.py"):
+        assert "agent.system.run.run" not in imports_of(path), path.name
+        assert not re.search(r"\brun\(\[", path.read_text()), path.name  # no argv of its own
+        assert len(path.read_text().splitlines()) <= 430, path.name
