@@ -89,7 +89,8 @@ class Rsyslog:
     def received(self) -> list[dict[str, Any]]:
         lines = []
         for path in sorted(self.out.glob("*.jsonl")) if self.out.is_dir() else []:
-            lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            # complete lines only: rsyslogd may be half way through writing the last one
+            lines += [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
         return lines
 
     def structured(self) -> list[dict[str, str]]:
