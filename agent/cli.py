@@ -350,7 +350,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]] | int:
-    from agent.daemon import build_controls, transaction_context
+    from agent.wiring import build_controls, transaction_context
 
     root = SystemRoot.at(args.root)
     try:

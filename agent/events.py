@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Generator, MutableMapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -158,10 +158,10 @@ class EventSinks:
 
     def follow(
         self, control: str | None = None, stop: threading.Event | None = None, backlog: int = 0
-    ) -> Iterator[dict[str, Any] | None]:
+    ) -> Generator[dict[str, Any] | None, None, None]:
         """Yield the last `backlog` events, then events as they arrive (`vps-agentctl events -f`): none
         emitted in between is lost or shown twice. None at least once a second: nothing new, a chance
-        for the reader to see whether its client is still there (agent/ipc.py)."""
+        for the reader to see whether its client is still there (agent/ipc/server.py)."""
         with self._lock:
             seen = self._sequence
             lines = [line for owner, line in self.ring if control is None or owner == control]

@@ -15,13 +15,36 @@ from dataclasses import dataclass
 from agent.system.run import run
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_SIMPLE = re.compile(r"(daily)\s+(\d\d):(\d\d)|weekly\s+(mon|tue|wed|thu|fri|sat|sun)\s+(\d\d):(\d\d)")
+# the two simple forms as an admin may write them (any case, "3:30" or "03:30"); the config keeps them as
+# str(SimpleForm): "daily 03:30", "weekly sun 04:00"
+_SIMPLE = re.compile(r"(?i)(?:(daily)|weekly\s+(mon|tue|wed|thu|fri|sat|sun))\s+([0-9]{1,2}):([0-9]{2})")
 _ELAPSE_UTC = re.compile(r"^\s*(?:\(in UTC\)|Next elapse):\s+\w{3}\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC\s*$", re.M)
 _WINDOW = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)")
 
 
 class ScheduleError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SimpleForm:
+    """`daily HH:MM` (weekday None) or `weekly <day> HH:MM` (weekday 0 = Monday), in local time."""
+
+    weekday: int | None
+    hour: int
+    minute: int
+
+    def __str__(self) -> str:
+        clock = f"{self.hour:02d}:{self.minute:02d}"
+        return f"daily {clock}" if self.weekday is None else f"weekly {DAYS[self.weekday]} {clock}"
+
+
+def simple_form(text: str) -> SimpleForm | None:
+    """The simple form `text` spells, or None: another expression, or a time no clock shows (24:00, 9:75)."""
+    match = _SIMPLE.fullmatch(text)
+    if match is None or int(match[3]) > 23 or int(match[4]) > 59:
+        return None
+    return SimpleForm(None if match[1] else DAYS.index(match[2].lower()), int(match[3]), int(match[4]))
 
 
 def check_calendar(expression: str) -> str | None:
@@ -39,15 +62,14 @@ class Schedule:
 
     @property
     def simple(self) -> bool:
-        return _SIMPLE.fullmatch(self.text) is not None
+        return simple_form(self.text) is not None
 
     def next_after(self, after: float) -> float:
         """The first scheduled moment strictly after `after` (a Unix time)."""
-        match = _SIMPLE.fullmatch(self.text)
-        if match is None:
+        form = simple_form(self.text)
+        if form is None:
             return _calendar_next(self.text, after)
-        weekday = None if match[1] else DAYS.index(match[4])
-        hour, minute = (int(match[2]), int(match[3])) if match[1] else (int(match[5]), int(match[6]))
+        weekday, hour, minute = form.weekday, form.hour, form.minute
         start = datetime.datetime.fromtimestamp(after).astimezone()  # local time, with its UTC offset
         day = start.date()
         for offset in range(0, 9):

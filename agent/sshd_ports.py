@@ -30,7 +30,7 @@ SSHD_EXECUTABLES = frozenset(
 
 
 class SshdPorts:
-    """Shared by the firewall, fail2ban and the daemon (build_controls), so they agree and share the cost."""
+    """Shared by the firewall, fail2ban and the daemon (build_controls, agent/wiring.py): they agree, share the cost."""
 
     def __init__(
         self,

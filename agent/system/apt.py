@@ -231,3 +231,14 @@ def install(
             return AptResult(False, tuple(installed), f"{' '.join(step.argv[:1])}: {result.error_text()}", tuple(done))
     names = ", ".join(f"{p} {v}" for p, v in installed) or "nothing new"
     return AptResult(True, tuple(installed), f"installed {names}", tuple(done))
+
+
+def held_packages() -> list[str]:
+    """What `apt-mark hold` holds (the upgrades leave those be)."""
+    result = run(["apt-mark", "showhold"], timeout=30)
+    return result.stdout.split() if result.ok else []
+
+
+def run_step(step: Step, timeout: float) -> Completed:
+    """One step of install_steps or upgrade_steps, with what is left of the run's time limit."""
+    return run(step.argv, env=dict(step.env), timeout=min(step.timeout, timeout))

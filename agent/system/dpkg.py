@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from agent.paths import SystemRoot
+from agent.system.run import run
 
 LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock")
 UPDATES = "/var/lib/dpkg/updates"
@@ -81,3 +82,17 @@ def _command(pid: int) -> str:
         return ""
     words = [a.decode("utf-8", "replace") for a in argv[:3] if a]
     return " ".join([os.path.basename(words[0]), *words[1:]]) if words else ""
+
+
+def installed_packages() -> dict[str, str] | None:
+    """package -> version of every installed package (dpkg's own database), None if unreadable."""
+    result = run(["dpkg-query", "-W", "-f", "${binary:Package}\\t${Version}\\t${db:Status-Abbrev}\\n"], timeout=60)
+    if not result.ok:
+        return None
+    packages = {}
+    for line in result.stdout.splitlines():
+        name, _, rest = line.partition("\t")
+        version, _, status = rest.partition("\t")
+        if status.strip()[1:2] == "i":  # ii, hi: installed (held or not)
+            packages[name] = version
+    return packages

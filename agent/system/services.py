@@ -106,3 +106,20 @@ class ServiceManager:
         except OSError:
             return None
         return pid if comm == service.process_name else None
+
+
+def needing_restart(root: SystemRoot) -> list[str] | None:
+    """`needrestart -b` (batch mode) when it is installed: services still running old code."""
+    if not root.is_host:
+        return None
+    result = run(["needrestart", "-b"], timeout=120, env={"NEEDRESTART_SUSPEND": "1"})
+    if result.returncode == 127:
+        return None
+    return sorted(
+        line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("NEEDRESTART-SVC:")
+    )
+
+
+def reboot() -> Completed:
+    """`systemctl reboot`: the upgrades' reboot inside its window (the caller checks it is the host)."""
+    return run(["systemctl", "reboot"], timeout=60)

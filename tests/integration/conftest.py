@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent
+from tests.integration.harness import Agent, AgentOptions, StartAgent
 
 
 @pytest.fixture(autouse=True)
@@ -15,12 +16,12 @@ def _needs_root_and_real_tools() -> None:
 
 
 @pytest.fixture
-def start_agent() -> Iterator[object]:
+def start_agent() -> Iterator[StartAgent]:
     """start_agent(root) -> a running, ready Agent; every agent is stopped (and must exit 0) at teardown."""
     agents: list[Agent] = []
 
-    def start(root: Path, ready: bool = True, **kwargs: object) -> Agent:
-        agent = Agent(root, **kwargs)  # type: ignore[arg-type]
+    def start(root: Path, ready: bool = True, **options: Unpack[AgentOptions]) -> Agent:
+        agent = Agent(root, **options)
         agents.append(agent)
         if ready:
             agent.wait_ready()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict, Unpack
 
 REPO = Path(__file__).resolve().parents[2]
 SSHD = "/usr/sbin/sshd"
@@ -35,7 +35,8 @@ def effective_sshd(root: Path) -> dict[str, list[str]]:
     return values
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+# Callable[...]: the predicates are lambdas that may bind a loop's value as a default
+def wait_for(predicate: Callable[..., Any], timeout: float = 10.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -145,6 +146,21 @@ class Agent:
                 self.process.wait(5)
                 raise AssertionError("agent did not stop on SIGTERM") from None
         return self.process.returncode
+
+
+class AgentOptions(TypedDict, total=False):
+    """Agent's keywords, as start_agent passes them on."""
+
+    env: dict[str, str] | None
+    config: Path | None
+    netns: bool
+    wrap: Sequence[str]
+
+
+class StartAgent(Protocol):
+    """The start_agent fixture: start_agent(root) -> a running, ready Agent."""
+
+    def __call__(self, root: Path, ready: bool = True, **options: Unpack[AgentOptions]) -> Agent: ...
 
 
 def tree_snapshot(directory: Path) -> dict[str, tuple[bytes | str, int]]:

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 from tests.fakeroot import client_key
-from tests.integration.harness import wait_for
+from tests.integration.harness import StartAgent, wait_for
 
 ACCOUNT_FILES = ("etc/passwd", "etc/shadow", "etc/group")
 
@@ -18,7 +18,7 @@ def account_files(root: Path) -> dict[str, bytes]:
 
 
 def test_root_without_a_password_and_a_second_uid0_account_are_reported_and_left_alone(
-    fake_root: Path, start_agent
+    fake_root: Path, start_agent: StartAgent
 ) -> None:
     shadow = fake_root / "etc/shadow"
     shadow.write_text("root::19000:0:99999:7:::\n" + shadow.read_text().split("\n", 1)[1])
@@ -56,7 +56,9 @@ def let_accounts_through(root: Path) -> None:
             os.chmod(directory, mode | stat.S_IXOTH)
 
 
-def test_the_admin_in_the_config_is_created_by_the_real_useradd_and_its_key_kept(fake_root: Path, start_agent) -> None:
+def test_the_admin_in_the_config_is_created_by_the_real_useradd_and_its_key_kept(
+    fake_root: Path, start_agent: StartAgent
+) -> None:
     let_accounts_through(fake_root)
     key = client_key().decode().strip()
     config = fake_root / "etc/vps-agent/config.yaml"

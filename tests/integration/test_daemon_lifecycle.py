@@ -16,12 +16,12 @@ import pytest
 
 from agent.engine.runner import FLAP_SETTLE
 from tests.fakeroot import make_root
-from tests.integration.harness import effective_sshd, listening_in_netns_of, sshd_in_namespaces, wait_for
+from tests.integration.harness import StartAgent, effective_sshd, listening_in_netns_of, sshd_in_namespaces, wait_for
 
 DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
 
 
-def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, start_agent) -> None:
+def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     paused = agent.ctl("pause", "--for", "30m", "ssh")
     assert paused.returncode == 0 and "paused ssh until" in paused.stdout
@@ -47,13 +47,13 @@ def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, sta
     assert agent.ctl("status").returncode == 0
 
 
-def test_pause_with_a_bad_duration_is_refused(fake_root: Path, start_agent) -> None:
+def test_pause_with_a_bad_duration_is_refused(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     result = agent.ctl("pause", "--for", "soon")
     assert result.returncode == 2 and "expected a duration like 30m" in result.stderr
 
 
-def test_sighup_rereads_the_config_and_converges_to_it(fake_root: Path, start_agent) -> None:
+def test_sighup_rereads_the_config_and_converges_to_it(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(config.read_text().replace("port: 2222", "port: 2200"))
@@ -64,7 +64,7 @@ def test_sighup_rereads_the_config_and_converges_to_it(fake_root: Path, start_ag
     assert effective_sshd(fake_root)["port"] == ["2200"]
 
 
-def test_sighup_reopens_the_events_file_for_logrotate(fake_root: Path, start_agent) -> None:
+def test_sighup_reopens_the_events_file_for_logrotate(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     rotated = agent.events_file.with_name("events.jsonl.1")
     agent.events_file.rename(rotated)
@@ -75,7 +75,7 @@ def test_sighup_reopens_the_events_file_for_logrotate(fake_root: Path, start_age
     assert "agent-started" in rotated.read_text()
 
 
-def test_converge_from_the_console_waits_and_reports(fake_root: Path, start_agent) -> None:
+def test_converge_from_the_console_waits_and_reports(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     result = agent.ctl("converge", "ssh")
     assert result.returncode == 0 and "ssh" in result.stdout
@@ -99,7 +99,7 @@ def test_status_without_a_daemon_exits_3_and_check_still_works(fake_root: Path) 
     assert diff.returncode == 1 and "+PermitRootLogin no" in diff.stdout
 
 
-def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent) -> None:
+def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent: StartAgent) -> None:
     config = "ssh: {port: 2222}\nengine: {flap_max_heals: 2, flap_window: 1m, flap_backoff: 10m}\n"
     root = make_root(tmp_path / "root", config=config)
     agent = start_agent(root)
@@ -128,7 +128,9 @@ def test_flapping_backs_off_and_says_so(tmp_path: Path, start_agent) -> None:
     assert (root / DROPIN).exists()
 
 
-def test_sd_notify_ready_status_watchdog_reloading_stopping(fake_root: Path, start_agent, tmp_path: Path) -> None:
+def test_sd_notify_ready_status_watchdog_reloading_stopping(
+    fake_root: Path, start_agent: StartAgent, tmp_path: Path
+) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify.sock"
     notify.bind(str(path))
@@ -157,7 +159,7 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(fake_root: Path, sta
     notify.close()
 
 
-def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path, start_agent) -> None:
+def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path, start_agent: StartAgent) -> None:
     """A real sshd in its own network namespace, its pidfile inside the fake root: the agent SIGHUPs it."""
     with sshd_in_namespaces(fake_root) as sshd:
         pid = sshd.pid
@@ -170,7 +172,7 @@ def test_a_running_sshd_is_reloaded_and_listens_on_the_new_port(fake_root: Path,
 
 
 def test_an_unreadable_port_move_state_is_reported_as_reset_not_as_a_rejected_config(
-    fake_root: Path, start_agent
+    fake_root: Path, start_agent: StartAgent
 ) -> None:
     (fake_root / "var/lib/vps-agent/port-move.json").write_text('{"phase": "open", "old": [22')
     agent = start_agent(fake_root)
@@ -188,7 +190,7 @@ SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_the_kernel_hands_to_a_worker_thread_is_acted_on_at_once(
-    fake_root: Path, start_agent, signum: int
+    fake_root: Path, start_agent: StartAgent, signum: int
 ) -> None:
     """The kernel may hand a process's signal to any of its threads, while Python runs handlers only in
     the main thread, asleep in select() for up to a minute unless the signal wakes it: tgkill() to a
@@ -208,7 +210,7 @@ def test_a_signal_the_kernel_hands_to_a_worker_thread_is_acted_on_at_once(
 
 
 @pytest.mark.parametrize("verb", ["pause", "resume", "converge", "reload"])
-def test_mutating_verbs_need_root(fake_root: Path, start_agent, verb: str) -> None:
+def test_mutating_verbs_need_root(fake_root: Path, start_agent: StartAgent, verb: str) -> None:
     start_agent(fake_root)
     socket_path = fake_root / "run/vps-agent/agent.sock"
     os.chmod(socket_path, 0o666)  # let the unprivileged caller reach the socket; SO_PEERCRED must still refuse

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import require_root_and_tools
 from tests.fakeroot import CONFIG, make_root
-from tests.integration.harness import REPO, Agent, in_netns_of, wait_for
+from tests.integration.harness import REPO, Agent, StartAgent, in_netns_of, wait_for
 
 DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
 SNIPPET = REPO / "packaging/collectors/rsyslog-vps-agent.conf"
@@ -89,7 +89,8 @@ class Rsyslog:
     def received(self) -> list[dict[str, Any]]:
         lines = []
         for path in sorted(self.out.glob("*.jsonl")) if self.out.is_dir() else []:
-            lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            # complete lines only: rsyslogd may be half way through writing the last one
+            lines += [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
         return lines
 
     def structured(self) -> list[dict[str, str]]:
@@ -115,7 +116,7 @@ def heal_latency(agent: Agent, root: Path) -> float:
 
 
 def test_rsyslog_receives_rfc5424_with_structured_data_and_healing_goes_on_while_it_is_down(
-    tmp_path: Path, start_agent: Any, collectors: list[Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, start_agent: StartAgent, collectors: list[Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     port = 10514
     config = MANY_HEALS + f"events:\n  syslog:\n    target: tcp://127.0.0.1:{port}\n    buffer: 20\n"
@@ -194,7 +195,7 @@ def _syslog(agent: Agent) -> dict[str, Any]:
     return syslog
 
 
-def test_rsyslog_receives_the_events_over_udp(tmp_path: Path, start_agent: Any, collectors: list[Any]) -> None:
+def test_rsyslog_receives_the_events_over_udp(tmp_path: Path, start_agent: StartAgent, collectors: list[Any]) -> None:
     port = 10515
     config = CONFIG + f"events:\n  syslog:\n    target: udp://127.0.0.1:{port}\n    facility: local3\n"
     root = make_root(tmp_path / "root", config=config)
@@ -214,7 +215,9 @@ def test_rsyslog_receives_the_events_over_udp(tmp_path: Path, start_agent: Any, 
     assert actions == {"drift-detected", "drift-reverted"}
 
 
-def test_a_bad_syslog_target_on_reload_is_rejected_and_the_agent_stays_up(fake_root: Path, start_agent: Any) -> None:
+def test_a_bad_syslog_target_on_reload_is_rejected_and_the_agent_stays_up(
+    fake_root: Path, start_agent: StartAgent
+) -> None:
     agent = start_agent(fake_root)
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(CONFIG + 'events:\n  syslog:\n    target: "syslog.example.net:514"\n')
@@ -271,7 +274,9 @@ def parse_exposition(text: str) -> dict[str, float]:
     return samples
 
 
-def test_node_exporter_serves_the_agents_textfile(tmp_path: Path, start_agent: Any, collectors: list[Any]) -> None:
+def test_node_exporter_serves_the_agents_textfile(
+    tmp_path: Path, start_agent: StartAgent, collectors: list[Any]
+) -> None:
     root = make_root(tmp_path / "root", config=CONFIG)
     (root / TEXTFILE_DIR).mkdir(parents=True)
     # what the upgrade scheduler (issue 6) leaves in the state dir, and a package asking for a reboot
@@ -312,7 +317,9 @@ def test_node_exporter_serves_the_agents_textfile(tmp_path: Path, start_agent: A
     assert oct(textfile.stat().st_mode & 0o777) == "0o644"
 
 
-def test_an_unwritable_textfile_directory_is_reported_with_file_and_line(tmp_path: Path, start_agent: Any) -> None:
+def test_an_unwritable_textfile_directory_is_reported_with_file_and_line(
+    tmp_path: Path, start_agent: StartAgent
+) -> None:
     config = CONFIG + "events:\n  prometheus_textfile: /srv/metrics/vps_agent.prom\n"
     root = make_root(tmp_path / "root", config=config)
     (root / "srv").mkdir()
@@ -333,7 +340,7 @@ def test_an_unwritable_textfile_directory_is_reported_with_file_and_line(tmp_pat
 # --- vps-agentctl events ---------------------------------------------------------------------------
 
 
-def test_events_verb_from_the_ring_buffer(fake_root: Path, start_agent: Any) -> None:
+def test_events_verb_from_the_ring_buffer(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     follow = subprocess.Popen(
         [

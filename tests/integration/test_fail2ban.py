@@ -7,12 +7,13 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.controls.fail2ban import parse_dump
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, wait_for
+from tests.integration.harness import Agent, StartAgent, wait_for
 
 HEAL_TIMEOUT = 10.0
 AGENT_FILE = "etc/fail2ban/jail.d/zz-vps-agent.local"
@@ -40,7 +41,7 @@ def effective(root: Path) -> dict[str, str] | None:
     return parse_dump(result.stdout)
 
 
-def _healed(agent: Agent, root: Path, drift: Callable[[], None]) -> dict[str, object]:
+def _healed(agent: Agent, root: Path, drift: Callable[[], object]) -> dict[str, Any]:
     mark = agent.mark()
     drift()
     event = agent.wait_event("drift-reverted", mark, HEAL_TIMEOUT, control="fail2ban")
@@ -49,7 +50,7 @@ def _healed(agent: Agent, root: Path, drift: Callable[[], None]) -> dict[str, ob
     return event
 
 
-def test_the_sshd_jail_is_guarded_on_the_ssh_port(fake_root: Path, start_agent: Callable[..., Agent]) -> None:
+def test_the_sshd_jail_is_guarded_on_the_ssh_port(fake_root: Path, start_agent: StartAgent) -> None:
     assert (fake_root / "etc/fail2ban/jail.conf").is_file(), "the fake root needs Debian's /etc/fail2ban"
     stock_jail_conf = (fake_root / "etc/fail2ban/jail.conf").read_bytes()
     assert effective(fake_root) is not None  # Debian enables sshd (defaults-debian.conf), on port "ssh"
@@ -85,7 +86,7 @@ def test_the_sshd_jail_is_guarded_on_the_ssh_port(fake_root: Path, start_agent: 
     assert orig.read_bytes() == stock_jail_conf  # copied once, never again
 
 
-def test_jail_local_cannot_disable_the_jail(fake_root: Path, start_agent: Callable[..., Agent]) -> None:
+def test_jail_local_cannot_disable_the_jail(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     jail_local = fake_root / "etc/fail2ban/jail.local"
     jail_local.write_text("[sshd]\nenabled = false\nport = 22\n")

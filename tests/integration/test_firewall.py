@@ -8,11 +8,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, in_netns_of, wait_for
+from tests.integration.harness import Agent, StartAgent, in_netns_of, wait_for
 
 CHAIN = "vps-agent-input"
 HEAL_TIMEOUT = 5.0
@@ -65,14 +66,14 @@ def baseline_in_place(ns: Netns, tools: tuple[str, str] = ("iptables", "ip6table
 
 
 @pytest.fixture
-def guarded(fake_root: Path, start_agent: Callable[..., Agent]) -> tuple[Agent, Netns]:
+def guarded(fake_root: Path, start_agent: StartAgent) -> tuple[Agent, Netns]:
     agent = start_agent(fake_root, netns=True)
     ns = Netns(agent)
     wait_for(baseline_in_place(ns), HEAL_TIMEOUT, "the start-up reconcile to install the firewall")
     return agent, ns
 
 
-def _heals(agent: Agent, ns: Netns, *drift: str) -> dict[str, object]:
+def _heals(agent: Agent, ns: Netns, *drift: str) -> dict[str, Any]:
     since = agent.mark()
     ns.run(*drift)
     event = agent.wait_event("drift-reverted", since, HEAL_TIMEOUT, control="firewall")
@@ -111,7 +112,7 @@ def test_drift_is_healed_within_seconds(guarded: tuple[Agent, Netns], drift: tup
     agent, ns = guarded
     event = _heals(agent, ns, *drift)
     assert event["control"] == "firewall"
-    assert float(event["duration_ms"]) < 2000  # type: ignore[arg-type]
+    assert float(event["duration_ms"]) < 2000
     assert not any("--dport 23" in r for r in ns.rules())
 
 
@@ -157,7 +158,7 @@ def test_a_flush_storm_is_damped_and_healed_within_a_second_after_it(guarded: tu
     assert after < 3.0, f"compliant {after:.1f}s after the storm"
 
 
-def test_a_fake_root_in_the_host_netns_is_blocked(fake_root: Path, start_agent: Callable[..., Agent]) -> None:
+def test_a_fake_root_in_the_host_netns_is_blocked(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root, netns=False)  # the host's network namespace
     status = agent.status()["firewall"]
     assert status["status"] == "blocked"
@@ -165,7 +166,7 @@ def test_a_fake_root_in_the_host_netns_is_blocked(fake_root: Path, start_agent: 
     assert agent.wait_event("remediation-blocked", 0, 5, control="firewall")
 
 
-def test_report_mode_reports_and_changes_nothing(fake_root: Path, start_agent: Callable[..., Agent]) -> None:
+def test_report_mode_reports_and_changes_nothing(fake_root: Path, start_agent: StartAgent) -> None:
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(config.read_text() + "firewall:\n  mode: report\n")
     agent = start_agent(fake_root, netns=True)

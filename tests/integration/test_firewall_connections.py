@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, in_netns_of, wait_for
+from tests.integration.harness import StartAgent, in_netns_of, wait_for
 
 SERVER, CLIENT = "10.214.0.1", "10.214.0.2"
 ECHO = """
@@ -47,7 +47,7 @@ def client_netns() -> Iterator[str]:
 
 
 def test_allowed_port_reachable_other_not_established_survives_a_heal(
-    tmp_path: Path, client_netns: str, start_agent: Callable[..., Agent]
+    tmp_path: Path, client_netns: str, start_agent: StartAgent
 ) -> None:
     from tests.fakeroot import make_root
 

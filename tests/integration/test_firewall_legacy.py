@@ -15,7 +15,7 @@ import pytest
 
 from agent.system.netfilter import BACKEND_TEST_HOOK
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, wait_for
+from tests.integration.harness import Agent, StartAgent, wait_for
 from tests.integration.test_firewall import CHAIN, Netns, baseline_in_place
 
 HEAL_TIMEOUT = 5.0
@@ -39,7 +39,7 @@ def _compliant(ns: Netns) -> Callable[[], bool]:
 
 
 @pytest.fixture
-def legacy(fake_root: Path, start_agent: Callable[..., Agent]) -> tuple[Agent, Netns]:
+def legacy(fake_root: Path, start_agent: StartAgent) -> tuple[Agent, Netns]:
     config = fake_root / "etc/vps-agent/config.yaml"
     # many drifts for one agent: no flap damping in the way
     config.write_text(config.read_text().replace("engine:\n", "engine:\n  flap_max_heals: 50\n"))
@@ -78,7 +78,7 @@ def test_legacy_drift_is_healed_by_polling(legacy: tuple[Agent, Netns], capsys: 
         wait_for(_compliant(ns), HEAL_TIMEOUT, f"the heal of {drift}")
         latencies.append((time.monotonic() - started) * 1000)
         event = agent.wait_event("drift-reverted", since, HEAL_TIMEOUT, control="firewall")
-        assert float(event["duration_ms"]) < 1000  # type: ignore[arg-type]
+        assert float(event["duration_ms"]) < 1000
     with capsys.disabled():
         print(
             f"\n[legacy] drift -> healed by polling: p50 {statistics.median(latencies):.0f} ms, "
@@ -100,7 +100,7 @@ def test_rules_split_across_legacy_and_nft_are_reported(legacy: tuple[Agent, Net
     wait_for(lambda: warned() == "", HEAL_TIMEOUT, "the warning to clear")
 
 
-def test_legacy_rules_beside_the_nft_backend_are_reported(fake_root: Path, start_agent: Callable[..., Agent]) -> None:
+def test_legacy_rules_beside_the_nft_backend_are_reported(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root, netns=True, env={BACKEND_TEST_HOOK: "iptables-nft"})
     ns = Netns(agent)
     ns.run("ip6tables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "ACCEPT")

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.system.netfilter import BACKEND_TEST_HOOK
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, wait_for
+from tests.integration.harness import Agent, StartAgent, wait_for
 from tests.integration.test_firewall import Netns
 
 HEAL_TIMEOUT = 5.0
@@ -42,8 +43,8 @@ def _host_ruleset_untouched() -> Iterator[None]:
     assert [subprocess.run(argv, capture_output=True, text=True).stdout for argv in HOST_VIEWS] == before
 
 
-def _chain(ns: Netns) -> dict[str, object] | None:
-    """Our base chain as `nft -j` describes it, with its rules' expressions; None: no table."""
+def _chain(ns: Netns) -> dict[str, Any] | None:
+    """Our base chain as `nft -j` describes it (parsed JSON), with its rules' expressions; None: no table."""
     result = subprocess.run(
         ["nsenter", "-t", str(ns.pid), "-n", "nft", "-j", "list", "table", *TABLE], capture_output=True, text=True
     )
@@ -65,13 +66,13 @@ def _compliant(ns: Netns) -> bool:
         chain.get("hook") == "input"
         and chain.get("policy") == "drop"
         and chain.get("prio") == 0
-        and len(chain["rules"]) == 7  # type: ignore[arg-type]
+        and len(chain["rules"]) == 7
         and '"dport"}}, "right": 2222' in json.dumps(chain["rules"])
     )
 
 
 @pytest.fixture
-def native(fake_root: Path, start_agent: Callable[..., Agent]) -> tuple[Agent, Netns]:
+def native(fake_root: Path, start_agent: StartAgent) -> tuple[Agent, Netns]:
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(config.read_text().replace("engine:\n", "engine:\n  flap_max_heals: 50\n"))
     agent = start_agent(fake_root, netns=True, env={BACKEND_TEST_HOOK: "nftables"})
@@ -119,7 +120,7 @@ def test_drift_is_healed_within_milliseconds(
     latency = (time.monotonic() - started) * 1000
     with capsys.disabled():
         print(f"\n[nftables] {' '.join(drift[1:3])}: healed {latency:.0f} ms, transaction {event['duration_ms']} ms")
-    assert float(event["duration_ms"]) < 1000  # type: ignore[arg-type]
+    assert float(event["duration_ms"]) < 1000
     assert "dport 23" not in ns.run("nft", "list", "table", *TABLE)
 
 
@@ -150,7 +151,7 @@ def test_others_tables_survive_every_heal(native: tuple[Agent, Netns]) -> None:
 
 
 def test_a_check_that_fails_changes_nothing_and_report_mode_only_reports(
-    fake_root: Path, start_agent: Callable[..., Agent]
+    fake_root: Path, start_agent: StartAgent
 ) -> None:
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text(config.read_text() + "firewall:\n  mode: report\n")

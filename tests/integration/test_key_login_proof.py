@@ -8,18 +8,21 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.fakeroot import client_key, make_root
-from tests.integration.harness import effective_sshd, wait_for
+from tests.integration.harness import Agent, StartAgent, effective_sshd, wait_for
 
 CONFIG = 'ssh: {port: 2222, permit_root_login: "no"}\n'
 
 
-def ssh_row(agent: object) -> dict[str, object]:
-    return agent.status()["ssh"]  # type: ignore[attr-defined,no-any-return]
+def ssh_row(agent: Agent) -> dict[str, Any]:
+    return agent.status()["ssh"]
 
 
-def test_a_password_only_admin_gets_root_login_off_at_once_and_keeps_passwords(tmp_path: Path, start_agent) -> None:
+def test_a_password_only_admin_gets_root_login_off_at_once_and_keeps_passwords(
+    tmp_path: Path, start_agent: StartAgent
+) -> None:
     root = make_root(tmp_path / "root", admin_key=False, config=CONFIG)
     agent = start_agent(root)
     effective = effective_sshd(root)
@@ -29,7 +32,7 @@ def test_a_password_only_admin_gets_root_login_off_at_once_and_keeps_passwords(t
     assert status.returncode == 1, status.stdout
     assert any(line.split()[:2] == ["ssh", "pending"] for line in status.stdout.splitlines() if line.strip())
     assert "passwords stay on until admin logs in with a key: ssh-copy-id -p 2222 admin@" in status.stdout
-    [held] = ssh_row(agent)["held"]  # type: ignore[misc]
+    [held] = ssh_row(agent)["held"]
     assert held["setting"] == "PasswordAuthentication no" and held["needs"] == "proof"
     pending = agent.wait_event("remediation-pending")
     assert pending["held"] == ["PasswordAuthentication no"]
@@ -45,7 +48,7 @@ def test_a_password_only_admin_gets_root_login_off_at_once_and_keeps_passwords(t
 
 
 def test_a_key_alone_changes_nothing_confirm_turns_passwords_off_and_a_restart_keeps_it(
-    tmp_path: Path, start_agent
+    tmp_path: Path, start_agent: StartAgent
 ) -> None:
     root = make_root(tmp_path / "root", admin_key=False, config=CONFIG)
     agent = start_agent(root)
@@ -71,7 +74,9 @@ def test_a_key_alone_changes_nothing_confirm_turns_passwords_off_and_a_restart_k
     assert again.ctl("status").returncode == 0 and effective_sshd(root)["passwordauthentication"] == ["no"]
 
 
-def test_a_planted_password_yes_is_not_healed_once_the_proven_key_is_gone(tmp_path: Path, start_agent) -> None:
+def test_a_planted_password_yes_is_not_healed_once_the_proven_key_is_gone(
+    tmp_path: Path, start_agent: StartAgent
+) -> None:
     root = make_root(tmp_path / "root", config=CONFIG)  # the admin's key login is proven
     agent = start_agent(root)
     assert effective_sshd(root)["passwordauthentication"] == ["no"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.fakeroot import client_key, make_root
-from tests.integration.harness import effective_sshd, tree_snapshot, wait_for
+from tests.integration.harness import StartAgent, effective_sshd, tree_snapshot, wait_for
 from tests.integration.test_accounts import let_accounts_through
 
 STOCK = {"port": ["22"], "permitrootlogin": ["without-password"], "passwordauthentication": ["yes"]}
@@ -21,7 +21,7 @@ def effective_core(root: Path) -> dict[str, list[str]]:
     return {k: effective[k] for k in STOCK}
 
 
-def test_no_sudo_user_blocks_the_guard_and_root_keeps_its_way_in(tmp_path: Path, start_agent) -> None:
+def test_no_sudo_user_blocks_the_guard_and_root_keeps_its_way_in(tmp_path: Path, start_agent: StartAgent) -> None:
     root = make_root(tmp_path / "root", admin=None)
     before = tree_snapshot(root / "etc/ssh")
     agent = start_agent(root)
@@ -45,7 +45,7 @@ def test_no_sudo_user_blocks_the_guard_and_root_keeps_its_way_in(tmp_path: Path,
     assert sum(e["event"]["action"] == "remediation-blocked" for e in agent.events()) == 1  # once, not per re-check
 
 
-def test_blocked_guard_heals_once_an_admin_with_a_key_appears(tmp_path: Path, start_agent) -> None:
+def test_blocked_guard_heals_once_an_admin_with_a_key_appears(tmp_path: Path, start_agent: StartAgent) -> None:
     root = make_root(tmp_path / "root", admin=None)
     agent = start_agent(root)
     agent.wait_event("remediation-blocked")
@@ -62,7 +62,9 @@ def test_blocked_guard_heals_once_an_admin_with_a_key_appears(tmp_path: Path, st
     assert effective_sshd(root)["permitrootlogin"] == ["no"]
 
 
-def test_the_admin_the_accounts_guard_creates_lets_root_login_go_off_at_once(tmp_path: Path, start_agent) -> None:
+def test_the_admin_the_accounts_guard_creates_lets_root_login_go_off_at_once(
+    tmp_path: Path, start_agent: StartAgent
+) -> None:
     """A root-only VPS whose config asks for an admin with a key: the SSH guard judges again as soon as the
     accounts guard has made it, not at its next periodic look minutes later; fail2ban converges once, after."""
     key = client_key().decode().strip()
@@ -82,7 +84,7 @@ def test_the_admin_the_accounts_guard_creates_lets_root_login_go_off_at_once(tmp
     assert [e["control"] for e in agent.events() if e["event"]["action"] == "drift-reverted"].count("fail2ban") == 1
 
 
-def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path: Path, start_agent) -> None:
+def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path: Path, start_agent: StartAgent) -> None:
     # AddressFamily inet is valid alone, but with a cloud-init drop-in listening on ::1 sshd -t refuses it.
     config = "ssh:\n  port: 2222\n  options:\n    AddressFamily: inet\n"
     root = make_root(tmp_path / "root", config=config)
@@ -100,7 +102,7 @@ def test_a_config_sshd_t_rejects_is_rolled_back_and_the_old_state_kept(tmp_path:
     assert agent.ctl("status").returncode == 2
 
 
-def test_a_setting_sshd_refuses_outright_writes_nothing(tmp_path: Path, start_agent) -> None:
+def test_a_setting_sshd_refuses_outright_writes_nothing(tmp_path: Path, start_agent: StartAgent) -> None:
     root = make_root(tmp_path / "root", config="ssh:\n  options:\n    MaxAuthTries: lots\n")
     before = tree_snapshot(root / "etc/ssh")
     agent = start_agent(root)
@@ -109,7 +111,7 @@ def test_a_setting_sshd_refuses_outright_writes_nothing(tmp_path: Path, start_ag
     assert tree_snapshot(root / "etc/ssh") == before
 
 
-def test_garbage_written_into_the_agents_own_dropin_is_rewritten(fake_root: Path, start_agent) -> None:
+def test_garbage_written_into_the_agents_own_dropin_is_rewritten(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     dropin = fake_root / "etc/ssh/sshd_config.d/00-vps-agent.conf"
     mark = agent.mark()
@@ -119,7 +121,9 @@ def test_garbage_written_into_the_agents_own_dropin_is_rewritten(fake_root: Path
     assert effective_sshd(fake_root)["permitrootlogin"] == ["no"]
 
 
-def test_binary_garbage_in_sshd_config_is_reported_and_left_for_the_admin(fake_root: Path, start_agent) -> None:
+def test_binary_garbage_in_sshd_config_is_reported_and_left_for_the_admin(
+    fake_root: Path, start_agent: StartAgent
+) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     garbage = main.read_bytes() + b"\x00\xff\xfeGARBAGE\x01\n"
@@ -136,7 +140,7 @@ def test_binary_garbage_in_sshd_config_is_reported_and_left_for_the_admin(fake_r
     assert effective_sshd(fake_root)["permitrootlogin"] == ["no"]
 
 
-def test_a_10_mb_sshd_config_is_refused_and_kept(fake_root: Path, start_agent) -> None:
+def test_a_10_mb_sshd_config_is_refused_and_kept(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     huge = main.read_bytes() + b"# filler line to make the file very large\n" * 250_000
@@ -150,7 +154,9 @@ def test_a_10_mb_sshd_config_is_refused_and_kept(fake_root: Path, start_agent) -
     assert agent.alive() and agent.ctl("status").returncode == 2
 
 
-def test_a_symlink_planted_at_the_dropin_path_is_replaced_never_followed(fake_root: Path, start_agent) -> None:
+def test_a_symlink_planted_at_the_dropin_path_is_replaced_never_followed(
+    fake_root: Path, start_agent: StartAgent
+) -> None:
     agent = start_agent(fake_root)
     victim = fake_root.parent / "victim-shadow"
     victim.write_text("root:$6$secret:19000::::::\n")
@@ -164,7 +170,9 @@ def test_a_symlink_planted_at_the_dropin_path_is_replaced_never_followed(fake_ro
     assert "PermitRootLogin no" in dropin.read_text()
 
 
-def test_malformed_yaml_on_reload_is_rejected_and_the_old_config_stays(fake_root: Path, start_agent) -> None:
+def test_malformed_yaml_on_reload_is_rejected_and_the_old_config_stays(
+    fake_root: Path, start_agent: StartAgent
+) -> None:
     agent = start_agent(fake_root)
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text("ssh:\n  port: [2222\n")
@@ -180,7 +188,7 @@ def test_malformed_yaml_on_reload_is_rejected_and_the_old_config_stays(fake_root
     assert effective_sshd(fake_root)["port"] == ["2222"]  # still the old config's port
 
 
-def test_start_with_a_broken_config_uses_the_last_good_one(fake_root: Path, start_agent) -> None:
+def test_start_with_a_broken_config_uses_the_last_good_one(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     assert agent.stop() == 0
     (fake_root / "etc/vps-agent/config.yaml").write_text("ssh:\n  port: 70000\n")
@@ -190,7 +198,7 @@ def test_start_with_a_broken_config_uses_the_last_good_one(fake_root: Path, star
     assert effective_sshd(fake_root)["port"] == ["2222"]
 
 
-def test_start_with_a_broken_config_and_no_last_good_one_exits_2(fake_root: Path, start_agent) -> None:
+def test_start_with_a_broken_config_and_no_last_good_one_exits_2(fake_root: Path, start_agent: StartAgent) -> None:
     (fake_root / "etc/vps-agent/config.yaml").write_text("ssh:\n  prot: 22\n")
     agent = start_agent(fake_root, ready=False)
     assert agent.process.wait(20) == 2

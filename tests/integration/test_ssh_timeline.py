@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.integration.harness import backup_of, effective_sshd
+from tests.integration.harness import Agent, StartAgent, backup_of, effective_sshd
 
 BASELINE = {"port": ["2222"], "permitrootlogin": ["no"], "passwordauthentication": ["no"]}
 DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
@@ -22,7 +24,7 @@ def first_directive(text: str) -> str:
     return next(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
-def heal_after(agent, root: Path, tamper) -> dict:  # type: ignore[no-untyped-def]
+def heal_after(agent: Agent, root: Path, tamper: Callable[[], object]) -> dict[str, Any]:
     mark = agent.mark()
     tamper()
     detected = agent.wait_event("drift-detected", mark)
@@ -32,7 +34,7 @@ def heal_after(agent, root: Path, tamper) -> dict:  # type: ignore[no-untyped-de
     return reverted
 
 
-def test_start_up_reconcile_applies_the_baseline_to_stock_debian(fake_root: Path, start_agent) -> None:
+def test_start_up_reconcile_applies_the_baseline_to_stock_debian(fake_root: Path, start_agent: StartAgent) -> None:
     assert effective_sshd(fake_root)["permitrootlogin"] == ["without-password"]
     agent = start_agent(fake_root)
     assert_baseline(fake_root)
@@ -41,7 +43,7 @@ def test_start_up_reconcile_applies_the_baseline_to_stock_debian(fake_root: Path
     assert agent.ctl("status").returncode == 0
 
 
-def test_sed_i_of_permitrootlogin_yes_into_sshd_config(fake_root: Path, start_agent) -> None:
+def test_sed_i_of_permitrootlogin_yes_into_sshd_config(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     reverted = heal_after(
@@ -61,7 +63,7 @@ def test_sed_i_of_permitrootlogin_yes_into_sshd_config(fake_root: Path, start_ag
 
 
 def test_sed_i_inserting_permitrootlogin_yes_above_the_include_wins_over_the_dropin(
-    fake_root: Path, start_agent
+    fake_root: Path, start_agent: StartAgent
 ) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
@@ -73,7 +75,7 @@ def test_sed_i_inserting_permitrootlogin_yes_above_the_include_wins_over_the_dro
     assert_baseline(fake_root)
 
 
-def test_a_new_00_evil_conf_is_neutralised(fake_root: Path, start_agent) -> None:
+def test_a_new_00_evil_conf_is_neutralised(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     evil = fake_root / "etc/ssh/sshd_config.d/00-evil.conf"
     reverted = heal_after(
@@ -85,7 +87,7 @@ def test_a_new_00_evil_conf_is_neutralised(fake_root: Path, start_agent) -> None
     )
 
 
-def test_the_include_line_deleted(fake_root: Path, start_agent) -> None:
+def test_the_include_line_deleted(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     reverted = heal_after(
@@ -96,14 +98,14 @@ def test_the_include_line_deleted(fake_root: Path, start_agent) -> None:
     assert "\nInclude " not in backup and "#PermitRootLogin prohibit-password" in backup
 
 
-def test_the_agents_dropin_deleted(fake_root: Path, start_agent) -> None:
+def test_the_agents_dropin_deleted(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     dropin = fake_root / DROPIN
     heal_after(agent, fake_root, dropin.unlink)
     assert dropin.read_text().splitlines()[-3:] == ["Port 2222", "PermitRootLogin no", "PasswordAuthentication no"]
 
 
-def test_sshd_config_replaced_by_rename(fake_root: Path, start_agent) -> None:
+def test_sshd_config_replaced_by_rename(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     replacement = fake_root / "etc/ssh/sshd_config.new"
@@ -121,7 +123,7 @@ def test_sshd_config_replaced_by_rename(fake_root: Path, start_agent) -> None:
     )
 
 
-def test_port_22_added(fake_root: Path, start_agent) -> None:
+def test_port_22_added(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     main = fake_root / "etc/ssh/sshd_config"
     mark = agent.mark()
@@ -133,7 +135,7 @@ def test_port_22_added(fake_root: Path, start_agent) -> None:
     assert effective_sshd(fake_root)["port"] == ["2222"]
 
 
-def test_drift_made_while_the_agent_was_down_is_healed_at_start(fake_root: Path, start_agent) -> None:
+def test_drift_made_while_the_agent_was_down_is_healed_at_start(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     assert agent.stop() == 0
     (fake_root / DROPIN).unlink()
@@ -142,7 +144,7 @@ def test_drift_made_while_the_agent_was_down_is_healed_at_start(fake_root: Path,
     assert_baseline(fake_root)
 
 
-def test_its_own_writes_do_not_trigger_another_transaction(fake_root: Path, start_agent) -> None:
+def test_its_own_writes_do_not_trigger_another_transaction(fake_root: Path, start_agent: StartAgent) -> None:
     agent = start_agent(fake_root)
     mark = agent.mark()
     (fake_root / DROPIN).unlink()

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require_root_and_tools
 from tests.fakeroot import CONFIG, make_root
-from tests.integration.harness import REPO, in_netns_of, wait_for
+from tests.integration.harness import REPO, StartAgent, in_netns_of, wait_for
 
 SNIPPET = REPO / "packaging/collectors/rsyslog-vps-agent.conf"
 DROPIN = "etc/ssh/sshd_config.d/00-vps-agent.conf"
@@ -88,7 +88,9 @@ def received(workdir: Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def agent_and_tls_collector(tmp_path: Path, start_agent: Any, ca_file: Path, conf: Path) -> Iterator[tuple[Path, Any]]:
+def agent_and_tls_collector(
+    tmp_path: Path, start_agent: StartAgent, ca_file: Path, conf: Path
+) -> Iterator[tuple[Path, Any]]:
     """The agent on a fake root sending its events over TLS (checked against ca_file, read inside the
     root), and rsyslogd on conf listening in the agent's network namespace, until the block ends."""
     config = CONFIG + (
@@ -120,7 +122,7 @@ def agent_and_tls_collector(tmp_path: Path, start_agent: Any, ca_file: Path, con
         rsyslog.wait(10)
 
 
-def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, start_agent: Any) -> None:
+def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, start_agent: StartAgent) -> None:
     workdir = tmp_path / "rsyslog"
     ca, cert, key = make_ca(workdir / "pki", "collector")
     conf = tls_rsyslog_conf(workdir, ca, cert, key)
@@ -146,7 +148,7 @@ def test_events_reach_rsyslog_over_tls_checked_against_ca_file(tmp_path: Path, s
         assert status["tls"] is True and status["connected"] is True and status["dropped"] == 0
 
 
-def test_a_collector_certificate_from_another_ca_is_refused(tmp_path: Path, start_agent: Any) -> None:
+def test_a_collector_certificate_from_another_ca_is_refused(tmp_path: Path, start_agent: StartAgent) -> None:
     workdir = tmp_path / "rsyslog"
     _, cert, key = make_ca(workdir / "pki", "collector")
     other_ca, _, _ = make_ca(tmp_path / "other", "someone else")

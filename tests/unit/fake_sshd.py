@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.controls.sshd_config import read_graph
 from agent.paths import SystemRoot
+from tests.unit.conftest import DeclaredCommands
 
 DEFAULTS = {
     "port": ["22"],
@@ -54,7 +55,9 @@ class FakeSshd:
         return 0, render(effective(pairs, self.penalties)), ""
 
 
-def install(commands: object, root: SystemRoot, reject: str | None = None, penalties: bool = False) -> FakeSshd:
+def install(
+    commands: DeclaredCommands, root: SystemRoot, reject: str | None = None, penalties: bool = False
+) -> FakeSshd:
     fake = FakeSshd(root, reject, penalties)
-    commands.expect_with(["/usr/sbin/sshd"], fake)  # type: ignore[attr-defined]
+    commands.expect_with(["/usr/sbin/sshd"], fake)
     return fake

@@ -1,4 +1,5 @@
-"""One door to the outside world: only agent/system/run.py starts processes."""
+"""The boundaries: one door to the outside world (only agent/system/run.py starts processes), the console
+wired without the daemon, and agent/config as a package of small modules behind one public name space."""
 
 from __future__ import annotations
 
@@ -25,3 +26,73 @@ def test_no_module_names_etc_outside_paths_and_the_sshd_guard() -> None:
         if '"/etc/' in p.read_text() and str(p.relative_to(AGENT)) not in allowed
     ]
     assert offenders == []
+
+
+def imports_of(path: Path) -> set[str]:
+    """The agent modules a file imports, dotted ("agent.config.nodes"), however it spells the import."""
+    found = set()
+    imports = re.findall(r"^\s*from (agent[\w.]*) import (?:\(([^)]*)\)|(.*))", path.read_text(), re.M)
+    for module, *spellings in imports:
+        names = "".join(spellings)
+        found.add(module)
+        found.update(f"{module}.{name.split(' as ')[0].strip()}" for name in names.split(",") if name.strip())
+    found.update(re.findall(r"^\s*import (agent[\w.]*)", path.read_text(), re.M))
+    return found
+
+
+def test_the_console_gets_its_controls_from_wiring_not_from_the_daemon() -> None:
+    assert not any(name.startswith("agent.daemon") for name in imports_of(AGENT / "cli.py"))
+    assert "agent.wiring.build_controls" in imports_of(AGENT / "cli.py")
+    assert "agent.wiring.build_controls" in imports_of(AGENT / "daemon.py")
+    builders = sorted(
+        str(p.relative_to(AGENT))
+        for p in AGENT.rglob("*.py")
+        if re.search(r"^def build_controls\(", p.read_text(), re.M)
+    )
+    assert builders == ["wiring.py"]
+
+
+def test_config_is_a_package_of_small_modules_that_import_no_other_part_of_the_agent() -> None:
+    modules = sorted(p.name for p in (AGENT / "config").glob("*.py"))
+    assert modules == ["__init__.py", "durations.py", "errors.py", "fields.py", "loader.py", "nodes.py", "schema.py"]
+    assert not (AGENT / "config.py").exists()
+    for path in (AGENT / "config").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path.name
+        outside = {name for name in imports_of(path) if not name.startswith(("agent.config", "agent.schedule"))}
+        assert outside == set(), path.name
+
+
+def test_one_regex_reads_the_simple_schedule_forms() -> None:
+    spellers = sorted(
+        str(p.relative_to(AGENT)) for p in AGENT.rglob("*.py") if re.search(r"re\.compile\(.*daily", p.read_text())
+    )
+    assert spellers == ["schedule.py"]
+
+
+def test_the_rest_of_the_agent_imports_config_names_from_agent_config_alone() -> None:
+    import agent.config
+
+    users = [p for p in AGENT.rglob("*.py") if p.parent != AGENT / "config"]
+    names = set().union(*(imports_of(p) for p in users))
+    assert {n for n in names if n.startswith("agent.config.") and n.count(".") > 2} == set()  # no submodule
+    used = {n.removeprefix("agent.config.") for n in names if n.startswith("agent.config.")}
+    assert used and used <= set(agent.config.__all__)
+    assert all(hasattr(agent.config, name) for name in agent.config.__all__)
+
+
+def test_ipc_is_a_package_whose_client_needs_none_of_the_server() -> None:
+    modules = sorted(p.name for p in (AGENT / "ipc").glob("*.py"))
+    assert modules == ["__init__.py", "client.py", "connection.py", "server.py", "wire.py"]
+    assert not (AGENT / "ipc.py").exists()
+    for path in (AGENT / "ipc").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path.name
+    imported = {n.split(".")[2] for n in imports_of(AGENT / "ipc" / "client.py") if n.startswith("agent.")}
+    assert imported == {"wire"}  # vps-agentctl loads no server code
+
+
+def test_the_upgrades_run_every_process_through_the_system_doors() -> None:
+    assert not (AGENT / "upgrades.py").exists()
+    for path in (AGENT / "updates").glob("*.py"):
+        assert "agent.system.run.run" not in imports_of(path), path.name
+        assert not re.search(r"\brun\(\[", path.read_text()), path.name  # no argv of its own
+        assert len(path.read_text().splitlines()) <= 430, path.name

@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, exit_code_for, main, render_table
 from agent.paths import SystemRoot
 from agent.system.services import Service, ServiceManager
@@ -34,12 +36,12 @@ def test_status_table_shows_why_and_the_drift() -> None:
     assert lines[2] == "  ssh: effective: permitrootlogin"
 
 
-def test_status_with_no_daemon_exits_3(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_status_with_no_daemon_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--root", str(tmp_path), "status"]) == 3
     assert "unreachable" in capsys.readouterr().err
 
 
-def test_validate_config_names_file_line_and_key(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_validate_config_names_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "config.yaml"
     bad.write_text("ssh:\n  permit_root_login: maybe\n")
     assert main(["validate-config", str(bad)]) == EXIT_ERROR

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from agent.system.run import concurrently, run
+from tests.unit.conftest import DeclaredCommands
 
 
-def test_real_tools_run_at_once_and_answer_in_order(commands) -> None:  # type: ignore[no-untyped-def]
+def test_real_tools_run_at_once_and_answer_in_order(commands: DeclaredCommands) -> None:
     commands.real(["sleep"])  # harmless real processes: this is about running them at once
     commands.real(["sh", "-c"])
     started = time.monotonic()

@@ -6,6 +6,7 @@ import datetime
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 from agent import events as ev
 
@@ -57,13 +58,18 @@ def test_ring_buffer_serves_recent_events_per_control(tmp_path: Path) -> None:
     assert len(events.sinks.recent(100)) == 10  # bounded by ring_size
 
 
+def message_of(event: dict[str, Any] | None) -> object:
+    assert event is not None, "a tick, not an event"
+    return event["message"]
+
+
 def test_follow_yields_the_backlog_then_new_events_and_a_tick_when_nothing_came(tmp_path: Path) -> None:
     events, _ = make(tmp_path)
     events.emit(ev.DRIFT_DETECTED, control="ssh", message="before")
     following = events.sinks.follow("ssh", backlog=1)
-    assert next(following)["message"] == "before"
+    assert message_of(next(following)) == "before"
     events.emit(ev.DRIFT_DETECTED, control="ssh", message="after")
-    assert next(following)["message"] == "after"
+    assert message_of(next(following)) == "after"
     assert next(following) is None  # within a second: nothing new (the IPC server checks its client then)
     following.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +45,8 @@ def _control(tmp_path: Path, backend: str = "nft", listening: frozenset[int] = f
     return Fail2banControl(root, listening_ports=lambda: listening, detect_backend=lambda: Backend(backend))
 
 
-def _config(**fail2ban: object) -> Config:
-    return Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig(**fail2ban))  # type: ignore[arg-type]
+def _config(**fail2ban: Any) -> Config:
+    return Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig(**fail2ban))
 
 
 def test_the_dump_of_the_real_tool_gives_the_effective_sshd_jail() -> None:
@@ -283,7 +284,12 @@ def test_a_reload_that_leaves_no_action_is_mended_by_a_restart(
     restarted: list[bool] = []
     commands.expect(["systemctl", "is-active"])
     commands.expect([CLIENT, "reload"])
-    commands.expect_with(["systemctl", "restart", "fail2ban.service"], lambda argv: (restarted.append(True), (0, "", ""))[1])
+
+    def restart(argv: list[str]) -> tuple[int, str, str]:
+        restarted.append(True)
+        return 0, "", ""
+
+    commands.expect_with(["systemctl", "restart", "fail2ban.service"], restart)
     commands.expect_with(
         [CLIENT, "get", "sshd", "actions"],
         lambda argv: (0, "The jail sshd has the following actions:\nnftables" if restarted else "No actions", ""),
@@ -296,9 +302,9 @@ def test_a_reload_that_leaves_no_action_is_mended_by_a_restart(
 def test_a_heal_that_renames_the_ban_action_restarts_fail2ban_instead_of_reloading(
     tmp_path: Path, commands: DeclaredCommands
 ) -> None:
-    """Debian 13 ships `banaction = nftables`; the agent bans with iptables-multiport (iptables-nft here) or nftables-multiport.
-    fail2ban 1.1's reload drops the old action and never adds the new one (`No actions for jail sshd`,
-    seen on a booted Debian 13 VPS until fail2ban restarted): a restart it is."""
+    """Debian 13 ships `banaction = nftables`; the agent bans with iptables-multiport (iptables-nft here)
+    or nftables-multiport. fail2ban 1.1's reload drops the old action and never adds the new one
+    (`No actions for jail sshd`, seen on a booted Debian 13 VPS until fail2ban restarted): a restart it is."""
     control = _host_control(tmp_path)
     desired = control.desired(_config())
     debian13 = parse_dump(STOCK)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.config import Config, FirewallConfig, PortRule, SshConfig
 from agent.controls import firewall
@@ -11,6 +14,7 @@ from agent.engine import transaction as tx
 from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
 from agent.system import fs
+from tests.unit.conftest import DeclaredCommands
 
 SAVED_EMPTY = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
 
@@ -19,11 +23,11 @@ def _control(tmp_path: Path, listening: frozenset[int] = frozenset({22}), host_n
     return FirewallControl(SystemRoot.at(tmp_path), lambda: listening, lambda: host_netns)
 
 
-def _config(**firewall: object) -> Config:
-    return Config(ssh=SshConfig(port=2222), firewall=FirewallConfig(**firewall))  # type: ignore[arg-type]
+def _config(**firewall: Any) -> Config:
+    return Config(ssh=SshConfig(port=2222), firewall=FirewallConfig(**firewall))
 
 
-def _declare_nft(commands, saved: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+def _declare_nft(commands: DeclaredCommands, saved: dict[str, str]) -> None:
     commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (nf_tables)\n")
     commands.expect_with(["iptables-nft-save"], lambda argv: (0, saved["ipv4"], ""))
     commands.expect_with(["ip6tables-nft-save"], lambda argv: (0, saved["ipv6"], ""))
@@ -52,7 +56,7 @@ def test_ipv6_accepts_neighbour_discovery_only_with_hop_limit_255() -> None:
     assert any("echo-request -m limit" in r for r in v6)
 
 
-def test_ssh_ports_are_the_configured_one_plus_what_sshd_listens_on(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_ssh_ports_are_the_configured_one_plus_what_sshd_listens_on(tmp_path: Path, commands: DeclaredCommands) -> None:
     desired = _control(tmp_path, frozenset({22})).desired(_config())
     assert desired.ssh_ports == (22, 2222)
     assert desired.open_tcp["ipv4"] >= {22, 2222}
@@ -70,7 +74,7 @@ def test_parse_keeps_others_rules_out_of_the_agents_chain() -> None:
     assert parse_filter("ipv4", SAVED_EMPTY).chain is None
 
 
-def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
     desired = control.desired(_config())
@@ -90,7 +94,7 @@ def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Pat
     assert f"-X {CHAIN}" in v4.undo.input_text and ":INPUT ACCEPT" in v4.undo.input_text
 
 
-def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands: DeclaredCommands) -> None:
     saved = (
         "*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd\n-A INPUT -j DOCKER\nCOMMIT\n"
     )
@@ -104,14 +108,14 @@ def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands) -> None:  # typ
     assert f"-I INPUT 2 -j {CHAIN}\n" in text
 
 
-def test_a_fake_root_in_the_host_netns_is_blocked(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_a_fake_root_in_the_host_netns_is_blocked(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path, host_netns=True)
     blocked = control.preconditions(control.observe(), control.desired(_config()))
     assert blocked is not None and "host's network namespace" in str(blocked)
 
 
-def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     listening = {22}
     control = FirewallControl(SystemRoot.at(tmp_path), lambda: frozenset(listening), lambda: False)
@@ -123,7 +127,9 @@ def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands) -> N
     assert blocked is not None and "2200" in str(blocked)
 
 
-def test_the_canonical_form_is_learned_after_applying_and_then_compliant(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_the_canonical_form_is_learned_after_applying_and_then_compliant(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     state = {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY}
     _declare_nft(commands, state)
     control = _control(tmp_path)
@@ -149,7 +155,7 @@ def test_the_canonical_form_is_learned_after_applying_and_then_compliant(tmp_pat
     assert tx.converge(_control(tmp_path), config, ctx, reason="check", heal=False).status == tx.COMPLIANT
 
 
-def test_a_failed_check_changes_nothing(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_check_changes_nothing(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     commands.expect(["iptables-nft-restore"], returncode=2, stderr="iptables-restore: line 4 failed")
     commands.expect(["ip6tables-nft-restore"], returncode=0)
@@ -160,7 +166,9 @@ def test_a_failed_check_changes_nothing(tmp_path: Path, commands) -> None:  # ty
     assert not [c for c in commands.calls if "restore" in c[0] and "--test" not in c]
 
 
-def test_the_test_hook_picks_the_backend_and_otherwise_iptables_v_does(commands, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_test_hook_picks_the_backend_and_otherwise_iptables_v_does(
+    commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from agent.system import netfilter
 
     commands.expect(["iptables-legacy", "-V"], stdout="iptables v1.8.9 (legacy)\n")
@@ -184,14 +192,16 @@ def test_nft_rules_carry_the_same_policy_and_the_script_names_only_our_table() -
     assert firewall.nft_script(None) == "table inet vps_agent\ndelete table inet vps_agent\n"
 
 
-def test_only_iptables_legacy_is_polled_and_as_often_as_configured(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_only_iptables_legacy_is_polled_and_as_often_as_configured(tmp_path: Path, commands: DeclaredCommands) -> None:
     commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (nf_tables)\n")
     assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) is None  # netlink events instead
     commands.expect(["iptables", "-V"], stdout="iptables v1.8.9 (legacy)\n")
     assert _control(tmp_path).poll_interval(_config(poll_interval=5.0)) == 5.0
 
 
-def test_a_failure_after_applying_puts_back_what_the_agent_owned_before(tmp_path: Path, commands) -> None:  # type: ignore[no-untyped-def]
+def test_a_failure_after_applying_puts_back_what_the_agent_owned_before(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     commands.expect(["iptables-nft-restore"], returncode=0)
     # IPv6's apply fails after IPv4's went in (its --test had passed)

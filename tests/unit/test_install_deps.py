@@ -145,3 +145,19 @@ def test_ci_and_make_use_the_install_step_and_no_list_of_their_own() -> None:
     assert recipe("test")[0] == "tools/install-deps test"
     assert recipe("sandbox")[:2] == ["tools/install-deps sandbox", "$(MAKE) --no-print-directory deb"]
     assert recipe("deps") == ["tools/install-deps test"]
+
+
+def test_lint_needs_only_python3_venv_which_the_test_list_holds() -> None:
+    assert listed("lint") == ["python3", "python3-venv"]
+    assert set(listed("lint")) <= set(listed("test"))  # `sudo make deps` is enough for `make lint`
+
+
+def test_ci_lints_with_the_pinned_tools_before_it_tests() -> None:
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci.index("tools/install-deps lint") > ci.index("tools/install-deps test")
+    assert ci.index("make lint") < ci.index("make test") == len(ci) - 1
+    pins = [line for line in (REPO / "tools" / "lint-requirements.txt").read_text().splitlines() if line[:1] != "#"]
+    assert [re.fullmatch(r"(ruff|mypy)==[0-9.]+", pin) is not None for pin in pins] == [True, True]
+    makefile = (REPO / "Makefile").read_text()
+    lint = "\tLINT_VENV=$(LINT_VENV) tools/install-deps lint\n\t$(LINT_VENV)/bin/ruff check agent tests bench\n"
+    assert lint in makefile

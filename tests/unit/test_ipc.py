@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from agent import ipc
 from agent.ipc import (
     MAX_REQUEST_BYTES,
     DaemonUnreachable,
@@ -28,6 +27,7 @@ from agent.ipc import (
     PeerCred,
     Request,
 )
+from agent.ipc import server as serving
 
 
 class RecordingHandler:
@@ -424,12 +424,12 @@ def fake_peer_credentials(conn: socket.socket) -> PeerCred:
 
 @pytest.fixture
 def small_caps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ipc, "_peer_credentials", fake_peer_credentials)
-    monkeypatch.setattr(ipc, "MAX_CONNECTIONS_PER_UID", 3)
-    monkeypatch.setattr(ipc, "MAX_STREAMS_PER_UID", 2)
-    monkeypatch.setattr(ipc, "MAX_UNPRIVILEGED_CONNECTIONS", 5)
-    monkeypatch.setattr(ipc, "MAX_ROOT_CONNECTIONS", 4)
-    monkeypatch.setattr(ipc, "REQUEST_DEADLINE", 30.0)  # idle clients hold their connection in these tests
+    monkeypatch.setattr(serving, "_peer_credentials", fake_peer_credentials)
+    monkeypatch.setattr(serving, "MAX_CONNECTIONS_PER_UID", 3)
+    monkeypatch.setattr(serving, "MAX_STREAMS_PER_UID", 2)
+    monkeypatch.setattr(serving, "MAX_UNPRIVILEGED_CONNECTIONS", 5)
+    monkeypatch.setattr(serving, "MAX_ROOT_CONNECTIONS", 4)
+    monkeypatch.setattr(serving, "REQUEST_DEADLINE", 30.0)  # idle clients hold their connection in these tests
 
 
 def connect_as(path: Path, uid: int) -> socket.socket:
@@ -560,7 +560,7 @@ def test_a_uid_over_its_stream_cap_is_refused_the_stream_but_served_status(
 def test_a_slow_sender_is_dropped_at_the_deadline_however_it_spaces_its_bytes(
     small_caps: None, monkeypatch: pytest.MonkeyPatch, server: IpcServer, handler: RecordingHandler
 ) -> None:
-    monkeypatch.setattr(ipc, "REQUEST_DEADLINE", 1.0)
+    monkeypatch.setattr(serving, "REQUEST_DEADLINE", 1.0)
     request = b'{"verb": "status", "args": {"pad": "' + b"x" * 100 + b'"}}\n'
     sock = connect_as(server.path, 1000)
     started = time.monotonic()
@@ -640,9 +640,9 @@ def test_the_throttled_log_reports_what_it_held_back_at_the_next_period(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = [100.0]
-    monkeypatch.setattr(ipc.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(serving.time, "monotonic", lambda: now[0])
     caplog.set_level(logging.WARNING, logger="agent.ipc")
-    throttled = ipc._ThrottledLog(60.0)
+    throttled = serving._ThrottledLog(60.0)
     for _ in range(500):
         throttled.warning("refused", "refused a connection")
     throttled.warning("accept", "accept() failed")

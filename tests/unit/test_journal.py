@@ -53,7 +53,8 @@ def test_each_trusted_field_is_required() -> None:
         ("_COMM", "python3"),
         ("_EXE", "/usr/bin/python3"),
     ):
-        assert journal.logins([sshd_entry(REAL_DEBIAN12["MESSAGE"], **{field: value})]) == [], field
+        foreign: dict[str, Any] = {field: value}
+        assert journal.logins([sshd_entry(REAL_DEBIAN12["MESSAGE"], **foreign)]) == [], field
     missing = dict(REAL_DEBIAN12)
     del missing["_SYSTEMD_UNIT"]
     assert journal.logins([missing]) == []

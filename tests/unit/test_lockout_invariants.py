@@ -15,6 +15,7 @@ from agent.paths import SystemRoot
 from agent.system.journal import SshdLogin
 from tests.fakeroot import make_root
 from tests.unit import fake_sshd
+from tests.unit.conftest import DeclaredCommands
 
 KEYS_ONLY = AccessPolicy("no", False, True, [".ssh/authorized_keys"])
 PASSWORDS_TOO = AccessPolicy("no", True, True, [".ssh/authorized_keys"])
@@ -92,13 +93,15 @@ def _settings(gate: Held) -> dict[str, str]:
     return dict(gate.desired.settings)
 
 
-def test_a_proven_key_admin_lets_every_setting_apply(tmp_path: Path, commands: object) -> None:
+def test_a_proven_key_admin_lets_every_setting_apply(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root)
     assert _held(root)[1] is None
 
 
-def test_passwords_stay_on_until_the_key_admin_has_logged_in_with_the_key(tmp_path: Path, commands: object) -> None:
+def test_passwords_stay_on_until_the_key_admin_has_logged_in_with_the_key(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
     fake_sshd.install(commands, root)
     control, gate = _held(root)
@@ -110,7 +113,9 @@ def test_passwords_stay_on_until_the_key_admin_has_logged_in_with_the_key(tmp_pa
     assert control.keylogins.awaiting_with_keys == {"admin"}
 
 
-def test_a_password_only_admin_gets_root_login_off_and_keeps_passwords(tmp_path: Path, commands: object) -> None:
+def test_a_password_only_admin_gets_root_login_off_and_keeps_passwords(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
     fake_sshd.install(commands, root)
     control, gate = _held(root)
@@ -122,7 +127,7 @@ def test_a_password_only_admin_gets_root_login_off_and_keeps_passwords(tmp_path:
     assert control.keylogins.awaiting == {"admin"} and control.keylogins.awaiting_with_keys == set()
 
 
-def test_a_root_only_vps_is_blocked_and_root_login_is_left_as_it_is(tmp_path: Path, commands: object) -> None:
+def test_a_root_only_vps_is_blocked_and_root_login_is_left_as_it_is(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin=None))
     fake_sshd.install(commands, root)
     _, gate = _held(root)
@@ -133,7 +138,7 @@ def test_a_root_only_vps_is_blocked_and_root_login_is_left_as_it_is(tmp_path: Pa
     assert _settings(gate) == {"Port": "2222", "PasswordAuthentication": "yes"}  # PermitRootLogin: sshd's own
 
 
-def test_a_proof_whose_key_was_removed_is_forgotten(tmp_path: Path, commands: object) -> None:
+def test_a_proof_whose_key_was_removed_is_forgotten(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root)
     (root.prefix / "home/admin/.ssh/authorized_keys").write_text("")
@@ -144,21 +149,23 @@ def test_a_proof_whose_key_was_removed_is_forgotten(tmp_path: Path, commands: ob
     assert not (root.prefix / "var/lib/vps-agent/key-logins.json").exists()
 
 
-def test_a_proof_by_another_key_does_not_count(tmp_path: Path, commands: object) -> None:
+def test_a_proof_by_another_key_does_not_count(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
     fake_sshd.install(commands, root)
     SshdControl(root).keylogins.record(KeyProof("admin", "a login", 1.0, "SHA256:someotherkey"))
     assert _held(root)[1] is not None
 
 
-def test_a_proof_by_confirm_stands_while_the_admin_has_a_key(tmp_path: Path, commands: object) -> None:
+def test_a_proof_by_confirm_stands_while_the_admin_has_a_key(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
     fake_sshd.install(commands, root)
     SshdControl(root).keylogins.record(KeyProof("admin", CONFIRMED, 1.0))
     assert _held(root)[1] is None
 
 
-def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(tmp_path: Path, commands: object) -> None:
+def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root)
     _, gate = _held(root, "ssh: {port: 2222, options: {AllowUsers: bob, MaxAuthTries: 4}}")
@@ -174,13 +181,15 @@ def test_an_allowusers_that_leaves_the_admin_out_is_held_and_the_rest_applies(tm
     }
 
 
-def test_an_allowusers_that_lists_the_admin_applies(tmp_path: Path, commands: object) -> None:
+def test_an_allowusers_that_lists_the_admin_applies(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root)
     assert _held(root, "ssh: {options: {AllowUsers: admin}}")[1] is None
 
 
-def test_authenticationmethods_publickey_is_held_for_a_password_only_admin(tmp_path: Path, commands: object) -> None:
+def test_authenticationmethods_publickey_is_held_for_a_password_only_admin(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
     fake_sshd.install(commands, root)
     _, gate = _held(root, "ssh: {options: {AuthenticationMethods: publickey}}")
@@ -189,7 +198,7 @@ def test_authenticationmethods_publickey_is_held_for_a_password_only_admin(tmp_p
     assert "AuthenticationMethods" not in _settings(gate) and _settings(gate)["PermitRootLogin"] == "no"
 
 
-def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: object) -> None:
+def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin=None))
     fake_sshd.install(commands, root)
     (root.prefix / "etc/ssh/sshd_config.d/10-admin.conf").write_text("PermitRootLogin no\nPasswordAuthentication no\n")
@@ -198,7 +207,9 @@ def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: o
     assert control.preconditions(control.observe(), desired) is None
 
 
-def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(tmp_path: Path, commands: object) -> None:
+def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
     fake_sshd.install(commands, root)
     control = SshdControl(root)

@@ -39,7 +39,8 @@ def test_the_move_survives_a_restart(tmp_path: Path) -> None:
     assert again.ports(MOVE_TO_2222) == (22, 2222)
     # sshd now listens on both: that is the move in flight, not a new one
     assert again.on_config(MOVE_TO_2222, frozenset({22, 2222}), 1100.0) is None
-    assert again.current() is not None and again.current().deadline == 1600.0  # type: ignore[union-attr]
+    current = again.current()
+    assert current is not None and current.deadline == 1600.0
 
 
 def test_confirmation_closes_the_old_port(tmp_path: Path) -> None:

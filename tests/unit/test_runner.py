@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,8 @@ CONFIG = parse_config(
 )
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+# Callable[...]: the predicates are lambdas that bind a loop's value as a default
+def wait_until(predicate: Callable[..., object], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -47,9 +48,16 @@ def runner(tmp_path: Path) -> Iterator[ControlRunner]:
     instance.stop()
 
 
+def file_control(runner: ControlRunner) -> FileControl:
+    """The runner's control, as the fixture made it: one file and its knobs."""
+    control = runner.control
+    assert isinstance(control, FileControl)
+    return control
+
+
 def tamper(runner: ControlRunner, text: str = "tampered\n") -> None:
-    runner.control.file.write_text(text)  # type: ignore[attr-defined]
-    runner.trigger(str(runner.control.file))  # type: ignore[attr-defined]
+    file_control(runner).file.write_text(text)
+    runner.trigger(str(file_control(runner).file))
 
 
 def actions(runner: ControlRunner) -> list[str]:
@@ -57,7 +65,7 @@ def actions(runner: ControlRunner) -> list[str]:
 
 
 def test_a_burst_of_events_is_one_transaction(runner: ControlRunner) -> None:
-    runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    file_control(runner).file.write_text("tampered\n")
     for _ in range(20):
         runner.trigger("burst")
     assert wait_until(lambda: runner.state.heals == 1)
@@ -86,7 +94,7 @@ def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(
         time.sleep(FLAP_SETTLE / 2)
         assert runner.state.heals == heals - 1  # backing off: no heal while the changes may go on
         assert wait_until(lambda heals=heals: runner.state.heals == heals)
-        assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+        assert file_control(runner).file.read_text() == "good\n"
         assert runner.state.status == FLAPPING
     # the budget is spent: the drift stays until the back-off ends, and the agent says so
     assert "still changed after 3 heals while backing off" in runner.state.why
@@ -95,7 +103,7 @@ def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(
     tamper(runner, "attacker once more\n")
     time.sleep(FLAP_SETTLE + 0.3)
     assert runner.state.heals == 7
-    assert runner.control.file.read_text() == "attacker once more\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "attacker once more\n"
     assert actions(runner).count("flapping") == 2
 
 
@@ -103,7 +111,7 @@ def test_a_storm_that_goes_silent_is_healed_within_a_second_after_it(runner: Con
     """Like `iptables -F` at 100/s: undoing a heal is seen (a netlink message), repeating the undo on
     what is already undone is not (nothing changed), so quiet does not mean the storm has ended."""
     _into_backoff(runner)
-    file = runner.control.file  # type: ignore[attr-defined]
+    file = file_control(runner).file
     storm_ends = time.monotonic() + 2.0
     seen = 0
     while time.monotonic() < storm_ends:
@@ -128,7 +136,7 @@ def test_a_storm_is_not_fought_edit_by_edit_and_is_healed_once_it_stops(runner: 
     stopped = time.monotonic()
     assert wait_until(lambda: runner.state.heals == 5)  # counted once the transaction is over
     assert time.monotonic() - stopped < FLAP_SETTLE + 2.0  # not the 5-minute back-off
-    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "good\n"
     assert runner.state.status == FLAPPING
 
 
@@ -137,7 +145,7 @@ def test_pause_reports_drift_without_healing_and_resume_heals_at_once(runner: Co
     tamper(runner)
     assert wait_until(lambda: bool(runner.state.drift))
     assert runner.state.status == PAUSED and "drift" in runner.state.why
-    assert runner.control.file.read_text() == "tampered\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "tampered\n"
     assert "drift-reverted" not in actions(runner)
     paused_events = [e for e in runner.ctx.events.sinks.recent(100) if e.get("paused")]
     assert [e["event"]["action"] for e in paused_events] == ["drift-detected"]  # reported once, not reverted
@@ -146,19 +154,19 @@ def test_pause_reports_drift_without_healing_and_resume_heals_at_once(runner: Co
     assert len([e for e in runner.ctx.events.sinks.recent(100) if e.get("paused")]) == 1
     runner.resume()
     assert wait_until(lambda: runner.state.status == tx.HEALED)
-    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "good\n"
 
 
 def test_a_timed_pause_ends_by_itself(runner: ControlRunner) -> None:
     runner.pause(time.time() + 0.3)
     tamper(runner)
     time.sleep(0.1)
-    assert runner.control.file.read_text() == "tampered\n"  # type: ignore[attr-defined]
-    assert wait_until(lambda: runner.control.file.read_text() == "good\n", timeout=5)  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "tampered\n"
+    assert wait_until(lambda: file_control(runner).file.read_text() == "good\n", timeout=5)
 
 
 def test_converge_and_wait_returns_the_outcome(runner: ControlRunner) -> None:
-    runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    file_control(runner).file.write_text("tampered\n")
     outcome = runner.converge_and_wait("admin")
     assert outcome is not None and outcome.status == tx.HEALED
 
@@ -184,12 +192,12 @@ def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> Non
             assert wait_until(lambda: runner.state.status == WAITING)
             assert f"pid {apt.pid}" in runner.state.why
             time.sleep(DPKG_RECHECK * 1.5)
-            assert runner.control.file.read_text() == "dpkg writes 4\n"  # type: ignore[attr-defined]
+            assert file_control(runner).file.read_text() == "dpkg writes 4\n"
             outcome = runner.converge_and_wait("admin converge while dpkg runs", timeout=5)
             assert outcome is not None and outcome.status == WAITING
         assert wait_until(lambda: runner.state.status == tx.HEALED, timeout=DPKG_RECHECK * 5)
         time.sleep(0.3)
-        assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+        assert file_control(runner).file.read_text() == "good\n"
         assert runner.state.heals == 1 and actions(runner).count("drift-reverted") == 1
         waits = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "package-manager-busy"]
         assert [e["event"]["outcome"] for e in waits] == ["unknown", "success"]
@@ -199,7 +207,7 @@ def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> Non
 
 def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunner) -> None:
     for n in range(CONFIG.engine.flap_max_heals + 3):
-        runner.control.file.write_text(f"admin edit {n}\n")  # type: ignore[attr-defined]
+        file_control(runner).file.write_text(f"admin edit {n}\n")
         outcome = runner.converge_and_wait("vps-agentctl converge")
         assert outcome is not None and outcome.status == tx.HEALED
     assert runner.state.status == tx.HEALED and runner.state.backoff_until is None
@@ -211,12 +219,12 @@ def test_heals_towards_a_new_aim_are_not_flapping_but_undoing_them_still_is(runn
     applied, not reverted: on a booted VPS the admin's first key login, after a morning of healed drifts,
     put the SSH guard into flapping and status said so for five minutes."""
     for n in range(CONFIG.engine.flap_max_heals + 3):
-        runner.control.want = f"aim {n}\n"  # type: ignore[attr-defined]
+        file_control(runner).want = f"aim {n}\n"
         runner.trigger("the aim changed")
         assert wait_until(lambda n=n: runner.state.heals == n + 1)
     assert runner.state.status == tx.HEALED and "flapping" not in actions(runner)
     _into_backoff(runner)  # the same aim, undone again and again: flapping as before
-    assert runner.control.file.read_text() == f"aim {CONFIG.engine.flap_max_heals + 2}\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == f"aim {CONFIG.engine.flap_max_heals + 2}\n"
 
 
 class FileControlWithFinding(FileControl):
@@ -281,10 +289,10 @@ def test_a_finding_alone_leaves_the_control_drifted_reported_once_and_never_touc
 
 def test_a_finding_left_after_a_heal_keeps_the_control_drifted(finding_runner: ControlRunner) -> None:
     finding_runner.control.root.path("/etc/finding").write_text("left by someone\n")
-    finding_runner.control.file.write_text("tampered\n")  # type: ignore[attr-defined]
+    file_control(finding_runner).file.write_text("tampered\n")
     outcome = finding_runner.converge_and_wait("tampered")
     assert outcome is not None and outcome.status == tx.HEALED
-    assert finding_runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert file_control(finding_runner).file.read_text() == "good\n"
     assert finding_runner.state.status == tx.DRIFTED and finding_runner.state.heals == 1
     assert [d.split(":")[0] for d in finding_runner.state.drift] == ["/etc/finding"]
     assert actions(finding_runner)[-2:] == ["drift-reverted", "drift-detected"]
@@ -429,25 +437,25 @@ def test_the_rate_limit_is_per_item_whatever_its_value() -> None:
 
 
 def test_a_blocked_control_rechecked_unchanged_reports_once(runner: ControlRunner) -> None:
-    runner.control.blocked = Blocked(("no admin could log in",))  # type: ignore[attr-defined]
+    file_control(runner).blocked = Blocked(("no admin could log in",))
     tamper(runner)
     for _ in range(3):
         outcome = runner.converge_and_wait("re-check", admin=False)
         assert outcome is not None and outcome.status == tx.BLOCKED
     assert runner.state.status == tx.BLOCKED
     assert actions(runner).count("remediation-blocked") == 1 and actions(runner).count("drift-detected") == 1
-    runner.control.blocked = Blocked(("no admin could log in", "and another reason"))  # type: ignore[attr-defined]
+    file_control(runner).blocked = Blocked(("no admin could log in", "and another reason"))
     runner.converge_and_wait("re-check", admin=False)
     assert actions(runner).count("remediation-blocked") == 2
 
 
 def test_held_settings_make_the_control_pending_and_are_reported_once(runner: ControlRunner) -> None:
     wait = HeldSetting("Risky yes", "passwords stay on until admin logs in with a key", "ssh-copy-id admin@vps")
-    runner.control.blocked = Held((wait,), "safe\n")  # type: ignore[attr-defined]
+    file_control(runner).blocked = Held((wait,), "safe\n")
     tamper(runner)
     assert wait_until(lambda: runner.state.heals == 1)
     assert wait_until(lambda: runner.state.status == tx.PENDING)
-    assert runner.control.file.read_text() == "safe\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "safe\n"
     for _ in range(3):
         runner.converge_and_wait("re-check", admin=False)
     assert runner.state.status == tx.PENDING and runner.state.why == "held back, waits for the admin's proof: Risky yes"
@@ -455,23 +463,25 @@ def test_held_settings_make_the_control_pending_and_are_reported_once(runner: Co
         {"setting": "Risky yes", "reason": wait.reason, "unblock": wait.unblock, "needs": WAITS_FOR_PROOF}
     ]
     assert actions(runner).count("remediation-pending") == 1 and actions(runner).count("drift-detected") == 1
-    runner.control.blocked = None  # type: ignore[attr-defined]
+    file_control(runner).blocked = None
     runner.converge_and_wait("the proof came")
-    assert runner.control.file.read_text() == "good\n"  # type: ignore[attr-defined]
+    assert file_control(runner).file.read_text() == "good\n"
     assert runner.state.status == tx.HEALED and runner.state.held == []
 
 
-def test_heals_that_follow_the_systems_own_change_never_count_towards_flapping(runner: ControlRunner) -> None:
-    original = runner.control.diff
+def test_heals_that_follow_the_systems_own_change_never_count_towards_flapping(
+    runner: ControlRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = file_control(runner).diff
 
     def undamped(observed: object, desired: object) -> Drift | None:
-        drift = original(observed, desired)  # type: ignore[arg-type]
+        drift = original(observed, desired)
         if drift is None:
             return None
         items = tuple(DriftItem(i.what, i.where, i.expected, i.actual, damped=False) for i in drift.items)
         return Drift(drift.control, items, drift.diff)
 
-    runner.control.diff = undamped  # type: ignore[method-assign]
+    monkeypatch.setattr(file_control(runner), "diff", undamped)
     for n in range(6):  # flap_max_heals is 3: six damped heals would be flapping
         tamper(runner, f"login {n}\n")
         assert wait_until(lambda n=n: runner.state.heals == n + 1)

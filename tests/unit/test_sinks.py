@@ -40,7 +40,7 @@ def emitted(action: str = ev.DRIFT_REVERTED, level: str = "info", **fields: Any)
     return event
 
 
-HEAL = {
+HEAL: dict[str, Any] = {  # one heal's fields, as Events.emit takes them
     "outcome": "success",
     "control": "ssh",
     "message": 'ssh: healed "PermitRootLogin" [yes] \\ back',
@@ -202,7 +202,7 @@ def eventually(check: Any, timeout: float = 5.0) -> None:
 
 def read_frames(conn: socket.socket, count: int) -> list[bytes]:
     """Octet-counted frames (RFC 6587): "LEN SP MSG"."""
-    data, frames = b"", []
+    data, frames = b"", list[bytes]()
     conn.settimeout(10)
     while len(frames) < count:
         chunk = conn.recv(65536)

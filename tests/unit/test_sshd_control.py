@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.controls.sshd import SshdControl
+from agent.controls.base import Drift, FileChange
+from agent.controls.sshd import SshdControl, SshdDesired, SshdObserved
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from tests.unit import fake_sshd
@@ -18,16 +19,24 @@ CONFIG = parse_config('ssh: {port: 2222, permit_root_login: "no", password_authe
 
 
 @pytest.fixture
-def control(fake_root: Path, commands: object) -> SshdControl:
+def control(fake_root: Path, commands: DeclaredCommands) -> SshdControl:
     root = SystemRoot.at(fake_root)
     fake_sshd.install(commands, root)
     return SshdControl(root)
 
 
-def drift_of(control: SshdControl):
+def drift_of(control: SshdControl) -> tuple[SshdObserved, SshdDesired, Drift]:
     observed = control.observe()
     desired = control.desired(CONFIG)
-    return observed, desired, control.diff(observed, desired)
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    return observed, desired, drift
+
+
+def text_of(change: FileChange) -> str:
+    """What a planned file will hold (the plans here write files, none deletes one)."""
+    assert change.content is not None
+    return change.content.decode()
 
 
 def test_stock_debian_config_drifts_on_all_three_keywords_and_the_missing_dropin(control: SshdControl) -> None:
@@ -42,7 +51,7 @@ def test_plan_writes_only_the_agent_dropin_when_nothing_conflicts(control: SshdC
     observed, desired, drift = drift_of(control)
     changes = control.plan(observed, desired, drift)
     assert [c.system_path for c in changes.files] == ["/etc/ssh/sshd_config.d/00-vps-agent.conf"]
-    body = changes.files[0].content.decode()
+    body = text_of(changes.files[0])
     assert "Port 2222\nPermitRootLogin no\nPasswordAuthentication no\n" in body
     assert "+PermitRootLogin no" in changes.diff
 
@@ -53,7 +62,7 @@ def test_dropin_with_permitrootlogin_yes_is_neutralised_with_a_marker(control: S
     observed, desired, drift = drift_of(control)
     assert any(i.where == "/etc/ssh/sshd_config.d/00-evil.conf" and i.line == 2 for i in drift.items)
     changes = control.plan(observed, desired, drift)
-    edited = {c.system_path: c.content.decode() for c in changes.files}["/etc/ssh/sshd_config.d/00-evil.conf"]
+    edited = {c.system_path: text_of(c) for c in changes.files}["/etc/ssh/sshd_config.d/00-evil.conf"]
     lines = edited.splitlines()
     assert lines[0] == "# planted" and lines[2] == "X11Forwarding no"
     assert (
@@ -96,7 +105,7 @@ def test_removed_include_is_restored_before_the_first_directive(control: SshdCon
     observed, desired, drift = drift_of(control)
     assert any(i.what == "include" for i in drift.items)
     changes = control.plan(observed, desired, drift)
-    new_main = {c.system_path: c.content.decode() for c in changes.files}["/etc/ssh/sshd_config"]
+    new_main = {c.system_path: text_of(c) for c in changes.files}["/etc/ssh/sshd_config"]
     directives = [line for line in new_main.splitlines() if line.strip() and not line.startswith("#")]
     assert directives[0] == "Include /etc/ssh/sshd_config.d/*.conf"
     assert new_main.startswith("\n# This is the sshd server system-wide configuration file.")
@@ -125,11 +134,13 @@ def test_symlink_at_the_dropin_path_is_drift_and_is_replaced_not_followed(
 def test_compliant_after_the_plan_is_applied(control: SshdControl) -> None:
     observed, desired, drift = drift_of(control)
     for change in control.plan(observed, desired, drift).files:
-        change.path.write_bytes(change.content)
+        change.path.write_bytes(text_of(change).encode())
     assert control.diff(control.observe(), desired) is None
 
 
-def test_invalid_current_config_is_an_observe_error_naming_file_and_line(fake_root: Path, commands: object) -> None:
+def test_invalid_current_config_is_an_observe_error_naming_file_and_line(
+    fake_root: Path, commands: DeclaredCommands
+) -> None:
     from agent.controls.base import ObserveError
 
     root = SystemRoot.at(fake_root)
@@ -138,7 +149,7 @@ def test_invalid_current_config_is_an_observe_error_naming_file_and_line(fake_ro
         SshdControl(root).observe()
 
 
-def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, commands: object) -> None:
+def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, commands: DeclaredCommands) -> None:
     from agent.controls.base import ObserveError
 
     root = SystemRoot.at(fake_root)
@@ -164,9 +175,7 @@ def test_where_ssh_socket_listens_the_guard_moves_the_socket_too(control: SshdCo
     assert observed.socket_activated and drift is not None
     assert any(i.what == "ssh.socket ListenStream" and i.actual == "missing" for i in drift.items)
     changes = control.plan(observed, desired, drift)
-    socket = {c.system_path: c.content.decode() for c in changes.files}[
-        "/etc/systemd/system/ssh.socket.d/00-vps-agent.conf"
-    ]
+    socket = {c.system_path: text_of(c) for c in changes.files}["/etc/systemd/system/ssh.socket.d/00-vps-agent.conf"]
     # the unit's own ListenStream (port 22) is reset, then the guard's port for both families
     assert socket.splitlines()[2:] == [
         "[Socket]",
@@ -177,7 +186,7 @@ def test_where_ssh_socket_listens_the_guard_moves_the_socket_too(control: SshdCo
     assert any("daemon-reload and restart ssh.socket" in note for note in changes.notes)
 
 
-def test_during_a_port_move_the_socket_listens_on_both_ports(fake_root: Path, commands: object) -> None:
+def test_during_a_port_move_the_socket_listens_on_both_ports(fake_root: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(fake_root)
     fake_sshd.install(commands, root)
     _socket_activated(fake_root)
@@ -212,7 +221,9 @@ def test_a_changed_socket_is_reloaded_through_systemd(fake_root: Path, commands:
     control = SshdControl(root)
     observed = control.observe()
     desired = control.desired(CONFIG)
-    control.plan(observed, desired, control.diff(observed, desired))  # type: ignore[arg-type]
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    control.plan(observed, desired, drift)
     outcome = control.reload()
     systemctl = [c for c in commands.calls if c[0] == "systemctl"]
     assert systemctl[:2] == [["systemctl", "daemon-reload"], ["systemctl", "restart", "ssh.socket"]]

@@ -12,6 +12,7 @@ from agent.controls.sshd import SshdControl
 from agent.paths import SystemRoot
 from tests.fakeroot import make_root
 from tests.unit import fake_sshd
+from tests.unit.conftest import DeclaredCommands
 
 CONFIG = parse_config("ssh: {port: 2222}")
 
@@ -23,7 +24,7 @@ def session(root: Path, name: str, user: str, host: str) -> None:
     os.chown(path, 0, 0)
 
 
-def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, commands: object) -> None:
+def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root, penalties=True)
     control = SshdControl(root)
@@ -41,10 +42,10 @@ def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, 
     plain = control.desired(CONFIG)
     root.sshd_dropin.write_text(plain.dropin_text)
     drift = control.diff(control.observe(), desired)
-    assert drift is not None and drift.items and all(not item.damped for item in drift.items), drift.items
+    assert drift is not None and drift.items and all(not item.damped for item in drift.items), drift
 
 
-def test_a_tampered_dropin_is_damped_as_ever_with_an_exempt_list(tmp_path: Path, commands: object) -> None:
+def test_a_tampered_dropin_is_damped_as_ever_with_an_exempt_list(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root, penalties=True)
     control = SshdControl(root)
@@ -55,7 +56,9 @@ def test_a_tampered_dropin_is_damped_as_ever_with_an_exempt_list(tmp_path: Path,
     assert drift is not None and any(item.damped for item in drift.items)
 
 
-def test_no_exempt_list_where_sshd_has_no_penalties_or_the_admin_sets_one(tmp_path: Path, commands: object) -> None:
+def test_no_exempt_list_where_sshd_has_no_penalties_or_the_admin_sets_one(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     session(root.prefix, "3", "admin", "192.0.2.7")
     fake_sshd.install(commands, root, penalties=False)  # OpenSSH 9.2, Debian 12

@@ -17,7 +17,7 @@ from agent.events import Events, null_events
 from agent.paths import SystemRoot
 from agent.schedule import Schedule, Window
 from agent.system import apt
-from agent.upgrades import CATCH_UP_MAX_DELAY, STATE_FILE, UpgradeScheduler, UpgradeState, changes_between
+from agent.updates import CATCH_UP_MAX_DELAY, STATE_FILE, UpgradeScheduler, UpgradeState, changes_between
 from tests.unit.conftest import DeclaredCommands
 
 

@@ -119,7 +119,7 @@ def test_a_watched_directory_replaced_while_its_events_are_dispatched_does_not_d
         dispatching = threading.Event()
 
         def a_dispatch_in_progress() -> None:
-            with watcher._observer._lock:  # type: ignore[attr-defined]
+            with watcher._observer._lock:
                 dispatching.set()
                 time.sleep(0.3)
                 watcher.dispatch([str(ssh / "authorized_keys")])

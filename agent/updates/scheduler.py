@@ -19,149 +19,35 @@ the upgrade.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent import events as ev
 from agent.config import Config, format_duration
 from agent.paths import SystemRoot
 from agent.schedule import Schedule, ScheduleError, Window
-from agent.system import apt, dpkg, fs
-from agent.system.run import Completed, run
+from agent.system import apt, dpkg, services
+from agent.system.run import Completed
+from agent.updates.host import logged_in_users, reboot_required, security_sources
+from agent.updates.state import (
+    CATCH_UP_MAX_DELAY,
+    FAILURE,
+    INTERRUPTED,
+    REBOOT_RETRY,
+    SKIPPED,
+    SUCCESS,
+    TIMEOUT,
+    RunResult,
+    UpgradeState,
+    changes_between,
+)
 
-STATE_FILE = "updates.json"  # in the state directory (SystemRoot.updates_state)
-CATCH_UP_MAX_DELAY = 300.0  # a missed run starts within this (and within randomized_delay) after start-up
-REBOOT_RETRY = 300.0  # while users are logged in, look again this often inside the window
-SUCCESS, FAILURE, TIMEOUT, INTERRUPTED, SKIPPED = "success", "failure", "timeout", "interrupted", "skipped"
 _ECS_OUTCOME = {SUCCESS: "success", FAILURE: "failure", TIMEOUT: "failure", INTERRUPTED: "unknown"}
 _LOCK_FAILURE = ("Could not get lock", "Unable to acquire the dpkg frontend lock", "Unable to lock")
-
-
-@dataclass
-class UpgradeState:
-    """What survives a restart: kept in /var/lib/vps-agent/updates.json."""
-
-    last_started: float | None = None
-    last_finished: float | None = None
-    last_outcome: str | None = None  # success | failure | timeout | interrupted
-    last_detail: str = ""
-    last_trigger: str = ""
-    last_changes: list[str] = field(default_factory=list)  # "package old -> new"
-    next_run: float | None = None  # the schedule's next time, with its random delay
-    schedule: str | None = None  # the schedule next_run was computed for
-    running: dict[str, Any] | None = None  # a run under way: id, started, trigger, before
-
-    @classmethod
-    def load(cls, root: SystemRoot) -> tuple[UpgradeState, str | None]:
-        """The saved state, or a fresh one and why the saved one could not be used."""
-        path = root.updates_state
-        try:
-            raw = fs.read_regular(path)
-        except (fs.UnsafeFile, OSError) as exc:
-            return cls(), f"{root.system_name(path)}: {exc}"
-        if raw is None:
-            return cls(), None
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            known = {f for f in cls.__dataclass_fields__}
-            return cls(**{k: v for k, v in data.items() if k in known}), None
-        except (ValueError, TypeError) as exc:
-            return cls(), f"{root.system_name(path)}: unreadable ({exc}); starting afresh"
-
-    def save(self, root: SystemRoot) -> None:
-        fs.ensure_dir(root.state_dir, 0o755)
-        text = json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-        fs.atomic_write(root.updates_state, text.encode(), mode=0o644)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    outcome: str
-    detail: str
-    changes: tuple[str, ...] = ()
-    started: float = 0.0
-    finished: float = 0.0
-
-
-# ---- what the packages were, and are ---------------------------------------------------------------
-
-
-def installed_packages() -> dict[str, str] | None:
-    """package -> version of every installed package (dpkg's own database), None if unreadable."""
-    result = run(["dpkg-query", "-W", "-f", "${binary:Package}\\t${Version}\\t${db:Status-Abbrev}\\n"], timeout=60)
-    if not result.ok:
-        return None
-    packages = {}
-    for line in result.stdout.splitlines():
-        name, _, rest = line.partition("\t")
-        version, _, status = rest.partition("\t")
-        if status.strip()[1:2] == "i":  # ii, hi: installed (held or not)
-            packages[name] = version
-    return packages
-
-
-def changes_between(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """Each package's old -> new version; new and removed packages too."""
-    lines = []
-    for name in sorted(set(before) | set(after)):
-        old, new = before.get(name), after.get(name)
-        if old == new:
-            continue
-        lines.append(f"{name} {old or '(new)'} -> {new or '(removed)'}")
-    return lines
-
-
-def held_packages() -> list[str]:
-    result = run(["apt-mark", "showhold"], timeout=30)
-    return result.stdout.split() if result.ok else []
-
-
-def reboot_required(root: SystemRoot) -> tuple[bool, list[str]]:
-    """Debian's flag (/run/reboot-required) and the packages that set it (.pkgs)."""
-    flag = root.reboot_required
-    if not flag.exists():
-        return False, []
-    text = fs.read_text(flag.with_name(flag.name + ".pkgs")) or ""
-    return True, sorted(set(text.split()))
-
-
-def services_needing_restart(root: SystemRoot) -> list[str] | None:
-    """`needrestart -b` (batch mode) when it is installed: services still running old code."""
-    if not root.is_host:
-        return None
-    result = run(["needrestart", "-b"], timeout=120, env={"NEEDRESTART_SUSPEND": "1"})
-    if result.returncode == 127:
-        return None
-    return sorted(
-        line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("NEEDRESTART-SVC:")
-    )
-
-
-def security_sources(root: SystemRoot) -> apt.SecuritySources:
-    """Write the security-only sources list (from /etc/apt's own) into the state directory."""
-    files = []
-    etc = root.apt_etc
-    candidates = [etc / "sources.list"] + sorted((etc / "sources.list.d").glob("*"))
-    for path in candidates:
-        if path.name.endswith((".list", ".sources")):
-            text = fs.read_text(path)
-            if text is not None:
-                files.append((path.name, text))
-    lines = apt.security_lines(files)
-    directory = root.state_dir / "apt-security"
-    parts = directory / "sources.list.d"
-    fs.ensure_dir(parts, 0o755)
-    header = "# written by vps-agent for updates.mode: security-only, from /etc/apt's sources\n"
-    fs.atomic_write(directory / "sources.list", (header + "".join(f"{x}\n" for x in lines)).encode(), mode=0o644)
-    return apt.SecuritySources(root.system_name(directory / "sources.list"), root.system_name(parts))
 
 
 def _lock_detail(step: Completed, lock_timeout: float, holder: str | None) -> str | None:
@@ -187,7 +73,7 @@ class UpgradeScheduler:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        users: Callable[[], int] = lambda: _logged_in_users(),
+        users: Callable[[], int] = lambda: logged_in_users(),
     ) -> None:
         self.root = root
         self.get_config = get_config
@@ -326,8 +212,8 @@ class UpgradeScheduler:
                 ev.UPGRADE_FINISHED, outcome="unknown", result=SKIPPED, message=f"upgrade skipped: {detail}"
             )
             return RunResult(SKIPPED, detail, (), started, started)
-        before = installed_packages() or {}
-        held = held_packages()
+        before = dpkg.installed_packages() or {}
+        held = apt.held_packages()
         self.state.running = {"id": run_id, "started": started, "trigger": trigger, "before": before}
         self.state.last_started = started
         self._save()
@@ -360,7 +246,7 @@ class UpgradeScheduler:
             if left <= 0:
                 return TIMEOUT, f"out of time ({format_duration(time_limit)}) before {_name(step.argv)}"
             holder = dpkg.holder(self.root)
-            result = run(step.argv, env=dict(step.env), timeout=min(step.timeout, left))
+            result = apt.run_step(step, left)
             if result.returncode == 124 or (time.monotonic() >= deadline and not result.ok):
                 return TIMEOUT, f"{_name(step.argv)} ran out of the time limit ({format_duration(time_limit)})"
             if not result.ok:
@@ -375,11 +261,11 @@ class UpgradeScheduler:
     def _finish(
         self, run_id: str, outcome: str, detail: str, before: dict[str, str], held: list[str], started: float
     ) -> RunResult:
-        after = installed_packages()
+        after = dpkg.installed_packages()
         changes = changes_between(before, after) if before and after else []
         finished = self.clock()
         required, reboot_packages = reboot_required(self.root)
-        services = services_needing_restart(self.root)
+        stale_services = services.needing_restart(self.root)
         summary = f"{len(changes)} package(s) changed" if changes else "nothing to upgrade"
         message = f"upgrade {outcome}: {summary}"
         if changes:
@@ -405,7 +291,7 @@ class UpgradeScheduler:
             held=held,
             duration_s=round(finished - started, 1),
             reboot_required=required,
-            services_need_restart=services,
+            services_need_restart=stale_services,
             error=detail if outcome != SUCCESS else None,
         )
         if required:
@@ -445,7 +331,7 @@ class UpgradeScheduler:
         if not self.root.is_host:
             return
         self.events.emit(ev.REBOOTING, outcome="unknown", level="warning", message=f"rebooting: {why}")
-        result = run(["systemctl", "reboot"], timeout=60)
+        result = services.reboot()
         if not result.ok:
             self.events.emit(
                 ev.REBOOTING, outcome="failure", level="error", message=f"reboot failed: {result.error_text()}"
@@ -535,10 +421,3 @@ def _name(argv: tuple[str, ...]) -> str:
 def _last_lines(text: str, count: int = 3) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " / ".join(lines[-count:]) if lines else "no output"
-
-
-def _logged_in_users() -> int:
-    # imported here, when a reboot is decided: psutil costs the resident daemon ~2.8 MiB of RSS
-    import psutil
-
-    return len(psutil.users())

@@ -1,0 +1,132 @@
+"""The schema: frozen dataclasses, one per config section, with the defaults an empty file gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    enabled: bool = True
+    port: int = 22
+    # a port change is two-phase: both ports open until a login on the new one (or `vps-agentctl
+    # confirm`) proves it; without that proof in this long, everything returns to the old port
+    confirm_timeout: float = 600.0
+    permit_root_login: str = "no"
+    password_authentication: bool = False
+    # further sshd keywords in the user's order, values rendered as sshd expects them
+    options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PortRule:
+    port: int
+    port_end: int | None = None
+    # empty means from anywhere
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    enabled: bool = True
+    mode: str = "enforce"
+    allow_tcp: tuple[PortRule, ...] = ()
+    allow_udp: tuple[PortRule, ...] = ()
+    poll_interval: float = 1.0  # only where the backend sends no netlink events (iptables-legacy)
+
+
+@dataclass(frozen=True)
+class Fail2banConfig:
+    enabled: bool = True
+    install: bool = True
+    maxretry: int = 5
+    findtime: float = 600.0
+    # -1 means a permanent ban, as in fail2ban itself
+    bantime: float = 3600.0
+    ignoreip: tuple[str, ...] = ("127.0.0.1/8", "::1")
+
+
+@dataclass(frozen=True)
+class UpdatesConfig:
+    enabled: bool = True
+    schedule: str = "daily 03:30"
+    mode: str = "upgrade"
+    randomized_delay: float = 1800.0
+    lock_timeout: float = 600.0  # how long apt waits for another holder of the dpkg lock
+    time_limit: float = 3600.0  # for a whole run: update, upgrade, reports
+    reboot_window: str | None = None  # "HH:MM-HH:MM" local time: reboot there when one is required
+    reboot_with_users: bool = False  # reboot even while someone is logged in
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    enabled: bool = True
+    admin_user: str | None = None
+    # create admin_user when it is missing (home, group sudo, admin_keys); never with a password
+    create_admin: bool = False
+    admin_keys: tuple[str, ...] = ()  # public key lines, "ssh-ed25519 AAAA... comment"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    debounce: float = 0.015
+    reconcile_interval: float = 300.0
+    flap_max_heals: int = 5
+    flap_window: float = 60.0
+    flap_backoff: float = 300.0
+
+
+SYSLOG_FACILITIES = {
+    **{name: code for code, name in enumerate(("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news"))},
+    **{"uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11},
+    **{f"local{n}": 16 + n for n in range(8)},
+}
+DEFAULT_PROMETHEUS_TEXTFILE = "/var/lib/prometheus/node-exporter/vps_agent.prom"
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    """Remote syslog (RFC 5424): where to, and how much to hold while the collector is unreachable."""
+
+    target: str  # as written: udp://host[:port] or tcp://host[:port]
+    protocol: str  # "udp" or "tcp"
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None  # None: the system's CAs
+    buffer: int = 1000
+    facility: str = "daemon"
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    file: str = "/var/log/vps-agent/events.jsonl"
+    stdout: bool = True
+    ring_size: int = 500
+    # None: native journal fields when python3-systemd is there and stdout is the journal (under systemd)
+    journald: bool | None = None
+    syslog: SyslogConfig | None = None
+    prometheus_textfile: str | None = DEFAULT_PROMETHEUS_TEXTFILE
+
+
+@dataclass(frozen=True)
+class BackupsConfig:
+    # backup sets retained per control
+    keep: int = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    ssh: SshConfig = field(default_factory=SshConfig)
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    fail2ban: Fail2banConfig = field(default_factory=Fail2banConfig)
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
+    source: str = "<defaults>"
+
+
+def default_config() -> Config:
+    return Config()
