@@ -22,6 +22,7 @@ from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl, password_logins
+from agent.engine import faults
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
@@ -30,7 +31,7 @@ from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.sinks.outputs import Outputs
 from agent.sshd_ports import SshdPorts
-from agent.system import dpkg, fs, journal, namespace
+from agent.system import backups, dpkg, fs, journal, namespace
 from agent.system.sdnotify import Notifier
 from agent.upgrades import UpgradeScheduler
 
@@ -69,13 +70,13 @@ def build_controls(
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
-    backups = fs.BackupStore(root.backups_dir, config.backups.keep, root.system_name)
+    store = backups.BackupStore(root.backups_dir, config.backups.keep, root.system_name, root.path)
 
     def package_manager_busy() -> str | None:
         holder = dpkg.holder(root)
         return holder.describe() if holder else None
 
-    return tx.TransactionContext(events, backups, fs.EchoFilter(), package_manager_busy)
+    return tx.TransactionContext(events, store, fs.EchoFilter(), package_manager_busy)
 
 
 class Daemon:
@@ -99,10 +100,12 @@ class Daemon:
         self.moves = PortMoves(root)
         self.sshd_ports = SshdPorts(root)
         self.keylogins = KeyLogins(root)
+        ctx = transaction_context(root, config, self.events)
+        ctx.fault = faults.from_environment(not root.is_host)  # tests only; refused on a real host
         self.engine = Engine(
             build_controls(root, self.moves, self.sshd_ports, self.keylogins, lambda: self.engine.heals("ssh")),
             config,
-            transaction_context(root, config, self.events),
+            ctx,
         )
         self._move_wake = self.keylogins.awaiting_changed  # a new wait for a key login wakes the watcher too
         self._key_cursor: str | None = None  # sshd's journal, read up to here for key logins
@@ -192,6 +195,7 @@ class Daemon:
             self.ipc.stop()
             self._move_wake.set()
             self.upgrades.stop()
+            self.engine.ctx.stopping.set()  # a transaction in its write phase rolls back
             self.engine.stop()
             self.outputs.close()
             self.events.sinks.close()
@@ -583,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         namespace.isolate_fake_root(root)
         daemon = Daemon(root, config_path)
-    except (ConfigError, namespace.NamespaceError) as exc:
+    except (ConfigError, namespace.NamespaceError, faults.FaultSpecError) as exc:
         print(f"vps-agent: {exc}", file=sys.stderr)
         return 2
     return daemon.run()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.system import fs
+from agent.system import backups, fs
 
 
 def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_backup_and_restore_round_trip_files_symlinks_and_absence(tmp_path: Path
     regular.write_text("A\n")
     os.chmod(regular, 0o600)
     os.symlink("/nowhere", link)
-    store = fs.BackupStore(tmp_path / "backups", keep=5)
+    store = backups.BackupStore(tmp_path / "backups", keep=5)
     backup = store.begin("ssh", "tx1")
     for path in (regular, link, absent):
         backup.save(path)
