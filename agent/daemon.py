@@ -22,7 +22,7 @@ from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl, password_logins
-from agent.engine import faults
+from agent.engine import faults, recovery
 from agent.engine import transaction as tx
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
@@ -164,6 +164,7 @@ class Daemon:
                 message=f"config rejected, running on the last good config: {self.config_error}",
                 error=self.config_error,
             )
+        recovery.at_start_up(self.root, self.engine.ctx, [r.control for r in self.engine.runners.values()])
         self.ipc.start()
         self.engine.start()
         self._port_move_for(self.engine.config())

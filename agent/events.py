@@ -49,6 +49,7 @@ PORT_MOVE_CANCELLED = "port-move-cancelled"
 PORT_MOVE_STATE_RESET = "port-move-state-reset"
 FINDINGS_CLEARED = "findings-cleared"
 OUTPUT_FAILED = "output-failed"
+TRANSACTION_RECOVERED = "transaction-recovered"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 
