@@ -274,3 +274,26 @@ def test_a_failure_before_the_first_write_touches_nothing(setup: Any, commands: 
     assert outcome.status == tx.FAILED and "bad rule" in outcome.detail
     assert control.reloads == 0 and control.file.read_text() == "tampered\n"
     assert ctx.events.sinks.recent(1)[0]["restored"] == []
+
+
+def test_identical_consecutive_backups_are_stored_once_so_keep_counts_versions(setup: Any) -> None:
+    control, ctx = setup  # keep=3
+    ids = []
+    for _ in range(5):  # a fight with another tool: the same tamper again and again
+        control.file.write_text("tampered\n")
+        ids.append(tx.converge(control, default_config(), ctx, reason="test").transaction_id)
+    [kept] = ctx.backups.list("demo")
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert kept.name.endswith(ids[0]) and manifest["repeats"] == ids[1:] and manifest["repeat_count"] == 4
+    assert ctx.events.sinks.recent(1)[0]["backup"] == str(kept)  # the event names the set holding the copy
+    for n in (1, 2):
+        control.file.write_text(f"tampered {n}\n")
+        tx.converge(control, default_config(), ctx, reason="test")
+    sets = ctx.backups.list("demo")
+    assert len(sets) == 3 and sets[0] == kept  # three distinct versions, the first one still kept
+    control.file.write_text("tampered 1\n")  # not consecutive with its twin: a version of its own
+    tx.converge(control, default_config(), ctx, reason="test")
+    sets = ctx.backups.list("demo")
+    assert len(sets) == 3 and kept not in sets
+    copy = sets[-1] / "files" / str(control.file).lstrip("/")
+    assert copy.read_text() == "tampered 1\n"
