@@ -3,17 +3,20 @@ kill -9, an OOM kill, the watchdog's SIGABRT, a power cut) is rolled back before
 
 The intent record (agent/system/backups.py) is on disk before a transaction's first change, so a set
 without one was cut short before anything changed: it is removed. A pending set is rolled back: every
-file it names put back byte for byte where it differs, its undo commands run newest first, the control
-reloaded once; then the start-up reconcile heals towards the baseline as after any other drift. One
-transaction-recovered event per set names it.
+file it names put back byte for byte where it differs (the temporary files of a write cut short removed
+from their directories), its undo commands run newest first, the control reloaded once; then the
+start-up reconcile heals towards the baseline as after any other drift. One transaction-recovered event
+per set names it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent import events as ev
@@ -51,7 +54,32 @@ def at_start_up(root: SystemRoot, ctx: TransactionContext, controls: Sequence[Co
     never touches the host's firewall: its undo commands are not run)."""
     run_undo = root.is_host or not netfilter.in_host_network_namespace()
     by_name = {control.name: control for control in controls}
+    sweep_temporaries([root.state_dir])
     return recover(ctx.backups, by_name, ctx.events, echo=ctx.echo, run_undo=run_undo)
+
+
+def sweep_temporaries(directories: Sequence[Path]) -> list[Path]:
+    """Remove the temporary files a write cut short by a kill left (the target itself is whole: old or
+    new, renamed into place or not): only ours (the marker in the name), only where root owns both."""
+    removed = []
+    me = os.geteuid()
+    for directory in dict.fromkeys(directories):
+        try:
+            if os.lstat(directory).st_uid != me:
+                continue
+            names = [n for n in os.listdir(directory) if fs.TMP_MARKER in n]
+        except OSError:
+            continue
+        for name in names:
+            path = directory / name
+            try:
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == me:
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:
+                continue
+    return removed
 
 
 def recover(
@@ -80,6 +108,8 @@ def recover(
             _report(events, result, "cannot be rolled back, its backup is unreadable; left in place")
             results.append(result)
             continue
+        copies = [backup.copy_path(backup.system_name(path)).parent for path in backup.saved]
+        sweep_temporaries([backup.directory, *copies, *(path.parent for path in backup.saved)])
         results.append(_roll_back(store, backup, controls.get(name), events, echo, run_undo))
     return results
 

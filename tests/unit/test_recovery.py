@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.controls.base import ReloadOutcome
 from agent.engine import recovery
 from agent.events import null_events
@@ -130,3 +132,28 @@ def test_a_first_format_manifest_reads_as_committed(tmp_path: Path) -> None:
     loaded = backups.load_set(directory, lambda p: tmp_path / p.lstrip("/"))
     assert loaded.state == backups.COMMITTED and loaded.transaction_id == "0123456789ab"
     assert [e.content for e in loaded.saved.values()] == [b"old\n"]
+
+
+def test_the_temporary_file_of_a_write_cut_short_is_swept_and_nothing_else(tmp_path: Path) -> None:
+    litter = tmp_path / f".sshd_config{fs.TMP_MARKER}abc123"
+    litter.write_text("half")
+    keep = tmp_path / "sshd_config"
+    keep.write_text("whole\n")
+    assert recovery.sweep_temporaries([tmp_path]) == [litter]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sshd_config"]
+
+
+def test_a_fault_spec_names_a_control_a_step_and_the_nth_time() -> None:
+    from agent.engine import faults
+
+    assert faults.Fault.parse("ssh:after-write#2:raise") == faults.Fault("ssh", "after-write", 2, "raise")
+    assert faults.Fault.parse("firewall:during-commit") == faults.Fault("firewall", "during-commit", 1, "kill")
+    for bad in ("ssh", "ssh:after-lunch", "ssh:after-write#0", "ssh:after-write:explode"):
+        with pytest.raises(faults.FaultSpecError):
+            faults.Fault.parse(bad)
+    injector = faults.FaultInjector(faults.Fault("ssh", "after-write", 2, "raise"))
+    injector("ssh", "after-write", 1)
+    injector("firewall", "after-write", 2)
+    with pytest.raises(faults.InjectedFault):
+        injector("ssh", "after-write", 2)
+    injector("ssh", "after-write", 2)  # once per process
