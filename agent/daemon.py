@@ -305,6 +305,7 @@ class Daemon:
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
+            "events_file_unwritten": self.events.sinks.file_unwritten,  # a full or read-only disk's toll
             "outputs": self.outputs.status(),
             "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),

@@ -60,6 +60,8 @@ class Outcome:
     remaining: Drift | None = None
     # the settings the lockout invariants hold back (the rest was applied, or already in place)
     held: Held | None = None
+    # a failure that may pass by itself (a full or read-only filesystem): the runner tries again
+    resource: str | None = None
 
 
 def _dpkg_idle() -> str | None:
@@ -196,19 +198,31 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         )
         return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
 
-    backup = ctx.backups.begin(control.name, txid)
     applied: list[CommandChange] = []
     touched: list[Path] = []
+    backed_up = False
+    writing: Path = ctx.backups.directory  # where a write a filesystem refuses went, for the event
+    try:
+        backup = ctx.backups.begin(control.name, txid)
+    except OSError as exc:
+        resource = fs.resource_problem(exc, ctx.backups.directory)
+        problem = resource or str(exc)
+        report(ev.REMEDIATION_FAILED, f"cannot back up, so nothing changed: {problem}", duration_ms=elapsed())
+        outcome = Outcome(control.name, FAILED, problem, drift, changes, None, elapsed(), txid, facts, held=held)
+        outcome.resource = resource
+        return outcome
     try:
         # the checks only test (`iptables-restore --test`, `nft --check`): all at once
         concurrently([functools.partial(_invoke, c.check, "refuses") for c in changes.commands if c.check is not None])
         for change in changes.files:
             backup.save(change.path)
         backup.intend([_undo_record(c.undo) for c in changes.commands if c.undo is not None])
+        backed_up = True
         step = functools.partial(_step, ctx, control.name)
         step(faults.AFTER_BACKUP)
         for n, change in enumerate(changes.files, 1):
             touched.append(change.path)  # before the write: a write cut short counts too
+            writing = change.path
             if change.content is None:
                 fs.remove(change.path, echo=ctx.echo)
             else:
@@ -233,11 +247,13 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         backup.mark(backups.COMMITTED)
     except BaseException as exc:  # anything between the first write and the commit: undo it all
         domain = isinstance(exc, DOMAIN_ERRORS)
-        why = str(exc) if domain else f"{type(exc).__name__}: {exc}"
+        resource = fs.resource_problem(exc, writing)
+        why = resource or (str(exc) if domain else f"{type(exc).__name__}: {exc}")
         rollback = _roll_back(control, ctx, backup, touched, applied)
+        what = "fix rolled back" if backed_up else "cannot back up, so nothing changed"
         report(
             ev.REMEDIATION_FAILED,
-            f"fix rolled back: {why}" + (f"; {rollback.problem}" if rollback.problem else ""),
+            f"{what}: {why}" + (f"; {rollback.problem}" if rollback.problem else ""),
             file_path=drift.primary_path,
             diff=changes.diff,
             duration_ms=elapsed(),
@@ -249,7 +265,9 @@ def converge(control: Control, config: Config, ctx: TransactionContext, *, reaso
         )
         if not domain:
             raise
-        return Outcome(control.name, FAILED, why, drift, changes, None, elapsed(), txid, facts, held=held)
+        outcome = Outcome(control.name, FAILED, why, drift, changes, None, elapsed(), txid, facts, held=held)
+        outcome.resource = resource
+        return outcome
     _step(ctx, control.name, faults.DURING_COMMIT, check_stopping=False)
     kept = ctx.backups.settle(backup)
     report(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -332,3 +333,41 @@ def _fsync_dir(directory: Path) -> None:
 
 def ensure_dir(path: Path, mode: int = 0o755) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+# a filesystem that cannot take a write: not the agent's fault, nor the admin's config; it may pass
+RESOURCE_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "over its quota", errno.EROFS: "read-only"}
+
+
+def resource_problem(exc: BaseException, where: Path | None = None) -> str | None:
+    """For a write refused by its filesystem (full, over quota, read-only): which filesystem, how full;
+    None for any other error. where: the path being written, when the error does not name one."""
+    if not isinstance(exc, OSError) or exc.errno not in RESOURCE_ERRNOS:
+        return None
+    where = Path(os.fsdecode(exc.filename)) if exc.filename else where
+    if where is None:
+        return f"{exc.strerror}: a filesystem is {RESOURCE_ERRNOS[exc.errno]}"
+    mount = mount_point(where)
+    room = ""
+    if exc.errno != errno.EROFS:
+        with contextlib.suppress(OSError):
+            info = os.statvfs(mount)
+            room = f", {info.f_bavail * info.f_frsize // 1024} of {info.f_blocks * info.f_frsize // 1024} KiB free"
+    return f"{where}: {exc.strerror} (the filesystem mounted at {mount} is {RESOURCE_ERRNOS[exc.errno]}{room})"
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point path lies under, as this process's mount namespace has it (a bind mount too)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            points = [_unescape(line.split()[4]) for line in handle if len(line.split()) > 4]
+    except OSError:
+        points = ["/"]
+    text = os.path.abspath(path)
+    inside = [p for p in points if text == p or text.startswith(p.rstrip("/") + "/")]
+    return Path(max(inside, key=len) if inside else "/")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -205,3 +205,54 @@ def test_sigkill_at_a_step_of_a_heal_then_a_restart(
         assert all(status[name]["status"] in ("healed", "compliant") for name in ("ssh", "firewall", "fail2ban")), (
             status
         )
+
+
+# --- resource faults: a full state filesystem, a read-only /etc --------------------------------------------
+
+
+def in_mount_namespace(script: str, *paths: Path) -> tuple[str, ...]:
+    """A wrap for the daemon: unshare its own mount (and network) namespace, run script there (its $1, $2...
+    are paths), then exec the daemon keeping the pid. Mounts made here never reach this machine's."""
+    body = f'mount --make-rprivate / && {script} && shift {len(paths)} && exec "$@"'
+    return ("unshare", "--mount", "--net", "--", "sh", "-c", body, "sh", *map(str, paths))
+
+
+def test_a_full_state_filesystem_changes_nothing_names_the_disk_and_heals_once_there_is_room(
+    fake_root: Path, tmp_path: Path, start_agent: Callable[..., Agent]
+) -> None:
+    state, stash = fake_root / "var/lib/vps-agent", tmp_path / "stash"
+    wrap = in_mount_namespace(
+        'cp -a "$1/." "$2/" && mount -t tmpfs -o size=512k,mode=0755 tmpfs "$1" && cp -a "$2/." "$1/"', state, stash
+    )
+    stash.mkdir()
+    agent = start_agent(fake_root, wrap=wrap)
+    pid = agent.process.pid
+    filler = state / "filler"
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", f"cat /dev/zero > {filler}"], capture_output=True)
+    mark = agent.mark()
+    dropin = fake_root / DROPIN
+    dropin.unlink()
+    failed = agent.wait_event("remediation-failed", mark)
+    assert "cannot back up, so nothing changed" in failed["message"] and "No space left on device" in failed["message"]
+    assert f"the filesystem mounted at {state} is full" in failed["message"]
+    assert not dropin.exists()  # nothing applied without its backup
+    assert agent.status()["ssh"]["status"] == "failed"
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "rm", str(filler)], check=True)
+    agent.wait_event("drift-reverted", mark, timeout=15)  # by itself, once there is room
+    assert dropin.exists() and effective_sshd(fake_root)["permitrootlogin"] == ["no"]
+    assert not [e for e in agent.events()[mark:] if e["event"]["action"] == "flapping"]
+
+
+def test_a_read_only_etc_is_a_clear_error_and_nothing_is_half_written(
+    fake_root: Path, start_agent: Callable[..., Agent]
+) -> None:
+    etc = fake_root / "etc"
+    before = tree_snapshot(etc / "ssh")
+    wrap = in_mount_namespace('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"', etc)
+    agent = start_agent(fake_root, ready=False, wrap=wrap)
+    failed = agent.wait_event("remediation-failed", timeout=20)
+    assert "Read-only file system" in failed["message"] and f"mounted at {etc} is read-only" in failed["message"]
+    assert failed["restored"] == []
+    assert tree_snapshot(etc / "ssh") == before
+    leftovers = [p for p in etc.rglob("*") if fs.TMP_MARKER in p.name]
+    assert not leftovers
