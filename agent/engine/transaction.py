@@ -321,7 +321,12 @@ def _roll_back(
     except (OSError, fs.UnsafeFile) as exc:
         problem = f"restoring the backup failed: {exc}"
     undone = _undo(applied)
-    reloaded = control.reload() if restored or applied else None
+    reload = None
+    if restored or applied:
+        try:
+            reload = control.reload().detail
+        except Exception as exc:  # the files are back; the next converge reloads again
+            reload = f"{type(exc).__name__}: {exc}"
     kept = backup
     if not problem:
         try:
@@ -329,7 +334,7 @@ def _roll_back(
             kept = ctx.backups.settle(backup)
         except OSError as exc:
             problem = f"marking the backup rolled back failed: {exc}"
-    return Rollback(restored, undone, reloaded.detail if reloaded else None, kept.directory, problem)
+    return Rollback(restored, undone, reload, kept.directory, problem)
 
 
 def _step(ctx: TransactionContext, control: str, step: str, n: int = 1, *, check_stopping: bool = True) -> None:

@@ -84,7 +84,9 @@ class FileControl(Control):
 
     def reload(self) -> ReloadOutcome:
         self.reloads += 1
-        if self.bug_in == "reload" and self.reloads == 1:
+        if (
+            self.bug_in == "reload" and self.reloads == 1
+        ) or self.bug_in == "reload-twice":  # twice: the rollback's too
             raise TypeError("reload() got an unexpected keyword argument")
         return ReloadOutcome(self.reload_ok, "reloaded" if self.reload_ok else "reload refused")
 
@@ -199,7 +201,7 @@ def test_backup_retention_keeps_the_newest_sets(setup: Any) -> None:
     assert (sets[-1] / "files" / str(control.file).lstrip("/")).read_text() == "tampered 4\n"
 
 
-@pytest.mark.parametrize("where", ["validate", "reload", "diff"])
+@pytest.mark.parametrize("where", ["validate", "reload", "reload-twice", "diff"])
 def test_a_bug_after_the_write_restores_the_file_byte_for_byte_then_is_raised(setup: Any, where: str) -> None:
     control, ctx = setup
     original = b"tampered\n\x00 admin's own bytes \xff\r\n"
