@@ -17,6 +17,7 @@ from typing import Any
 from agent import __version__, portmove
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.engine import faults, recovery
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.keylogins import CONFIRMED, KeyLogins, KeyProof, proofs_from
@@ -55,10 +56,12 @@ class Daemon:
         self.moves = PortMoves(root)
         self.sshd_ports = SshdPorts(root)
         self.keylogins = KeyLogins(root)
+        ctx = transaction_context(root, config, self.events)
+        ctx.fault = faults.from_environment(not root.is_host)  # tests only; refused on a real host
         self.engine = Engine(
             build_controls(root, self.moves, self.sshd_ports, self.keylogins, lambda: self.engine.heals("ssh")),
             config,
-            transaction_context(root, config, self.events),
+            ctx,
         )
         self._move_wake = self.keylogins.awaiting_changed  # a new wait for a key login wakes the watcher too
         self._key_cursor: str | None = None  # sshd's journal, read up to here for key logins
@@ -117,6 +120,7 @@ class Daemon:
                 message=f"config rejected, running on the last good config: {self.config_error}",
                 error=self.config_error,
             )
+        recovery.at_start_up(self.root, self.engine.ctx, [r.control for r in self.engine.runners.values()])
         self.ipc.start()
         self.engine.start()
         self._port_move_for(self.engine.config())
@@ -148,6 +152,7 @@ class Daemon:
             self.ipc.stop()
             self._move_wake.set()
             self.upgrades.stop()
+            self.engine.ctx.stopping.set()  # a transaction in its write phase rolls back
             self.engine.stop()
             self.outputs.close()
             self.events.sinks.close()
@@ -256,6 +261,7 @@ class Daemon:
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,
+            "events_file_unwritten": self.events.sinks.file_unwritten,  # a full or read-only disk's toll
             "outputs": self.outputs.status(),
             "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),
@@ -539,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         namespace.isolate_fake_root(root)
         daemon = Daemon(root, config_path)
-    except (ConfigError, namespace.NamespaceError) as exc:
+    except (ConfigError, namespace.NamespaceError, faults.FaultSpecError) as exc:
         print(f"vps-agent: {exc}", file=sys.stderr)
         return 2
     return daemon.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import functools
 import grp
 import json
@@ -49,6 +50,7 @@ PORT_MOVE_CANCELLED = "port-move-cancelled"
 PORT_MOVE_STATE_RESET = "port-move-state-reset"
 FINDINGS_CLEARED = "findings-cleared"
 OUTPUT_FAILED = "output-failed"
+TRANSACTION_RECOVERED = "transaction-recovered"
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
 
@@ -83,7 +85,8 @@ class EventSinks:
         self._lock = threading.Lock()
         self._new_event = threading.Condition(self._lock)
         self._sequence = 0
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
+        self.file_unwritten = 0  # events the file could not take (a full or read-only disk), since start
         self.file_error: str | None = None
         self.reopen()
 
@@ -109,7 +112,8 @@ class EventSinks:
                     self.file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
                 )
                 _share_with_log_readers(fd)
-                self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+                # unbuffered: a write the disk refuses is not kept to land later, torn, in front of the next
+                self._file = os.fdopen(fd, "ab", buffering=0)
                 self.file_error = None
             except OSError as exc:
                 self.file_error = f"{self.file_path}: {exc.strerror}"
@@ -121,10 +125,7 @@ class EventSinks:
             self.ring.append((event.get("control"), line))
             self.counts[str(event.get("event", {}).get("action"))] += 1
             if self._file is not None:
-                try:
-                    self._file.write(line + "\n")
-                except OSError as exc:
-                    self.file_error = f"{self.file_path}: {exc.strerror}"
+                self._write_line((line + "\n").encode())
             self._new_event.notify_all()
             journal, listeners = self.journal, self.listeners
         for listener in listeners:
@@ -146,6 +147,22 @@ class EventSinks:
                 sys.stdout.flush()
             except (OSError, ValueError):
                 pass
+
+    def _write_line(self, data: bytes) -> None:
+        """One event line, whole, or counted as unwritten; a line cut short by a full disk is ended, so
+        the next event starts a line of its own. Holds self._lock."""
+        assert self._file is not None
+        try:
+            written = self._file.write(data) or 0
+            if written < len(data):
+                self._file.write(b"\n")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            self.file_unwritten += 1
+            self.file_error = f"{self.file_path}: {exc.strerror} ({self.file_unwritten} events not written)"
+            return
+        if self.file_error is not None and self.file_unwritten:
+            self.file_error = None  # the disk has room again
 
     def counts_by_action(self) -> dict[str, int]:
         with self._lock:

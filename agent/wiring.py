@@ -18,7 +18,7 @@ from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
 from agent.portmove import PortMoves
 from agent.sshd_ports import SshdPorts
-from agent.system import dpkg, fs
+from agent.system import backups, dpkg, fs
 
 
 def build_controls(
@@ -51,10 +51,10 @@ def build_controls(
 
 
 def transaction_context(root: SystemRoot, config: Config, events: ev.Events) -> tx.TransactionContext:
-    backups = fs.BackupStore(root.backups_dir, config.backups.keep, root.system_name)
+    store = backups.BackupStore(root.backups_dir, config.backups.keep, root.system_name, root.path)
 
     def package_manager_busy() -> str | None:
         holder = dpkg.holder(root)
         return holder.describe() if holder else None
 
-    return tx.TransactionContext(events, backups, fs.EchoFilter(), package_manager_busy)
+    return tx.TransactionContext(events, store, fs.EchoFilter(), package_manager_busy)

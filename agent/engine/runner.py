@@ -25,6 +25,7 @@ DPKG_RECHECK = 1.0  # seconds between looks at the dpkg locks while waiting
 DPKG_MAX_WAIT = 1800.0  # a dpkg holding its lock longer than this is wedged: converge anyway
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
 _MAX_BACKOFF = 3600.0
+RESOURCE_RETRY = 2.0  # seconds before the first retry of a heal a full or read-only filesystem refused
 # While backing off, a change is still healed once nothing has changed for FLAP_SETTLE, up to
 # FLAP_RETRIES times a back-off: a storm that has ended must not leave the machine drifted for the whole
 # back-off. Some storms go silent while they last (`iptables -F` of chains already empty changes nothing
@@ -106,6 +107,7 @@ class ControlRunner:
         self._findings = FindingsReporter()  # findings and warnings as events, rate-limited per item
         self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
         self._backoff_level = 0
+        self._resource_retries = 0  # retries of a heal a full or read-only filesystem refused, in a row
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"control-{control.name}", daemon=True)
@@ -352,8 +354,15 @@ class ControlRunner:
                     # dpkg began meanwhile (the cause, most likely): try again once it has finished
                     self._pending = self._pending or "after dpkg"
                     self._deadline = self._clock() + DPKG_RECHECK
+                elif outcome.status == tx.FAILED and outcome.resource is not None:
+                    # a full or read-only filesystem: no fight to damp; look again, less and less often
+                    self._pending = self._pending or "retry: a filesystem could not take the change"
+                    self._deadline = self._clock() + min(RESOURCE_RETRY * 2**self._resource_retries, 300.0)
+                    self._resource_retries += 1
                 elif outcome.status == tx.FAILED:
                     self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
+            if outcome.status != tx.FAILED:
+                self._resource_retries = 0
             if backing_off and not admin and outcome.status in (tx.HEALED, tx.FAILED):
                 self._spend_backoff_heal()
             self._maybe_leave_flapping(config)

@@ -1,14 +1,22 @@
 """The converge transaction: observe -> diff -> preconditions -> backup -> apply -> validate -> reload ->
-observe again -> commit, or restore the backups, reload, and report. The only code that writes."""
+observe again -> commit, or restore the backups, reload, and report. The only code that writes.
+
+Between the first write and the commit, any exception (and a stopping daemon) rolls back: every file the
+transaction touched byte for byte, its live changes undone newest first, one reload, an event; then an
+exception that is not one of DOMAIN_ERRORS is raised again (the runner reports it as an internal error).
+The backup set's intent record (agent/system/backups.py) is on disk before the first change, so a
+transaction cut short by SIGKILL is rolled back at the next start (agent/engine/recovery.py)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent import events as ev
@@ -24,8 +32,9 @@ from agent.controls.base import (
     ObserveError,
     ValidationError,
 )
+from agent.engine import faults
 from agent.events import Events
-from agent.system import fs
+from agent.system import backups, fs
 from agent.system.run import concurrently, run
 
 COMPLIANT = "compliant"
@@ -56,19 +65,37 @@ class Outcome:
     # from the last converge's, a heal follows a new intent (a proof, a confirmed move, a config reload),
     # not somebody undoing the agent's work, and does not count towards flapping. "" when not known.
     intent: str = ""
+    # a failure that may pass by itself (a full or read-only filesystem): the runner tries again
+    resource: str | None = None
 
 
 def _dpkg_idle() -> str | None:
     return None
 
 
+def _no_fault(control: str, step: str, n: int = 1) -> None:
+    return None
+
+
+class Interrupted(Exception):
+    """The daemon is stopping (SIGTERM) while a transaction writes: it rolls back."""
+
+
+# errors a transaction expects and reports as a failed heal; any other exception is a bug: rolled back,
+# reported, then raised again
+DOMAIN_ERRORS = (ValidationError, ObserveError, fs.UnsafeFile, OSError, Interrupted)
+
+
 @dataclass
 class TransactionContext:
     events: Events
-    backups: fs.BackupStore
+    backups: backups.BackupStore
     echo: fs.EchoFilter
     # who is running dpkg right now (None: nobody): the guards wait for it instead of fighting it
     package_manager_busy: Callable[[], str | None] = _dpkg_idle
+    # set when the daemon stops: a transaction in its write phase rolls back at its next step
+    stopping: threading.Event = field(default_factory=threading.Event)
+    fault: Callable[[str, str, int], None] = _no_fault  # agent/engine/faults.py (tests only)
 
 
 def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:
@@ -188,24 +215,45 @@ def _converge(
         )
         return Outcome(control.name, FAILED, plan_error, drift, None, None, elapsed(), txid, facts)
 
-    backup = ctx.backups.begin(control.name, txid)
     applied: list[CommandChange] = []
+    touched: list[Path] = []
+    backed_up = False
+    writing: Path = ctx.backups.directory  # where a write a filesystem refuses went, for the event
+    try:
+        backup = ctx.backups.begin(control.name, txid)
+    except OSError as exc:
+        resource = fs.resource_problem(exc, ctx.backups.directory)
+        problem = resource or str(exc)
+        report(ev.REMEDIATION_FAILED, f"cannot back up, so nothing changed: {problem}", duration_ms=elapsed())
+        outcome = Outcome(control.name, FAILED, problem, drift, changes, None, elapsed(), txid, facts, held=held)
+        outcome.resource = resource
+        return outcome
     try:
         # the checks only test (`iptables-restore --test`, `nft --check`): all at once
         concurrently([functools.partial(_invoke, c.check, "refuses") for c in changes.commands if c.check is not None])
         for change in changes.files:
             backup.save(change.path)
-        for change in changes.files:
+        backup.intend([_undo_record(c.undo) for c in changes.commands if c.undo is not None])
+        backed_up = True
+        step = functools.partial(_step, ctx, control.name)
+        step(faults.AFTER_BACKUP)
+        for n, change in enumerate(changes.files, 1):
+            touched.append(change.path)  # before the write: a write cut short counts too
+            writing = change.path
             if change.content is None:
                 fs.remove(change.path, echo=ctx.echo)
             else:
                 fs.ensure_dir(change.path.parent)
                 fs.atomic_write(change.path, change.content, mode=change.mode, echo=ctx.echo)
-        for command in changes.commands:
+            step(faults.AFTER_WRITE, n)
+        for n, command in enumerate(changes.commands, 1):
             _invoke(command.apply, "failed")
             applied.append(command)
+            step(faults.AFTER_COMMAND, n)
         validated = control.validate(changes)
+        step(faults.AFTER_VALIDATE)
         reloaded = control.reload()
+        step(faults.DURING_RELOAD)
         if not reloaded.ok:
             raise ValidationError(f"reload failed: {reloaded.detail}")
         after = validated if validated is not None else control.observe()
@@ -213,24 +261,32 @@ def _converge(
         if remaining is not None and remaining.fixable:
             still = "; ".join(item.describe() for item in remaining.fixable)
             raise ValidationError(f"still drifted after the change: {still}")
-    except (ValidationError, ObserveError, fs.UnsafeFile, OSError) as exc:
-        restored = backup.restore(echo=ctx.echo)
-        undone = _undo(applied)
-        rollback = control.reload() if restored or applied else None
+        backup.mark(backups.COMMITTED)
+    except BaseException as exc:  # anything between the first write and the commit: undo it all
+        domain = isinstance(exc, DOMAIN_ERRORS)
+        resource = fs.resource_problem(exc, writing)
+        why = resource or (str(exc) if domain else f"{type(exc).__name__}: {exc}")
+        rollback = _roll_back(control, ctx, backup, touched, applied)
+        what = "fix rolled back" if backed_up else "cannot back up, so nothing changed"
         report(
             ev.REMEDIATION_FAILED,
-            f"fix rolled back: {exc}",
+            f"{what}: {why}" + (f"; {rollback.problem}" if rollback.problem else ""),
             file_path=drift.primary_path,
             diff=changes.diff,
             duration_ms=elapsed(),
-            restored=[str(p) for p in restored],
-            undone=undone or None,
-            rollback_reload=rollback.detail if rollback else None,
-            backup=str(backup.directory),
+            restored=[ctx.backups.system_name(p) for p in rollback.restored],
+            undone=rollback.undone or None,
+            rollback_reload=rollback.reload,
+            backup=str(rollback.backup),
+            error_type=None if domain else type(exc).__name__,
         )
-        ctx.backups.prune(control.name)
-        return Outcome(control.name, FAILED, str(exc), drift, changes, None, elapsed(), txid, facts, held=held)
-    ctx.backups.prune(control.name)
+        if not domain:
+            raise
+        outcome = Outcome(control.name, FAILED, why, drift, changes, None, elapsed(), txid, facts, held=held)
+        outcome.resource = resource
+        return outcome
+    _step(ctx, control.name, faults.DURING_COMMIT, check_stopping=False)
+    kept = ctx.backups.settle(backup)
     report(
         ev.DRIFT_REVERTED,
         f"drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
@@ -239,7 +295,7 @@ def _converge(
         file_path=drift.primary_path,
         diff=changes.diff,
         duration_ms=elapsed(),
-        backup=str(backup.directory),
+        backup=str(kept.directory),
         reload=reloaded.detail,
     )
     return Outcome(
@@ -257,6 +313,64 @@ def _converge(
     )
 
 
+@dataclass
+class Rollback:
+    restored: list[Path]
+    undone: list[str]
+    reload: str | None
+    backup: Path
+    problem: str = ""
+
+
+def _roll_back(
+    control: Control,
+    ctx: TransactionContext,
+    backup: backups.BackupSet,
+    touched: list[Path],
+    applied: list[CommandChange],
+) -> Rollback:
+    """Every touched file back byte for byte, applied commands undone newest first, one reload. A
+    rollback that cannot finish leaves the set pending: the next start-up tries again."""
+    restored: list[Path] = []
+    problem = ""
+    try:
+        restored = backup.restore(echo=ctx.echo, only=touched)
+    except (OSError, fs.UnsafeFile) as exc:
+        problem = f"restoring the backup failed: {exc}"
+    undone = _undo(applied)
+    reload = None
+    if restored or applied:
+        try:
+            reload = control.reload().detail
+        except Exception as exc:  # the files are back; the next converge reloads again
+            reload = f"{type(exc).__name__}: {exc}"
+    kept = backup
+    if not problem:
+        try:
+            backup.mark(backups.ROLLED_BACK)
+            kept = ctx.backups.settle(backup)
+        except OSError as exc:
+            problem = f"marking the backup rolled back failed: {exc}"
+    return Rollback(restored, undone, reload, kept.directory, problem)
+
+
+def _step(ctx: TransactionContext, control: str, step: str, n: int = 1, *, check_stopping: bool = True) -> None:
+    """A named step of the write phase: where a stopping daemon rolls back, and where a test's fault fires."""
+    if check_stopping and ctx.stopping.is_set():
+        raise Interrupted(f"the daemon is stopping (at {step}): the change is rolled back")
+    ctx.fault(control, step, n)
+
+
+def _undo_record(invocation: Invocation) -> dict[str, Any]:
+    """An undo as the intent record keeps it: what start-up recovery runs should the daemon die mid-way."""
+    return {
+        "argv": list(invocation.argv),
+        "input": invocation.input_text,
+        "env": dict(invocation.env),
+        "timeout": invocation.timeout,
+    }
+
+
 def _invoke(invocation: Invocation, failure: str) -> None:
     result = run(
         invocation.argv, input_text=invocation.input_text, env=dict(invocation.env), timeout=invocation.timeout
@@ -271,6 +385,7 @@ def _undo(applied: list[CommandChange]) -> list[str]:
     for command in reversed(applied):
         if command.undo is None:
             continue
-        result = run(command.undo.argv, input_text=command.undo.input_text, timeout=30)
+        undo = command.undo
+        result = run(undo.argv, input_text=undo.input_text, env=dict(undo.env), timeout=undo.timeout)
         said.append(f"{' '.join(command.undo.argv)}: " + ("ok" if result.ok else result.error_text()))
     return said

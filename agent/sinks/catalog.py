@@ -108,6 +108,12 @@ CATALOG: dict[str, EventType] = {
         ("error",),
         "The SSH port move's state file could not be read or saved",
     ),
+    "transaction-recovered": EventType(
+        "cff2a56ad2cd4128b30da04b105ad6ef",
+        ("configuration",),
+        ("change",),
+        "A transaction cut short by a crash was rolled back at start-up",
+    ),
 }
 
 _UNLISTED = uuid.UUID("7f0c4e55-0b0a-4f43-9d0e-2f7c7d9e1a10")

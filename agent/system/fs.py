@@ -1,18 +1,18 @@
-"""The one door to files the agent guards: safe reads, atomic writes, versioned backups, echo fingerprints."""
+"""The one door to files the agent guards: safe reads, atomic writes, echo fingerprints (the versioned
+backups are in agent/system/backups.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import shutil
+import re
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -335,109 +335,39 @@ def ensure_dir(path: Path, mode: int = 0o755) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
 
 
-@dataclass
-class SavedFile:
-    """One file as it was before a transaction touched it."""
-
-    path: Path
-    existed: bool
-    content: bytes = b""
-    symlink_target: str | None = None
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
+# a filesystem that cannot take a write: not the agent's fault, nor the admin's config; it may pass
+RESOURCE_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "over its quota", errno.EROFS: "read-only"}
 
 
-@dataclass
-class BackupSet:
-    """The pre-change copies for one converge transaction, on disk and in memory."""
-
-    directory: Path
-    system_name: Callable[[Path], str] = os.fspath  # how the guarded system names a path
-    saved: dict[Path, SavedFile] = field(default_factory=dict)
-
-    def save(self, path: Path) -> SavedFile:
-        if path in self.saved:
-            return self.saved[path]
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            entry = SavedFile(path, existed=False)
-        else:
-            if stat.S_ISLNK(info.st_mode):
-                entry = SavedFile(path, True, symlink_target=os.readlink(path), uid=info.st_uid, gid=info.st_gid)
-            elif stat.S_ISREG(info.st_mode):
-                data = read_regular(path) or b""
-                entry = SavedFile(path, True, data, None, stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
-            else:
-                raise UnsafeFile(path, "is not a regular file or a symlink; refusing to back it up or replace it")
-        self.saved[path] = entry
-        self._persist(entry)
-        return entry
-
-    def _persist(self, entry: SavedFile) -> None:
-        files_dir = self.directory / "files"
-        target = files_dir / self.system_name(entry.path).lstrip("/")
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if entry.existed and entry.symlink_target is None:
-            # no fsync: the rollback uses the in-memory copy; these are the admin's record
-            atomic_write(target, entry.content, mode=0o600, owner=(0, 0), durable=False)
-        manifest = [
-            {
-                "path": self.system_name(item.path),
-                "existed": item.existed,
-                "symlink_target": item.symlink_target,
-                "mode": oct(item.mode),
-                "uid": item.uid,
-                "gid": item.gid,
-            }
-            for item in self.saved.values()
-        ]
-        atomic_write(
-            self.directory / "manifest.json", json.dumps(manifest, indent=2).encode(), mode=0o600, durable=False
-        )
-
-    def restore(self, *, echo: EchoFilter | None = None) -> list[Path]:
-        """Put every saved file back as it was; returns the paths restored."""
-        restored = []
-        for entry in self.saved.values():
-            if not entry.existed:
-                remove(entry.path, echo=echo)
-            elif entry.symlink_target is not None:
-                remove(entry.path)
-                os.symlink(entry.symlink_target, entry.path)
-                if echo is not None:
-                    echo.record(entry.path)
-            else:
-                atomic_write(entry.path, entry.content, mode=entry.mode, owner=(entry.uid, entry.gid), echo=echo)
-            restored.append(entry.path)
-        return restored
+def resource_problem(exc: BaseException, where: Path | None = None) -> str | None:
+    """For a write refused by its filesystem (full, over quota, read-only): which filesystem, how full;
+    None for any other error. where: the path being written, when the error does not name one."""
+    if not isinstance(exc, OSError) or exc.errno not in RESOURCE_ERRNOS:
+        return None
+    where = Path(os.fsdecode(exc.filename)) if exc.filename else where
+    if where is None:
+        return f"{exc.strerror}: a filesystem is {RESOURCE_ERRNOS[exc.errno]}"
+    mount = mount_point(where)
+    room = ""
+    if exc.errno != errno.EROFS:
+        with contextlib.suppress(OSError):
+            info = os.statvfs(mount)
+            room = f", {info.f_bavail * info.f_frsize // 1024} of {info.f_blocks * info.f_frsize // 1024} KiB free"
+    return f"{where}: {exc.strerror} (the filesystem mounted at {mount} is {RESOURCE_ERRNOS[exc.errno]}{room})"
 
 
-class BackupStore:
-    """Versioned backups under /var/lib/vps-agent/backups/<control>/<time>-<transaction>/, newest `keep` kept."""
+def mount_point(path: Path) -> Path:
+    """The mount point path lies under, as this process's mount namespace has it (a bind mount too)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            points = [_unescape(line.split()[4]) for line in handle if len(line.split()) > 4]
+    except OSError:
+        points = ["/"]
+    text = os.path.abspath(path)
+    inside = [p for p in points if text == p or text.startswith(p.rstrip("/") + "/")]
+    return Path(max(inside, key=len) if inside else "/")
 
-    def __init__(self, directory: Path, keep: int, system_name: Callable[[Path], str] = os.fspath) -> None:
-        self.directory = directory
-        self.keep = keep
-        self.system_name = system_name
 
-    def begin(self, control: str, transaction_id: str) -> BackupSet:
-        now = time.time()
-        # microseconds in the name so sets sort by time even within one second
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
-        target = self.directory / control / f"{stamp}-{transaction_id}"
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
-        return BackupSet(target, self.system_name)
-
-    def prune(self, control: str) -> None:
-        sets = self.list(control)
-        for old in sets[: max(0, len(sets) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def list(self, control: str) -> list[Path]:
-        base = self.directory / control
-        if not base.is_dir():
-            return []
-        return sorted(p for p in base.iterdir() if p.is_dir())
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -171,7 +171,8 @@ def test_installed_agent_is_active_compliant_and_the_admin_still_gets_in(vps: Sa
 
 def test_unit_verifies_clean_and_reports_its_exposure(vps: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     # --man=no: a minimal VPS has no man-db to resolve the Documentation= pages with
-    verify = vps.exec(["systemd-analyze", "verify", "--man=no", "/usr/lib/systemd/system/vps-agent.service"], check=False)
+    unit = "/usr/lib/systemd/system/vps-agent.service"
+    verify = vps.exec(["systemd-analyze", "verify", "--man=no", unit], check=False)
     assert verify.returncode == 0 and verify.stdout.strip() == "" and verify.stderr.strip() == "", verify.stderr
     security = vps.exec(["systemd-analyze", "security", "--no-pager", "vps-agent.service"]).stdout
     overall = [line for line in security.splitlines() if "Overall exposure level" in line]

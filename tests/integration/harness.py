@@ -177,9 +177,20 @@ def tree_snapshot(directory: Path) -> dict[str, tuple[bytes | str, int]]:
     return snapshot
 
 
+def backup_set_of(root: Path, transaction_id: str, control: str = "ssh") -> Path:
+    """The set holding a transaction's copies: its own, or the identical earlier one listing it as a repeat."""
+    base = root / "var/lib/vps-agent/backups" / control
+    for backup in sorted(base.iterdir()):
+        if backup.name.endswith(f"-{transaction_id}"):
+            return backup
+        manifest = backup / "manifest.json"
+        if manifest.is_file() and transaction_id in json.loads(manifest.read_text()).get("repeats", []):
+            return backup
+    raise AssertionError(f"no backup set holds transaction {transaction_id}")
+
+
 def backup_of(root: Path, transaction_id: str, system_path: str) -> bytes:
-    [backup] = list((root / "var/lib/vps-agent/backups/ssh").glob(f"*-{transaction_id}"))
-    return (backup / "files" / system_path.lstrip("/")).read_bytes()
+    return (backup_set_of(root, transaction_id) / "files" / system_path.lstrip("/")).read_bytes()
 
 
 @contextmanager

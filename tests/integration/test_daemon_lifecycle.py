@@ -42,8 +42,9 @@ def test_pause_lets_the_admin_edit_and_resume_heals_at_once(fake_root: Path, sta
     assert agent.ctl("resume", "ssh").returncode == 0
     agent.wait_event("drift-reverted", resumed)
     assert effective_sshd(fake_root)["passwordauthentication"] == ["no"]
+    # (the event since `resumed` may still be the paused-mode heal's: its file was written, its event not yet)
     agent.wait_event("drift-reverted", resumed, control="fail2ban")
-    assert "mode = aggressive" in jail.read_text()
+    wait_for(lambda: "mode = aggressive" in jail.read_text(), what="the jail's mode to follow the resumed guard")
     assert agent.ctl("status").returncode == 0
 
 

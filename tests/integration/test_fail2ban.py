@@ -13,7 +13,7 @@ import pytest
 
 from agent.controls.fail2ban import parse_dump
 from tests.conftest import require_root_and_tools
-from tests.integration.harness import Agent, StartAgent, wait_for
+from tests.integration.harness import Agent, StartAgent, backup_set_of, wait_for
 
 HEAL_TIMEOUT = 10.0
 AGENT_FILE = "etc/fail2ban/jail.d/zz-vps-agent.local"
@@ -81,7 +81,7 @@ def test_the_sshd_jail_is_guarded_on_the_ssh_port(fake_root: Path, start_agent: 
     assert lines[0] == "[sshd]" and lines[3] == "findtime = 10m"
     assert lines[1].startswith("# [vps-agent ") and lines[1].endswith("the agent keeps port = 2222: port = 99")
     assert "the agent keeps maxretry = 5: maxretry = 10" in lines[2]
-    [backup] = list((fake_root / "var/lib/vps-agent/backups/fail2ban").glob(f"*-{event['transaction']['id']}"))
+    backup = backup_set_of(fake_root, str(event["transaction"]["id"]), "fail2ban")
     assert (backup / "files" / AGENT_FILE.replace("zz-vps-agent", "zzz-other")).read_text().startswith("[sshd]\nport")
     assert orig.read_bytes() == stock_jail_conf  # copied once, never again
 

@@ -18,7 +18,7 @@ from agent.controls.base import FINDING, FIX, WARNING, DriftItem
 from agent.engine import transaction as tx
 from agent.events import null_events
 from agent.paths import SystemRoot
-from agent.system import fs
+from agent.system import backups, fs
 from tests.fakeroot import client_key, make_root
 from tests.unit.conftest import DeclaredCommands
 
@@ -40,7 +40,7 @@ def create_config(name: str = "deploy") -> Config:
 
 
 def converge(root: Path, config: Config | None = None, heal: bool = True) -> tx.Outcome:
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(root.parent / "backups", 5), fs.EchoFilter())
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(root.parent / "backups", 5), fs.EchoFilter())
     return tx.converge(AccountsControl(SystemRoot.at(root)), config or Config(), ctx, reason="test", heal=heal)
 
 

@@ -82,6 +82,23 @@ def test_unwritable_events_file_is_reported_not_fatal(tmp_path: Path) -> None:
     assert events.sinks.recent(1)[0]["event"]["action"] == "agent-started"
 
 
+def test_a_full_events_disk_is_counted_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    events, _ = make(tmp_path)
+    events.emit(ev.AGENT_STARTED, outcome="success")
+    good = events.sinks._file
+    events.sinks._file = open("/dev/full", "ab", buffering=0)  # every write: ENOSPC
+    for _ in range(3):
+        events.emit(ev.DRIFT_REVERTED, outcome="success", control="ssh")
+    assert events.sinks.file_unwritten == 3 and "3 events not written" in (events.sinks.file_error or "")
+    assert events.sinks.counts_by_action()["drift-reverted"] == 3  # still counted, still in the ring
+    events.sinks._file.close()
+    events.sinks._file = good  # room again
+    events.emit(ev.AGENT_STOPPING, outcome="success")
+    assert events.sinks.file_error is None
+    lines = (tmp_path / "log/events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"]["action"] for line in lines] == ["agent-started", "agent-stopping"]
+
+
 def test_runs_on_the_structlog_debian_12_ships() -> None:
     major, minor = (int(x) for x in importlib.metadata.version("structlog").split(".")[:2])
     assert (major, minor) >= (22, 3)

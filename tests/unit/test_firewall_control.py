@@ -13,7 +13,7 @@ from agent.controls.firewall import CHAIN, FirewallControl, parse_filter, render
 from agent.engine import transaction as tx
 from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
-from agent.system import fs
+from agent.system import backups, fs
 from tests.unit.conftest import DeclaredCommands
 
 SAVED_EMPTY = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
@@ -148,7 +148,7 @@ def test_the_canonical_form_is_learned_after_applying_and_then_compliant(
     commands.expect_with(["iptables-nft-restore"], restore)
     commands.expect_with(["ip6tables-nft-restore"], restore)
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
-    ctx = tx.TransactionContext(events, fs.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
+    ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
     assert tx.converge(control, config, ctx, reason="test").status == tx.HEALED
     assert tx.converge(control, config, ctx, reason="echo").status == tx.COMPLIANT
     # a fresh control (vps-agentctl check) reads what the daemon learned
@@ -160,7 +160,7 @@ def test_a_failed_check_changes_nothing(tmp_path: Path, commands: DeclaredComman
     commands.expect(["iptables-nft-restore"], returncode=2, stderr="iptables-restore: line 4 failed")
     commands.expect(["ip6tables-nft-restore"], returncode=0)
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
-    ctx = tx.TransactionContext(events, fs.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
+    ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
     outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
     assert outcome.status == tx.FAILED and "line 4 failed" in outcome.detail
     assert not [c for c in commands.calls if "restore" in c[0] and "--test" not in c]
@@ -210,7 +210,7 @@ def test_a_failure_after_applying_puts_back_what_the_agent_owned_before(
         lambda argv: (0, "", "") if "--test" in argv else (1, "", "ip6tables-restore: failed"),
     )
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
-    ctx = tx.TransactionContext(events, fs.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
+    ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
     outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
     assert outcome.status == tx.FAILED and "ip6tables-restore: failed" in outcome.detail
     live_v4 = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.system import fs
+from agent.system import backups, fs
 
 
 def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_backup_and_restore_round_trip_files_symlinks_and_absence(tmp_path: Path
     regular.write_text("A\n")
     os.chmod(regular, 0o600)
     os.symlink("/nowhere", link)
-    store = fs.BackupStore(tmp_path / "backups", keep=5)
+    store = backups.BackupStore(tmp_path / "backups", keep=5)
     backup = store.begin("ssh", "tx1")
     for path in (regular, link, absent):
         backup.save(path)
@@ -141,3 +141,18 @@ def test_atomic_write_at_replaces_a_planted_symlink_and_leaves_no_temporary(tmp_
         fs.remove_at(fd, "vps_agent.prom")
         fs.remove_at(fd, "vps_agent.prom")  # gone already: fine
     assert victim.read_text() == "root's\n" and os.listdir(metrics) == []
+
+
+def test_a_full_filesystem_is_named_with_its_mount_point_and_room(tmp_path: Path) -> None:
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    problem = fs.resource_problem(full, tmp_path / "backups")
+    assert problem is not None and problem.startswith(
+        f"{tmp_path / 'backups'}: No space left on device (the filesystem"
+    )
+    assert "is full" in problem and "KiB free" in problem
+    read_only = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
+    assert "is read-only)" in (fs.resource_problem(read_only) or "")
+    assert fs.resource_problem(OSError(errno.EACCES, "Permission denied")) is None
+    assert fs.mount_point(Path("/proc/self")) == Path("/proc")

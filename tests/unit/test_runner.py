@@ -17,7 +17,7 @@ from agent.engine import transaction as tx
 from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
 from agent.events import null_events
 from agent.paths import SystemRoot
-from agent.system import dpkg, fs
+from agent.system import backups, dpkg, fs
 from tests.unit.test_dpkg_lock import held
 from tests.unit.test_transaction import FileControl
 
@@ -41,7 +41,7 @@ def runner(tmp_path: Path) -> Iterator[ControlRunner]:
     root = SystemRoot.at(tmp_path / "root")
     (tmp_path / "root/etc").mkdir(parents=True)
     control = FileControl(root)
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
     instance = ControlRunner(control, lambda: CONFIG, ctx)
     instance.start()
     yield instance
@@ -182,7 +182,7 @@ def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> Non
         holder = dpkg.holder(root)
         return holder.describe() if holder else None
 
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
     runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
     runner.start()
     try:
@@ -245,7 +245,7 @@ def compliant_runner(tmp_path: Path, control_class: type[FileControl]) -> Iterat
     (tmp_path / "root/etc").mkdir(parents=True)
     control = control_class(root)
     control.file.write_text("good\n")
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
     instance = ControlRunner(control, lambda: CONFIG, ctx)
     instance.start()
     try:
@@ -347,7 +347,7 @@ def flapping_runner(tmp_path: Path, clock: Clock | None = None) -> Iterator[Cont
     (tmp_path / "root/etc").mkdir(parents=True)
     control = FileControlWithFinding(root)
     control.file.write_text("good\n")
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
     instance = ControlRunner(control, lambda: CONFIG, ctx, clock=clock or Clock())
     instance.start()
     try:

@@ -15,12 +15,14 @@ from agent.controls.base import (
     NEEDS_CHANGE,
     Blocked,
     Changes,
+    CommandChange,
     Control,
     Drift,
     DriftItem,
     FileChange,
     Held,
     HeldSetting,
+    Invocation,
     ReloadOutcome,
     ValidationError,
     WatchSpec,
@@ -28,7 +30,7 @@ from agent.controls.base import (
 from agent.engine import transaction as tx
 from agent.events import null_events
 from agent.paths import SystemRoot
-from agent.system import fs
+from agent.system import backups, fs
 
 
 class FileControl(Control):
@@ -45,29 +47,36 @@ class FileControl(Control):
         self.blocked: Blocked | Held | None = None
         self.reloads = 0
         self.sabotage_after_apply = False
+        self.bug_in: str | None = None  # "validate", "reload" or "diff": raises TypeError there, after the write
+        self.commands: tuple[CommandChange, ...] = ()
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return [WatchSpec(self.file.parent)]
 
     def observe(self) -> str | None:
         data = fs.read_regular(self.file)
-        return None if data is None else data.decode()
+        return None if data is None else data.decode(errors="surrogateescape")
 
     def desired(self, config: Config) -> str:
         return self.want
 
     def diff(self, observed: Any, desired: Any) -> Drift | None:
+        if self.bug_in == "diff" and self.reloads:
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
         if observed == desired:
             return None
         return Drift(self.name, (DriftItem("content", "/etc/demo.conf", desired, str(observed)),), "")
 
     def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes:
-        return Changes((FileChange(self.file, "/etc/demo.conf", desired.encode(), None, "rewrite"),), ("rewrite",))
+        files = (FileChange(self.file, "/etc/demo.conf", desired.encode(), None, "rewrite"),)
+        return Changes(files, ("rewrite",), commands=self.commands)
 
     def preconditions(self, observed: Any, desired: Any) -> Blocked | Held | None:
         return self.blocked
 
     def validate(self, changes: Changes) -> None:
+        if self.bug_in == "validate":
+            raise TypeError("'NoneType' object is not subscriptable")
         if self.validate_error:
             raise ValidationError(self.validate_error)
         if self.sabotage_after_apply:
@@ -75,6 +84,10 @@ class FileControl(Control):
 
     def reload(self) -> ReloadOutcome:
         self.reloads += 1
+        if (
+            self.bug_in == "reload" and self.reloads == 1
+        ) or self.bug_in == "reload-twice":  # twice: the rollback's too
+            raise TypeError("reload() got an unexpected keyword argument")
         return ReloadOutcome(self.reload_ok, "reloaded" if self.reload_ok else "reload refused")
 
 
@@ -85,7 +98,7 @@ def setup(tmp_path: Path) -> tuple[FileControl, tx.TransactionContext]:
     control = FileControl(root)
     control.file.write_text("tampered\n")
     os.chmod(control.file, 0o640)
-    ctx = tx.TransactionContext(null_events(), fs.BackupStore(tmp_path / "backups", keep=3), fs.EchoFilter())
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "backups", keep=3), fs.EchoFilter())
     return control, ctx
 
 
@@ -103,7 +116,9 @@ def test_heal_writes_backs_up_the_pre_change_file_and_reports(setup: Any) -> Non
     [backup] = ctx.backups.list("demo")
     assert (backup / "files" / str(control.file).lstrip("/")).read_text() == "tampered\n"
     manifest = json.loads((backup / "manifest.json").read_text())
-    assert manifest[0]["existed"] is True and manifest[0]["mode"] == "0o640"
+    assert manifest["state"] == "committed" and manifest["transaction"] == outcome.transaction_id
+    [saved] = manifest["files"]
+    assert saved["existed"] is True and saved["mode"] == "0o640"
     reverted = ctx.events.sinks.recent(1)[0]
     assert reverted["transaction"]["id"] == outcome.transaction_id and reverted["duration_ms"] >= 0
 
@@ -184,3 +199,103 @@ def test_backup_retention_keeps_the_newest_sets(setup: Any) -> None:
     sets = ctx.backups.list("demo")
     assert len(sets) == 3
     assert (sets[-1] / "files" / str(control.file).lstrip("/")).read_text() == "tampered 4\n"
+
+
+@pytest.mark.parametrize("where", ["validate", "reload", "reload-twice", "diff"])
+def test_a_bug_after_the_write_restores_the_file_byte_for_byte_then_is_raised(setup: Any, where: str) -> None:
+    control, ctx = setup
+    original = b"tampered\n\x00 admin's own bytes \xff\r\n"
+    control.file.write_bytes(original)
+    before = os.stat(control.file)
+    control.bug_in = where
+    with pytest.raises(TypeError):
+        tx.converge(control, default_config(), ctx, reason="test")
+    assert control.file.read_bytes() == original
+    after = os.stat(control.file)
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    failed = ctx.events.sinks.recent(1)[0]
+    assert failed["event"]["action"] == "remediation-failed" and failed["error_type"] == "TypeError"
+    assert "fix rolled back: TypeError" in failed["message"] and failed["restored"] == [str(control.file)]
+    assert failed["rollback_reload"] is not None  # reloaded onto the restored file
+    [backup] = ctx.backups.list("demo")
+    assert json.loads((backup / "manifest.json").read_text())["state"] == "rolled-back"
+    assert not [p for p in control.file.parent.iterdir() if fs.TMP_MARKER in p.name]
+
+
+def test_a_bug_undoes_applied_commands_newest_first(setup: Any, commands: Any) -> None:
+    control, ctx = setup
+    commands.expect(["apply"])
+    commands.expect(["undo"])
+    control.commands = tuple(
+        CommandChange(Invocation(("apply", str(n))), Invocation(("undo", str(n)), "state\n", (("K", "v"),)))
+        for n in (1, 2)
+    )
+    control.bug_in = "validate"
+    with pytest.raises(TypeError):
+        tx.converge(control, default_config(), ctx, reason="test")
+    assert commands.calls == [["apply", "1"], ["apply", "2"], ["undo", "2"], ["undo", "1"]]
+    assert commands.inputs[-1] == "state\n"
+    assert ctx.events.sinks.recent(1)[0]["undone"] == ["undo 2: ok", "undo 1: ok"]
+
+
+def test_a_stopping_daemon_rolls_the_write_phase_back(setup: Any) -> None:
+    control, ctx = setup
+
+    def stop_after_the_write(name: str, step: str, n: int = 1) -> None:
+        if step == "after-write":
+            ctx.stopping.set()  # SIGTERM arrives while the file is written
+
+    ctx.fault = stop_after_the_write
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "the daemon is stopping" in outcome.detail
+    assert control.file.read_text() == "tampered\n" and control.reloads == 1
+
+
+def test_the_intent_record_is_on_disk_before_the_first_change(setup: Any) -> None:
+    control, ctx = setup
+    seen: dict[str, Any] = {}
+
+    def look(name: str, step: str, n: int = 1) -> None:
+        if step == "after-backup":
+            [backup] = ctx.backups.list("demo")
+            seen.update(json.loads((backup / "manifest.json").read_text()))
+            seen["copy"] = (backup / "files" / str(control.file).lstrip("/")).read_bytes()
+            seen["file"] = control.file.read_bytes()
+
+    ctx.fault = look
+    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.HEALED
+    assert seen["state"] == "pending" and seen["file"] == seen["copy"] == b"tampered\n"
+    assert seen["files"][0]["sha256"] is not None
+
+
+def test_a_failure_before_the_first_write_touches_nothing(setup: Any, commands: Any) -> None:
+    control, ctx = setup
+    commands.expect(["check"], returncode=1, stderr="line 2: bad rule")
+    control.commands = (CommandChange(Invocation(("apply",)), None, Invocation(("check",))),)
+    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    assert outcome.status == tx.FAILED and "bad rule" in outcome.detail
+    assert control.reloads == 0 and control.file.read_text() == "tampered\n"
+    assert ctx.events.sinks.recent(1)[0]["restored"] == []
+
+
+def test_identical_consecutive_backups_are_stored_once_so_keep_counts_versions(setup: Any) -> None:
+    control, ctx = setup  # keep=3
+    ids = []
+    for _ in range(5):  # a fight with another tool: the same tamper again and again
+        control.file.write_text("tampered\n")
+        ids.append(tx.converge(control, default_config(), ctx, reason="test").transaction_id)
+    [kept] = ctx.backups.list("demo")
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert kept.name.endswith(ids[0]) and manifest["repeats"] == ids[1:] and manifest["repeat_count"] == 4
+    assert ctx.events.sinks.recent(1)[0]["backup"] == str(kept)  # the event names the set holding the copy
+    for n in (1, 2):
+        control.file.write_text(f"tampered {n}\n")
+        tx.converge(control, default_config(), ctx, reason="test")
+    sets = ctx.backups.list("demo")
+    assert len(sets) == 3 and sets[0] == kept  # three distinct versions, the first one still kept
+    control.file.write_text("tampered 1\n")  # not consecutive with its twin: a version of its own
+    tx.converge(control, default_config(), ctx, reason="test")
+    sets = ctx.backups.list("demo")
+    assert len(sets) == 3 and kept not in sets
+    copy = sets[-1] / "files" / str(control.file).lstrip("/")
+    assert copy.read_text() == "tampered 1\n"
