@@ -1,8 +1,8 @@
 """Every e2e module runs once per Debian release: one booted VPS per module and release.
 
 VPS_RELEASES picks them; a test's id names its release, e.g. `test_x[trixie]`. The default is bookworm
-(Debian 12) until trixie's open failures of issue 16 are fixed (fail2ban 1.1 drops the jail's action on a
-reload that renames it, the unit under /lib on a merged-/usr system): `VPS_RELEASES="bookworm trixie"`.
+(Debian 12) until a whole trixie run has passed after issue 16's fixes (fail2ban 1.1's reload that renames
+the ban action, the unit under /lib on a merged-/usr system): `VPS_RELEASES="bookworm trixie"` runs both.
 """
 
 from __future__ import annotations
