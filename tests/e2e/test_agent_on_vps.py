@@ -183,13 +183,19 @@ def test_unit_verifies_clean_and_reports_its_exposure(vps: Sandbox, capsys: pyte
     assert exposure <= 4.0  # "OK" or better: the agent is root but fenced in
 
 
-def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sandbox) -> None:
-    drifts = [
+def sshd_drifts(planted: str) -> list[list[str]]:
+    """The sshd drifts every e2e module makes: a line above the Include, a planted drop-in (`planted`: its
+    first line, Port 22 after it), the agent's own drop-in removed, the Include removed."""
+    return [
         ["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"],
-        ["sh", "-c", "printf 'PasswordAuthentication yes\\nPort 22\\n' > /etc/ssh/sshd_config.d/00-evil.conf"],
+        ["sh", "-c", f"printf '{planted}\\nPort 22\\n' > /etc/ssh/sshd_config.d/00-evil.conf"],
         ["rm", "-f", "/etc/ssh/sshd_config.d/00-vps-agent.conf"],
         ["sed", "-i", "/^Include /d", "/etc/ssh/sshd_config"],
     ]
+
+
+def heal_each(vps: Sandbox, drifts: list[list[str]], settled: Callable[[], bool]) -> None:
+    """Make each drift in turn; each must get a `drift-reverted` and leave sshd `settled` within 20 s."""
     for drift in drifts:
         healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))  # type: ignore[index]
         vps.exec(drift)
@@ -197,10 +203,15 @@ def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sand
             f"the heal of {' '.join(drift)}",
             lambda b=healed_before: (
                 sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > b  # type: ignore[index]
-                and hardened(vps)
+                and settled()
             ),
             20,
+            explain=lambda: status_text(vps),
         )
+
+
+def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sandbox) -> None:
+    heal_each(vps, sshd_drifts("PasswordAuthentication yes"), lambda: hardened(vps))
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 

@@ -18,6 +18,8 @@ from tests.e2e.test_agent_on_vps import (
     agent_vps,
     banned,
     events,
+    heal_each,
+    sshd_drifts,
     sshd_effective,
     status_code,
     status_text,
@@ -90,23 +92,7 @@ def test_3_a_password_login_on_the_new_port_confirms_the_move(vps: Sandbox) -> N
 
 
 def test_4_every_sshd_drift_is_healed_while_pending(vps: Sandbox) -> None:
-    drifts = [
-        ["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"],
-        ["sh", "-c", "printf 'PermitRootLogin yes\\nPort 22\\n' > /etc/ssh/sshd_config.d/00-evil.conf"],
-        ["rm", "-f", "/etc/ssh/sshd_config.d/00-vps-agent.conf"],
-        ["sed", "-i", "/^Include /d", "/etc/ssh/sshd_config"],
-    ]
-    for drift in drifts:
-        healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))  # type: ignore[index]
-        vps.exec(drift)
-        wait_for(
-            f"the heal of {' '.join(drift)}",
-            lambda b=healed_before: (
-                sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > b  # type: ignore[index]
-                and baseline(vps, passwords="yes")
-            ),
-            20,
-        )
+    heal_each(vps, sshd_drifts("PermitRootLogin yes"), lambda: baseline(vps, passwords="yes"))
     assert ssh_status(vps)["status"] == "pending" and password_login(vps, 2222)
 
 
