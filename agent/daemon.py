@@ -478,6 +478,8 @@ class Daemon:
         result = self.upgrades.run("vps-agentctl upgrade --now")
         if result is None:
             return {"started": False, "why": "an upgrade is already running", "updates": self.upgrades.status()}
+        for runner in self.engine.runners.values():  # the guards that waited for this run's dpkg
+            runner.dpkg_finished()
         return {
             "started": True,
             "outcome": result.outcome,

@@ -152,6 +152,21 @@ class ControlRunner:
         done.wait(timeout)
         return box[0] if box else None
 
+    def dpkg_finished(self, timeout: float = 30.0) -> tx.Outcome | None:
+        """The agent's own apt run has just ended: a guard waiting for dpkg converges now rather than at its
+        next look (DPKG_RECHECK), so `vps-agentctl upgrade --now` answers with the guards settled. None when
+        this guard was not waiting (or did not answer within `timeout`)."""
+        done = threading.Event()
+        box: list[tx.Outcome] = []
+        with self._cond:
+            if self.state.status != WAITING:
+                return None
+            self._waiters.append((done, box))
+            self._deadline = self._clock()
+            self._cond.notify_all()
+        done.wait(timeout)
+        return box[0] if box else None
+
     def pause(self, until: float) -> None:
         with self._cond:
             self.state.paused_until = until

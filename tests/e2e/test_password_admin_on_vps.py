@@ -197,3 +197,58 @@ def test_11_a_local_user_cannot_get_an_address_banned_with_forged_sshd_lines(vps
     assert forged.count("Failed password for invalid user oracle") > MAXRETRY  # journald has them as sshd's
     time.sleep(5)  # the journal reaches fail2ban a moment after it is written
     assert victim not in banned(vps)
+
+
+def penalty_lines(vps: Sandbox, since: str) -> list[str]:
+    """sshd's own record of refusing a source address (OpenSSH 9.8+: `drop connection #0 from [A]:P on [B]:Q
+    penalty: failed authentication`)."""
+    out = vps.exec(["journalctl", "-u", "ssh", "-o", "cat", "--no-pager", "--since", since], check=False).stdout
+    return [line for line in out.splitlines() if "penalty:" in line and CLIENT_ADDR in line]
+
+
+def exempt(vps: Sandbox) -> list[str]:
+    return sshd_effective(vps).get("persourcepenaltyexemptlist", ["none"])
+
+
+def test_12_on_openssh_10_the_admins_own_address_is_exempt_from_sshds_penalties_while_logged_in(
+    vps: Sandbox,
+) -> None:
+    """OpenSSH 9.8+ (Debian 13) refuses a source address for a while after failed logins (PerSourcePenalties,
+    on by default): the admin mistyping in a second terminal would be shut out of the first's address. While
+    a sudo admin's session lasts its address is in PerSourcePenaltyExemptList; once it ends, the same failures
+    get the address refused by sshd - the last test of the module: the client stays refused afterwards."""
+    if "persourcepenalties" not in sshd_effective(vps):  # Debian 12's OpenSSH 9.2: sshd -t would refuse it
+        assert "PerSourcePenalty" not in vps.exec(["cat", "/etc/ssh/sshd_config.d/00-vps-agent.conf"]).stdout
+        return
+    assert exempt(vps) == ["none"]
+    since = vps.exec(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    session = vps.ssh_session(port=2222)
+    try:
+        wait_for(
+            "the session's address exempt in sshd",
+            lambda: exempt(vps) == [CLIENT_ADDR],
+            15,
+            explain=lambda: str(exempt(vps)),
+        )
+        time.sleep(1)  # sshd -T reads the file; the agent's reload of the running sshd follows the write
+        for _ in range(6):  # the admin's key offered for root: a failed authentication each (authfail: 5 s)
+            assert vps.ssh("true", user="root", port=2222, check=False, timeout=15).returncode != 0
+        assert key_login(vps, 2222), "the admin is refused from the address of their own live session"
+        assert penalty_lines(vps, since) == []
+    finally:
+        session.terminate()
+        session.wait(30)
+    wait_for(
+        "the address no longer exempt",
+        lambda: exempt(vps) == ["none"],
+        20,
+    )
+    # the control: without the exemption the same failures are penalised (fail2ban stopped, so that its ban
+    # cannot hide the connections from sshd)
+    vps.exec(["vps-agentctl", "pause", "fail2ban"])
+    vps.exec(["systemctl", "stop", "fail2ban"])
+    for _ in range(8):
+        vps.ssh("true", user="root", port=2222, check=False, timeout=15)
+        if penalty_lines(vps, since):
+            break
+    assert penalty_lines(vps, since), "sshd never penalised the failures: the exemption above proved nothing"

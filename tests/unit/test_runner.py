@@ -205,6 +205,37 @@ def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> Non
         runner.stop()
 
 
+def test_a_guard_waiting_for_the_agents_own_upgrade_converges_as_soon_as_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vps-agentctl upgrade --now` answers once its apt run is over: the guards that waited for its dpkg are
+    settled by then (on a booted Debian 13 VPS, status right after the answer said fail2ban `waiting`)."""
+    monkeypatch.setattr(runner_module, "DPKG_RECHECK", 60.0)  # the next look would come only after the test
+    root = SystemRoot.at(tmp_path / "root")
+    lib = tmp_path / "root/var/lib/dpkg"
+    lib.mkdir(parents=True)
+    (lib / "lock-frontend").write_text("")
+    (tmp_path / "root/etc").mkdir(parents=True)
+
+    def busy() -> str | None:
+        holder = dpkg.holder(root)
+        return holder.describe() if holder else None
+
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
+    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
+    runner.start()
+    try:
+        assert runner.dpkg_finished() is None  # not waiting: nothing to do
+        with held(lib / "lock-frontend"):
+            tamper(runner, "the upgrade wrote this\n")
+            assert wait_until(lambda: runner.state.status == WAITING)
+        outcome = runner.dpkg_finished(timeout=10)
+        assert outcome is not None and outcome.status == tx.HEALED
+        assert file_control(runner).file.read_text() == "good\n"
+    finally:
+        runner.stop()
+
+
 def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunner) -> None:
     for n in range(CONFIG.engine.flap_max_heals + 3):
         file_control(runner).file.write_text(f"admin edit {n}\n")
