@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from collections.abc import Callable
@@ -11,9 +10,10 @@ from typing import Any
 
 from agent import events as ev
 from agent.config import Config, format_duration
-from agent.controls.base import FINDING, WARNING, Control
+from agent.controls.base import Control
 from agent.engine import transaction as tx
-from agent.engine.findings import FindingsReporter
+from agent.engine.flaps import FLAP_SETTLE, Flap, FlapDamper
+from agent.engine.reports import OutcomeReporter
 
 # Status words `vps-agentctl status` shows; COMPLIANT/HEALED count as in compliance.
 PAUSED = "paused"
@@ -24,16 +24,8 @@ WAITING = "waiting"  # dpkg is at work: converging once it has finished
 DPKG_RECHECK = 1.0  # seconds between looks at the dpkg locks while waiting
 DPKG_MAX_WAIT = 1800.0  # a dpkg holding its lock longer than this is wedged: converge anyway
 _MAX_DEBOUNCE_FACTOR = 10  # a storm of events still converges after 10x the debounce
-_MAX_BACKOFF = 3600.0
 RESOURCE_RETRY = 2.0  # seconds before the first retry of a heal a full or read-only filesystem refused
-# While backing off, a change is still healed once nothing has changed for FLAP_SETTLE, up to
-# FLAP_RETRIES times a back-off: a storm that has ended must not leave the machine drifted for the whole
-# back-off. Some storms go silent while they last (`iptables -F` of chains already empty changes nothing
-# the kernel reports), so "quiet" cannot tell a storm that ended from one that goes on: the agent heals
-# again after each revert, and the budget bounds what a fight with another tool costs (at most
-# FLAP_RETRIES heals, ~15 s of it at two a second, then nothing until the back-off ends).
-FLAP_SETTLE = 0.5
-FLAP_RETRIES = 30
+__all__ = ["FLAP_SETTLE", "ControlRunner", "ControlState"]  # FLAP_SETTLE: the damping rules are engine/flaps.py
 
 
 @dataclass
@@ -47,7 +39,6 @@ class ControlState:
     converged_at: float | None = None  # wall clock, for status and metrics
     heals: int = 0
     paused_until: float | None = None  # wall clock; float("inf") = until resumed
-    backoff_until: float | None = None  # monotonic
     facts: dict[str, Any] = field(default_factory=dict)
     drift: list[str] = field(default_factory=list)
     # settings the lockout invariants hold back: {"setting", "reason", "unblock", "needs"}
@@ -99,14 +90,10 @@ class ControlRunner:
         self._waiting_since: float | None = None  # when this control began waiting for dpkg
         self._first_trigger = 0.0
         self._last_trigger = 0.0
-        self._backoff_heals_left = 0  # heals a back-off still allows (after FLAP_SETTLE without a change)
         self._deadline = 0.0
-        self._heal_times: collections.deque[float] = collections.deque()
+        self.flaps = FlapDamper(clock)  # heals of drift lately, and the back-off they caused
+        self._reports = OutcomeReporter(control.name, ctx.events, clock)
         self._last_intent = ""  # the last converge's Outcome.intent
-        self._paused_drift = ""
-        self._findings = FindingsReporter()  # findings and warnings as events, rate-limited per item
-        self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
-        self._backoff_level = 0
         self._resource_retries = 0  # retries of a heal a full or read-only filesystem refused, in a row
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
@@ -140,7 +127,7 @@ class ControlRunner:
             latest = self._first_trigger + debounce * _MAX_DEBOUNCE_FACTOR
             self._deadline = min(now + debounce, latest)
             if immediate:
-                self.state.backoff_until = None  # an admin's explicit converge overrides flap damping
+                self.flaps.override()  # an admin's explicit converge overrides flap damping
             self._cond.notify_all()
 
     def converge_and_wait(self, reason: str, timeout: float = 120.0, *, admin: bool = True) -> tx.Outcome | None:
@@ -175,9 +162,7 @@ class ControlRunner:
     def resume(self) -> None:
         with self._cond:
             self.state.paused_until = None
-            self.state.backoff_until = None
-            self._heal_times.clear()
-            self._backoff_level = 0
+            self.flaps.reset()
             self.state.status = STARTING
         self.trigger("resumed", immediate=True, admin=True)
 
@@ -206,13 +191,8 @@ class ControlRunner:
             except Exception as exc:  # a bug must not silently end the guarding of this control
                 with self._cond:
                     self._set_status(tx.ERROR, f"internal error: {type(exc).__name__}: {exc}")
-                self.ctx.events.emit(
-                    ev.REMEDIATION_FAILED,
-                    outcome="failure",
-                    control=self.name,
-                    level="error",
-                    message=f"{self.name}: internal error: {type(exc).__name__}: {exc}",
-                )
+                why = f"internal error: {type(exc).__name__}: {exc}"
+                self._reports.emit(ev.REMEDIATION_FAILED, "failure", why, level="error")
                 self._release_waiters(None)
             finally:
                 self.busy_since = None
@@ -244,9 +224,8 @@ class ControlRunner:
                 # while paused, triggers are still looked at (and reported) but never healed
                 if paused_until != float("inf"):
                     wake_at = min(wake_at, now + max(paused_until - time.time(), 0.0))
-            elif self.state.backoff_until is not None:
-                settled = self._last_trigger + FLAP_SETTLE if self._backoff_heals_left > 0 else float("inf")
-                wake_at = max(wake_at, min(self.state.backoff_until, settled))
+            elif (held_until := self.flaps.hold_until(self._last_trigger)) is not None:
+                wake_at = max(wake_at, held_until)
             if now >= wake_at:
                 reason = self._pending or "periodic reconcile"
                 self._pending = None
@@ -266,32 +245,16 @@ class ControlRunner:
             if self._waiting_since is not None:
                 waited = now - self._waiting_since
                 self._waiting_since = None
-                self.ctx.events.emit(
-                    ev.PACKAGE_MANAGER_BUSY,
-                    outcome="success",
-                    control=self.name,
-                    message=f"{self.name}: dpkg has finished after {waited:.1f}s: converging once",
-                    waited_seconds=round(waited, 1),
-                )
+                done = f"dpkg has finished after {waited:.1f}s: converging once"
+                self._reports.emit(ev.PACKAGE_MANAGER_BUSY, "success", done, waited_seconds=round(waited, 1))
             return False
         if self._waiting_since is None:
             self._waiting_since = now
-            self.ctx.events.emit(
-                ev.PACKAGE_MANAGER_BUSY,
-                outcome="unknown",
-                control=self.name,
-                message=f"{self.name}: {holder}: waiting for it to finish before converging",
-                holder=holder,
-            )
+            waiting = f"{holder}: waiting for it to finish before converging"
+            self._reports.emit(ev.PACKAGE_MANAGER_BUSY, "unknown", waiting, holder=holder)
         elif now - self._waiting_since > DPKG_MAX_WAIT:
-            self.ctx.events.emit(
-                ev.PACKAGE_MANAGER_BUSY,
-                outcome="failure",
-                control=self.name,
-                level="warning",
-                message=f"{self.name}: {holder} for over {format_duration(DPKG_MAX_WAIT)}: converging anyway",
-                holder=holder,
-            )
+            wedged = f"{holder} for over {format_duration(DPKG_MAX_WAIT)}: converging anyway"
+            self._reports.emit(ev.PACKAGE_MANAGER_BUSY, "failure", wedged, level="warning", holder=holder)
             self._waiting_since = now  # the next wait starts a new period
             return False
         with self._cond:
@@ -313,7 +276,7 @@ class ControlRunner:
             return
         paused = self.state.paused_until is not None
         report_only = not paused and not self.control.remediates(config)
-        backing_off = self.state.backoff_until is not None and self._clock() < self.state.backoff_until
+        backing_off = self.flaps.backing_off()
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
         # a heal towards a changed aim (the admin's key login proven, a move confirmed, a reload) applies the
         # agent's own new intent: nobody undid anything, so it does not count towards flapping
@@ -340,24 +303,24 @@ class ControlRunner:
             if paused:
                 drifted = outcome.status not in (tx.COMPLIANT,)
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
-                self._report_paused_drift(outcome, "while paused")
+                self._reports.unreverted_drift(outcome, "while paused")
             elif report_only:
                 why = "report mode: drift is reported, not reverted"
                 self._set_status(outcome.status, why + (f"; {outcome.detail}" if outcome.detail else ""))
-                self._report_paused_drift(outcome, "in report mode")
+                self._reports.unreverted_drift(outcome, "in report mode")
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
                 self.state.last_heal_at = time.time()
                 damped = outcome.drift is not None and any(item.damped for item in outcome.drift.fixable)
                 if not admin and damped and not new_intent:
-                    self._record_heal(config)
+                    self._flapped(self.flaps.record(config.engine))
                 if self.state.status != FLAPPING:
                     if held is not None:  # what was safe is applied; the rest still waits
                         self._set_status(tx.BLOCKED if held.blocked else tx.PENDING, held.summary())
                     else:
                         self._set_status(tx.HEALED, outcome.detail)
             elif outcome.status == tx.COMPLIANT:
-                if self.state.status == FLAPPING and self._heal_times:
+                if self.state.status == FLAPPING and self.flaps.remembers_heals():
                     pass  # stay flapping until the window has passed
                 elif self.state.status != tx.HEALED:
                     self._set_status(tx.COMPLIANT, "")
@@ -375,190 +338,40 @@ class ControlRunner:
                     self._deadline = self._clock() + min(RESOURCE_RETRY * 2**self._resource_retries, 300.0)
                     self._resource_retries += 1
                 elif outcome.status == tx.FAILED:
-                    self._record_heal(config)  # a fix that keeps failing must not be retried in a loop
+                    self._flapped(self.flaps.record(config.engine))  # a failing fix is not retried in a loop
             if outcome.status != tx.FAILED:
                 self._resource_retries = 0
             if backing_off and not admin and outcome.status in (tx.HEALED, tx.FAILED):
-                self._spend_backoff_heal()
-            self._maybe_leave_flapping(config)
+                self._flapped(self.flaps.spend())
+            if self.state.status == FLAPPING and self.flaps.settled(config.engine):
+                self._set_status(tx.COMPLIANT, "")
             if not paused and not report_only:
-                self._report_hold(outcome)
+                self._reports.hold(outcome)
                 self._report_findings(outcome)
         self._release_waiters(outcome)
         if outcome.status == tx.HEALED and not paused and not report_only:
             self._on_heal(self.name)
 
-    def _report_hold(self, outcome: tx.Outcome) -> None:
-        """A blocked control, or settings held back: one event when the state or its reasons change,
-        none for a re-check that finds the same. Holds self._cond."""
-        signature = ""
-        if outcome.status == tx.BLOCKED and outcome.blocked is not None and outcome.drift is not None:
-            signature = f"blocked: {outcome.drift.summary()} / {outcome.blocked}"
-        elif outcome.held is not None:
-            signature = f"held: {outcome.held}"
-        if signature == self._reported_hold:
-            return
-        self._reported_hold = signature
-        if outcome.status == tx.BLOCKED and outcome.blocked is not None and outcome.drift is not None:
-            drift = outcome.drift
-            self.ctx.events.emit(
-                ev.DRIFT_DETECTED,
-                outcome="unknown",
-                control=self.name,
-                level="warning",
-                message=f"{self.name}: drift detected: {drift.summary()}",
-                file_path=drift.primary_path,
-                diff=drift.diff,
-                drift=[item.describe() for item in drift.items],
-                transaction_id=outcome.transaction_id,
-            )
-            self.ctx.events.emit(
-                ev.REMEDIATION_BLOCKED,
-                outcome="failure",
-                control=self.name,
-                level="error",
-                message=f"{self.name}: blocked, nothing changed: {outcome.blocked}",
-                reasons=list(outcome.blocked.reasons),
-                transaction_id=outcome.transaction_id,
-            )
-        elif outcome.held is not None:
-            held = outcome.held
-            self.ctx.events.emit(
-                ev.REMEDIATION_BLOCKED if held.blocked else ev.REMEDIATION_PENDING,
-                outcome="failure" if held.blocked else "unknown",
-                control=self.name,
-                level="warning" if held.blocked else "info",
-                message=f"{self.name}: applied what is safe; held back: {held}",
-                reasons=[item.describe() for item in held.settings],
-                held=[item.setting for item in held.settings],
-                transaction_id=outcome.transaction_id,
-            )
-
     def _report_findings(self, outcome: tx.Outcome) -> None:
-        """Findings and warnings (drift the agent never changes): a drift-detected event with the whole
-        set whenever one appears, a findings-cleared event naming each that is gone, at most once per
-        item per window while it flaps, the rest summed up once it settles (agent/engine/findings.py);
-        status is always exact. A finding left after a heal keeps the control `drifted`."""
+        """Findings and warnings (drift the agent never changes) as events (engine/reports.py); status is
+        always exact: a finding left after a heal keeps the control `drifted`. Holds self._cond."""
         left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift
         reported = left.reported if left is not None else ()
         if outcome.status == tx.HEALED and reported:
             self.state.drift = [item.describe() for item in reported]
         if left is not None and left.findings and self.state.status in (tx.COMPLIANT, tx.HEALED):
             self._set_status(tx.DRIFTED, left.findings_summary())
-        items = [item.describe() for item in reported]
-        summary = "; ".join(items)
-        news = self._findings.update(reported, self._clock())
-        if news.recheck_at is not None and self._pending is None:
+        recheck_at = self._reports.findings(reported, outcome.transaction_id)
+        if recheck_at is not None and self._pending is None:
             # a flapping item's summary is due then: look again, rather than at the next periodic reconcile
             self._pending, self._first_trigger = "folded findings settle", self._clock()
-            self._deadline = news.recheck_at
-        folded = "".join(
-            f" ({what}: changed {n} more time{'s' if n > 1 else ''} since the last event about it, summed up here)"
-            for what, n in news.folded.items()
-        )
-        if news.cleared:
-            self.ctx.events.emit(
-                ev.FINDINGS_CLEARED,
-                outcome="success",
-                control=self.name,
-                message=f"{self.name}: no longer reported: {'; '.join(news.cleared)}"
-                + (f" (still reported: {summary})" if summary else "")
-                + folded,
-                cleared=list(news.cleared),
-                remaining=items or None,
-                folded=news.folded or None,
-                transaction_id=outcome.transaction_id,
-            )
-        if news.appeared:
-            paths = [item.where for item in reported if item.where.startswith("/")]
-            self.ctx.events.emit(
-                ev.DRIFT_DETECTED,
-                outcome="unknown",
-                control=self.name,
-                level="warning",
-                message=f"{self.name}: reported, never changed by the agent: {summary}" + folded,
-                findings=[item.describe() for item in reported if item.kind == FINDING] or None,
-                warnings=[item.describe() for item in reported if item.kind == WARNING] or None,
-                file_path=paths[0] if paths else None,
-                folded=news.folded or None,
-                transaction_id=outcome.transaction_id,
-            )
+            self._deadline = recheck_at
 
-    def _report_paused_drift(self, outcome: tx.Outcome, when: str) -> None:
-        """While paused (or in report mode), drift is still an event (once per distinct drift), so
-        collectors see hand edits."""
-        summary = outcome.drift.summary() if outcome.drift else ""
-        if summary and summary != self._paused_drift:
-            self.ctx.events.emit(
-                ev.DRIFT_DETECTED,
-                outcome="unknown",
-                control=self.name,
-                level="warning",
-                message=f"{self.name}: drift detected {when}, not reverted: {summary}",
-                diff=outcome.drift.diff if outcome.drift else None,
-                paused=when == "while paused",
-                file_path=outcome.drift.primary_path if outcome.drift else None,
-                transaction_id=outcome.transaction_id,
-            )
-        self._paused_drift = summary
-
-    def _record_heal(self, config: Config) -> None:
-        now = self._clock()
-        self._heal_times.append(now)
-        while self._heal_times and now - self._heal_times[0] > config.engine.flap_window:
-            self._heal_times.popleft()
-        backing_off = self.state.backoff_until is not None and now < self.state.backoff_until
-        if len(self._heal_times) > config.engine.flap_max_heals and not backing_off:
-            backoff = min(config.engine.flap_backoff * (2**self._backoff_level), _MAX_BACKOFF)
-            self._backoff_level += 1
-            self.state.backoff_until = now + backoff
-            self._backoff_heals_left = FLAP_RETRIES
-            why = (
-                f"reverted {len(self._heal_times)} times in {format_duration(config.engine.flap_window)}; "
-                f"something keeps changing it: backing off {format_duration(backoff)} "
-                f"(meanwhile healed only after {FLAP_SETTLE:g}s without a change, at most {FLAP_RETRIES} times; "
-                "every version is in the backups)"
-            )
-            self._flapping(why, backoff, len(self._heal_times))
-
-    def _spend_backoff_heal(self) -> None:
-        """One of the heals a back-off allows was spent; when the last one is, say that the agent now
-        leaves the drift alone until the back-off ends. Holds self._cond."""
-        self._backoff_heals_left -= 1
-        if self._backoff_heals_left > 0 or self.state.backoff_until is None:
-            return
-        left = max(self.state.backoff_until - self._clock(), 0.0)
-        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + left))
-        why = (
-            f"still changed after {FLAP_RETRIES} heals while backing off: something keeps undoing them; "
-            f"not healing until the back-off ends at {ends} "
-            "(`vps-agentctl converge` heals now; every version is in the backups)"
-        )
-        self._flapping(why, round(left), FLAP_RETRIES)
-
-    def _flapping(self, why: str, backoff_seconds: float, heals: int) -> None:
-        """Status and event: a back-off began, or spent the heals it allows. Holds self._cond."""
-        self._set_status(FLAPPING, why)
-        self.ctx.events.emit(
-            ev.FLAPPING,
-            outcome="failure",
-            control=self.name,
-            level="error",
-            message=f"{self.name}: flapping: {why}",
-            backoff_seconds=backoff_seconds,
-            heals=heals,
-        )
-
-    def _maybe_leave_flapping(self, config: Config) -> None:
-        if self.state.status != FLAPPING:
-            return
-        now = self._clock()
-        while self._heal_times and now - self._heal_times[0] > config.engine.flap_window:
-            self._heal_times.popleft()
-        if not self._heal_times and (self.state.backoff_until is None or now >= self.state.backoff_until):
-            self.state.backoff_until = None
-            self._backoff_level = 0
-            self._set_status(tx.COMPLIANT, "")
+    def _flapped(self, flap: Flap | None) -> None:
+        """A back-off began, or spent the heals it allows: status and event. Holds self._cond."""
+        if flap is not None:
+            self._set_status(FLAPPING, flap.why)
+            self._reports.flapping(flap)
 
     def _release_waiters(self, outcome: tx.Outcome | None) -> None:
         with self._cond:

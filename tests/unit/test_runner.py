@@ -11,7 +11,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.controls.base import FINDING, WAITS_FOR_PROOF, Blocked, Drift, DriftItem, Held, HeldSetting
-from agent.engine import findings
+from agent.engine import findings, flaps
 from agent.engine import runner as runner_module
 from agent.engine import transaction as tx
 from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAITING, ControlRunner
@@ -84,7 +84,7 @@ def _into_backoff(runner: ControlRunner) -> None:
 def test_more_heals_than_allowed_in_the_window_is_flapping_and_backs_off(
     runner: ControlRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner_module, "FLAP_RETRIES", 3)
+    monkeypatch.setattr(flaps, "FLAP_RETRIES", 3)
     _into_backoff(runner)
     assert "backing off 5m" in runner.state.why and "at most 3 times" in runner.state.why
     flapping = [e for e in runner.ctx.events.sinks.recent(100) if e["event"]["action"] == "flapping"]
@@ -241,7 +241,7 @@ def test_what_the_admin_asks_for_is_not_counted_as_flapping(runner: ControlRunne
         file_control(runner).file.write_text(f"admin edit {n}\n")
         outcome = runner.converge_and_wait("vps-agentctl converge")
         assert outcome is not None and outcome.status == tx.HEALED
-    assert runner.state.status == tx.HEALED and runner.state.backoff_until is None
+    assert runner.state.status == tx.HEALED and runner.flaps.backoff_until is None
     assert "flapping" not in actions(runner)
 
 
