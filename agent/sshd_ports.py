@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.controls.sshd import configured_ports
+from agent.config import Config
+from agent.controls.sshd_config import configured_ports
 from agent.paths import SystemRoot
+from agent.portmove import PortMoves
 from agent.system import netfilter
 
 LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
@@ -75,3 +77,13 @@ class SshdPorts:
             if answer is not None:
                 self._config_ports, self._config_under = answer, root_ports
         return self._config_ports
+
+
+def ssh_ports(config: Config, listening: frozenset[int], moves: PortMoves | None = None) -> tuple[int, ...]:
+    """The one source of truth for "the SSH port(s)" (the firewall keeps them open, fail2ban guards
+    them): the SSH guard's port(s) — both while a port move is open (agent/portmove.py) — plus
+    whatever sshd listens on now."""
+    ports = set(listening)
+    if config.ssh.enabled:
+        ports.update(moves.ports(config) if moves is not None else (config.ssh.port,))
+    return tuple(sorted(ports))

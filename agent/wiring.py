@@ -12,7 +12,8 @@ from agent.controls.accounts import AccountsControl
 from agent.controls.base import Control
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
-from agent.controls.sshd import SshdControl, password_logins
+from agent.controls.sshd import SshdControl
+from agent.controls.sshd_config import password_logins
 from agent.engine import transaction as tx
 from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot

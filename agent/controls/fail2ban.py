@@ -34,10 +34,9 @@ from agent.controls.base import (
     WatchSpec,
     unified,
 )
-from agent.controls.firewall import ssh_ports
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
 from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts
+from agent.sshd_ports import SshdPorts, ssh_ports
 from agent.system import apt, dpkg, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run

@@ -40,8 +40,10 @@ from agent.controls.base import (
 from agent.controls.sshd_config import (
     DEFAULT_INCLUDE,
     MAIN_CONFIG,
+    SSHD,
     ConfigGraph,
     Directive,
+    ensure_privsep_dir,
     include_covers,
     parse_effective,
     read_graph,
@@ -53,7 +55,6 @@ from agent.system import fs
 from agent.system.run import run
 from agent.system.services import Service, ServiceManager
 
-SSHD = "/usr/sbin/sshd"
 PENALTY_EXEMPT = "PerSourcePenaltyExemptList"
 MARKER = "vps-agent"
 _ACCESS_KEYWORDS = (
@@ -80,34 +81,6 @@ _CUTTING_OPTIONS = frozenset(
     }
 )
 _SYNONYMS = {"without-password": "prohibit-password"}
-
-
-def ensure_privsep_dir(root: SystemRoot) -> None:
-    # sshd -t/-T refuse to run without it; systemd creates it only while ssh.service runs.
-    if root.is_host and not root.sshd_privsep_dir.is_dir():
-        fs.ensure_dir(root.sshd_privsep_dir, 0o755)
-
-
-def configured_ports(root: SystemRoot) -> frozenset[int] | None:
-    """The TCP ports sshd's effective configuration (`sshd -T`) binds: every ListenAddress as sshd
-    resolves it (each with its port; Port alone when there is none). None when sshd -T fails."""
-    ensure_privsep_dir(root)
-    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
-    if not result.ok:
-        return None
-    effective = parse_effective(result.stdout)
-    listen = [address.split()[0] for address in effective.get("listenaddress", ())]
-    ports = [address.rsplit(":", 1)[1] for address in listen if ":" in address] or effective.get("port", ())
-    return frozenset(int(port) for port in ports if port.isdigit())
-
-
-def password_logins(root: SystemRoot) -> bool | None:
-    """Whether sshd's effective configuration (`sshd -T`) accepts passwords; None when sshd -T fails."""
-    ensure_privsep_dir(root)
-    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
-    if not result.ok:
-        return None
-    return parse_effective(result.stdout).get("passwordauthentication", ("yes",))[0].lower() == "yes"
 
 
 def _without_exempt(text: str) -> str:

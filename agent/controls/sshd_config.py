@@ -1,4 +1,5 @@
-"""sshd_config as sshd reads it: the main file with its Includes expanded in order, each directive placed."""
+"""sshd_config as sshd reads it: the main file with its Includes expanded in order, each directive placed;
+and what sshd itself says of its configuration (`sshd -T`: the ports it binds, whether it takes passwords)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from fnmatch import fnmatchcase
 
 from agent.paths import SystemRoot
 from agent.system import fs
+from agent.system.run import run
 
 MAIN_CONFIG = "/etc/ssh/sshd_config"
+SSHD = "/usr/sbin/sshd"
 DEFAULT_INCLUDE = "/etc/ssh/sshd_config.d/*.conf"
 _DIRECTIVE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)(?:\s*=\s*|\s+)(.*?)\s*$")
 _MAX_INCLUDE_DEPTH = 16
@@ -119,3 +122,31 @@ def parse_effective(text: str) -> dict[str, tuple[str, ...]]:
         if keyword:
             values.setdefault(keyword.lower(), []).append(value.strip())
     return {k: tuple(v) for k, v in values.items()}
+
+
+def ensure_privsep_dir(root: SystemRoot) -> None:
+    # sshd -t/-T refuse to run without it; systemd creates it only while ssh.service runs.
+    if root.is_host and not root.sshd_privsep_dir.is_dir():
+        fs.ensure_dir(root.sshd_privsep_dir, 0o755)
+
+
+def configured_ports(root: SystemRoot) -> frozenset[int] | None:
+    """The TCP ports sshd's effective configuration (`sshd -T`) binds: every ListenAddress as sshd
+    resolves it (each with its port; Port alone when there is none). None when sshd -T fails."""
+    ensure_privsep_dir(root)
+    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+    if not result.ok:
+        return None
+    effective = parse_effective(result.stdout)
+    listen = [address.split()[0] for address in effective.get("listenaddress", ())]
+    ports = [address.rsplit(":", 1)[1] for address in listen if ":" in address] or effective.get("port", ())
+    return frozenset(int(port) for port in ports if port.isdigit())
+
+
+def password_logins(root: SystemRoot) -> bool | None:
+    """Whether sshd's effective configuration (`sshd -T`) accepts passwords; None when sshd -T fails."""
+    ensure_privsep_dir(root)
+    result = run([SSHD, "-T", "-f", MAIN_CONFIG], timeout=15)
+    if not result.ok:
+        return None
+    return parse_effective(result.stdout).get("passwordauthentication", ("yes",))[0].lower() == "yes"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import sshd_ports
-from agent.controls.sshd import SSHD, configured_ports
+from agent.controls.sshd_config import SSHD, configured_ports
 from agent.paths import SystemRoot
 from agent.sshd_ports import SshdPorts
 from agent.system import netfilter
