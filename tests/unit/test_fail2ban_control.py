@@ -260,7 +260,7 @@ def _host_control(tmp_path: Path) -> Fail2banControl:
 def test_a_reload_after_which_the_jail_never_gets_its_action_is_followed_by_a_restart_and_fails_if_that_does_not_help(
     tmp_path: Path, commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.controls import fail2ban
+    from agent.controls.fail2ban import control as fail2ban
 
     control = _host_control(tmp_path)
     monkeypatch.setattr(fail2ban, "ACTIONS_WAIT", 0.3)
@@ -277,7 +277,7 @@ def test_a_reload_after_which_the_jail_never_gets_its_action_is_followed_by_a_re
 def test_a_reload_that_leaves_no_action_is_mended_by_a_restart(
     tmp_path: Path, commands: DeclaredCommands, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.controls import fail2ban
+    from agent.controls.fail2ban import control as fail2ban
 
     control = _host_control(tmp_path)
     monkeypatch.setattr(fail2ban, "ACTIONS_WAIT", 0.3)

@@ -8,17 +8,13 @@ is `fail2ban-client -d`, the parsed configuration fail2ban itself would load, ne
 
 from __future__ import annotations
 
-import ast
 import datetime
-import ipaddress
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agent import accounts
-from agent.config import Config, parse_duration
+from agent.config import Config
 from agent.controls.base import (
     Blocked,
     Changes,
@@ -34,6 +30,30 @@ from agent.controls.base import (
     WatchSpec,
     unified,
 )
+from agent.controls.fail2ban.jail import (
+    CLIENT,
+    JAIL,
+    JOURNALMATCH,
+    PACKAGE,
+    UNIT,
+    Fail2banDesired,
+    Fail2banObserved,
+    JailFile,
+    agrees,
+    banaction_for,
+    conflicts,
+    effective_diff,
+    jail_facts,
+    neutralised,
+    parse_actions,
+    parse_banned_ips,
+    parse_dump,
+    parse_ignore_list,
+    parse_status,
+    render_jail,
+    runtime_drift,
+    seconds,
+)
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
 from agent.portmove import PortMoves
 from agent.sshd_ports import SshdPorts, ssh_ports
@@ -42,145 +62,7 @@ from agent.system.netfilter import Backend
 from agent.system.run import run
 from agent.system.services import ServiceManager
 
-CLIENT = "fail2ban-client"
-PACKAGE = "fail2ban"
-JAIL = "sshd"
-UNIT = "fail2ban.service"
-MARKER = "vps-agent"
-# the keys the agent guards in [sshd], in the order its file sets them
-KEYS = (
-    "enabled",
-    "port",
-    "maxretry",
-    "findtime",
-    "bantime",
-    "ignoreip",
-    "banaction",
-    "backend",
-    "journalmatch",
-    "mode",
-)
-# With the journal backend, only what sshd's own unit logged as root counts (the key-login proof's door,
-# agent/system/journal.py): the filter's stock match, `_SYSTEMD_UNIT=sshd.service + _COMM=sshd`, is an OR
-# that misses OpenSSH 9.8+'s `sshd-session` in Debian's ssh.service (Debian 13: nothing ever banned) and
-# takes any process named sshd writing to /dev/log (a local user getting any address banned).
-# journald learns _SYSTEMD_UNIT and _COMM from /proc, which a short-lived preauth process has often left by then
-# (seen on a booted Debian 12: the guesser's `Connection closed ... [preauth]` lines carry _UID=0 alone); _UID
-# comes from the socket's credentials, always there and unforgeable by another user: root's sshd lines count.
-JOURNALMATCH = (
-    "_SYSTEMD_UNIT=ssh.service _UID=0 + _SYSTEMD_UNIT=sshd.service _UID=0"
-    " + SYSLOG_IDENTIFIER=sshd _UID=0 + SYSLOG_IDENTIFIER=sshd-session _UID=0"
-)
-# After a start or reload the server adds the jail's actions a moment after the jail itself (fail2ban 1.1
-# answered `No actions for jail sshd` right after a reload): a heal is done once the jail can ban.
-ACTIONS_WAIT = 15.0  # seconds
-# Debian's sshd filter in `mode = normal` does not count `Connection closed by authenticating user root A port
-# P [preauth]`, all a password guesser leaves once sshd takes no passwords; `aggressive` (ddos + extra)
-# does. The dump has no mode: its failregex that counts those closes as failures tells it.
-# 1.0.2: ^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)..., 1.1.0: ^<F-MLFFORGET>(?:Connection ...;
-# in normal mode the same line is wrapped in <F-NOFAIL>
-_COUNTS_PREAUTH_CLOSE = re.compile(r"\^<F-MLFFORGET>\((?:\?:)?Connection \(\?:closed\|reset\)")
-_KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
-
-
-def banaction_for(backend: Backend) -> str:
-    """Bans must land in the firewall the system uses: native nftables, or iptables (-nft or -legacy)."""
-    return "nftables-multiport" if backend.name == "nftables" else "iptables-multiport"
-
-
-@dataclass(frozen=True)
-class JailFile:
-    """One .local that fail2ban reads after the agent's file."""
-
-    system_path: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Fail2banObserved:
-    effective: dict[str, str] | None  # the sshd jail's guarded keys per `fail2ban-client -d`; None: jail off
-    agent_file: bytes | None
-    agent_file_problem: str | None
-    later: tuple[JailFile, ...]  # jail.d/*.local sorting after the agent's file
-    jail_conf: bytes | None  # for the one-time jail.conf.orig copy
-    running: bool | None  # None: not known (a fake root: fail2ban is never started there)
-    banned: int | None = None  # `fail2ban-client status sshd`: currently banned
-    installed: bool = True  # False only where the guard may install it (fail2ban.install, the host)
-    runtime_ignore: tuple[str, ...] | None = None  # the running jail's ignore list (None: not asked)
-    banned_ips: tuple[str, ...] = ()
-    # live SSH sessions of sudo admins (logind), whose addresses the running jail must ignore; None: unknown
-    admin_sessions: tuple[accounts.SshSession, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Fail2banDesired:
-    effective: dict[str, str]  # key -> value as `fail2ban-client -d` prints it
-    text: str  # the agent's jail file
-
-
-def render_jail(values: dict[str, str]) -> str:
-    lines = [
-        "# Managed by vps-agent; drift from this file is reverted within milliseconds.",
-        "# Change /etc/vps-agent/config.yaml (fail2ban:) instead, then run `vps-agentctl reload`.",
-        "# To edit fail2ban by hand for a while: `vps-agentctl pause --for 30m fail2ban`.",
-        f"[{JAIL}]",
-    ]
-    lines.extend(f"{key} = {values[key]}" for key in KEYS if key in values)
-    return "\n".join(lines) + "\n"
-
-
-def parse_dump(text: str, jail: str = JAIL) -> dict[str, str] | None:
-    """`fail2ban-client -d` prints one Python literal per command the server would get; the jail's
-    guarded keys from them. None: the jail is not started (disabled)."""
-    values: dict[str, str] = {}
-    started = False
-    for line in text.splitlines():
-        if not line.startswith("["):
-            continue
-        try:
-            command = ast.literal_eval(line)
-        except (ValueError, SyntaxError):
-            continue
-        if not isinstance(command, list) or len(command) < 2 or command[1] != jail:
-            continue
-        verb = command[0]
-        if verb == "add" and len(command) > 2:
-            values["backend"] = str(command[2])
-        elif verb == "start":
-            started = True
-        elif verb == "set" and len(command) > 3:
-            key = command[2]
-            if key in ("maxretry", "findtime", "bantime"):
-                values[key] = str(command[3])
-            elif key == "addignoreip":
-                values["ignoreip"] = " ".join(str(a) for a in command[3:])
-            elif key == "addjournalmatch":
-                match = " ".join(str(a) for a in command[3:])
-                values["journalmatch"] = f"{values['journalmatch']} + {match}" if "journalmatch" in values else match
-            elif key == "addaction" and "banaction" not in values:
-                values["banaction"] = str(command[3])
-        elif verb in ("multi-set", "set") and len(command) > 3 and command[2] == "addfailregex":
-            regexes = command[3] if isinstance(command[3], list) else command[3:]
-            counts = any(_COUNTS_PREAUTH_CLOSE.match(str(r)) for r in regexes)
-            values["mode"] = "aggressive" if counts or values.get("mode") == "aggressive" else "normal"
-        elif verb == "multi-set" and len(command) > 4 and command[2] == "action":
-            params = {p[0]: p[1] for p in command[4] if isinstance(p, list) and len(p) == 2}
-            if command[3] == values.get("banaction") and "port" in params:
-                values["port"] = str(params["port"])
-    if not started:
-        return None
-    values["enabled"] = "true"
-    values.setdefault("ignoreip", "")
-    return values
-
-
-def parse_actions(text: str) -> list[str]:
-    """`fail2ban-client get sshd actions`: "The jail sshd has the following actions:" then the names, comma
-    separated; `No actions for jail sshd` while there are none."""
-    lines = text.strip().splitlines()
-    if not lines or not lines[0].startswith("The jail "):
-        return []
-    return [name.strip() for line in lines[1:] for name in line.split(",") if name.strip()]
+ACTIONS_WAIT = 15.0  # seconds: how long a reloaded jail may go without its ban action
 
 
 def wait_until_banning(timeout: float | None = None, pause: float = 0.2) -> str | None:
@@ -195,61 +77,6 @@ def wait_until_banning(timeout: float | None = None, pause: float = 0.2) -> str 
             seen = (result.stdout.strip() or result.error_text()) if result.ok else result.error_text()
             return f"the {JAIL} jail has no ban action {timeout:g}s later ({seen})"
         time.sleep(pause)
-
-
-def parse_status(text: str) -> int | None:
-    """`fail2ban-client status sshd` -> how many addresses are banned now."""
-    match = re.search(r"Currently banned:\s*(\d+)", text)
-    return int(match.group(1)) if match else None
-
-
-def parse_banned_ips(text: str) -> tuple[str, ...]:
-    """`fail2ban-client status sshd` -> the addresses banned now."""
-    match = re.search(r"Banned IP list:[ \t]*(.*)", text)
-    return tuple(match.group(1).split()) if match else ()
-
-
-def parse_ignore_list(text: str) -> tuple[str, ...]:
-    """`fail2ban-client get sshd ignoreip`: "These IP addresses/networks are ignored:" then one `|- A` per
-    entry (the last `` `- A``), or "No IP address/network is ignored"."""
-    return tuple(line.strip()[2:].strip() for line in text.splitlines() if line.strip()[:2] in ("|-", "`-"))
-
-
-def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None
-
-
-def _ignored(address: str, entries: Sequence[str]) -> bool:
-    """Whether an ignore list (addresses, networks, names) already covers address."""
-    wanted = _network(address)
-    for entry in entries:
-        network = _network(entry)
-        if entry == address:
-            return True
-        if wanted is not None and network is not None and wanted.version == network.version:
-            if wanted.subnet_of(network):  # type: ignore[arg-type]
-                return True
-    return False
-
-
-def overrides(text: str, jail: str = JAIL) -> list[tuple[int, str, str]]:
-    """(line number, key, value) of every guarded key set in [jail] in one file's text."""
-    found = []
-    section = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1].strip()
-            continue
-        if section != jail or line[:1].isspace():
-            continue
-        match = _KEY_LINE.match(line)
-        if match and match.group(1).lower() in KEYS:
-            found.append((number, match.group(1).lower(), line.partition("=")[2].strip()))
-    return found
 
 
 class Fail2banControl(Control):
@@ -391,8 +218,8 @@ class Fail2banControl(Control):
             "enabled": "true",
             "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports(), self.moves)),
             "maxretry": str(f2b.maxretry),
-            "findtime": _seconds(f2b.findtime),
-            "bantime": _seconds(f2b.bantime),
+            "findtime": seconds(f2b.findtime),
+            "bantime": seconds(f2b.bantime),
             "ignoreip": " ".join(f2b.ignoreip),
             "banaction": banaction_for(self.backend),
         }
@@ -412,7 +239,7 @@ class Fail2banControl(Control):
         have = observed.effective or {}
         for key, want in desired.effective.items():
             actual = have.get(key, "false" if key == "enabled" else "(unset)")
-            if not _agrees(key, actual, want):
+            if not agrees(key, actual, want):
                 items.append(DriftItem(key, f"effective [{JAIL}]", want, actual))
         path = self._agent_system_path
         if observed.agent_file_problem:
@@ -421,11 +248,11 @@ class Fail2banControl(Control):
             items.append(DriftItem("agent jail file", path, "present", "missing"))
         elif observed.agent_file.decode("utf-8", "replace") != desired.text:
             items.append(DriftItem("agent jail file", path, "the agent's content", "modified"))
-        for jail_file, line, key, value in self._conflicts(observed, desired):
+        for jail_file, line, key, value in conflicts(observed, desired):
             items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
-        for _address, expected, actual in self._runtime_drift(observed, desired):
+        for _address, expected, actual in runtime_drift(observed, desired):
             items.append(
                 DriftItem("ignoreip (live admin session)", f"running [{JAIL}]", expected, actual, damped=False)
             )
@@ -435,35 +262,7 @@ class Fail2banControl(Control):
             items.append(DriftItem("jail.conf backup", orig, "kept", "not taken yet"))
         if not items:
             return None
-        return Drift(self.name, tuple(items), _effective_diff(observed, desired))
-
-    def _runtime_drift(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[str, str, str]]:
-        """(address, expected, actual) for the running jail's ignore list: every live sudo admin session's
-        address ignored (and not banned); a single address the agent added once its session is gone, out."""
-        if observed.runtime_ignore is None or observed.admin_sessions is None:
-            return []
-        configured = desired.effective["ignoreip"].split()
-        live = list(dict.fromkeys(session.address for session in observed.admin_sessions))
-        found = []
-        for address in live:
-            if address in observed.banned_ips:
-                found.append((address, f"{address} not banned (a live admin session)", "banned"))
-            if not _ignored(address, observed.runtime_ignore):
-                found.append((address, f"{address} ignored (a live admin session)", "not ignored"))
-        for entry in observed.runtime_ignore:
-            network = _network(entry)
-            single = network is not None and network.num_addresses == 1
-            if single and not _ignored(entry, configured) and entry not in live:
-                found.append((entry, f"{entry} not ignored (its admin session has ended)", "ignored"))
-        return found
-
-    def _conflicts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, int, str, str]]:
-        return [
-            (jail_file, line, key, value)
-            for jail_file in observed.later
-            for line, key, value in overrides(jail_file.text)
-            if key in desired.effective and not _agrees(key, value, desired.effective[key])
-        ]
+        return Drift(self.name, tuple(items), effective_diff(observed, desired))
 
     # plan ---------------------------------------------------------------------------------------------
 
@@ -482,24 +281,14 @@ class Fail2banControl(Control):
             files.append(FileChange(self.root.fail2ban_agent_jail, path, desired.text.encode(), 0o644, "jail file"))
             diffs.append(unified(current, desired.text, path))
             notes.append(f"write {path}")
-        edits: dict[str, tuple[JailFile, list[str]]] = {}
-        for jail_file, line, key, value in self._conflicts(observed, desired):
-            _, lines = edits.setdefault(jail_file.system_path, (jail_file, jail_file.text.splitlines()))
-            wanted = f"{key} = {desired.effective[key]}"
-            lines[line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {lines[line - 1].strip()}"
-            # a value continued on indented lines goes with its key
-            following = line
-            while following < len(lines) and lines[following][:1].isspace() and lines[following].strip():
-                lines[following] = f"# [{MARKER}] {lines[following].strip()}"
-                following += 1
-            notes.append(f"comment out {jail_file.system_path}:{line} ({key} = {value})")
-        for system_path, (jail_file, lines) in edits.items():
-            real = self.root.path(system_path)
+        edits, commented = neutralised(conflicts(observed, desired), desired.effective, stamp)
+        notes += commented
+        for jail_file, after in edits:
+            real = self.root.path(jail_file.system_path)
             if real.is_symlink():
                 raise fs.UnsafeFile(real, "is a symlink; the agent edits files in place and does not follow links")
-            after = "\n".join(lines) + "\n"
-            files.append(FileChange(real, system_path, after.encode(), None, "neutralise"))
-            diffs.append(unified(jail_file.text, after, system_path))
+            files.append(FileChange(real, jail_file.system_path, after.encode(), None, "neutralise"))
+            diffs.append(unified(jail_file.text, after, jail_file.system_path))
         commands: list[CommandChange] = []
         if not observed.installed:
             # after the jail file: the package's postinst starts fail2ban with the agent's jail already
@@ -511,7 +300,7 @@ class Fail2banControl(Control):
             notes.append(f"install {PACKAGE} (apt-get install --no-install-recommends {PACKAGE})")
         if observed.running is False:
             notes.append(f"start {UNIT}")
-        for address, expected, _ in self._runtime_drift(observed, desired):
+        for address, expected, _ in runtime_drift(observed, desired):
             if expected.endswith("not banned (a live admin session)"):
                 verb, undo = "unbanip", None
             elif expected.endswith("ignored (a live admin session)"):
@@ -595,48 +384,4 @@ class Fail2banControl(Control):
         return ReloadOutcome(restarted.ok and problem is None, detail, {"service_action": restarted.action})
 
     def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
-        effective = observed.effective or {}
-        facts: dict[str, Any] = {
-            "jail": JAIL if observed.effective is not None else f"{JAIL} (disabled)",
-            "port": effective.get("port", ""),
-            "backend": effective.get("backend", ""),
-            "banaction": effective.get("banaction", ""),
-        }
-        running, banned = observed.running, observed.banned
-        if running is None and self._after_reload is not None:
-            running, banned = self._after_reload  # a heal's observe-again (the -t -d) came before its reload
-        if running is not None:
-            facts["service"] = "active" if running else "not active"
-        if banned is not None:
-            facts["banned"] = banned
-        if observed.effective is not None and "mode" in observed.effective:
-            facts["mode"] = observed.effective["mode"]
-        sessions = observed.admin_sessions if observed.admin_sessions is not None else self._sessions_seen
-        if sessions:
-            facts["admin_sessions_ignored"] = ", ".join(f"{s.address} ({s.user})" for s in sessions)
-        return facts
-
-
-def _agrees(key: str, value: str, wanted: str) -> bool:
-    """Whether a value fail2ban reads means what the agent wants ("10m" is 600 seconds)."""
-    if value == wanted:
-        return True
-    if key in ("findtime", "bantime"):
-        try:
-            return parse_duration(value) == parse_duration(wanted)
-        except ValueError:
-            return False
-    if key == "ignoreip":
-        return value.split() == wanted.split()
-    return False
-
-
-def _seconds(value: float) -> str:
-    return str(int(value))
-
-
-def _effective_diff(observed: Fail2banObserved, desired: Fail2banDesired) -> str:
-    have_values = observed.effective or {"enabled": "false"}
-    have = "".join(f"{k} = {have_values[k]}\n" for k in KEYS if k in have_values and k in desired.effective)
-    want = "".join(f"{k} = {desired.effective[k]}\n" for k in KEYS if k in desired.effective)
-    return unified(have, want, f" fail2ban-client -d [{JAIL}]")
+        return jail_facts(observed, self._after_reload, self._sessions_seen)
