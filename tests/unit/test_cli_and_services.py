@@ -45,7 +45,7 @@ def test_validate_config_names_file_line_and_key(tmp_path: Path, capsys: pytest.
     bad = tmp_path / "config.yaml"
     bad.write_text("ssh:\n  permit_root_login: maybe\n")
     assert main(["validate-config", str(bad)]) == EXIT_ERROR
-    assert f"{bad}:2: ssh.permit_root_login" in capsys.readouterr().err
+    assert f"{bad}:2:22: ssh.permit_root_login" in capsys.readouterr().err
 
 
 def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path: Path) -> None:
