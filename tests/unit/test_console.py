@@ -63,7 +63,7 @@ def _tty_terminal(monkeypatch: pytest.MonkeyPatch, **env: str) -> Terminal:
     leader, follower = pty.openpty()
     try:
         with os.fdopen(follower, "w") as stream:
-            return Terminal.of(stream)  # type: ignore[arg-type]
+            return Terminal.of(stream)
     finally:
         os.close(leader)
 
@@ -113,7 +113,8 @@ def test_no_table_line_is_wider_than_the_terminal_and_colour_does_not_break_the_
 
 
 def test_status_shows_output_lines_only_when_something_is_wrong_with_them() -> None:
-    status = {
+    metrics: dict[str, Any] = {"path": "/x.prom", "written_at": NOW, "error": None, "note": "no collector"}
+    status: dict[str, Any] = {
         "version": "1.0",
         "host": "vps",
         "pid": 1,
@@ -123,13 +124,13 @@ def test_status_shows_output_lines_only_when_something_is_wrong_with_them() -> N
         "outputs": {
             "journald": "native",
             "events_file": "/var/log/vps-agent/events.jsonl",
-            "prometheus_textfile": {"path": "/x.prom", "written_at": NOW, "error": None, "note": "no collector"},
+            "prometheus_textfile": metrics,
         },
     }
     lines = render_status(status, Terminal()).splitlines()
     assert lines[0].startswith("4 guards: ") and lines[1].startswith("vps-agent 1.0 on vps (pid 1), up since")
     assert lines[2].split() == ["CONTROL", "STATUS", "SINCE", "DETAIL"]
-    status["outputs"]["prometheus_textfile"]["error"] = "the directory is gone"
+    metrics["error"] = "the directory is gone"
     assert "metrics NOT written: the directory is gone" in render_status(status, Terminal()).splitlines()[2]
 
 
@@ -142,7 +143,7 @@ def test_check_has_no_since_column_and_says_a_blocked_reason_once() -> None:
     assert "-  " not in text
 
 
-EVENT = {
+EVENT: dict[str, Any] = {
     "@timestamp": "2026-12-04T06:25:22.665943Z",
     "message": "ssh: drift detected: effective: port is '22', expected '2222'",
     "event": {"action": "drift-detected", "outcome": "unknown"},
