@@ -199,7 +199,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _client(args).call("reload")
     if not result["ok"]:
-        print(f"vps-agentctl: config rejected, the previous one stays in force:\n  {result['error']}", file=sys.stderr)
+        errors = "".join(f"\n  {line}" for line in str(result["error"]).splitlines())
+        print(f"vps-agentctl: config rejected, the previous one stays in force:{errors}", file=sys.stderr)
         return EXIT_ERROR
     print("config reloaded")
     return EXIT_OK
