@@ -213,6 +213,12 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
     from agent.wiring import build_controls, transaction_context
 
     root = SystemRoot.at(args.root)
+    every = build_controls(root)
+    controls = [c for c in every if args.control in (None, c.name)]
+    if not controls:
+        names = ", ".join(c.name for c in every)
+        print(f"vps-agentctl: no control named {args.control!r}; controls: {names}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         config = load_config(Path(args.config) if args.config else root.config_file)
         namespace.isolate_fake_root(root)
@@ -220,12 +226,6 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
         print(f"vps-agentctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
     ctx = transaction_context(root, config, null_events())
-    every = build_controls(root)
-    controls = [c for c in every if args.control in (None, c.name)]
-    if not controls:
-        names = ", ".join(c.name for c in every)
-        print(f"vps-agentctl: no control named {args.control!r}; controls: {names}", file=sys.stderr)
-        return EXIT_ERROR
 
     def outcome(control: Control) -> tx.Outcome:
         if not control.enabled(config):
