@@ -49,8 +49,10 @@ def verdict(controls: Sequence[dict[str, Any]], port_move: dict[str, Any] | None
     colours = [SEVERITY.get(s, YELLOW) for s in order if SEVERITY.get(s, YELLOW)]
     colour = RED if RED in colours else YELLOW if YELLOW in colours else GREEN if colours else None
     worst = next((i for s in order for i in controls if i["status"] == s and SEVERITY.get(s, YELLOW) != GREEN), None)
-    if worst is not None and worst["status"] != "disabled" and worst.get("why"):
-        text += f" ({worst['control']}: {worst['why']})"
+    # what to do beats what is wrong: a held setting names the command that ends the wait
+    todo = (worst.get("held") or [{}])[0].get("unblock") or worst.get("why") if worst is not None else None
+    if worst is not None and worst["status"] != "disabled" and todo:
+        text += f" ({worst['control']}: {todo})"
     elif worst is not None and worst["status"] == "paused" and worst.get("drift"):
         text += f" ({worst['control']}: paused with drift)"
     if port_move:

@@ -94,6 +94,16 @@ def test_the_verdict_counts_guards_worst_first_and_says_why_the_worst_is_not_com
     assert text.startswith("4 guards: 1 pending, 1 healed, 2 compliant (ssh: log in with your key once")
     assert colour == "33"
     assert verdict([item("ssh", "compliant")]) == ("1 guard: 1 compliant", "32")
+    held = {
+        "setting": "PasswordAuthentication no",
+        "reason": "no key login yet",
+        "unblock": "log in with your key once",
+    }
+    pending = item("ssh", "pending", why="held back, waits for the admin's proof", held=[held])
+    assert (
+        verdict([pending, item("firewall", "compliant")])[0]
+        == "2 guards: 1 pending, 1 compliant (ssh: log in with your key once)"
+    )
     assert verdict([item("ssh", "blocked", why="no way in"), item("firewall", "drifted")])[1] == "31"
 
 
