@@ -661,3 +661,16 @@ def test_a_yaml_syntax_error_names_its_column() -> None:
     assert (error.line, error.column) == (4, 1) and str(error).startswith("c.yaml:4:1: invalid YAML: ")
     tab = error_for("ssh:\n\tport: 22\n")
     assert (tab.line, tab.column) == (2, 1)
+
+
+def test_every_bad_firewall_rule_and_accounts_key_is_reported_at_once() -> None:
+    error = error_for(
+        "firewall:\n  allow_tcp: [0, 80, 70000]\naccounts:\n  admin_usr: deploy\n  create_admin: maybe\n"
+    )
+    assert [(e.line, e.key) for e in error.errors] == [
+        (2, "firewall.allow_tcp[0]"),
+        (2, "firewall.allow_tcp[2]"),
+        (4, "accounts.admin_usr"),
+        (5, "accounts.create_admin"),
+    ]
+    assert error.errors[2].hint == "did you mean 'admin_user'?"
