@@ -7,13 +7,16 @@ import argparse
 import functools
 import json
 import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.config import Config, ConfigError, load_config, parse_duration
+from agent.console.events import event_lines
+from agent.console.help import VERBS
+from agent.console.status import render_check, render_status, render_table, render_updates
+from agent.console.text import Terminal, until
 from agent.controls.base import Control
 from agent.engine import transaction as tx
 from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING, WAITING
@@ -39,69 +42,6 @@ def exit_code_for(controls: Iterable[dict[str, Any]]) -> int:
     return code
 
 
-def _ago(stamp: float | None) -> str:
-    if not stamp:
-        return "-"
-    seconds = max(0, int(time.time() - stamp))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
-
-
-def _facts_text(facts: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in facts.items())
-
-
-def render_table(controls: Sequence[dict[str, Any]]) -> str:
-    rows = [("CONTROL", "STATUS", "SINCE", "DETAIL")]
-    for item in controls:
-        detail = item.get("why") or _facts_text(item.get("facts", {}))
-        if item["status"] == tx.HEALED and item.get("last_heal_at"):
-            detail = f"last heal {_ago(item['last_heal_at'])}: {detail}"
-        rows.append((item["control"], item["status"], _ago(item.get("since")), detail))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-    for item in controls:
-        for held in item.get("held") or []:
-            lines.append(f"  {item['control']}: {held['setting']} held: {held['reason']}: {held['unblock']}")
-        for drift in item.get("drift") or []:
-            if item["status"] not in (tx.COMPLIANT, tx.HEALED):
-                lines.append(f"  {item['control']}: {drift}")
-    return "\n".join(lines)
-
-
-def render_outputs(outputs: dict[str, Any]) -> list[str]:
-    """Where events and metrics go, and what is failing or being dropped on the way."""
-    journal = {"native": "the journal (native fields)", "stdout": "stdout (JSON lines)", "off": "not to stdout"}
-    lines = [f"events: {journal.get(outputs.get('journald', ''), '?')}, {outputs.get('events_file') or 'no file'}"]
-    if outputs.get("journald_note"):
-        lines.append(f"  journal: {outputs['journald_note']}")
-    syslog = outputs.get("syslog")
-    if syslog:
-        if syslog["connected"]:
-            state = "connected"
-        elif syslog["error_since"]:
-            state = f"unreachable since {_ago(syslog['error_since'])}"
-        else:
-            state = "connecting"
-        lines.append(
-            f"syslog {syslog['target']}: {state}, {syslog['sent']} sent, {syslog['dropped']} dropped, "
-            f"{syslog['buffered']}/{syslog['buffer']} buffered" + (f" ({syslog['error']})" if syslog["error"] else "")
-        )
-    metrics = outputs.get("prometheus_textfile")
-    if metrics:
-        if metrics.get("error"):
-            lines.append(f"metrics NOT written: {metrics['error']}")
-        elif metrics.get("note"):
-            lines.append(f"metrics {metrics['note']}")
-        else:
-            lines.append(f"metrics: {metrics['path']}, written {_ago(metrics['written_at'])}")
-    if outputs.get("output_error"):
-        lines.append(f"an output failed: {outputs['output_error']}")
-    return lines
-
-
 def _client(args: argparse.Namespace, timeout: float = 10.0) -> IpcClient:
     return IpcClient(Path(args.socket) if args.socket else SystemRoot.at(args.root).socket, timeout)
 
@@ -122,80 +62,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return code
-    print(
-        f"vps-agent {status['version']} on {status['host']} (pid {status['pid']}), "
-        f"up since {_ago(status['started_at'])}"
-    )
-    if status["config"]["error"]:
-        print(f"config REJECTED, running on the previous one: {status['config']['error']}")
-    if status.get("events_file_error"):
-        print(f"events file not written: {status['events_file_error']}")
-    for line in render_outputs(status.get("outputs") or {}):
-        print(line)
-    print(render_table(status["controls"]))
-    if status.get("port_move"):
-        print(render_port_move(status["port_move"]))
-    if status.get("updates"):
-        print(render_updates(status["updates"]))
+    print(render_status(status, Terminal.of(sys.stdout, full=args.full)))
     return code
-
-
-def _when(stamp: float | None) -> str:
-    """A future moment as the admin reads it: local time, and how far off."""
-    if not stamp:
-        return "-"
-    left = stamp - time.time()
-    local = time.strftime("%a %Y-%m-%d %H:%M %Z", time.localtime(stamp))
-    if left <= 0:
-        return f"{local} (due now)"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if left >= size:
-            return f"{local} (in {int(left // size)}{unit})"
-    return f"{local} (in {int(left)}s)"
-
-
-def render_updates(updates: dict[str, Any]) -> str:
-    """The upgrade scheduler's lines of `status`: last run, its outcome, the next run, reboot."""
-    lines = []
-    if not updates["enabled"]:
-        lines.append("updates: disabled in the config")
-    elif updates.get("error"):
-        lines.append(f"updates: SCHEDULE ERROR: {updates['error']}")
-    else:
-        catch_up = " (catching up a missed run)" if updates.get("catch_up") else ""
-        lines.append(
-            f"updates: {updates['mode']}, {updates['schedule']}; next run {_when(updates['next_run'])}{catch_up}"
-        )
-    if updates.get("running_since"):
-        lines.append(f"  running since {_ago(updates['running_since'])}")
-    if updates.get("last_finished"):
-        changes = updates.get("last_changes") or []
-        text = f"{len(changes)} package(s) changed" if changes else "nothing to upgrade"
-        detail = f": {updates['last_detail']}" if updates.get("last_detail") else ""
-        lines.append(f"  last run {_ago(updates['last_finished'])}: {updates['last_outcome']}, {text}{detail}")
-    else:
-        lines.append("  last run: never")
-    if updates.get("reboot_required"):
-        by = ", ".join(updates.get("reboot_packages") or []) or "an upgrade"
-        window = updates.get("reboot_window")
-        plan = f"reboots inside {window}" if window else "reboot by hand (updates.reboot_window is null)"
-        lines.append(f"  REBOOT REQUIRED by {by}: {plan}")
-    return "\n".join(lines)
-
-
-def render_port_move(move: dict[str, Any]) -> str:
-    """The SSH port move's line of `status`."""
-    olds = ", ".join(str(p) for p in move["old"])
-    if move["phase"] == "open":
-        left = int(move.get("seconds_left") or 0)
-        return (
-            f"ssh port move {olds} -> {move['new']}: BOTH OPEN; log in on {move['new']} (or run "
-            f"`vps-agentctl confirm`) within {left // 60}m{left % 60:02d}s, or it rolls back to {olds}"
-        )
-    return (
-        f"ssh port move to {move['new']} ROLLED BACK: sshd stays on {olds} (not confirmed in time); "
-        "change the config and reload to try again"
-    )
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -206,7 +74,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         return EXIT_DRIFT
     for what in result["what"]:
         print(f"confirmed {what}")
-    print(render_table(result["status"]["controls"]))
+    print(render_table(result["status"]["controls"], Terminal.of(sys.stdout)))
     return exit_code_for(result["status"]["controls"])
 
 
@@ -253,7 +121,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             client.stream("events", follow=True, **request) if args.follow else client.call("events", **request)
         )
         for event in items:
-            _print_event(event, args.json)
+            _print_event(event, args)
     except DaemonUnreachable:
         if args.follow:
             raise
@@ -286,24 +154,15 @@ def _events_from_file(args: argparse.Namespace) -> int:
         if args.control is None or event.get("control") == args.control:
             shown.append(event)
     for event in shown[-args.n :] if args.n > 0 else []:
-        _print_event(event, args.json)
+        _print_event(event, args)
     return EXIT_OK
 
 
-def _print_event(event: dict[str, Any], as_json: bool) -> None:
-    if as_json:
+def _print_event(event: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
         print(json.dumps(event, separators=(",", ":"), default=str), flush=True)
         return
-    action = event.get("event", {}).get("action", "?")
-    outcome = event.get("event", {}).get("outcome", "")
-    print(
-        f"{event.get('@timestamp', '')}  {event.get('control', '-'):<8} {action:<20} {outcome:<8} "
-        f"{event.get('message', '')}",
-        flush=True,
-    )
-    if event.get("diff") and action in ("drift-detected", "drift-reverted"):
-        for line in str(event["diff"]).splitlines():
-            print(f"    {line}")
+    print("\n".join(event_lines(event, Terminal.of(sys.stdout), utc=args.utc, diff=args.diff)), flush=True)
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -314,12 +173,12 @@ def cmd_pause(args: argparse.Namespace) -> int:
             print(f"vps-agentctl: --for {args.duration!r}: expected a duration like 30m, 1h, 1d", file=sys.stderr)
             return EXIT_ERROR
     result = _client(args).call("pause", control=args.control, **{"for": args.duration})
-    until = (
+    lasting = (
         "until `vps-agentctl resume`"
         if result["until"] is None
-        else f"until {time.strftime('%H:%M:%S', time.localtime(result['until']))}"
+        else f"until {until(result['until'])}"
     )
-    print(f"paused {', '.join(result['paused'])} {until}: drift is reported, not reverted")
+    print(f"paused {', '.join(result['paused'])} {lasting}: drift is reported, not reverted")
     return EXIT_OK
 
 
@@ -333,14 +192,15 @@ def cmd_converge(args: argparse.Namespace) -> int:
     # a converge waits for every control's transaction (each may take up to 2 minutes)
     result = _client(args, timeout=300.0).call("converge", control=args.control)
     controls = [c for c in result["status"]["controls"] if args.control in (None, c["control"])]
-    print(render_table(controls))
+    print(render_table(controls, Terminal.of(sys.stdout)))
     return exit_code_for(controls)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _client(args).call("reload")
     if not result["ok"]:
-        print(f"vps-agentctl: config rejected, the previous one stays in force:\n  {result['error']}", file=sys.stderr)
+        errors = "".join(f"\n  {line}" for line in str(result["error"]).splitlines())
+        print(f"vps-agentctl: config rejected, the previous one stays in force:{errors}", file=sys.stderr)
         return EXIT_ERROR
     print("config reloaded")
     return EXIT_OK
@@ -353,6 +213,12 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
     from agent.wiring import build_controls, transaction_context
 
     root = SystemRoot.at(args.root)
+    every = build_controls(root)
+    controls = [c for c in every if args.control in (None, c.name)]
+    if not controls:
+        names = ", ".join(c.name for c in every)
+        print(f"vps-agentctl: no control named {args.control!r}; controls: {names}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         config = load_config(Path(args.config) if args.config else root.config_file)
         namespace.isolate_fake_root(root)
@@ -360,10 +226,6 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
         print(f"vps-agentctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
     ctx = transaction_context(root, config, null_events())
-    controls = [c for c in build_controls(root) if args.control in (None, c.name)]
-    if not controls:
-        print(f"vps-agentctl: no control named {args.control!r}", file=sys.stderr)
-        return EXIT_ERROR
 
     def outcome(control: Control) -> tx.Outcome:
         if not control.enabled(config):
@@ -400,10 +262,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"controls": rows, "exit_code": code})
         return code
-    print(render_table([{**r, "since": None} for r in rows]))
-    for row in rows:
-        for reason in row["blocked"]:
-            print(f"  {row['control']} blocked: {reason}")
+    print(render_check(rows, Terminal.of(sys.stdout, full=args.full)))
     return code
 
 
@@ -455,59 +314,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default="/", metavar="DIR", help="the system under DIR instead of / (tests, demos)")
     parser.add_argument("--socket", metavar="PATH", help="daemon socket (default: ROOT/run/vps-agent/agent.sock)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbs = {
+        verb.name: sub.add_parser(
+            verb.name,
+            help=verb.summary,
+            description=verb.wrapped_description(),
+            epilog=verb.epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for verb in VERBS
+    }
+    controls = "ssh, firewall, fail2ban or accounts"
+    full = "show every character of DETAIL (on a terminal it is trimmed to the width)"
 
-    status = sub.add_parser("status", help="where the machine stands, per control (from the daemon)")
+    status = verbs["status"]
+    status.add_argument("-l", "--full", action="store_true", help=full)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    for name, func, text in (
-        ("check", cmd_check, "observe every control now, without the daemon; changes nothing"),
-        ("diff", cmd_diff, "print what the agent would change (the dry-run plan), without the daemon"),
-    ):
-        verb = sub.add_parser(name, help=text)
-        verb.add_argument("control", nargs="?", help="only this control (e.g. ssh)")
+    for name, func in (("check", cmd_check), ("diff", cmd_diff)):
+        verb = verbs[name]
+        verb.add_argument("control", nargs="?", help=f"only this control: {controls}")
         verb.add_argument("--config", metavar="FILE", help="config file (default: ROOT/etc/vps-agent/config.yaml)")
         if name == "check":
+            verb.add_argument("-l", "--full", action="store_true", help=full)
             verb.add_argument("--json", action="store_true", help="machine-readable output")
         verb.set_defaults(func=func)
 
-    events = sub.add_parser("events", help="recent events from the daemon (or its events file when it is down)")
+    events = verbs["events"]
     events.add_argument("-n", type=int, default=20, metavar="N", help="how many recent events (default 20)")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("-v", "--diff", action="store_true", help="show what each drift and heal changed")
+    events.add_argument("--utc", action="store_true", help="times in UTC (default: local time)")
     events.add_argument("--json", action="store_true", help="one JSON object per line, as written to events.jsonl")
     events.add_argument("--control", metavar="NAME", help="only this control's events")
     events.set_defaults(func=cmd_events)
 
-    pause = sub.add_parser("pause", help="stop reverting drift (it is still reported) so you can edit by hand")
-    pause.add_argument("--for", dest="duration", metavar="DURATION", help="resume by itself after e.g. 30m, 1h")
-    pause.add_argument("control", nargs="?", help="only this control (default: all)")
-    pause.set_defaults(func=cmd_pause)
+    pause_for = "resume by itself after e.g. 30m, 1h, 3d"
+    verbs["pause"].add_argument("--for", dest="duration", metavar="DURATION", help=pause_for)
+    for name, func in (("pause", cmd_pause), ("resume", cmd_resume), ("converge", cmd_converge)):
+        verbs[name].add_argument("control", nargs="?", help=f"only this control: {controls} (default: all)")
+        verbs[name].set_defaults(func=func)
+    verbs["reload"].set_defaults(func=cmd_reload)
+    verbs["confirm"].set_defaults(func=cmd_confirm)
 
-    resume = sub.add_parser("resume", help="end a pause and converge at once")
-    resume.add_argument("control", nargs="?", help="only this control (default: all)")
-    resume.set_defaults(func=cmd_resume)
-
-    converge = sub.add_parser("converge", help="converge now and wait for the outcome")
-    converge.add_argument("control", nargs="?", help="only this control (default: all)")
-    converge.set_defaults(func=cmd_converge)
-
-    reload = sub.add_parser("reload", help="re-read the config file (an invalid one is rejected, the old stays)")
-    reload.set_defaults(func=cmd_reload)
-
-    confirm = sub.add_parser(
-        "confirm",
-        help="vouch for what waits for proof: the new SSH port works (the old one closes), a sudo admin's "
-        "key logs in (password logins go off)",
-    )
-    confirm.set_defaults(func=cmd_confirm)
-
-    upgrade = sub.add_parser("upgrade", help="show the upgrade schedule; with --now, run apt update + upgrade now")
+    upgrade = verbs["upgrade"]
     upgrade.add_argument("--now", action="store_true", help="run an upgrade now and wait for its outcome")
     upgrade.add_argument("--no-wait", action="store_true", help="with --now: return once it has started")
     upgrade.add_argument("--json", action="store_true", help="machine-readable output")
     upgrade.set_defaults(func=cmd_upgrade)
 
-    validate = sub.add_parser("validate-config", help="check a config file and exit 0 (valid) or 2")
+    validate = verbs["validate-config"]
     validate.add_argument("file", nargs="?", help="the file (default: ROOT/etc/vps-agent/config.yaml)")
     validate.set_defaults(func=cmd_validate_config)
     return parser

@@ -1,19 +1,19 @@
 """YAML -> validated, frozen, typed dataclasses for /etc/vps-agent/config.yaml.
 
 The file is composed into YAML nodes (never constructed, so no tag is ever executed) and walked
-against the schema; every error names the file, the 1-based line, the dotted key, what was
-expected and what was found.
+against the schema; every error names the file, the 1-based line and column, the dotted key, what
+was expected and what was found, and a file's errors are reported all at once (ConfigErrors).
 
   schema.py     the frozen dataclasses and their defaults
   loader.py     file -> text -> nodes -> Config, and the table of sections with their parsers
   nodes.py      the node walker and the scalar parsers every section shares
   fields.py     the validators of single fields (sshd options, port rules, schedules, keys, syslog)
   durations.py  "10m" <-> 600.0
-  errors.py     ConfigError
+  errors.py     ConfigError, ConfigErrors
 """
 
 from agent.config.durations import MAX_DURATION, format_duration, parse_duration
-from agent.config.errors import ConfigError, Described
+from agent.config.errors import ConfigError, ConfigErrors, Described
 from agent.config.loader import MAX_CONFIG_BYTES, load_config, locate_key, parse_config
 from agent.config.schema import (
     DEFAULT_PROMETHEUS_TEXTFILE,
@@ -41,6 +41,7 @@ __all__ = [
     "BackupsConfig",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "Described",
     "EngineConfig",
     "EventsConfig",

@@ -1,4 +1,5 @@
-"""What a config file did wrong: file, line, dotted key, what was expected and what was found."""
+"""What a config file did wrong: file, line, column, dotted key, what was expected and what was found (and
+a "did you mean" for a misspelt key); ConfigErrors holds every one a file has, so it is fixed in one go."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _show(got: object) -> str:
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; str() is one line: file:line: key: expected X, got Y."""
+    """A config file that cannot be used; str() is one line: file:line:column: key: expected X, got Y."""
 
     def __init__(
         self,
@@ -37,9 +38,13 @@ class ConfigError(Exception):
         got: object = None,
         *,
         problem: str | None = None,
+        column: int | None = None,
+        hint: str | None = None,
     ) -> None:
         self.file = file
         self.line = line
+        self.column = column  # 1-based, like the line
+        self.hint = hint  # "did you mean 'port'?"
         self.key = key
         self.expected = expected
         self.got = got
@@ -48,25 +53,67 @@ class ConfigError(Exception):
         super().__init__(self._message())
 
     @classmethod
-    def invalid_yaml(cls, file: str, line: int | None, problem: str) -> ConfigError:
-        return cls(file, line, "", "valid YAML", Described(problem), problem=problem)
+    def invalid_yaml(cls, file: str, line: int | None, problem: str, column: int | None = None) -> ConfigError:
+        return cls(file, line, "", "valid YAML", Described(problem), problem=problem, column=column)
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        return (self,)
 
     def _message(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.line is not None and self.column is not None:
+            where += f":{self.column}"
         if self.problem is not None:
             return f"{where}: invalid YAML: {self.problem}"
         key = f" {self.key}:" if self.key else ""
-        return f"{where}:{key} expected {self.expected}, got {_show(self.got)}"
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"{where}:{key} expected {self.expected}, got {_show(self.got)}{hint}"
 
     def __str__(self) -> str:
         return self._message()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # keyword-only `problem` would be lost by the default Exception pickling
-        return (_rebuild_error, (self.file, self.line, self.key, self.expected, self.got, self.problem))
+        fields = (self.file, self.line, self.key, self.expected, self.got, self.problem, self.column, self.hint)
+        return (_rebuild_error, fields)
+
+
+class ConfigErrors(ConfigError):
+    """Every error of one file, in file order; its fields are the first's, str() has one line per error."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        flat = sorted((e for error in errors for e in error.errors), key=_position)
+        self._errors = tuple(flat)
+        first = flat[0]
+        super().__init__(
+            first.file, first.line, first.key, first.expected, first.got,
+            problem=first.problem, column=first.column, hint=first.hint,
+        )  # fmt: skip
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        return self._errors
+
+    def _message(self) -> str:
+        return "\n".join(ConfigError._message(e) for e in self._errors)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ConfigErrors, (list(self._errors),))
+
+
+def _position(error: ConfigError) -> tuple[int, int]:
+    return (error.line or 0, error.column or 0)
 
 
 def _rebuild_error(
-    file: str, line: int | None, key: str, expected: str, got: object, problem: str | None
+    file: str,
+    line: int | None,
+    key: str,
+    expected: str,
+    got: object,
+    problem: str | None,
+    column: int | None = None,
+    hint: str | None = None,
 ) -> ConfigError:
-    return ConfigError(file, line, key, expected, got, problem=problem)
+    return ConfigError(file, line, key, expected, got, problem=problem, column=column, hint=hint)

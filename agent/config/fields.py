@@ -11,17 +11,19 @@ import re
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from agent.config.errors import Described
+from agent.config.errors import ConfigError, Described
 from agent.config.nodes import (
     At,
     Parse,
     boolean,
     choice,
+    each_value,
     integer,
     is_null,
     line_text,
     mapping,
     node_value,
+    raise_any,
     sequence,
 )
 from agent.config.schema import (
@@ -151,7 +153,15 @@ def _port_rule(at: At, node: Node) -> PortRule:
 
 def port_rules(at: At, node: Node) -> tuple[PortRule, ...]:
     items = sequence(at, node, f"a list of rules, each {_RULE_HELP}")
-    return tuple(_port_rule(at.item(index), item) for index, item in enumerate(items))
+    rules: list[PortRule] = []
+    problems: list[ConfigError] = []
+    for index, item in enumerate(items):
+        try:
+            rules.append(_port_rule(at.item(index), item))
+        except ConfigError as error:
+            problems.extend(error.errors)  # every bad rule at once
+    raise_any(problems)
+    return tuple(rules)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,8 +279,10 @@ def accounts(at: At, node: Node) -> AccountsConfig:
                 # a password in a file that is backed up, shipped and read by tools is a leaked password
                 expected = "no password: the agent never takes one from its config (set it on the host: passwd NAME)"
                 at.child(str(key_node.value)).fail(key_node, expected, Described("a password key"))
-    entries = mapping(at, node, _ACCOUNTS_KEYS)
-    values = {name: _ACCOUNTS_KEYS[name](at.child(name), value) for name, (_, value) in entries.items()}
+    problems: list[ConfigError] = []
+    entries = mapping(at, node, _ACCOUNTS_KEYS, problems)
+    values = each_value(at, entries, _ACCOUNTS_KEYS, problems)
+    raise_any(problems)
     config = AccountsConfig(**values)
     if config.create_admin:
         create_node = entries["create_admin"][1]

@@ -9,7 +9,19 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from agent.config import fields
 from agent.config.errors import ConfigError, Described
-from agent.config.nodes import At, Parse, boolean, choice, duration, integer, is_null, mapping, section
+from agent.config.nodes import (
+    At,
+    Parse,
+    boolean,
+    choice,
+    duration,
+    each_value,
+    integer,
+    is_null,
+    mapping,
+    raise_any,
+    section,
+)
 from agent.config.schema import (
     BackupsConfig,
     Config,
@@ -54,8 +66,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     at = At(source, "")
     if root is None or is_null(root):
         return Config(source=source)
-    entries = mapping(at, root, SECTIONS)
-    sections = {name: SECTIONS[name](at.child(name), value) for name, (_, value) in entries.items()}
+    problems: list[ConfigError] = []
+    sections = each_value(at, mapping(at, root, SECTIONS, problems), SECTIONS, problems)
+    raise_any(problems)
     return Config(source=source, **sections)
 
 
@@ -68,7 +81,8 @@ def _compose(text: str, source: str) -> Node | None:
         if err.context and err.problem:
             context_line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
             problem = f"{err.context}{context_line}: {err.problem}"
-        raise ConfigError.invalid_yaml(source, mark.line + 1 if mark else None, problem) from err
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise ConfigError.invalid_yaml(source, line, problem, column) from err
     except yaml.reader.ReaderError as err:
         # non-printable characters (NUL, other C0 controls): binary rather than YAML
         line = text.count("\n", 0, err.position) + 1

@@ -3,6 +3,7 @@ plain value, mappings, sections and lists, and the scalar parsers every section 
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable, Collection
@@ -13,7 +14,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from agent.config.durations import DURATION_HELP, MAX_DURATION, format_duration, parse_duration
-from agent.config.errors import ConfigError, Described
+from agent.config.errors import ConfigError, ConfigErrors, Described
 
 _T = TypeVar("_T")
 
@@ -33,9 +34,13 @@ class At:
     def item(self, index: int) -> At:
         return At(self.source, f"{self.key}[{index}]")
 
-    def fail(self, node: Node, expected: str, got: object | None = None) -> NoReturn:
+    def fail(self, node: Node, expected: str, got: object | None = None, hint: str | None = None) -> NoReturn:
+        raise self.error(node, expected, got, hint)
+
+    def error(self, node: Node, expected: str, got: object | None = None, hint: str | None = None) -> ConfigError:
         found = node_value(node) if got is None else got
-        raise ConfigError(self.source, node.start_mark.line + 1, self.key, expected, found)
+        mark = node.start_mark
+        return ConfigError(self.source, mark.line + 1, self.key, expected, found, column=mark.column + 1, hint=hint)
 
 
 _STRICT_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]{0,18})")
@@ -72,23 +77,55 @@ def is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == _TAG + "null"
 
 
-def mapping(at: At, node: Node, allowed: Collection[str] | None) -> dict[str, tuple[Node, Node]]:
-    """key -> (key node, value node), refusing non-mappings, odd keys, duplicates and unknown keys."""
+def mapping(
+    at: At, node: Node, allowed: Collection[str] | None, problems: list[ConfigError] | None = None
+) -> dict[str, tuple[Node, Node]]:
+    """key -> (key node, value node), refusing non-mappings, odd keys, duplicates and unknown keys: the first
+    raises, or with `problems`, each is added there and the other keys are still returned."""
     choices = ", ".join(allowed) if allowed is not None else ""
     if not isinstance(node, MappingNode):
         at.fail(node, f"a mapping with keys: {choices}" if allowed is not None else "a mapping")
+    found: list[ConfigError] = []
     entries: dict[str, tuple[Node, Node]] = {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, ScalarNode):
-            at.fail(key_node, "a plain key")
+            found.append(at.error(key_node, "a plain key"))
+            continue
         name: str = key_node.value
         if allowed is not None and name not in allowed:
-            at.child(name).fail(key_node, f"one of: {choices}", name)
+            near = difflib.get_close_matches(name, list(allowed), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else None
+            found.append(at.child(name).error(key_node, f"one of: {choices}", name, hint))
+            continue
         if name in entries:
             first = entries[name][0].start_mark.line + 1
-            at.child(name).fail(key_node, "each key once", Described(f"a second {name!r} (first on line {first})"))
+            again = Described(f"a second {name!r} (first on line {first})")
+            found.append(at.child(name).error(key_node, "each key once", again))
+            continue
         entries[name] = (key_node, value_node)
+    if found and problems is None:
+        raise found[0]
+    if problems is not None:
+        problems.extend(found)
     return entries
+
+
+def each_value(
+    at: At, entries: dict[str, tuple[Node, Node]], parsers: dict[str, Parse], problems: list[ConfigError]
+) -> dict[str, Any]:
+    """Every entry parsed, each error added to problems (so a file shows them all at once, not one a run)."""
+    values = {}
+    for name, (_, value) in entries.items():
+        try:
+            values[name] = parsers[name](at.child(name), value)
+        except ConfigError as error:
+            problems.extend(error.errors)
+    return values
+
+
+def raise_any(problems: list[ConfigError]) -> None:
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
 
 
 def section(cls: Callable[..., _T], parsers: dict[str, Parse]) -> Callable[[At, Node], _T]:
@@ -96,8 +133,10 @@ def section(cls: Callable[..., _T], parsers: dict[str, Parse]) -> Callable[[At, 
         # a section whose keys are all commented out is null: it means "all defaults"
         if is_null(node):
             return cls()
-        entries = mapping(at, node, parsers)
-        return cls(**{name: parsers[name](at.child(name), value) for name, (_, value) in entries.items()})
+        problems: list[ConfigError] = []
+        values = each_value(at, mapping(at, node, parsers, problems), parsers, problems)
+        raise_any(problems)
+        return cls(**values)
 
     return parse
 

@@ -3,6 +3,7 @@ DaemonUnreachable."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -11,7 +12,14 @@ from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.ipc.wire import MAX_ANSWER_LINE_BYTES, MAX_REQUEST_BYTES, DaemonUnreachable, IpcError, encode_line
+from agent.ipc.wire import (
+    MAX_ANSWER_LINE_BYTES,
+    MAX_REQUEST_BYTES,
+    MUTATING_VERBS,
+    DaemonUnreachable,
+    IpcError,
+    encode_line,
+)
 
 # How long IpcClient waits before trying a full backlog again.
 CONNECT_RETRY_PAUSE = 0.01
@@ -23,6 +31,19 @@ class IpcClient:
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.timeout = timeout
+
+    def _permission_denied(self, verb: str) -> str:
+        """Who may connect: root, or for the read-only verbs a member of the socket's group (adm)."""
+        try:
+            group = grp.getgrgid(self.path.stat().st_gid).gr_name
+        except (OSError, KeyError):
+            group = "adm"
+        if verb in MUTATING_VERBS:
+            return f"permission denied connecting to {self.path}: {verb!r} changes the system and needs root (sudo)"
+        return (
+            f"permission denied connecting to {self.path}: run as root, or as a member of group {group} "
+            f"(sudo adduser $USER {group}, then log in again)"
+        )
 
     def call(self, verb: str, **args: Any) -> Any:
         with self._connect_and_send(verb, args) as sock, sock.makefile("rb") as answers:
@@ -76,9 +97,7 @@ class IpcClient:
             raise DaemonUnreachable(f"nothing listens on {self.path}: vps-agent is not running") from None
         except PermissionError:
             sock.close()
-            raise DaemonUnreachable(
-                f"permission denied connecting to {self.path}: run as root or as a member of its group"
-            ) from None
+            raise DaemonUnreachable(self._permission_denied(verb)) from None
         except TimeoutError:
             sock.close()
             raise DaemonUnreachable(f"timed out after {self.timeout:g}s connecting to {self.path}") from None

@@ -223,7 +223,7 @@ def test_a_bad_syslog_target_on_reload_is_rejected_and_the_agent_stays_up(
     config.write_text(CONFIG + 'events:\n  syslog:\n    target: "syslog.example.net:514"\n')
     result = agent.ctl("reload")
     assert result.returncode == 2
-    assert f'{config}:10: events.syslog.target: expected a URL "udp://HOST[:PORT]"' in result.stderr
+    assert f'{config}:10:13: events.syslog.target: expected a URL "udp://HOST[:PORT]"' in result.stderr
     assert agent.alive() and "config REJECTED" in agent.ctl("status").stdout
     mark = agent.mark()
     (fake_root / DROPIN).unlink()

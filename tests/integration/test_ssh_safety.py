@@ -177,7 +177,7 @@ def test_malformed_yaml_on_reload_is_rejected_and_the_old_config_stays(
     config = fake_root / "etc/vps-agent/config.yaml"
     config.write_text("ssh:\n  port: [2222\n")
     result = agent.ctl("reload")
-    assert result.returncode == 2 and "config.yaml:3: invalid YAML" in result.stderr and "(line 2)" in result.stderr
+    assert result.returncode == 2 and "config.yaml:3:1: invalid YAML" in result.stderr and "(line 2)" in result.stderr
     rejected = agent.wait_event("config-rejected", control=None)
     assert "invalid YAML" in rejected["message"]
     status = json.loads(agent.ctl("status", "--json").stdout)
@@ -202,5 +202,5 @@ def test_start_with_a_broken_config_and_no_last_good_one_exits_2(fake_root: Path
     (fake_root / "etc/vps-agent/config.yaml").write_text("ssh:\n  prot: 22\n")
     agent = start_agent(fake_root, ready=False)
     assert agent.process.wait(20) == 2
-    assert "config.yaml:2: ssh.prot" in agent.output()
+    assert "config.yaml:2:3: ssh.prot" in agent.output() and "did you mean 'port'?" in agent.output()
     shutil.rmtree(fake_root / "var/lib/vps-agent", ignore_errors=True)

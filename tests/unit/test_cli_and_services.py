@@ -45,7 +45,7 @@ def test_validate_config_names_file_line_and_key(tmp_path: Path, capsys: pytest.
     bad = tmp_path / "config.yaml"
     bad.write_text("ssh:\n  permit_root_login: maybe\n")
     assert main(["validate-config", str(bad)]) == EXIT_ERROR
-    assert f"{bad}:2: ssh.permit_root_login" in capsys.readouterr().err
+    assert f"{bad}:2:22: ssh.permit_root_login" in capsys.readouterr().err
 
 
 def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path: Path) -> None:
@@ -71,3 +71,23 @@ def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("verb", ["check", "diff"])
+def test_an_unknown_control_is_refused_listing_the_controls(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--root", str(tmp_path), verb, "bogus"]) == EXIT_ERROR
+    assert capsys.readouterr().err == (
+        "vps-agentctl: no control named 'bogus'; controls: ssh, firewall, fail2ban, accounts\n"
+    )
+
+
+def test_every_error_of_a_config_file_is_printed_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("ssh:\n  prot: 22\nfirewall:\n  mode: off\n")
+    assert main(["validate-config", str(bad)]) == EXIT_ERROR
+    assert [line.split(": ", 2)[:2] for line in capsys.readouterr().err.splitlines()] == [
+        [f"{bad}:2:3", "ssh.prot"],
+        [f"{bad}:4:9", "firewall.mode"],
+    ]

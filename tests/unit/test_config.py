@@ -14,6 +14,7 @@ from agent.config import (
     BackupsConfig,
     Config,
     ConfigError,
+    ConfigErrors,
     EngineConfig,
     EventsConfig,
     Fail2banConfig,
@@ -230,7 +231,7 @@ def test_schedule_in_oncalendar_syntax_is_kept_as_written() -> None:
 
 def test_a_schedule_systemd_cannot_parse_is_refused_with_its_reason() -> None:
     error = str(error_for('updates:\n  schedule: "Sat *-*-* 25:00"\n'))
-    assert error.startswith("c.yaml:2: updates.schedule: expected ")
+    assert error.startswith("c.yaml:2:13: updates.schedule: expected ")
     assert error.endswith("got 'Sat *-*-* 25:00', which systemd-analyze rejects: Invalid argument"), error
 
 
@@ -245,7 +246,7 @@ def test_upgrade_limits_and_the_reboot_window() -> None:
         True,
     )
     assert default_config().updates.reboot_window is None  # never reboots by itself unless asked
-    assert "c.yaml:2: updates.reboot_window: expected null" in str(error_for("updates:\n  reboot_window: 3am\n"))
+    assert "c.yaml:2:18: updates.reboot_window: expected null" in str(error_for("updates:\n  reboot_window: 3am\n"))
     assert "updates.reboot_window" in str(error_for("updates:\n  reboot_window: 04:00-04:00\n"))
     assert "updates.time_limit" in str(error_for("updates:\n  time_limit: 10s\n"))
 
@@ -262,59 +263,59 @@ def test_durations_accept_bare_seconds() -> None:
     [
         (
             "ssh:\n  port: 22\n  colour: red\n",
-            "c.yaml:3: ssh.colour: expected one of: enabled, port, confirm_timeout, permit_root_login, "
+            "c.yaml:3:3: ssh.colour: expected one of: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 'colour'",
         ),
-        ("ssh:\n  port: 0\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got 0"),
-        ("ssh:\n  port: 70000\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got 70000"),
-        ('ssh:\n  port: "22"\n', "c.yaml:2: ssh.port: expected an integer 1..65535, got '22'"),
-        ("ssh:\n  port: true\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got true"),
-        ("ssh:\n  port: 0x16\n", "c.yaml:2: ssh.port: expected an integer 1..65535, got 0x16"),
+        ("ssh:\n  port: 0\n", "c.yaml:2:9: ssh.port: expected an integer 1..65535, got 0"),
+        ("ssh:\n  port: 70000\n", "c.yaml:2:9: ssh.port: expected an integer 1..65535, got 70000"),
+        ('ssh:\n  port: "22"\n', "c.yaml:2:9: ssh.port: expected an integer 1..65535, got '22'"),
+        ("ssh:\n  port: true\n", "c.yaml:2:9: ssh.port: expected an integer 1..65535, got true"),
+        ("ssh:\n  port: 0x16\n", "c.yaml:2:9: ssh.port: expected an integer 1..65535, got 0x16"),
         (
             "ssh:\n  permit_root_login: maybe\n",
-            "c.yaml:2: ssh.permit_root_login: expected one of: yes, no, prohibit-password, "
+            "c.yaml:2:22: ssh.permit_root_login: expected one of: yes, no, prohibit-password, "
             "forced-commands-only, got 'maybe'",
         ),
         (
             "ssh:\n  port: 22\n  port: 2222\n",
-            "c.yaml:3: ssh.port: expected each key once, got a second 'port' (first on line 2)",
+            "c.yaml:3:3: ssh.port: expected each key once, got a second 'port' (first on line 2)",
         ),
-        ("ssh:\n  enabled: 1\n", "c.yaml:2: ssh.enabled: expected true or false, got 1"),
+        ("ssh:\n  enabled: 1\n", "c.yaml:2:12: ssh.enabled: expected true or false, got 1"),
         (
             "ssh: 22\n",
-            "c.yaml:1: ssh: expected a mapping with keys: enabled, port, confirm_timeout, permit_root_login, "
+            "c.yaml:1:6: ssh: expected a mapping with keys: enabled, port, confirm_timeout, permit_root_login, "
             "password_authentication, options, got 22",
         ),
         (
             "colour: red\n",
-            "c.yaml:1: colour: expected one of: ssh, firewall, fail2ban, updates, accounts, engine, events, "
+            "c.yaml:1:1: colour: expected one of: ssh, firewall, fail2ban, updates, accounts, engine, events, "
             "backups, got 'colour'",
         ),
         (
             "- ssh\n",
-            "c.yaml:1: expected a mapping with keys: ssh, firewall, fail2ban, updates, accounts, "
+            "c.yaml:1:1: expected a mapping with keys: ssh, firewall, fail2ban, updates, accounts, "
             "engine, events, backups, got a list",
         ),
         (
             "fail2ban:\n  maxretry: 3\n  findtime: 10x\n",
-            "c.yaml:3: fail2ban.findtime: expected a duration such as 15ms, 30s, 10m, 1h, 1d, 1w or 1h30m "
+            "c.yaml:3:13: fail2ban.findtime: expected a duration such as 15ms, 30s, 10m, 1h, 1d, 1w or 1h30m "
             "(more than 0s, at most 3650d), got '10x'",
         ),
-        ("fail2ban:\n  maxretry: 0\n", "c.yaml:2: fail2ban.maxretry: expected an integer >= 1, got 0"),
+        ("fail2ban:\n  maxretry: 0\n", "c.yaml:2:13: fail2ban.maxretry: expected an integer >= 1, got 0"),
         ("accounts:\n  admin_user: root\n", None),
         ("accounts:\n  admin_user: Alice\n", None),
         ("updates:\n  schedule: daily 25:00\n", None),
         (
             "updates:\n  mode: yolo\n",
-            "c.yaml:2: updates.mode: expected one of: upgrade, security-only, dist-upgrade, got 'yolo'",
+            "c.yaml:2:9: updates.mode: expected one of: upgrade, security-only, dist-upgrade, got 'yolo'",
         ),
-        ("firewall:\n  mode: off\n", "c.yaml:2: firewall.mode: expected one of: enforce, report, got false"),
+        ("firewall:\n  mode: off\n", "c.yaml:2:9: firewall.mode: expected one of: enforce, report, got false"),
         ("engine:\n  debounce: 0\n", None),
         ("engine:\n  debounce: 11s\n", None),
         ("engine:\n  reconcile_interval: 500ms\n", None),
         ("events:\n  file: events.jsonl\n", None),
-        ("events:\n  ring_size: 9\n", "c.yaml:2: events.ring_size: expected an integer 10..1000000, got 9"),
-        ("backups:\n  keep: 0\n", "c.yaml:2: backups.keep: expected an integer >= 1, got 0"),
+        ("events:\n  ring_size: 9\n", "c.yaml:2:14: events.ring_size: expected an integer 10..1000000, got 9"),
+        ("backups:\n  keep: 0\n", "c.yaml:2:9: backups.keep: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_value_is_refused_naming_file_line_and_key(text: str, message: str | None) -> None:
@@ -323,7 +324,7 @@ def test_bad_value_is_refused_naming_file_line_and_key(text: str, message: str |
     if message is not None:
         assert str(error) == message
     else:
-        assert str(error).startswith(f"c.yaml:{error.line}: {error.key}: expected ")
+        assert str(error).startswith(f"c.yaml:{error.line}:{error.column}: {error.key}: expected ")
 
 
 def test_error_carries_its_parts_as_attributes() -> None:
@@ -339,7 +340,9 @@ def test_error_survives_pickling() -> None:
 
 def test_unknown_key_deep_in_a_firewall_rule_is_refused() -> None:
     error = error_for("firewall:\n  allow_tcp:\n    - 22\n    - {port: 443, form: [10.0.0.0/8]}\n")
-    assert str(error) == "c.yaml:4: firewall.allow_tcp[1].form: expected one of: port, from, got 'form'"
+    assert str(error) == (
+        "c.yaml:4:19: firewall.allow_tcp[1].form: expected one of: port, from, got 'form'; did you mean 'from'?"
+    )
 
 
 def test_firewall_rule_with_bad_cidr_is_refused() -> None:
@@ -396,12 +399,12 @@ def test_sshd_option_keyword_must_be_a_plain_word() -> None:
 def test_malformed_yaml_names_the_line_of_the_problem() -> None:
     error = error_for("ssh:\n  port: 22\nfirewall: [unclosed\n")
     assert error.line == 4
-    assert str(error).startswith("c.yaml:4: invalid YAML: ")
+    assert str(error).startswith("c.yaml:4:1: invalid YAML: ")
     assert error.key == ""
 
 
 def test_bad_indentation_is_malformed_yaml() -> None:
-    assert str(error_for("ssh:\n  port: 22\n enabled: true\n")).startswith("c.yaml:3: invalid YAML: ")
+    assert str(error_for("ssh:\n  port: 22\n enabled: true\n")).startswith("c.yaml:3:2: invalid YAML: ")
 
 
 def test_two_documents_are_refused() -> None:
@@ -554,22 +557,22 @@ def test_an_admin_to_create_with_its_public_keys_is_parsed() -> None:
     [
         (
             "accounts:\n  admin_user: deploy\n  create_admin: true\n",
-            "c.yaml:3: accounts.admin_keys: expected at least one public key when accounts.create_admin is true "
+            "c.yaml:3:17: accounts.admin_keys: expected at least one public key when accounts.create_admin is true "
             "(the admin gets no password), got none",
         ),
         (
             f'accounts:\n  create_admin: true\n  admin_keys: ["{ALICE_KEY}"]\n',
-            "c.yaml:2: accounts.create_admin: expected false while accounts.admin_user is null (the agent "
+            "c.yaml:2:17: accounts.create_admin: expected false while accounts.admin_user is null (the agent "
             "creates only the user named there), got true",
         ),
         (
             "accounts:\n  admin_user: deploy\n  admin_password: hunter2\n",
-            "c.yaml:3: accounts.admin_password: expected no password: the agent never takes one from its config "
+            "c.yaml:3:3: accounts.admin_password: expected no password: the agent never takes one from its config "
             "(set it on the host: passwd NAME), got a password key",
         ),
         (
             'accounts:\n  admin_keys: ["ssh-dss AAAAB3NzaC1kc3MAAACBAP8="]\n',
-            "c.yaml:2: accounts.admin_keys[0]: expected a public key on one line, as in a .pub file: TYPE BASE64 "
+            "c.yaml:2:16: accounts.admin_keys[0]: expected a public key on one line, as in a .pub file: TYPE BASE64 "
             "[COMMENT], TYPE one of: ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256, ecdsa-sha2-nistp384, "
             "ecdsa-sha2-nistp521, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com, got "
             "'ssh-dss AAAAB3NzaC1kc3MAAACBAP8='",
@@ -592,12 +595,12 @@ def test_an_admin_to_create_with_its_public_keys_is_parsed() -> None:
         ),
         (
             f'accounts:\n  admin_keys:\n    - "{ALICE_KEY}"\n    - "{ALICE_KEY} again"\n',
-            "c.yaml:4: accounts.admin_keys[1]: expected each key once, got the key of item 0 again",
+            "c.yaml:4:7: accounts.admin_keys[1]: expected each key once, got the key of item 0 again",
         ),
         ("accounts:\n  admin_keys: ssh-ed25519\n", None),
         (
             "accounts:\n  create_admin: yes please\n",
-            "c.yaml:2: accounts.create_admin: expected true or false, got 'yes please'",
+            "c.yaml:2:17: accounts.create_admin: expected true or false, got 'yes please'",
         ),
     ],
 )
@@ -625,3 +628,49 @@ def test_a_pasted_private_key_is_refused_without_echoing_it() -> None:
     error = error_for("accounts:\n  admin_keys:\n    - |\n" + "".join(f"      {line}\n" for line in private))
     assert "got a private key (it never belongs here: use the .pub file)" in str(error)
     assert "b3BlbnNzaC1rZXkt" not in str(error)
+
+
+# --- every error at once, with its column and a "did you mean" -------------------------------------
+
+
+def test_every_error_of_a_file_is_reported_at_once_in_file_order() -> None:
+    text = "ssh:\n  prot: 22\n  confirm_timeout: 10 minutes\nfirewall:\n  mode: off\nevnts: {}\n"
+    error = error_for(text)
+    assert isinstance(error, ConfigErrors)
+    assert str(error).splitlines() == [
+        "c.yaml:2:3: ssh.prot: expected one of: enabled, port, confirm_timeout, permit_root_login, "
+        "password_authentication, options, got 'prot'; did you mean 'port'?",
+        "c.yaml:3:20: ssh.confirm_timeout: expected a duration such as 15ms, 30s, 10m, 1h, 1d, 1w or 1h30m "
+        "(at least 10s, at most 1d), got '10 minutes'",
+        "c.yaml:5:9: firewall.mode: expected one of: enforce, report, got false",
+        "c.yaml:6:1: evnts: expected one of: ssh, firewall, fail2ban, updates, accounts, engine, events, backups, "
+        "got 'evnts'; did you mean 'events'?",
+    ]
+    # the first error's parts stay the attributes, as for a file with one error
+    assert (error.line, error.column, error.key, error.hint) == (2, 3, "ssh.prot", "did you mean 'port'?")
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+
+
+def test_a_key_nothing_resembles_gets_no_guess() -> None:
+    error = error_for("ssh:\n  colour: red\n")
+    assert error.hint is None and "did you mean" not in str(error)
+
+
+def test_a_yaml_syntax_error_names_its_column() -> None:
+    error = error_for("ssh:\n  port: 22\n  options: {MaxAuthTries: 3\n")
+    assert (error.line, error.column) == (4, 1) and str(error).startswith("c.yaml:4:1: invalid YAML: ")
+    tab = error_for("ssh:\n\tport: 22\n")
+    assert (tab.line, tab.column) == (2, 1)
+
+
+def test_every_bad_firewall_rule_and_accounts_key_is_reported_at_once() -> None:
+    error = error_for(
+        "firewall:\n  allow_tcp: [0, 80, 70000]\naccounts:\n  admin_usr: deploy\n  create_admin: maybe\n"
+    )
+    assert [(e.line, e.key) for e in error.errors] == [
+        (2, "firewall.allow_tcp[0]"),
+        (2, "firewall.allow_tcp[2]"),
+        (4, "accounts.admin_usr"),
+        (5, "accounts.create_admin"),
+    ]
+    assert error.errors[2].hint == "did you mean 'admin_user'?"

@@ -71,47 +71,47 @@ URL_HELP = 'a URL "udp://HOST[:PORT]" or "tcp://HOST[:PORT]" (an IPv6 address in
     [
         (
             '  syslog: {target: "http://logs:514"}\n',
-            f"c.yaml:2: events.syslog.target: expected {URL_HELP}, got 'http://logs:514'",
+            f"c.yaml:2:20: events.syslog.target: expected {URL_HELP}, got 'http://logs:514'",
         ),
         (
             '  syslog: {target: "tcp://logs:"}\n',
-            f"c.yaml:2: events.syslog.target: expected {URL_HELP}, got 'tcp://logs:'",
+            f"c.yaml:2:20: events.syslog.target: expected {URL_HELP}, got 'tcp://logs:'",
         ),
         (
             '  syslog: {target: "tcp://lo gs"}\n',
-            f"c.yaml:2: events.syslog.target: expected {URL_HELP}, got 'tcp://lo gs'",
+            f"c.yaml:2:20: events.syslog.target: expected {URL_HELP}, got 'tcp://lo gs'",
         ),
         (
             '  syslog: {target: "udp://logs:0"}\n',
-            f"c.yaml:2: events.syslog.target: expected {URL_HELP} with a port 1..65535, got 'udp://logs:0'",
+            f"c.yaml:2:20: events.syslog.target: expected {URL_HELP} with a port 1..65535, got 'udp://logs:0'",
         ),
         (
             '  syslog: {target: "tcp://[fe80::zz]"}\n',
-            f"c.yaml:2: events.syslog.target: expected {URL_HELP}, got 'tcp://[fe80::zz]'",
+            f"c.yaml:2:20: events.syslog.target: expected {URL_HELP}, got 'tcp://[fe80::zz]'",
         ),
         (
             "  syslog:\n    tls: true\n",
-            f"c.yaml:3: events.syslog.target: expected {URL_HELP}, got nothing (the key is missing)",
+            f"c.yaml:3:5: events.syslog.target: expected {URL_HELP}, got nothing (the key is missing)",
         ),
         (
             "  syslog:\n    target: udp://logs\n    tls: true\n",
-            "c.yaml:4: events.syslog.tls: expected false with a udp:// target (TLS needs tcp://), got true",
+            "c.yaml:4:10: events.syslog.tls: expected false with a udp:// target (TLS needs tcp://), got true",
         ),
         (
             "  syslog:\n    target: tcp://logs\n    ca_file: /ca.pem\n",
-            "c.yaml:4: events.syslog.ca_file: expected null unless tls is true, got '/ca.pem'",
+            "c.yaml:4:14: events.syslog.ca_file: expected null unless tls is true, got '/ca.pem'",
         ),
         (
             "  syslog:\n    target: tcp://logs\n    buffer: 5\n",
-            "c.yaml:4: events.syslog.buffer: expected an integer 10..1000000, got 5",
+            "c.yaml:4:13: events.syslog.buffer: expected an integer 10..1000000, got 5",
         ),
         ("  syslog:\n    target: tcp://logs\n    facility: local9\n", None),
         ("  syslog:\n    target: tcp://logs\n    port: 514\n", None),
         ("  syslog: tcp://logs:514\n", None),
-        ("  journald: maybe\n", "c.yaml:2: events.journald: expected auto, true or false, got 'maybe'"),
+        ("  journald: maybe\n", "c.yaml:2:13: events.journald: expected auto, true or false, got 'maybe'"),
         (
             "  prometheus_textfile: /var/lib/node/vps_agent.txt\n",
-            "c.yaml:2: events.prometheus_textfile: expected null, or an absolute path of a file ending in .prom "
+            "c.yaml:2:24: events.prometheus_textfile: expected null, or an absolute path of a file ending in .prom "
             "(node_exporter reads only those), got '/var/lib/node/vps_agent.txt'",
         ),
         ("  prometheus_textfile: vps_agent.prom\n", None),

@@ -727,3 +727,42 @@ def test_a_client_that_half_closes_after_its_request_keeps_its_stream(
     assert server.stats()["streams"] == 1 and not handler.stream_closed.is_set()
     sock.close()
     wait_until(lambda: server.stats()["streams"] == 0, 2.0)
+
+
+def test_a_user_outside_the_sockets_group_is_told_to_join_adm_or_use_root(
+    tmp_path: Path, handler: RecordingHandler
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("NOT TESTED: needs root to fork a child that drops to uid 65534")
+    socket_dir = tmp_path / "run"
+    socket_dir.mkdir(mode=0o755)
+    ipc_server = IpcServer(socket_dir / "agent.sock", handler)  # 0660 root:adm, as the daemon's
+    ipc_server.start()
+    read_end, write_end = os.pipe()
+    child_pid = os.fork()
+    if child_pid == 0:
+        try:
+            os.close(read_end)
+            os.chdir(socket_dir)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            said = {}
+            for verb in ("status", "pause"):
+                try:
+                    IpcClient(Path("agent.sock"), timeout=5.0).call(verb)
+                except DaemonUnreachable as exc:
+                    said[verb] = exc.message
+            os.write(write_end, json.dumps(said).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as from_child:
+            said = json.loads(from_child.read() or b"{}")
+        os.waitpid(child_pid, 0)
+    finally:
+        ipc_server.stop()
+    assert "run as root, or as a member of group adm (sudo adduser $USER adm" in said["status"]
+    assert "'pause' changes the system and needs root (sudo)" in said["pause"]
+    assert handler.requests == []
