@@ -13,6 +13,7 @@ container's /proc/sys) or one the kernel refuses is a warning, never a heal that
 from __future__ import annotations
 
 import datetime
+import errno
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from agent.config import Config
 from agent.controls import sysctl_files
 from agent.controls.base import (
     FINDING,
+    FIX,
     WARNING,
     Changes,
     Control,
@@ -42,6 +44,11 @@ HEADER = (
 _FORWARDING = re.compile(r"net\.ipv4\.ip_forward|net\.ipv[46]\.conf\.[^.]+\.(?:mc_)?forwarding")
 _RA = re.compile(r"net\.ipv6\.conf\.[^.]+\.(?:accept_ra\w*|autoconf|forwarding)")
 _RP_FILTER = re.compile(r"net\.ipv4\.conf\.[^.]+\.rp_filter")
+_NOT_PERMITTED = (
+    "not permitted: the key needs CAP_SYS_ADMIN, which vps-agent.service does not keep, or the kernel allows"
+    " no change back until reboot (unprivileged_bpf_disabled=1); systemd-sysctl applies the agent's file at"
+    " boot, `sysctl --system` now"
+)
 _FORWARDING_KINDS = frozenset({"bridge", "wireguard", "vxlan", "geneve"})
 _FORWARDING_NAMES = ("docker", "veth", "lxd", "lxc", "virbr", "vnet", "wg", "tun", "tap", "podman", "cni")
 
@@ -193,6 +200,8 @@ class SysctlControl(Control):
                 items.append(DriftItem(key, path, found.kept[key], assignment.value, line))
         if not items:
             return None
+        # what is fixed first: the events' file.path names the first item's place
+        items.sort(key=lambda item: item.kind != FIX)
         return Drift(self.name, tuple(items), self._diff_text(observed, found, current))
 
     def _diff_text(self, observed: SysctlObserved, found: Assessment, current: str) -> str:
@@ -255,7 +264,8 @@ class SysctlControl(Control):
             try:
                 sysctl.write(self.root, key, value)
             except OSError as exc:
-                self._refused[key] = (value, exc.strerror or str(exc))
+                why = _NOT_PERMITTED if exc.errno in (errno.EPERM, errno.EACCES) else exc.strerror or str(exc)
+                self._refused[key] = (value, why)
                 refused.append(f"{key} ({exc.strerror or exc})")
                 continue
             kept = sysctl.read(self.root, key).value
