@@ -90,6 +90,7 @@ class SysctlControl(Control):
         self._desired = self.desired(Config())  # observe() reads the keys desired() last named
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (value, the kernel's answer)
         self._planned: tuple[tuple[str, str], ...] = ()  # the live values the next reload() writes
+        self._assessed: tuple[SysctlObserved, SysctlDesired, dict[str, tuple[str, str]], Assessment] | None = None
 
     def enabled(self, config: Config) -> bool:
         return config.sysctl.enabled
@@ -129,6 +130,15 @@ class SysctlControl(Control):
     # diff ---------------------------------------------------------------------------------------------
 
     def assess(self, observed: SysctlObserved, desired: SysctlDesired) -> Assessment:
+        # facts(), diff() and plan() of one converge judge the same observation: once (a poll every 2 s)
+        last = self._assessed
+        if last is not None and last[0] is observed and last[1] is desired and last[2] == self._refused:
+            return last[3]
+        result = self._assess(observed, desired)
+        self._assessed = (observed, desired, dict(self._refused), result)
+        return result
+
+    def _assess(self, observed: SysctlObserved, desired: SysctlDesired) -> Assessment:
         result = Assessment({})
         for key, value in desired.wanted:
             if _FORWARDING.fullmatch(key) and observed.forwarders:

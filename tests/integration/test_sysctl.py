@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root_and_tools
+from tests.fakeroot import container_proc_sys
 from tests.integration.harness import Agent, StartAgent, wait_for
 
-# what the daemon's namespaces look like; refuses to start it should kernel.* still be writable
-CONTAINER = (
-    'set -e; mount --bind /proc/sys "$0/proc/sys"; mount -o remount,bind,ro "$0/proc/sys"; '
-    'mount --bind /proc/sys/net "$0/proc/sys/net"; mount -o remount,bind,rw "$0/proc/sys/net"; '
-    'if [ -w "$0/proc/sys/kernel/randomize_va_space" ]; then echo "kernel tunables writable" >&2; exit 97; fi; '
-    'exec "$@"'
-)
 WATCHED = (
     "kernel.randomize_va_space",
     "kernel.kptr_restrict",
@@ -54,8 +48,7 @@ def in_namespace(agent: Agent, *argv: str) -> str:
 
 
 def start(fake_root: Path, start_agent: StartAgent) -> Agent:
-    (fake_root / "proc/sys").mkdir(parents=True)
-    return start_agent(fake_root, wrap=("unshare", "--net", "--mount", "--", "sh", "-c", CONTAINER, str(fake_root)))
+    return start_agent(fake_root, wrap=container_proc_sys(fake_root))
 
 
 def test_a_sysctl_w_in_the_namespace_is_healed_within_one_poll_and_the_host_is_untouched(

@@ -127,15 +127,30 @@ def test_a_later_file_overriding_a_key_is_neutralised_and_its_other_lines_stay_b
     assert saved and saved[0].read_bytes() == original
 
 
+# Debian 12's procps ships this, sorting after the agent's file: fs.protected_fifos = 1 would win at boot
+PROTECT_LINKS = (
+    b"###################################################################\n# Protected links\n#\n"
+    b"# Protects against creating or following links under certain conditions\n"
+    b"# Debian kernels have both set to 1 (restricted) \n"
+    b"# See https://www.kernel.org/doc/Documentation/sysctl/fs.txt\n"
+    b"fs.protected_fifos = 1\nfs.protected_hardlinks = 1\nfs.protected_regular = 2\nfs.protected_symlinks = 1\n"
+)
+
+
 def test_a_vendor_file_is_masked_by_a_same_named_copy_in_etc(host: Harness) -> None:
-    vendor = host.root / "usr/lib/sysctl.d/99-vendor.conf"
+    vendor = host.root / "usr/lib/sysctl.d/99-protect-links.conf"
     vendor.parent.mkdir(parents=True)
-    vendor.write_bytes(b"net.ipv4.conf.all.accept_redirects = 1\nvm.overcommit_memory = 1\n")
-    assert host.converge().status == tx.HEALED
-    mask = (host.root / "etc/sysctl.d/99-vendor.conf").read_text().splitlines()
-    assert mask[0].startswith("# [vps-agent ") and "masks /usr/lib/sysctl.d/99-vendor.conf" in mask[0]
-    assert mask[1].startswith("# [vps-agent ") and mask[2] == "vm.overcommit_memory = 1"
-    assert vendor.read_bytes().startswith(b"net.ipv4.conf.all.accept_redirects = 1\n")
+    vendor.write_bytes(PROTECT_LINKS)
+    outcome = host.converge()
+    assert outcome.status == tx.HEALED
+    notes = outcome.changes.notes  # type: ignore[union-attr]
+    assert "mask /usr/lib/sysctl.d/99-protect-links.conf with /etc/sysctl.d/99-protect-links.conf" in notes
+    mask = (host.root / "etc/sysctl.d/99-protect-links.conf").read_bytes().split(b"\n")
+    assert mask[0].startswith(b"# [vps-agent ") and b"masks /usr/lib/sysctl.d/99-protect-links.conf" in mask[0]
+    assert mask[7].startswith(b"# [vps-agent ")
+    assert mask[7].endswith(b"keeps fs.protected_fifos = 2: fs.protected_fifos = 1")
+    assert mask[1:7] + mask[8:] == PROTECT_LINKS.split(b"\n")[:6] + PROTECT_LINKS.split(b"\n")[7:]
+    assert vendor.read_bytes() == PROTECT_LINKS  # the package's file is never edited
     assert host.converge().status == tx.COMPLIANT
 
 
