@@ -182,7 +182,8 @@ class SysctlControl(Control):
             elif not observed.proc_sys:
                 continue  # one warning below
             elif live.value is None:
-                items.append(DriftItem(key, where, value, "unreadable", kind=WARNING, advice=live.problem or ""))
+                actual = "missing" if live.missing else "unreadable"
+                items.append(DriftItem(key, where, value, actual, kind=WARNING, advice=live.problem or ""))
             elif live.value != value and not live.writable:
                 items.append(DriftItem(key, where, value, live.value, kind=WARNING, advice=live.problem or ""))
             elif live.value != value:

@@ -4,6 +4,8 @@ sysctl.d files, /sys/class/net and /proc/net routes; converged through the real 
 from __future__ import annotations
 
 import errno
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from agent.config import SYSCTL_DEFAULTS, Config, parse_config
 from agent.controls.base import FINDING, FIX, WARNING
 from agent.controls.sysctl import SysctlControl
 from agent.engine import transaction as tx
+from agent.engine.runner import FLAPPING, ControlRunner
 from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
 from agent.system import backups, fs
@@ -291,3 +294,34 @@ def test_unset_and_disabled(host: Harness) -> None:
     assert live(host.root, "kernel.sysrq") == "438" and "kernel.sysrq" not in (host.root / DROPIN).read_text()
     assert not host.control.enabled(parse_config("sysctl:\n  enabled: false\n"))
     assert host.control.poll_interval(Config()) == 2.0
+
+
+def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_path: Path) -> None:
+    host = Harness(tmp_path)
+    config = parse_config(
+        "sysctl: {poll_interval: 100ms}\n"
+        "engine: {debounce: 10ms, flap_max_heals: 3, flap_window: 1m, flap_backoff: 5m, reconcile_interval: 1h}\n"
+    )
+    runner = ControlRunner(host.control, lambda: config, host.ctx)
+    runner.start()
+    try:
+        runner.trigger("start-up")
+        assert wait_until(lambda: runner.state.heals == 1)
+        sysrq = host.root / "proc/sys/kernel/sysrq"
+        for n in range(3):  # nothing triggers the runner: /proc/sys sends no events, the poll finds each
+            sysrq.write_text(f"{n + 1}\n")
+            assert wait_until(lambda n=n: runner.state.heals == n + 2), runner.state.why
+            assert live(host.root, "kernel.sysrq") == "0"
+        assert runner.state.status == FLAPPING  # four heals in the window, three allowed: backing off
+        assert host.actions().count("flapping") == 1
+    finally:
+        runner.stop()
+
+
+def wait_until(predicate: Callable[..., object], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
