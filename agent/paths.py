@@ -228,6 +228,11 @@ class SystemRoot:
         return self.path("/etc/sysctl.conf")
 
     @property
+    def container_marker(self) -> Path:
+        """systemd writes it, naming the container manager, when the system runs in a container."""
+        return self.path("/run/systemd/container")
+
+    @property
     def net_class(self) -> Path:
         """One entry per network interface (bridge/, uevent's DEVTYPE=wireguard)."""
         return self.path("/sys/class/net")

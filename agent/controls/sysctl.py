@@ -111,7 +111,8 @@ class SysctlControl(Control):
         return self._desired
 
     def observe(self) -> SysctlObserved:
-        live = {key: sysctl.read(self.root, key) for key, _ in self._desired.wanted}
+        init = sysctl.init_mounts(self.root)
+        live = {key: sysctl.read(self.root, key, init) for key, _ in self._desired.wanted}
         try:
             own, problem = fs.read_regular(self.root.sysctl_dropin), None
         except fs.UnsafeFile as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.paths import SystemRoot
+from agent.system import fs
 
 MAX_VALUE = 4096
 RTF_REJECT = 0x0200
@@ -39,7 +40,29 @@ def normalise(value: str) -> str:
     return " ".join(value.split())
 
 
-def read(root: SystemRoot, key: str) -> Live:
+# PID 1's view of the mounts: a container manager makes /proc/sys read-only for the container's init, and a
+# service's own mount namespace may not keep that (systemd's ProtectSystem=strict leaves /proc writable)
+INIT_MOUNTINFO = "/proc/1/mountinfo"
+READ_ONLY_FOR_INIT = "read-only for this system's init (a container's /proc/sys): set it on the host"
+
+
+def init_mounts(root: SystemRoot) -> list[tuple[str, frozenset[str]]] | None:
+    """PID 1's mounts; None when they cannot be read. In a container whose init's mounts cannot be read
+    (systemd says it is one), only the network namespace's own net.* keys count as writable."""
+    try:
+        return fs.mounts(INIT_MOUNTINFO)
+    except OSError:
+        if root.container_marker.exists():
+            return [
+                (os.fspath(root.proc_sys), frozenset({"ro"})),
+                (os.fspath(root.proc_sys / "net"), frozenset({"rw"})),
+            ]
+        return None
+
+
+def read(root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None) -> Live:
+    """A key's value and whether it may be written: writable in this process's mount namespace and in
+    PID 1's (init: its mounts, from init_mounts; None: not known)."""
     path = key_path(root, key)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -53,8 +76,12 @@ def read(root: SystemRoot, key: str) -> Live:
         return Live(None, False, exc.strerror or str(exc))
     finally:
         os.close(fd)
-    writable = os.access(path, os.W_OK)
-    return Live(normalise(raw.decode("utf-8", "replace")), writable, None if writable else READ_ONLY)
+    value = normalise(raw.decode("utf-8", "replace"))
+    if not os.access(path, os.W_OK):
+        return Live(value, False, READ_ONLY)
+    if init is not None and "ro" in fs.covering_mount(path, init)[1]:
+        return Live(value, False, READ_ONLY_FOR_INIT)
+    return Live(value, True)
 
 
 def write(root: SystemRoot, key: str, value: str) -> None:

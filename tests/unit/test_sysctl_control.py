@@ -229,8 +229,8 @@ def test_a_strict_rp_filter_is_kept_loose_with_several_default_routes(host: Harn
 def test_a_read_only_key_is_a_warning_and_the_rest_is_kept(host: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     real_read = door.read
 
-    def read(root: SystemRoot, key: str) -> door.Live:
-        found = real_read(root, key)
+    def read(root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None) -> door.Live:
+        found = real_read(root, key, init)
         return door.Live(found.value, False, door.READ_ONLY) if key.startswith("kernel.") else found
 
     monkeypatch.setattr(door, "read", read)
@@ -243,6 +243,35 @@ def test_a_read_only_key_is_a_warning_and_the_rest_is_kept(host: Harness, monkey
     assert sysrq.kind == WARNING and "read-only here" in sysrq.advice
     assert host.converge().status == tx.COMPLIANT
     assert host.converge().facts["not_settable_here"] == 5
+
+
+def test_a_key_read_only_for_init_is_not_written_even_where_this_process_could(
+    host: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a container's init has /proc/sys read-only but net/; a service's own mount namespace may not keep that
+    # (systemd's ProtectSystem=strict leaves /proc writable), so PID 1's view decides
+    proc_sys = host.root / "proc/sys"
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / / rw,relatime - ext4 /dev/vda rw\n"
+        f"150 22 0:41 /sys {proc_sys} ro,nosuid,nodev,noexec,relatime - proc proc rw\n"
+        f"151 150 0:41 /sys/net {proc_sys}/net rw,nosuid,nodev,noexec,relatime - proc proc rw\n"
+    )
+    monkeypatch.setattr(door, "INIT_MOUNTINFO", str(mountinfo))
+    outcome = host.converge()
+    assert outcome.status == tx.HEALED
+    assert live(host.root, "kernel.sysrq") == "438" and live(host.root, "fs.protected_fifos") == "1"
+    assert live(host.root, "net.ipv4.conf.all.accept_redirects") == "0"
+    assert outcome.remaining is not None
+    sysrq = next(i for i in outcome.remaining.items if i.what == "kernel.sysrq")
+    assert sysrq.kind == WARNING and "read-only for this system's init" in sysrq.advice
+    # without PID 1's mounts, systemd's container marker leaves only net.* writable
+    monkeypatch.setattr(door, "INIT_MOUNTINFO", str(tmp_path / "unreadable"))
+    (host.root / "proc/sys/fs/suid_dumpable").write_text("2\n")
+    (host.root / "run/systemd").mkdir(parents=True)
+    (host.root / "run/systemd/container").write_text("lxc\n")
+    host.converge()
+    assert live(host.root, "fs.suid_dumpable") == "2"
 
 
 def test_a_key_this_kernel_lacks_is_a_warning_and_stays_out_of_the_file(host: Harness) -> None:
