@@ -112,7 +112,7 @@ class SysctlControl(Control):
 
     def observe(self) -> SysctlObserved:
         init = sysctl.init_mounts(self.root)
-        live = {key: sysctl.read(self.root, key, init) for key, _ in self._desired.wanted}
+        live = {key: sysctl.read(self.root, key, init, value) for key, value in self._desired.wanted}
         try:
             own, problem = fs.read_regular(self.root.sysctl_dropin), None
         except fs.UnsafeFile as exc:

@@ -60,9 +60,12 @@ def init_mounts(root: SystemRoot) -> list[tuple[str, frozenset[str]]] | None:
         return None
 
 
-def read(root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None) -> Live:
+def read(
+    root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None, expected: str | None = None
+) -> Live:
     """A key's value and whether it may be written: writable in this process's mount namespace and in
-    PID 1's (init: its mounts, from init_mounts; None: not known)."""
+    PID 1's (init: its mounts, from init_mounts; None: not known). A value equal to `expected` needs no
+    write, and its writability is not looked at (the poll reads every kept key every 2 s)."""
     path = key_path(root, key)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -77,6 +80,8 @@ def read(root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | No
     finally:
         os.close(fd)
     value = normalise(raw.decode("utf-8", "replace"))
+    if value == expected:
+        return Live(value, True)
     if not os.access(path, os.W_OK):
         return Live(value, False, READ_ONLY)
     if init is not None and "ro" in fs.covering_mount(path, init)[1]:

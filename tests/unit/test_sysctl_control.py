@@ -229,8 +229,10 @@ def test_a_strict_rp_filter_is_kept_loose_with_several_default_routes(host: Harn
 def test_a_read_only_key_is_a_warning_and_the_rest_is_kept(host: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     real_read = door.read
 
-    def read(root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None) -> door.Live:
-        found = real_read(root, key, init)
+    def read(
+        root: SystemRoot, key: str, init: list[tuple[str, frozenset[str]]] | None = None, expected: str | None = None
+    ) -> door.Live:
+        found = real_read(root, key, init, expected)
         return door.Live(found.value, False, door.READ_ONLY) if key.startswith("kernel.") else found
 
     monkeypatch.setattr(door, "read", read)
