@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for verb in VERBS
     }
-    controls = "ssh, firewall, fail2ban or accounts"
+    controls = "ssh, firewall, fail2ban, accounts or sysctl"
     full = "show every character of DETAIL (on a terminal it is trimmed to the width)"
 
     status = verbs["status"]

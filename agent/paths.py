@@ -9,6 +9,8 @@ from pathlib import Path
 AGENT_DROPIN_NAME = "00-vps-agent.conf"
 # jail.d/*.local files are read last (after jail.local), in name order: "zz-" sorts after the usual names
 AGENT_JAIL_NAME = "zz-vps-agent.local"
+# sysctl.d files apply in name order, later ones win: "60-" after the distribution's 10-/50- files
+AGENT_SYSCTL_NAME = "60-vps-agent.conf"
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,48 @@ class SystemRoot:
     def systemd_run_dir(self) -> Path:
         """Exists only when systemd is the running init (sd_booted)."""
         return self.path("/run/systemd/system")
+
+    # sysctl
+    @property
+    def proc_sys(self) -> Path:
+        """The kernel's live tunables (no inotify events: the sysctl guard polls them)."""
+        return self.path("/proc/sys")
+
+    @property
+    def sysctl_dirs(self) -> tuple[Path, ...]:
+        """Where systemd-sysctl and `sysctl --system` read *.conf at boot; a name in an earlier directory
+        masks the same name in a later one."""
+        names = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d")
+        return tuple(self.path(name) for name in names)
+
+    @property
+    def sysctl_dropin(self) -> Path:
+        return self.sysctl_dirs[0] / AGENT_SYSCTL_NAME
+
+    @property
+    def sysctl_conf(self) -> Path:
+        """Read last by `sysctl --system`, and as /etc/sysctl.d/99-sysctl.conf (a link) by systemd-sysctl."""
+        return self.path("/etc/sysctl.conf")
+
+    @property
+    def container_marker(self) -> Path:
+        """systemd writes it, naming the container manager, when the system runs in a container."""
+        return self.path("/run/systemd/container")
+
+    @property
+    def net_class(self) -> Path:
+        """One entry per network interface (bridge/, uevent's DEVTYPE=wireguard)."""
+        return self.path("/sys/class/net")
+
+    @property
+    def ipv4_route(self) -> Path:
+        """The kernel's IPv4 routes (the main table: policy routing is not in it)."""
+        return self.path("/proc/net/route")
+
+    @property
+    def ipv6_route(self) -> Path:
+        """The kernel's IPv6 routes; an RA-learned default route carries RTF_ADDRCONF."""
+        return self.path("/proc/net/ipv6_route")
 
     # Directories that tools resolve by absolute path (sshd's Include): in a fake root they are
     # bind-mounted over the real ones inside a private mount namespace (see system.namespace).

@@ -14,6 +14,7 @@ from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl
 from agent.controls.sshd_config import password_logins
+from agent.controls.sysctl import SysctlControl
 from agent.engine import transaction as tx
 from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
@@ -48,6 +49,7 @@ def build_controls(
         FirewallControl(root, sshd_ports, moves=moves),
         Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=passwords),
         AccountsControl(root),
+        SysctlControl(root),
     ]
 
 

@@ -286,12 +286,15 @@ def unit_environment() -> dict[str, str]:
 class Daemon:
     """`vps-agent run --root ROOT` in a private network namespace (the host's ruleset is never touched)."""
 
-    def __init__(self, root: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, log: Path, env: dict[str, str] | None = None, wrap: Sequence[str] = ("unshare", "--net", "--")
+    ) -> None:
+        """wrap: what runs the daemon (it must exec it, keeping the pid); by default a private network namespace."""
         self.root = root
         self.log = log
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
-            ["unshare", "--net", "--", PYTHON, "-m", "agent.daemon", "run", "--root", str(root)],
+            [*wrap, PYTHON, "-m", "agent.daemon", "run", "--root", str(root)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -371,15 +374,20 @@ class Daemon:
 
 @contextmanager
 def running_daemon(
-    config: str, env: dict[str, str] | None = None, keep: bool = False, ready_timeout: float = 60
+    config: str,
+    env: dict[str, str] | None = None,
+    keep: bool = False,
+    ready_timeout: float = 60,
+    wrap: Callable[[Path], Sequence[str]] | None = None,
 ) -> Iterator[Daemon]:
-    """A fresh fake root with `config`, the daemon on it, ready; always stopped, the root removed."""
+    """A fresh fake root with `config`, the daemon on it, ready; always stopped, the root removed.
+    wrap(root): what runs the daemon instead of `unshare --net --`."""
     workdir = Path(tempfile.mkdtemp(prefix="vps-agent-bench-"))
     daemon: Daemon | None = None
     problem = ""
     try:
         root = make_root(workdir / "root", config=config)
-        daemon = Daemon(root, workdir / "agent.log", env)
+        daemon = Daemon(root, workdir / "agent.log", env, *([wrap(root)] if wrap else []))
         daemon.wait_ready(ready_timeout)
         daemon.events.read()  # the start-up reconcile is not part of any measurement
         yield daemon

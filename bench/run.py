@@ -31,6 +31,7 @@ import firewall_heal  # noqa: E402
 import heal_latency  # noqa: E402
 import idle_cost  # noqa: E402
 import storm  # noqa: E402
+import sysctl_heal  # noqa: E402
 from common import REPO, BenchError, Section, git_state, load_average, machine, targets_table  # noqa: E402
 
 FIXES = Path(__file__).with_name("FIXES.md")
@@ -42,6 +43,7 @@ def parts(quick: bool) -> dict[str, Callable[[], Section]]:
         "ssh": lambda: heal_latency.run(runs),
         "firewall": lambda: firewall_heal.run(runs),
         "fail2ban": lambda: fail2ban_heal.run(runs),
+        "sysctl": lambda: sysctl_heal.run(runs),
         "check": lambda: check_time.run(5 if quick else 30),
         "storm": lambda: storm.run(quick),
         "compare": lambda: compare.run(3 if quick else 10),

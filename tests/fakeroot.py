@@ -86,6 +86,24 @@ def prove_key_login(root: Path, user: str = "admin", public_key: bytes | None = 
     write(root / "var/lib/vps-agent/key-logins.json", json.dumps(proof) + "\n", 0o600)
 
 
+# The kernel's tunables as a container sees them, for the sysctl guard under --root: ROOT/proc/sys is the
+# real /proc/sys bound read-only, but for net/ (rw: per network namespace), as systemd-nspawn and the
+# sandbox VPS have it; refuses to start the command should kernel.* still be writable.
+_CONTAINER_PROC_SYS = (
+    'set -e; mount --bind /proc/sys "$0/proc/sys"; mount -o remount,bind,ro "$0/proc/sys"; '
+    'mount --bind /proc/sys/net "$0/proc/sys/net"; mount -o remount,bind,rw "$0/proc/sys/net"; '
+    'if [ -w "$0/proc/sys/kernel/randomize_va_space" ]; then echo "kernel tunables writable" >&2; exit 97; fi; '
+    'exec "$@"'
+)
+
+
+def container_proc_sys(root: Path) -> tuple[str, ...]:
+    """The command prefix that runs a daemon on root in new network and mount namespaces with the kernel's
+    real /proc/sys under root/proc/sys as a container has it: it can change only its namespace's net.* keys."""
+    (root / "proc/sys").mkdir(parents=True, exist_ok=True)
+    return ("unshare", "--net", "--mount", "--", "sh", "-c", _CONTAINER_PROC_SYS, str(root))
+
+
 def make_root(
     root: Path,
     *,

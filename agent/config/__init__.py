@@ -17,6 +17,7 @@ from agent.config.errors import ConfigError, ConfigErrors, Described
 from agent.config.loader import MAX_CONFIG_BYTES, load_config, locate_key, parse_config
 from agent.config.schema import (
     DEFAULT_PROMETHEUS_TEXTFILE,
+    SYSCTL_DEFAULTS,
     SYSLOG_FACILITIES,
     AccountsConfig,
     BackupsConfig,
@@ -27,6 +28,7 @@ from agent.config.schema import (
     FirewallConfig,
     PortRule,
     SshConfig,
+    SysctlConfig,
     SyslogConfig,
     UpdatesConfig,
     default_config,
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_PROMETHEUS_TEXTFILE",
     "MAX_CONFIG_BYTES",
     "MAX_DURATION",
+    "SYSCTL_DEFAULTS",
     "SYSLOG_FACILITIES",
     "AccountsConfig",
     "BackupsConfig",
@@ -49,6 +52,7 @@ __all__ = [
     "FirewallConfig",
     "PortRule",
     "SshConfig",
+    "SysctlConfig",
     "SyslogConfig",
     "UpdatesConfig",
     "default_config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -19,10 +20,13 @@ from agent.config.nodes import (
     integer,
     is_null,
     mapping,
+    node_value,
     raise_any,
     section,
+    sequence,
 )
 from agent.config.schema import (
+    SYSCTL_DEFAULTS,
     BackupsConfig,
     Config,
     EngineConfig,
@@ -30,6 +34,7 @@ from agent.config.schema import (
     Fail2banConfig,
     FirewallConfig,
     SshConfig,
+    SysctlConfig,
     UpdatesConfig,
 )
 
@@ -113,6 +118,61 @@ def locate_key(path: str, key: str) -> int | None:
     return line
 
 
+# the sysctl section (here: fields.py is full)
+_SYSCTL_KEY = re.compile(r"[a-z][a-z0-9_]*(?:\.[A-Za-z0-9_-]+)+")
+_SYSCTL_KEY_HELP = "a sysctl key in dotted form, e.g. net.ipv4.conf.all.rp_filter"
+_SYSCTL_VALUE = re.compile(r"[A-Za-z0-9_.:,/+-]+(?: [A-Za-z0-9_.:,/+-]+)*")
+_SYSCTL_VALUE_HELP = 'a value as the kernel prints it: an integer, or words such as "32768 60999"'
+
+
+def _sysctl_set(at: At, node: Node) -> tuple[tuple[str, str], ...]:
+    if is_null(node):
+        return ()
+    values = []
+    for key, (key_node, value_node) in mapping(at, node, None).items():
+        if not _SYSCTL_KEY.fullmatch(key):
+            at.child(key).fail(key_node, _SYSCTL_KEY_HELP, key)
+        value = node_value(value_node)
+        text = re.sub(" +", " ", str(value).strip(" ")) if type(value) in (int, str) else ""
+        if not _SYSCTL_VALUE.fullmatch(text):
+            at.child(key).fail(value_node, _SYSCTL_VALUE_HELP)
+        values.append((key, text))
+    return tuple(values)
+
+
+def _sysctl_unset(at: At, node: Node) -> tuple[str, ...]:
+    defaults = dict(SYSCTL_DEFAULTS)
+    keys = []
+    for index, item in enumerate(sequence(at, node, "a list of keys of the default set")):
+        key = node_value(item)
+        if not isinstance(key, str) or key not in defaults:
+            at.item(index).fail(item, "a key of the default set (see vps-agent.yaml(5)); other keys are not managed")
+        keys.append(key)
+    return tuple(keys)
+
+
+_SYSCTL_KEYS: dict[str, Parse] = {
+    "enabled": boolean,
+    "mode": choice(("enforce", "report")),
+    "poll_interval": duration(0.1, maximum=3600.0),
+    "set": _sysctl_set,
+    "unset": _sysctl_unset,
+}
+
+
+def sysctl(at: At, node: Node) -> SysctlConfig:
+    if is_null(node):
+        return SysctlConfig()
+    entries = mapping(at, node, _SYSCTL_KEYS)
+    config = SysctlConfig(**{name: _SYSCTL_KEYS[name](at.child(name), value) for name, (_, value) in entries.items()})
+    both = [key for key, _ in config.set if key in config.unset]
+    if both:
+        unset_node = entries["unset"][1]
+        why = "keys not also in sysctl.set (set overrides a default, unset leaves it alone: pick one)"
+        at.child("unset").fail(unset_node, why, Described(", ".join(both)))
+    return config
+
+
 SECTIONS: dict[str, Parse] = {
     "ssh": section(
         SshConfig,
@@ -160,6 +220,7 @@ SECTIONS: dict[str, Parse] = {
         },
     ),
     "accounts": fields.accounts,
+    "sysctl": sysctl,
     "engine": section(
         EngineConfig,
         {

@@ -67,6 +67,56 @@ class AccountsConfig:
     admin_keys: tuple[str, ...] = ()  # public key lines, "ssh-ed25519 AAAA... comment"
 
 
+# The sysctl guard's safe set: every key harmless on a VPS (kernel.unprivileged_bpf_disabled=1 cannot be
+# undone until the next boot, by the kernel's design). Forwarding, accept_ra and rp_filter are not in it.
+SYSCTL_DEFAULTS: tuple[tuple[str, str], ...] = (
+    ("fs.protected_hardlinks", "1"),
+    ("fs.protected_symlinks", "1"),
+    ("fs.protected_fifos", "2"),
+    ("fs.protected_regular", "2"),
+    ("fs.suid_dumpable", "0"),
+    ("kernel.kptr_restrict", "2"),
+    ("kernel.dmesg_restrict", "1"),
+    ("kernel.randomize_va_space", "2"),
+    ("kernel.unprivileged_bpf_disabled", "1"),
+    ("kernel.sysrq", "0"),
+    ("net.core.bpf_jit_harden", "2"),
+    ("dev.tty.ldisc_autoload", "0"),
+    *(
+        (f"net.{family}.conf.{scope}.{key}", "0")
+        for key, families in (
+            ("accept_redirects", ("ipv4", "ipv6")),
+            ("secure_redirects", ("ipv4",)),
+            ("send_redirects", ("ipv4",)),
+            ("accept_source_route", ("ipv4", "ipv6")),
+        )
+        for family in families
+        for scope in ("all", "default")
+    ),
+    ("net.ipv4.conf.all.log_martians", "1"),
+    ("net.ipv4.conf.default.log_martians", "1"),
+    ("net.ipv4.tcp_syncookies", "1"),
+    ("net.ipv4.icmp_echo_ignore_broadcasts", "1"),
+)
+
+
+@dataclass(frozen=True)
+class SysctlConfig:
+    enabled: bool = True
+    mode: str = "enforce"
+    # /proc/sys sends no inotify events: the live values are read this often (and at every reconcile)
+    poll_interval: float = 2.0
+    # added to, or overriding, SYSCTL_DEFAULTS: (key, value as the kernel prints it), in the user's order
+    set: tuple[tuple[str, str], ...] = ()
+    unset: tuple[str, ...] = ()  # keys of SYSCTL_DEFAULTS the agent leaves alone
+
+    def wanted(self) -> tuple[tuple[str, str], ...]:
+        """The keys the guard keeps, before the conditions it detects on the host (forwarding, RA)."""
+        values = {key: value for key, value in SYSCTL_DEFAULTS if key not in self.unset}
+        values.update(self.set)
+        return tuple(values.items())
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     debounce: float = 0.015
@@ -122,6 +172,7 @@ class Config:
     fail2ban: Fail2banConfig = field(default_factory=Fail2banConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    sysctl: SysctlConfig = field(default_factory=SysctlConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)

@@ -356,16 +356,29 @@ def resource_problem(exc: BaseException, where: Path | None = None) -> str | Non
     return f"{where}: {exc.strerror} (the filesystem mounted at {mount} is {RESOURCE_ERRNOS[exc.errno]}{room})"
 
 
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, frozenset[str]]]:
+    """Each mount point and its per-mount options (ro/rw, ...) as that process's mount namespace has them;
+    raises OSError when the file cannot be read."""
+    with open(mountinfo, encoding="utf-8", errors="replace") as handle:
+        rows = [line.split() for line in handle]
+    return [(_unescape(row[4]), frozenset(row[5].split(","))) for row in rows if len(row) > 5]
+
+
+def covering_mount(path: Path, found: list[tuple[str, frozenset[str]]]) -> tuple[str, frozenset[str]]:
+    """The mount path lies under (the longest mount point that is a prefix of it; the last one mounted wins)."""
+    text = os.path.abspath(path)
+    inside = [m for m in found if text == m[0] or text.startswith(m[0].rstrip("/") + "/")]
+    best = max((len(m[0]) for m in inside), default=-1)
+    return [m for m in inside if len(m[0]) == best][-1] if inside else ("/", frozenset())
+
+
 def mount_point(path: Path) -> Path:
     """The mount point path lies under, as this process's mount namespace has it (a bind mount too)."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            points = [_unescape(line.split()[4]) for line in handle if len(line.split()) > 4]
+        found = mounts()
     except OSError:
-        points = ["/"]
-    text = os.path.abspath(path)
-    inside = [p for p in points if text == p or text.startswith(p.rstrip("/") + "/")]
-    return Path(max(inside, key=len) if inside else "/")
+        found = []
+    return Path(covering_mount(path, found)[0])
 
 
 def _unescape(field: str) -> str:

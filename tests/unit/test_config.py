@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from agent.config import (
+    SYSCTL_DEFAULTS,
     AccountsConfig,
     BackupsConfig,
     Config,
@@ -21,6 +22,7 @@ from agent.config import (
     FirewallConfig,
     PortRule,
     SshConfig,
+    SysctlConfig,
     UpdatesConfig,
     default_config,
     format_duration,
@@ -288,13 +290,13 @@ def test_durations_accept_bare_seconds() -> None:
         ),
         (
             "colour: red\n",
-            "c.yaml:1:1: colour: expected one of: ssh, firewall, fail2ban, updates, accounts, engine, events, "
-            "backups, got 'colour'",
+            "c.yaml:1:1: colour: expected one of: ssh, firewall, fail2ban, updates, accounts, sysctl, engine, "
+            "events, backups, got 'colour'",
         ),
         (
             "- ssh\n",
             "c.yaml:1:1: expected a mapping with keys: ssh, firewall, fail2ban, updates, accounts, "
-            "engine, events, backups, got a list",
+            "sysctl, engine, events, backups, got a list",
         ),
         (
             "fail2ban:\n  maxretry: 3\n  findtime: 10x\n",
@@ -643,8 +645,8 @@ def test_every_error_of_a_file_is_reported_at_once_in_file_order() -> None:
         "c.yaml:3:20: ssh.confirm_timeout: expected a duration such as 15ms, 30s, 10m, 1h, 1d, 1w or 1h30m "
         "(at least 10s, at most 1d), got '10 minutes'",
         "c.yaml:5:9: firewall.mode: expected one of: enforce, report, got false",
-        "c.yaml:6:1: evnts: expected one of: ssh, firewall, fail2ban, updates, accounts, engine, events, backups, "
-        "got 'evnts'; did you mean 'events'?",
+        "c.yaml:6:1: evnts: expected one of: ssh, firewall, fail2ban, updates, accounts, sysctl, engine, events, "
+        "backups, got 'evnts'; did you mean 'events'?",
     ]
     # the first error's parts stay the attributes, as for a file with one error
     assert (error.line, error.column, error.key, error.hint) == (2, 3, "ssh.prot", "did you mean 'port'?")
@@ -674,3 +676,58 @@ def test_every_bad_firewall_rule_and_accounts_key_is_reported_at_once() -> None:
         (5, "accounts.create_admin"),
     ]
     assert error.errors[2].hint == "did you mean 'admin_user'?"
+
+
+# --- sysctl ---------------------------------------------------------------------------------------
+
+
+def test_sysctl_set_overrides_and_adds_keys_and_unset_leaves_defaults_alone() -> None:
+    text = (
+        "sysctl:\n  mode: report\n  poll_interval: 500ms\n  set:\n    kernel.sysrq: 176\n"
+        '    net.ipv4.ip_local_port_range: "32768   60999"\n  unset: [fs.suid_dumpable]\n'
+    )
+    config = parse_config(text).sysctl
+    assert (config.mode, config.poll_interval) == ("report", 0.5)
+    wanted = dict(config.wanted())
+    assert wanted["kernel.sysrq"] == "176"
+    assert wanted["net.ipv4.ip_local_port_range"] == "32768 60999"
+    assert "fs.suid_dumpable" not in wanted
+    assert wanted["kernel.kptr_restrict"] == "2"
+    assert dict(SysctlConfig().wanted()) == dict(SYSCTL_DEFAULTS)
+    assert not any("forwarding" in key or "accept_ra" in key or "rp_filter" in key for key, _ in SYSCTL_DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "sysctl:\n  set:\n    kernel.sysrq: yes\n",
+            "c.yaml:3:19: sysctl.set.kernel.sysrq: expected a value as the kernel prints it: an integer, or words "
+            'such as "32768 60999", got true',
+        ),
+        (
+            "sysctl:\n  set:\n    ../../etc/passwd: 1\n",
+            "c.yaml:3:5: sysctl.set.../../etc/passwd: expected a sysctl key in dotted form, e.g. "
+            "net.ipv4.conf.all.rp_filter, got '../../etc/passwd'",
+        ),
+        (
+            'sysctl:\n  set:\n    kernel.sysrq: "1\\n2"\n',
+            "c.yaml:3:19: sysctl.set.kernel.sysrq: expected a value as the kernel prints it: an integer, or words "
+            "such as \"32768 60999\", got '1\\n2'",
+        ),
+        (
+            "sysctl:\n  unset:\n    - net.ipv4.ip_forward\n",
+            "c.yaml:3:7: sysctl.unset[0]: expected a key of the default set (see vps-agent.yaml(5)); other keys "
+            "are not managed, got 'net.ipv4.ip_forward'",
+        ),
+        (
+            "sysctl:\n  set: {kernel.sysrq: 1}\n  unset: [kernel.sysrq]\n",
+            "c.yaml:3:10: sysctl.unset: expected keys not also in sysctl.set (set overrides a default, unset leaves "
+            "it alone: pick one), got kernel.sysrq",
+        ),
+    ],
+)
+def test_bad_sysctl_settings_are_refused_naming_file_line_and_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="c.yaml")
+    assert str(caught.value) == message

@@ -51,12 +51,12 @@ def bold_words(text: str) -> list[str]:
 
 
 def test_the_controls_are_the_same_everywhere(controls: list[str]) -> None:
-    assert controls == ["ssh", "firewall", "fail2ban", "accounts"]  # the daemon's, in its order
+    assert controls == ["ssh", "firewall", "fail2ban", "accounts", "sysctl"]  # the daemon's, in its order
     ctl = roff("vps-agentctl.8")
     listed = ctl[ctl.index("in this release are") :].split(".\nA command", 1)[0]
     assert bold_words(listed) == controls
     agent = roff("vps-agent.8")
-    listed = agent[agent.index("This release has four controls:") :].split("described under", 1)[0]
+    listed = agent[agent.index("This release has five controls:") :].split("described under", 1)[0]
     assert bold_words(listed) == controls
     assert re.search(r'local controls="([^"]*)"', COMPLETION)[1].split() == controls  # type: ignore[index]
     for verb in ("check", "diff", "pause", "resume", "converge"):
@@ -153,6 +153,6 @@ def test_vps_agent_yaml_5_documents_every_key_of_the_schema_and_no_other() -> No
 @pytest.mark.parametrize("page", ["vps-agent.8", "vps-agentctl.8", "vps-agent.yaml.5"])
 def test_every_key_a_man_page_names_exists(page: str) -> None:
     sections = "|".join(f.name for f in dataclasses.fields(Config) if f.name != "source")
-    files = r"(?!(?:service|socket|json|jsonl|conf|local)\b)"  # ssh.service, events.jsonl: not keys
+    files = r"(?!(?:service|socket|json|jsonl|conf|local|d)\b)"  # ssh.service, events.jsonl, sysctl.d: not keys
     named = set(re.findall(rf"(?<![\w/.-])((?:{sections})\.{files}[a-z_]+)(?![\w-]|\.[a-z])", roff(page)))
     assert named and named <= schema_keys(), named - schema_keys()
