@@ -89,7 +89,8 @@ def wait_untouched(daemon: Daemon, kind: SoakKind, t0: float) -> Heal:
         acted += [
             action_of(e)
             for e in daemon.events.read()
-            if e.get("control") == kind.control and action_of(e) in ("drift-detected", "drift-reverted", *FAILURE_ACTIONS)
+            if e.get("control") == kind.control
+            and action_of(e) in ("drift-detected", "drift-reverted", *FAILURE_ACTIONS)
         ]
         time.sleep(0.01)
     heal.outcome = "healed" if not acted else f"acted on: {', '.join(acted)}"
@@ -134,7 +135,13 @@ KINDS: tuple[SoakKind, ...] = (
     SoakKind("firewall", firewall_heal.IPTABLES_F),
     SoakKind("firewall", DriftKind("nft flush ruleset", "", nft_flush_ruleset, firewall_heal.verify_iptables)),
     SoakKind("fail2ban", fail2ban_heal.KIND),
-    SoakKind("fail2ban", DriftKind("jail.local rewritten in place (no drift: jail.d/*.local wins)", "", edit_jail_local, fail2ban_heal.verify), "untouched"),
+    SoakKind(
+        "fail2ban",
+        DriftKind(
+            "jail.local rewritten in place (no drift: jail.d/*.local wins)", "", edit_jail_local, fail2ban_heal.verify
+        ),
+        "untouched",
+    ),
     SoakKind("accounts", DriftKind("authorized_keys chmod 664", "", loosen_authorized_keys, lambda d: ""), "report"),
 )
 
@@ -181,7 +188,9 @@ class Sample:
 
 def sample(pid: int, at: float) -> Sample:
     threads = next(
-        int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Threads:")
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Threads:")
     )
     return Sample(at, memory(pid)["rss"], len(os.listdir(f"/proc/{pid}/fd")), threads)
 
@@ -319,8 +328,9 @@ def report(result: Soak, command: str, date: str, load: str) -> Section:
         " accounts guard, which reports and never changes, healed = the finding shown by `vps-agentctl status`"
         " (polled, ~0.1 s a poll), after which the mode is put back and the finding must go; for the in-place"
         " rewrite of jail.local (even `[sshd] enabled = false`: jail.local is read before the agent's"
-        f" `jail.d/zz-vps-agent.local`, so it is no drift) healed = no fail2ban transaction acts within {UNTOUCHED_S:g} s"
-        " and the file stays byte for byte as written (no latency: it counts in missed only). Missed = not healed"
+        " `jail.d/zz-vps-agent.local`, so it is no drift) healed = no fail2ban transaction acts within"
+        f" {UNTOUCHED_S:g} s and the file stays byte for byte as written (no latency: it counts in missed only)."
+        " Missed = not healed"
         f" within {HEAL_TIMEOUT_S:g} s, a failure event, or a real-tool check that disagrees. Every"
         f" {SAMPLE_EVERY_S:g} s a thread reads the daemon's RSS (smaps_rollup), open fds (/proc/PID/fd) and threads"
         " (/proc/PID/status); the RSS slope is the least-squares fit of those samples. Run under `nice -n 10` on a"
@@ -338,7 +348,8 @@ def report(result: Soak, command: str, date: str, load: str) -> Section:
         f" (second half only: {slope_per_hour(half):+.2f} MiB/h) |",
         f"| open fds start / end / max | {first.fds} / {last.fds} / {max(s.fds for s in samples)} |",
         f"| threads start / end / max | {first.threads} / {last.threads} / {max(s.threads for s in samples)} |",
-        f"| daemon CPU (with reaped children) | {result.cpu_s:.0f} s ({result.cpu_s / result.wall_s * 100:.1f}% of a core) |",
+        f"| daemon CPU (with reaped children) | {result.cpu_s:.0f} s"
+        f" ({result.cpu_s / result.wall_s * 100:.1f}% of a core) |",
         "",
         "| tamper | control | n | p50 ms | p99 ms | max ms | missed |",
         "|---|---|---|---|---|---|---|",
@@ -347,8 +358,9 @@ def report(result: Soak, command: str, date: str, load: str) -> Section:
         mine = [h for h, k in zip(result.heals, result.kinds, strict=True) if k is kind]
         values = [h.latency_ms for h in mine if h.outcome == "healed" and h.latency_ms is not None]
         cells = [fmt(percentile(values, p)) if values else "-" for p in (50, 99)]
+        control = kind.control if kind.expect == "heal" else f"{kind.control} ({kind.expect})"
         section.add(
-            f"| {kind.drift.name} | {kind.control}{'' if kind.expect == 'heal' else f' ({kind.expect})'} | {len(mine)} |"
+            f"| {kind.drift.name} | {control} | {len(mine)} |"
             f" {cells[0]} | {cells[1]} | {fmt(max(values) if values else None)} | {sum(missed(h) for h in mine)} |"
         )
     section.add("")
