@@ -9,7 +9,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from agent.config import fields
 from agent.config.errors import ConfigError, Described
-from agent.config.nodes import At, Parse, boolean, choice, duration, integer, is_null, mapping, section
+from agent.config.nodes import At, Parse, boolean, choice, duration, integer, is_null, line_of, mapping, section
 from agent.config.schema import (
     BackupsConfig,
     Config,
@@ -66,9 +66,9 @@ def _compose(text: str, source: str) -> Node | None:
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context or "unparseable"
         if err.context and err.problem:
-            context_line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
+            context_line = f" (line {line_of(err.context_mark)})" if err.context_mark else ""
             problem = f"{err.context}{context_line}: {err.problem}"
-        raise ConfigError.invalid_yaml(source, mark.line + 1 if mark else None, problem) from err
+        raise ConfigError.invalid_yaml(source, line_of(mark) if mark else None, problem) from err
     except yaml.reader.ReaderError as err:
         # non-printable characters (NUL, other C0 controls): binary rather than YAML
         line = text.count("\n", 0, err.position) + 1
@@ -95,7 +95,7 @@ def locate_key(path: str, key: str) -> int | None:
         found = [(k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == name]
         if not found:
             return None
-        line, node = found[0][0].start_mark.line + 1, found[0][1]
+        line, node = line_of(found[0][0].start_mark), found[0][1]
     return line
 
 

@@ -35,7 +35,16 @@ class At:
 
     def fail(self, node: Node, expected: str, got: object | None = None) -> NoReturn:
         found = node_value(node) if got is None else got
-        raise ConfigError(self.source, node.start_mark.line + 1, self.key, expected, found)
+        raise ConfigError(self.source, line_of(node.start_mark), self.key, expected, found)
+
+
+def line_of(mark: yaml.Mark) -> int:
+    """The 1-based line an editor (and `sed -n Np`) shows: YAML also breaks lines at a lone CR, U+0085,
+    U+2028 and U+2029, so its own count can name a line the file does not have."""
+    buffer = getattr(mark, "buffer", None)
+    if isinstance(buffer, str):
+        return buffer.count("\n", 0, mark.index) + 1
+    return int(mark.line) + 1
 
 
 _STRICT_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]{0,18})")
@@ -85,7 +94,7 @@ def mapping(at: At, node: Node, allowed: Collection[str] | None) -> dict[str, tu
         if allowed is not None and name not in allowed:
             at.child(name).fail(key_node, f"one of: {choices}", name)
         if name in entries:
-            first = entries[name][0].start_mark.line + 1
+            first = line_of(entries[name][0].start_mark)
             at.child(name).fail(key_node, "each key once", Described(f"a second {name!r} (first on line {first})"))
         entries[name] = (key_node, value_node)
     return entries
