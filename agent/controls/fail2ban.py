@@ -35,6 +35,7 @@ from agent.controls.base import (
     unified,
 )
 from agent.controls.firewall import ssh_ports
+from agent.controls.jail_lines import Assignment, assignments, line_end, split_lines
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
 from agent.portmove import PortMoves
 from agent.sshd_ports import SshdPorts
@@ -81,7 +82,6 @@ ACTIONS_WAIT = 15.0  # seconds
 # 1.0.2: ^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)..., 1.1.0: ^<F-MLFFORGET>(?:Connection ...;
 # in normal mode the same line is wrapped in <F-NOFAIL>
 _COUNTS_PREAUTH_CLOSE = re.compile(r"\^<F-MLFFORGET>\((?:\?:)?Connection \(\?:closed\|reset\)")
-_KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
 
 
 def banaction_for(backend: Backend) -> str:
@@ -236,21 +236,9 @@ def _ignored(address: str, entries: Sequence[str]) -> bool:
     return False
 
 
-def overrides(text: str, jail: str = JAIL) -> list[tuple[int, str, str]]:
-    """(line number, key, value) of every guarded key set in [jail] in one file's text."""
-    found = []
-    section = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1].strip()
-            continue
-        if section != jail or line[:1].isspace():
-            continue
-        match = _KEY_LINE.match(line)
-        if match and match.group(1).lower() in KEYS:
-            found.append((number, match.group(1).lower(), line.partition("=")[2].strip()))
-    return found
+def overrides(text: str, jail: str = JAIL) -> list[Assignment]:
+    """Every guarded key set in [jail] in one file's text, where fail2ban's parser reads it."""
+    return [a for a in assignments(text) if a.section == jail and a.key in KEYS]
 
 
 class Fail2banControl(Control):
@@ -422,8 +410,10 @@ class Fail2banControl(Control):
             items.append(DriftItem("agent jail file", path, "present", "missing"))
         elif observed.agent_file.decode("utf-8", "replace") != desired.text:
             items.append(DriftItem("agent jail file", path, "the agent's content", "modified"))
-        for jail_file, line, key, value in self._conflicts(observed, desired):
-            items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
+        for jail_file, found in self._conflicts(observed, desired):
+            items.append(
+                DriftItem(found.key, jail_file.system_path, desired.effective[found.key], found.value, found.line)
+            )
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
         for _address, expected, actual in self._runtime_drift(observed, desired):
@@ -458,12 +448,12 @@ class Fail2banControl(Control):
                 found.append((entry, f"{entry} not ignored (its admin session has ended)", "ignored"))
         return found
 
-    def _conflicts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, int, str, str]]:
+    def _conflicts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, Assignment]]:
         return [
-            (jail_file, line, key, value)
+            (jail_file, found)
             for jail_file in observed.later
-            for line, key, value in overrides(jail_file.text)
-            if key in desired.effective and not _agrees(key, value, desired.effective[key])
+            for found in overrides(jail_file.text)
+            if found.key in desired.effective and not _agrees(found.key, found.value, desired.effective[found.key])
         ]
 
     # plan ---------------------------------------------------------------------------------------------
@@ -484,21 +474,23 @@ class Fail2banControl(Control):
             diffs.append(unified(current, desired.text, path))
             notes.append(f"write {path}")
         edits: dict[str, tuple[JailFile, list[str]]] = {}
-        for jail_file, line, key, value in self._conflicts(observed, desired):
-            _, lines = edits.setdefault(jail_file.system_path, (jail_file, jail_file.text.splitlines()))
-            wanted = f"{key} = {desired.effective[key]}"
-            lines[line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {lines[line - 1].strip()}"
-            # a value continued on indented lines goes with its key
-            following = line
-            while following < len(lines) and lines[following][:1].isspace() and lines[following].strip():
-                lines[following] = f"# [{MARKER}] {lines[following].strip()}"
-                following += 1
-            notes.append(f"comment out {jail_file.system_path}:{line} ({key} = {value})")
+        for jail_file, found in self._conflicts(observed, desired):
+            # every line of the file keeps its own bytes and line end (CRLF too); only the key's lines change
+            _, lines = edits.setdefault(jail_file.system_path, (jail_file, split_lines(jail_file.text)))
+            wanted = f"{found.key} = {desired.effective[found.key]}"
+            line = lines[found.line - 1]
+            lines[found.line - 1] = (
+                f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {line.strip()}{line_end(line) or chr(10)}"
+            )
+            for number in found.continued:  # a value continued on indented lines goes with its key
+                line = lines[number - 1]
+                lines[number - 1] = f"# [{MARKER}] {line.strip()}{line_end(line) or chr(10)}"
+            notes.append(f"comment out {jail_file.system_path}:{found.line} ({found.key} = {found.value})")
         for system_path, (jail_file, lines) in edits.items():
             real = self.root.path(system_path)
             if real.is_symlink():
                 raise fs.UnsafeFile(real, "is a symlink; the agent edits files in place and does not follow links")
-            after = "\n".join(lines) + "\n"
+            after = "".join(lines)
             files.append(FileChange(real, system_path, after.encode(), None, "neutralise"))
             diffs.append(unified(jail_file.text, after, system_path))
         commands: list[CommandChange] = []
