@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 PYTEST ?= $(PYTHON) -m pytest
 DEMO_ROOT ?= $(CURDIR)/demo-root
 
-.PHONY: deps test unit integration lint sandbox demo demo-clean bench deb deb-clean
+.PHONY: deps test unit integration lint sandbox demo demo-clean bench soak deb deb-clean
 
 # The Debian packages each of the README's two commands needs, installed by tools/install-deps: once
 # (nothing is run when they are there: dpkg-query, no apt, no network), as root; as another user it names
@@ -44,6 +44,11 @@ demo-clean:
 
 bench:  ## every benchmark of issue 9 (~12 min; QUICK=1: a ~3 min smoke run), as root; writes bench/RESULTS.md
 	$(PYTHON) bench/run.py --results bench/RESULTS.md $(if $(QUICK),--quick) $(if $(NOTE),--note "$(NOTE)")
+
+SOAK_MINUTES ?= 60
+
+soak:  ## the real daemon for an hour (SOAK_MINUTES=N) under random tampers, as root; the Soak section of bench/RESULTS.md
+	SOAK_MINUTES=$(SOAK_MINUTES) $(PYTHON) bench/soak.py --results bench/RESULTS.md $(if $(SEED),--seed $(SEED))
 
 # The Debian package. `make deb` copies the tracked files (git ls-files: untracked junk and caches never
 # ship; uncommitted edits to tracked files do) to build/vps-agent-<version>/, with packaging/debian/

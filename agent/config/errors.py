@@ -66,7 +66,9 @@ class ConfigError(Exception):
             where += f":{self.column}"
         if self.problem is not None:
             return f"{where}: invalid YAML: {self.problem}"
-        key = f" {self.key}:" if self.key else ""
+        # a key is the admin's text: a control character in it (a stray CR) is shown escaped, so that one
+        # error stays one line (found by tests/unit/test_properties_config.py: `firewall:\n  "\\r": 1`)
+        key = f" {_printable(self.key)}:" if self.key else ""
         hint = f"; {self.hint}" if self.hint else ""
         return f"{where}:{key} expected {self.expected}, got {_show(self.got)}{hint}"
 
@@ -117,3 +119,8 @@ def _rebuild_error(
     hint: str | None = None,
 ) -> ConfigError:
     return ConfigError(file, line, key, expected, got, problem=problem, column=column, hint=hint)
+
+
+def _printable(text: str) -> str:
+    """text with every non-printable character escaped as repr() would (\\r, \\x00, \\u2028)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -15,10 +15,12 @@ from agent.config.nodes import (
     Parse,
     boolean,
     choice,
+    column_of,
     duration,
     each_value,
     integer,
     is_null,
+    line_of,
     mapping,
     node_value,
     raise_any,
@@ -84,9 +86,9 @@ def _compose(text: str, source: str) -> Node | None:
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context or "unparseable"
         if err.context and err.problem:
-            context_line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
+            context_line = f" (line {line_of(err.context_mark)})" if err.context_mark else ""
             problem = f"{err.context}{context_line}: {err.problem}"
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        line, column = (line_of(mark), column_of(mark)) if mark else (None, None)
         raise ConfigError.invalid_yaml(source, line, problem, column) from err
     except yaml.reader.ReaderError as err:
         # non-printable characters (NUL, other C0 controls): binary rather than YAML
@@ -114,7 +116,7 @@ def locate_key(path: str, key: str) -> int | None:
         found = [(k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == name]
         if not found:
             return None
-        line, node = found[0][0].start_mark.line + 1, found[0][1]
+        line, node = line_of(found[0][0].start_mark), found[0][1]
     return line
 
 

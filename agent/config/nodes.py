@@ -40,7 +40,24 @@ class At:
     def error(self, node: Node, expected: str, got: object | None = None, hint: str | None = None) -> ConfigError:
         found = node_value(node) if got is None else got
         mark = node.start_mark
-        return ConfigError(self.source, mark.line + 1, self.key, expected, found, column=mark.column + 1, hint=hint)
+        return ConfigError(self.source, line_of(mark), self.key, expected, found, column=column_of(mark), hint=hint)
+
+
+def line_of(mark: yaml.Mark) -> int:
+    """The 1-based line an editor (and `sed -n Np`) shows: YAML also breaks lines at a lone CR, U+0085,
+    U+2028 and U+2029, so its own count can name a line the file does not have."""
+    buffer = getattr(mark, "buffer", None)
+    if isinstance(buffer, str):
+        return buffer.count("\n", 0, mark.index) + 1
+    return int(mark.line) + 1
+
+
+def column_of(mark: yaml.Mark) -> int:
+    """The 1-based column on that line (counted from the last newline, as an editor counts)."""
+    buffer = getattr(mark, "buffer", None)
+    if isinstance(buffer, str):
+        return mark.index - (buffer.rfind("\n", 0, mark.index) + 1) + 1
+    return int(mark.column) + 1
 
 
 _STRICT_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]{0,18})")
@@ -98,7 +115,7 @@ def mapping(
             found.append(at.child(name).error(key_node, f"one of: {choices}", name, hint))
             continue
         if name in entries:
-            first = entries[name][0].start_mark.line + 1
+            first = line_of(entries[name][0].start_mark)
             again = Described(f"a second {name!r} (first on line {first})")
             found.append(at.child(name).error(key_node, "each key once", again))
             continue

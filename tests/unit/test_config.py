@@ -405,6 +405,16 @@ def test_malformed_yaml_names_the_line_of_the_problem() -> None:
     assert error.key == ""
 
 
+@pytest.mark.parametrize("breaker", ["\r", "\x85", "\u2028", "\u2029"])
+def test_the_line_named_is_the_editors_even_where_yaml_sees_another_line_break(breaker: str) -> None:
+    # YAML also breaks lines at a lone CR, NEL and the Unicode separators; an editor (and sed -n Np) does not.
+    # Found by tests/unit/test_properties_config.py: "\x85\x850" was reported on line 3 of a one-line file.
+    error = error_for(f"# a note{breaker}\nssh:\n  port: 70000\n")
+    assert (error.line, error.key) == (3, "ssh.port")
+    assert str(error).startswith("c.yaml:3:9: ssh.port:")  # the column an editor shows, too
+    assert error_for(f"# a{breaker}{breaker}\nssh: [\n").line == 3  # the end of the text: after line 2
+
+
 def test_bad_indentation_is_malformed_yaml() -> None:
     assert str(error_for("ssh:\n  port: 22\n enabled: true\n")).startswith("c.yaml:3:2: invalid YAML: ")
 
@@ -731,3 +741,10 @@ def test_bad_sysctl_settings_are_refused_naming_file_line_and_key(text: str, mes
     with pytest.raises(ConfigError) as caught:
         parse_config(text, source="c.yaml")
     assert str(caught.value) == message
+
+
+def test_a_control_character_in_a_key_is_shown_escaped_and_the_error_stays_one_line() -> None:
+    # found by tests/unit/test_properties_config.py: a key "\r" under firewall broke the message in two
+    error = error_for('firewall:\n  "\\r": 1\n')
+    assert "\n" not in str(error) and "\r" not in str(error)
+    assert str(error).startswith("c.yaml:2:3: firewall.\\r: expected one of: enabled, mode")

@@ -141,7 +141,7 @@ def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_wri
     drift = control.diff(observed, desired)
     assert drift is not None
     described = drift.summary()
-    assert "/etc/fail2ban/jail.d/zzz-other.local:4: port is '99'" in described
+    assert "/etc/fail2ban/jail.d/zzz-other.local:4: port is '99\\n100'" in described  # as fail2ban reads it
     assert "/etc/fail2ban/jail.d/zzz-other.local:6: maxretry is '10'" in described
     assert "aa-early" not in described  # read before the agent's file: it cannot win
     changes = control.plan(observed, desired, drift)
@@ -159,7 +159,8 @@ def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_wri
     assert "the agent keeps maxretry = 5: maxretry = 10" in edited[5]
     assert edited[6] == "mode = aggressive"  # guarded only while sshd takes no passwords: the admin's choice
     assert edited[7] == "bantime = 1h"  # 3600 seconds, as the agent wants
-    assert overrides("\n".join(edited)) == [(7, "mode", "aggressive"), (8, "bantime", "1h")]
+    left = overrides("\n".join(edited))
+    assert [(a.line, a.key, a.value) for a in left] == [(7, "mode", "aggressive"), (8, "bantime", "1h")]
 
 
 def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
@@ -513,3 +514,52 @@ def test_the_jails_actions_as_fail2ban_client_prints_them() -> None:
     assert parse_actions("The jail sshd has the following actions:\nnftables, sendmail\n") == ["nftables", "sendmail"]
     assert parse_actions("No actions for jail sshd\n") == []  # fail2ban 1.1 right after a reload
     assert parse_actions("") == []
+
+
+# --- later files read as fail2ban's parser reads them (found by tests/unit/test_properties_fail2ban.py) -------
+
+
+def _neutralised(tmp_path: Path, text: bytes) -> bytes | None:
+    control = _control(tmp_path)
+    (tmp_path / "etc/fail2ban/jail.d/zzz-admin.local").write_bytes(text)
+    desired = control.desired(_config())
+    observed = Fail2banObserved(
+        dict(desired.effective), desired.text.encode(), None, control._later_files(), None, running=None
+    )
+    drift = control.diff(observed, desired)
+    if drift is None:
+        return None
+    changes = control.plan(observed, desired, drift)
+    edited = [c.content for c in changes.files if c.system_path.endswith("zzz-admin.local")]
+    return edited[0] if edited else None
+
+
+def test_a_crlf_file_keeps_its_line_ends_when_a_line_is_neutralised(tmp_path: Path) -> None:
+    after = _neutralised(tmp_path, b"[sshd]\r\nenabled = false\r\nlogpath = /var/log/x\r\n")
+    assert after is not None
+    lines = after.split(b"\r\n")
+    assert lines[0] == b"[sshd]" and lines[2] == b"logpath = /var/log/x" and lines[3] == b""
+    assert lines[1].startswith(b"# [vps-agent ") and lines[1].endswith(b": enabled = false")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[sshd] # off for now\nenabled = false\n", "[sshd]\t; note\nenabled = false\n", "[sshd]\n  enabled = false\n"],
+)
+def test_a_jail_key_fail2ban_reads_is_neutralised_however_it_is_spelled(tmp_path: Path, text: str) -> None:
+    # fail2ban's parser takes "[sshd] # x" for the header [sshd], and an indented first key for a key
+    after = _neutralised(tmp_path, text.encode())
+    assert after is not None
+    assert b"neutralised, the agent keeps enabled = true: enabled = false" in after
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[ sshd ]\nenabled = false\n",  # the jail " sshd ", not sshd
+        "[sshd]\nfindtime = 600 ; ten minutes\n",  # an inline comment: fail2ban reads 600
+        "[sshd]\nlogpath = /var/log/x\n  enabled = false\n",  # part of logpath's value, not a key
+    ],
+)
+def test_what_fail2ban_does_not_read_as_a_conflicting_key_is_left_alone(tmp_path: Path, text: str) -> None:
+    assert _neutralised(tmp_path, text.encode()) is None

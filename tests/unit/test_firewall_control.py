@@ -9,6 +9,7 @@ import pytest
 
 from agent.config import Config, FirewallConfig, PortRule, SshConfig
 from agent.controls import firewall
+from agent.controls.base import ObserveError
 from agent.controls.firewall import CHAIN, FirewallControl, parse_filter, render_rules
 from agent.engine import transaction as tx
 from agent.events import Events, EventSinks
@@ -72,6 +73,18 @@ def test_parse_keeps_others_rules_out_of_the_agents_chain() -> None:
     assert seen.policy == "DROP" and seen.jumps == 1
     assert seen.chain == (f"-A {CHAIN} -i lo -j ACCEPT",)
     assert parse_filter("ipv4", SAVED_EMPTY).chain is None
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        "*filter\n:INPUT ",  # cut short in the policy (found by tests/unit/test_properties_firewall.py)
+        "*filter\n:INPUT DROP [0:0]\n:vps-agent-input - [0:0]\n-A vps-agent-input -i lo -j ACC",  # no COMMIT
+    ],
+)
+def test_an_output_cut_short_in_the_filter_table_is_an_observe_error_not_a_guess(saved: str) -> None:
+    with pytest.raises(ObserveError, match="iptables-save: "):
+        parse_filter("ipv4", saved)
 
 
 def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Path, commands: DeclaredCommands) -> None:

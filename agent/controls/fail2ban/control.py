@@ -248,8 +248,9 @@ class Fail2banControl(Control):
             items.append(DriftItem("agent jail file", path, "present", "missing"))
         elif observed.agent_file.decode("utf-8", "replace") != desired.text:
             items.append(DriftItem("agent jail file", path, "the agent's content", "modified"))
-        for jail_file, line, key, value in conflicts(observed, desired):
-            items.append(DriftItem(key, jail_file.system_path, desired.effective[key], value, line))
+        for jail_file, found in conflicts(observed, desired):
+            wanted = desired.effective[found.key]
+            items.append(DriftItem(found.key, jail_file.system_path, wanted, found.value, found.line))
         if observed.running is False:
             items.append(DriftItem("fail2ban", "service", "active", "not active"))
         for _address, expected, actual in runtime_drift(observed, desired):

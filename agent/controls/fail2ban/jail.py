@@ -17,6 +17,7 @@ from agent.config import parse_duration
 from agent.controls.base import (
     unified,
 )
+from agent.controls.fail2ban.jail_lines import Assignment, assignments, line_end, split_lines
 from agent.system.netfilter import Backend
 
 CLIENT = "fail2ban-client"
@@ -56,7 +57,6 @@ JOURNALMATCH = (
 # 1.0.2: ^<F-MLFFORGET>(Connection (?:closed|reset)|Disconnected)..., 1.1.0: ^<F-MLFFORGET>(?:Connection ...;
 # in normal mode the same line is wrapped in <F-NOFAIL>
 COUNTS_PREAUTH_CLOSE = re.compile(r"\^<F-MLFFORGET>\((?:\?:)?Connection \(\?:closed\|reset\)")
-KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*[=:]")
 
 
 def banaction_for(backend: Backend) -> str:
@@ -197,21 +197,9 @@ def ignored(address: str, entries: Sequence[str]) -> bool:
     return False
 
 
-def overrides(text: str, jail: str = JAIL) -> list[tuple[int, str, str]]:
-    """(line number, key, value) of every guarded key set in [jail] in one file's text."""
-    found = []
-    section = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1].strip()
-            continue
-        if section != jail or line[:1].isspace():
-            continue
-        match = KEY_LINE.match(line)
-        if match and match.group(1).lower() in KEYS:
-            found.append((number, match.group(1).lower(), line.partition("=")[2].strip()))
-    return found
+def overrides(text: str, jail: str = JAIL) -> list[Assignment]:
+    """Every guarded key set in [jail] in one file's text, where fail2ban's parser reads it."""
+    return [a for a in assignments(text) if a.section == jail and a.key in KEYS]
 
 
 def agrees(key: str, value: str, wanted: str) -> bool:
@@ -239,35 +227,35 @@ def effective_diff(observed: Fail2banObserved, desired: Fail2banDesired) -> str:
     return unified(have, want, f" fail2ban-client -d [{JAIL}]")
 
 
-def conflicts(observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, int, str, str]]:
-    """The lines of later .local files that set a guarded key of the jail to something else: (file, line
-    number, key, value)."""
+def conflicts(observed: Fail2banObserved, desired: Fail2banDesired) -> list[tuple[JailFile, Assignment]]:
+    """The assignments in later .local files that set a guarded key of the jail to something else."""
     return [
-        (jail_file, line, key, value)
+        (jail_file, found)
         for jail_file in observed.later
-        for line, key, value in overrides(jail_file.text)
-        if key in desired.effective and not agrees(key, value, desired.effective[key])
+        for found in overrides(jail_file.text)
+        if found.key in desired.effective and not agrees(found.key, found.value, desired.effective[found.key])
     ]
 
 
 def neutralised(
-    found: Sequence[tuple[JailFile, int, str, str]], effective: dict[str, str], stamp: str
+    found: Sequence[tuple[JailFile, Assignment]], effective: dict[str, str], stamp: str
 ) -> tuple[list[tuple[JailFile, str]], list[str]]:
-    """Each conflicting line commented out with a marker naming the agent, the time and the value it keeps
-    (a value continued on indented lines goes with its key); every other line byte for byte. Returns each
-    edited file with its new text, and a note per line."""
+    """Each conflicting assignment commented out with a marker naming the agent, the time and the value it
+    keeps (a value continued on indented lines goes with its key); every other line keeps its own bytes and
+    line end (CRLF too). Returns each edited file with its new text, and a note per assignment."""
     edits: dict[str, tuple[JailFile, list[str]]] = {}
     notes = []
-    for jail_file, line, key, value in found:
-        _, lines = edits.setdefault(jail_file.system_path, (jail_file, jail_file.text.splitlines()))
-        wanted = f"{key} = {effective[key]}"
-        lines[line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {lines[line - 1].strip()}"
-        following = line
-        while following < len(lines) and lines[following][:1].isspace() and lines[following].strip():
-            lines[following] = f"# [{MARKER}] {lines[following].strip()}"
-            following += 1
-        notes.append(f"comment out {jail_file.system_path}:{line} ({key} = {value})")
-    return [(jail_file, "\n".join(lines) + "\n") for jail_file, lines in edits.values()], notes
+    for jail_file, assignment in found:
+        _, lines = edits.setdefault(jail_file.system_path, (jail_file, split_lines(jail_file.text)))
+        wanted = f"{assignment.key} = {effective[assignment.key]}"
+        line = lines[assignment.line - 1]
+        end = line_end(line) or "\n"
+        lines[assignment.line - 1] = f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {line.strip()}{end}"
+        for number in assignment.continued:
+            line = lines[number - 1]
+            lines[number - 1] = f"# [{MARKER}] {line.strip()}{line_end(line) or chr(10)}"
+        notes.append(f"comment out {jail_file.system_path}:{assignment.line} ({assignment.key} = {assignment.value})")
+    return [(jail_file, "".join(lines)) for jail_file, lines in edits.values()], notes
 
 
 def jail_facts(

@@ -147,8 +147,11 @@ class FirewallControl(Control):
             if other == "legacy" and not netfilter.legacy_filter_present(family):
                 continue  # asking iptables-legacy would load its modules
             saved = netfilter.save_filter_with(other, family)
-            if saved.ok and parse_filter(family, saved.stdout).input_rules:
-                found.append(f"{netfilter.tool_name(family)}-{other}")
+            try:
+                if saved.ok and parse_filter(family, saved.stdout).input_rules:
+                    found.append(f"{netfilter.tool_name(family)}-{other}")
+            except ObserveError:
+                continue  # only a warning is at stake: the other flavour's garbled output does not fail the observe
         if not found:
             return ""
         return (

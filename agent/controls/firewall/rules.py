@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from agent.config import PortRule
+from agent.controls.base import ObserveError
+from agent.system import netfilter
 from agent.system.netfilter import NFT_TABLE, Backend
 
 CHAIN = "vps-agent-input"
@@ -154,25 +156,34 @@ def nft_script(table: Sequence[str] | None) -> str:
 
 
 def parse_filter(family: str, saved: str) -> FamilyObserved:
-    """iptables-save -t filter -> INPUT's policy and rules, and the agent's chain."""
+    """iptables-save -t filter -> INPUT's policy and rules, and the agent's chain. An output cut short inside
+    the filter table (no COMMIT) or a chain line without its policy is an ObserveError, never a guess."""
     policy = "ACCEPT"
     chain_declared = False
     chain: list[str] = []
     input_rules: list[str] = []
-    in_filter = False
+    in_filter = unfinished = False
     for line in saved.splitlines():
         if line.startswith("*"):
-            in_filter = line == "*filter"
+            in_filter = unfinished = line == "*filter"
         elif not in_filter or line.startswith("#"):
             continue
+        elif line == "COMMIT":
+            in_filter = unfinished = False
         elif line.startswith(":INPUT "):
-            policy = line.split()[1]
+            words = line.split()
+            if len(words) < 3:
+                tool = f"{netfilter.tool_name(family)}-save"
+                raise ObserveError(f"{tool}: INPUT without its policy and counters: {line!r}")
+            policy = words[1]
         elif line.startswith(f":{CHAIN} "):
             chain_declared = True
         elif line.startswith(f"-A {CHAIN} "):
             chain.append(line)
         elif line.startswith("-A INPUT "):
             input_rules.append(line)
+    if unfinished:
+        raise ObserveError(f"{netfilter.tool_name(family)}-save: the output ends inside the filter table (no COMMIT)")
     return FamilyObserved(family, policy, tuple(chain) if chain_declared else None, tuple(input_rules))
 
 
