@@ -274,3 +274,9 @@ def unified(before: str, after: str, label: str) -> str:
         before.splitlines(keepends=True), after.splitlines(keepends=True), f"a{label}", f"b{label}", n=1
     )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+def line_end(line: str) -> str:
+    """A line's own end ("\n", "\r\n", a lone "\r" or "" for a last line without one): an edit that
+    comments a line out keeps it, so the rest of the admin's file stays byte for byte."""
+    return line[len(line.rstrip("\r\n")) :]

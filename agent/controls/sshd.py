@@ -35,6 +35,7 @@ from agent.controls.base import (
     ReloadOutcome,
     ValidationError,
     WatchSpec,
+    line_end,
     unified,
 )
 from agent.controls.sshd_config import (
@@ -47,6 +48,7 @@ from agent.controls.sshd_config import (
     include_covers,
     parse_effective,
     read_graph,
+    sshd_lines,
 )
 from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
@@ -361,14 +363,18 @@ class SshdControl(Control):
             wanted = _wanted_text(desired, directive.keyword)
             lines[directive.line - 1] = (
                 f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}"
+                + line_end(original)
             )
             notes.append(f"comment out {directive.path}:{directive.line} ({original.strip()})")
         if not self._include_present(observed.graph):
             lines = edits.setdefault(MAIN_CONFIG, _lines_of(observed.graph, MAIN_CONFIG))
             at = _first_directive_index(lines)
+            end = next((line_end(line) for line in lines if line_end(line)), "\n")  # the file's own line ends
+            if lines and not line_end(lines[-1]) and at == len(lines):
+                lines[-1] += end
             lines[at:at] = [
-                f"# [{MARKER} {stamp}] Include restored: the agent's settings live in sshd_config.d",
-                f"Include {DEFAULT_INCLUDE}",
+                f"# [{MARKER} {stamp}] Include restored: the agent's settings live in sshd_config.d{end}",
+                f"Include {DEFAULT_INCLUDE}{end}",
             ]
             notes.append(f"restore 'Include {DEFAULT_INCLUDE}' at the top of {MAIN_CONFIG}")
         files: list[FileChange] = []
@@ -381,7 +387,7 @@ class SshdControl(Control):
                 )
         for system_path, lines in edits.items():
             before = observed.graph.text_of(system_path) or ""
-            after = "\n".join(lines) + "\n"
+            after = "".join(lines)
             files.append(FileChange(self.root.path(system_path), system_path, after.encode(), None, "neutralise"))
             diffs.append(unified(before, after, system_path))
         current = observed.dropin.decode("utf-8", "replace") if observed.dropin is not None else ""
@@ -591,7 +597,8 @@ def render_dropin(settings: Sequence[tuple[str, str]]) -> str:
 
 
 def _lines_of(graph: ConfigGraph, system_path: str) -> list[str]:
-    return (graph.text_of(system_path) or "").splitlines()
+    """The file's lines with their ends, as sshd counts them: a neutralised line keeps its own end."""
+    return sshd_lines(graph.text_of(system_path) or "")
 
 
 def _first_directive_index(lines: list[str]) -> int:

@@ -18,6 +18,13 @@ SSHD = "/usr/sbin/sshd"
 DEFAULT_INCLUDE = "/etc/ssh/sshd_config.d/*.conf"
 _DIRECTIVE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)(?:\s*=\s*|\s+)(.*?)\s*$")
 _MAX_INCLUDE_DEPTH = 16
+_LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")  # sshd reads up to \n (fgets); a \r before it is trailing whitespace
+
+
+def sshd_lines(text: str) -> list[str]:
+    """A file's lines as sshd counts them, each with its own line end ("\n", "\r\n"; the last may have
+    none): \n breaks a line and nothing else does (str.splitlines() also breaks at \f, \v, \x85, ...)."""
+    return _LINE.findall(text)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def _read_file(
         return
     texts[system_path] = text
     in_match = False
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(sshd_lines(text), start=1):
         parsed = parse_line(raw)
         if parsed is None:
             continue

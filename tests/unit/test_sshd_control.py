@@ -70,6 +70,51 @@ def test_dropin_with_permitrootlogin_yes_is_neutralised_with_a_marker(control: S
     )
 
 
+def test_a_crlf_dropin_keeps_its_line_ends_and_every_other_byte_when_a_line_is_neutralised(
+    control: SshdControl, fake_root: Path
+) -> None:
+    # sshd reads lines up to \n and strips a trailing \r: a file edited on Windows is a valid config
+    evil = fake_root / "etc/ssh/sshd_config.d/00-crlf.conf"
+    evil.write_bytes(b"# from a Windows editor\r\nPermitRootLogin yes\r\nX11Forwarding no")
+    observed, desired, drift = drift_of(control)
+    assert any(i.where == "/etc/ssh/sshd_config.d/00-crlf.conf" and i.line == 2 for i in drift.items)
+    changes = control.plan(observed, desired, drift)
+    edited = {c.system_path: c.content for c in changes.files}["/etc/ssh/sshd_config.d/00-crlf.conf"]
+    assert edited is not None
+    first, second, third = edited.split(b"\r\n")
+    assert first == b"# from a Windows editor" and third == b"X11Forwarding no"  # no line end added either
+    assert second.startswith(b"# [vps-agent ") and second.endswith(b": PermitRootLogin yes")
+
+
+def test_line_numbers_are_sshd_s_a_form_feed_inside_a_line_is_no_line_break(
+    control: SshdControl, fake_root: Path
+) -> None:
+    # Python's str.splitlines() breaks at \f, \v, \x1c..\x1e, \x85, \u2028; sshd breaks at \n only
+    odd = fake_root / "etc/ssh/sshd_config.d/00-odd.conf"
+    odd.write_bytes(b"# a page\x0cbreak\nX11Forwarding no\nPermitRootLogin yes\n")
+    observed, desired, drift = drift_of(control)
+    assert any(i.where == "/etc/ssh/sshd_config.d/00-odd.conf" and i.line == 3 for i in drift.items), drift.items
+    changes = control.plan(observed, desired, drift)
+    edited = {c.system_path: c.content for c in changes.files}["/etc/ssh/sshd_config.d/00-odd.conf"]
+    assert edited is not None
+    lines = edited.split(b"\n")
+    assert lines[:2] == [b"# a page\x0cbreak", b"X11Forwarding no"] and lines[3] == b""
+    assert lines[2].startswith(b"# [vps-agent ") and lines[2].endswith(b"PermitRootLogin yes")
+
+
+def test_a_restored_include_in_a_crlf_sshd_config_has_crlf_line_ends(control: SshdControl, fake_root: Path) -> None:
+    main = fake_root / "etc/ssh/sshd_config"
+    original = main.read_text().replace("Include /etc/ssh/sshd_config.d/*.conf\n", "")
+    main.write_bytes(original.replace("\n", "\r\n").encode())
+    observed, desired, drift = drift_of(control)
+    changes = control.plan(observed, desired, drift)
+    new_main = {c.system_path: c.content for c in changes.files}["/etc/ssh/sshd_config"]
+    assert new_main is not None
+    assert b"\r\nInclude /etc/ssh/sshd_config.d/*.conf\r\n" in new_main
+    kept = [line for line in new_main.split(b"\r\n") if b"Include restored" not in line and b"Include /" not in line]
+    assert b"\r\n".join(kept) == original.replace("\n", "\r\n").encode()  # every other byte as it was
+
+
 def test_agreeing_directive_elsewhere_is_left_alone(control: SshdControl, fake_root: Path) -> None:
     (fake_root / "etc/ssh/sshd_config.d/50-cloud.conf").write_text("PermitRootLogin no\nPasswordAuthentication no\n")
     observed, desired, drift = drift_of(control)

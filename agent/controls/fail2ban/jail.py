@@ -14,10 +14,8 @@ from typing import Any
 
 from agent import accounts
 from agent.config import parse_duration
-from agent.controls.base import (
-    unified,
-)
-from agent.controls.fail2ban.jail_lines import Assignment, assignments, line_end, split_lines
+from agent.controls.base import line_end, unified
+from agent.controls.fail2ban.jail_lines import Assignment, assignments, split_lines
 from agent.system.netfilter import Backend
 
 CLIENT = "fail2ban-client"

@@ -36,10 +36,6 @@ def split_lines(text: str) -> list[str]:
     return _LINE.findall(text)
 
 
-def line_end(line: str) -> str:
-    return line[len(line.rstrip("\r\n")) :]
-
-
 def _without_comment(line: str) -> tuple[str, bool]:
     """The line's content without an inline or full-line comment, and whether it had one."""
     start = sys.maxsize
