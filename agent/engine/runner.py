@@ -106,10 +106,14 @@ class ControlRunner:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Ask the worker to end after what it is doing (a transaction rolls back on ctx.stopping)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
 

@@ -87,7 +87,8 @@ class DirectoryWatcher:
 
     def stop(self) -> None:
         self._observer.stop()
-        self._observer.join(10)
+        if self._observer.is_alive():  # a daemon stopping before its start-up finished never started it
+            self._observer.join(10)
 
     def set_watches(self, control: str, specs: Iterable[WatchSpec], trigger: Trigger) -> None:
         """(Re)declare where a control looks; a missing directory is watched through its parent."""

@@ -108,8 +108,18 @@ class Sandbox:
     def exec(
         self, cmd: Sequence[str], check: bool = True, timeout: float = 60, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run cmd inside the VPS as root (its namespaces, its root, a clean environment)."""
-        return self._run([str(SCRIPT), "exec", str(self.root), "--", *cmd], check, timeout, input)
+        """Run cmd inside the VPS as root (its namespaces, its root, a clean environment). On a timeout the
+        error carries what systemd was doing and the journal's last lines, for the failure's report."""
+        try:
+            return self._run([str(SCRIPT), "exec", str(self.root), "--", *cmd], check, timeout, input)
+        except subprocess.TimeoutExpired as exc:
+            probe = "systemctl list-jobs --no-pager; journalctl -n 60 --no-pager -o short-precise"
+            try:
+                seen = self._run([str(SCRIPT), "exec", str(self.root), "--", "sh", "-c", probe], False, 20, None)
+                exc.add_note(f"inside the VPS when {shlex.join(cmd)} timed out:\n{seen.stdout}{seen.stderr}")
+            except subprocess.TimeoutExpired:
+                exc.add_note("inside the VPS: systemctl and journalctl did not answer within 20 s either")
+            raise
 
     def client(
         self, cmd: Sequence[str], check: bool = True, timeout: float = 60, input: str | None = None

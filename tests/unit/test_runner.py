@@ -517,3 +517,28 @@ def test_heals_that_follow_the_systems_own_change_never_count_towards_flapping(
         tamper(runner, f"login {n}\n")
         assert wait_until(lambda n=n: runner.state.heals == n + 1)
     assert runner.state.status == tx.HEALED and "flapping" not in actions(runner)
+
+
+def test_the_engine_tells_every_worker_to_stop_before_it_waits_for_any(tmp_path: Path) -> None:
+    # five guards each finishing a heal must not add up their waits past systemd's TimeoutStopSec
+    from agent.engine.engine import Engine
+
+    ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
+    engine = Engine([], CONFIG, ctx)
+    said: list[tuple[str, str]] = []
+
+    class Worker:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def request_stop(self) -> None:
+            said.append(("asked", self.name))
+
+        def stop(self, timeout: float = 30.0) -> None:
+            said.append(("joined", self.name))
+            assert timeout <= 30.0
+            time.sleep(0.05)  # a worker finishing its heal
+
+    engine.runners = {name: Worker(name) for name in ("ssh", "firewall", "fail2ban")}  # type: ignore[misc]
+    engine.stop(timeout=30.0)
+    assert [what for what, _ in said] == ["asked"] * 3 + ["joined"] * 3
