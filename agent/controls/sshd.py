@@ -163,6 +163,9 @@ class SshdControl(Control):
     def observe(self) -> SshdObserved:
         ensure_privsep_dir(self.root)
         graph = read_graph(self.root)
+        if not self._include_present(graph):
+            # the heal puts the Include back: what the drop-ins hold then counts, and is neutralised with it
+            graph = read_graph(self.root, restoring=DEFAULT_INCLUDE)
         for path, why in graph.unreadable:
             if path != self._dropin_system_path:
                 raise ObserveError(f"{path}: {why}", path)

@@ -53,10 +53,15 @@ class ConfigGraph:
         return dict(self.texts).get(path)
 
 
-def read_graph(root: SystemRoot) -> ConfigGraph:
+def read_graph(root: SystemRoot, restoring: str | None = None) -> ConfigGraph:
+    """sshd's configuration files and their directives in the order sshd reads them. restoring: an Include
+    pattern the SSH guard is about to put back above the main file's first directive; the files it pulls in
+    are read as sshd will read them then (first), so what they hold is judged before it takes effect."""
     directives: list[Directive] = []
     texts: dict[str, str] = {}
     unreadable: list[tuple[str, str]] = []
+    for included in expand_include(root, restoring) if restoring else ():
+        _read_file(root, included, 1, directives, texts, unreadable)
     _read_file(root, MAIN_CONFIG, 0, directives, texts, unreadable)
     return ConfigGraph(tuple(directives), tuple(texts.items()), tuple(unreadable))
 
