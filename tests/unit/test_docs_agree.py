@@ -1,6 +1,8 @@
 """The docs say what the program does: the controls, the vps-agentctl verbs and their options, and the config
 keys listed in vps-agentctl(8), vps-agent(8), vps-agent.yaml(5), the bash completion and --help are the same
-sets as the daemon's, the parser's and the schema's. (README is checked only loosely, for the controls.)"""
+sets as the daemon's, the parser's and the schema's. (README is checked only loosely, for the controls.) README and
+docs/: the README opens with its two commands, is short and links every docs file; their links resolve and the
+config keys they name exist."""
 
 from __future__ import annotations
 
