@@ -5,13 +5,13 @@ DEMO_ROOT ?= $(CURDIR)/demo-root
 
 .PHONY: deps test unit integration lint sandbox demo demo-clean bench soak deb deb-clean
 
-# The Debian packages each of the README's two commands needs, installed by tools/install-deps: once
+# The Debian packages `make sandbox` and `make test` need, installed by tools/install-deps: once
 # (nothing is run when they are there: dpkg-query, no apt, no network), as root; as another user it names
 # what is missing and stops. `sudo make deps` installs what both need. The lists are in the script.
 deps:  ## install what `make sandbox` and `make test` need (Debian packages, apt-get, as root)
 	tools/install-deps test
 
-test:  ## every test: unit, integration (real sshd in namespaces), timeline (the real daemon loop), e2e
+test:  ## every test: unit, integration (real sshd in namespaces, the real daemon loop), e2e (the .deb on booted VPSs)
 	tools/install-deps test
 	$(PYTEST) -q tests
 
@@ -36,6 +36,7 @@ sandbox:  ## boot a Debian 12 VPS with the .deb installed, show status, a heal a
 	$(MAKE) --no-print-directory deb
 	tests/e2e/sandbox-demo
 
+# The README's first command: root, no network, ~2 s; installs nothing (it uses what `make deps` installs).
 demo:  ## a fake root with Debian's stock sshd_config, the agent guarding it, its status and a healed tamper
 	./bench/demo.sh $(DEMO_ROOT)
 

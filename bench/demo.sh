@@ -1,8 +1,12 @@
 #!/bin/bash
-# The newcomer's first command (`make demo`): a fake root with Debian 12's stock sshd_config, the real
-# vps-agent daemon guarding it, its status, a tamper (`PermitRootLogin yes` planted with sed -i), the
-# heal, and the daemon stopped again. Needs root: the daemon binds DIR/etc/ssh over /etc/ssh inside
-# its own private mount namespace so the real sshd -T/-t see the fake root; the host is not touched.
+# The newcomer's first command (`make demo`, the first line of the README; `make sandbox` is the heavier
+# demo on a booted VPS): a fake root with Debian 12's stock sshd_config, the real vps-agent daemon
+# guarding it, its status, a tamper (`PermitRootLogin yes` planted with sed -i), the heal, and the
+# daemon stopped again. Needs root: the daemon binds DIR/etc/ssh over /etc/ssh inside its own private
+# mount namespace so the real sshd -T/-t see the fake root, and runs in a network namespace of its own
+# (unshare --net), so the firewall guard keeps that namespace's firewall; the host is not touched. No
+# network, nothing installed: it uses Debian's sshd, iptables, fail2ban-client and python3-* modules
+# (`sudo make deps` installs them). Exit status: that of the last `vps-agentctl status`.
 #
 #   sudo bench/demo.sh DIR        (DIR must not exist, be empty, or be an earlier demo root)
 
@@ -75,8 +79,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-say "starting the daemon: $PY -m agent.daemon run --root $DIR   (log: $DIR/agent.log)"
-"$PY" -m agent.daemon run --root "$DIR" >"$DIR/agent.log" 2>&1 3>&- 4>&- &
+# In a network namespace of its own: with --root the firewall guard refuses the host's (it would be
+# `blocked`); here it builds and heals a firewall nobody else uses. The socket is a path, so
+# vps-agentctl reaches it from the host's namespace.
+say "starting the daemon: unshare --net $PY -m agent.daemon run --root $DIR   (log: $DIR/agent.log)"
+unshare --net "$PY" -m agent.daemon run --root "$DIR" >"$DIR/agent.log" 2>&1 3>&- 4>&- &
 PID=$!
 
 # Ready = the socket answers and the start-up reconcile has run (status no longer says "starting").
