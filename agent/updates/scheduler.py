@@ -27,12 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import events as ev
-from agent.config import Config, format_duration
+from agent.config import Config
 from agent.paths import SystemRoot
 from agent.schedule import Schedule, ScheduleError, Window
 from agent.system import apt, dpkg, services
-from agent.system.run import Completed
-from agent.updates.host import logged_in_users, reboot_required, security_sources
+from agent.updates.apt_run import run_apt
+from agent.updates.host import logged_in_users, reboot_required
 from agent.updates.state import (
     CATCH_UP_MAX_DELAY,
     FAILURE,
@@ -47,15 +47,6 @@ from agent.updates.state import (
 )
 
 _ECS_OUTCOME = {SUCCESS: "success", FAILURE: "failure", TIMEOUT: "failure", INTERRUPTED: "unknown"}
-_LOCK_FAILURE = ("Could not get lock", "Unable to acquire the dpkg frontend lock", "Unable to lock")
-
-
-def _lock_detail(step: Completed, lock_timeout: float, holder: str | None) -> str | None:
-    text = step.error_text()
-    if any(marker in text for marker in _LOCK_FAILURE):
-        who = f" ({holder})" if holder else ""
-        return f"the dpkg lock stayed taken for over {format_duration(lock_timeout)}{who}: nothing was upgraded"
-    return None
 
 
 # ---- the scheduler ----------------------------------------------------------------------------------
@@ -226,37 +217,8 @@ class UpgradeScheduler:
             trigger=trigger,
             held=held,
         )
-        outcome, detail = self._apt(updates.mode, updates.lock_timeout, updates.time_limit, started)
+        outcome, detail = run_apt(self.root, updates.mode, updates.lock_timeout, updates.time_limit)
         return self._finish(run_id, outcome, detail, before, held, started)
-
-    def _apt(self, mode: str, lock_timeout: float, time_limit: float, started: float) -> tuple[str, str]:
-        deadline = time.monotonic() + time_limit
-        sources = security_sources(self.root) if mode == "security-only" else None
-        steps = apt.upgrade_steps(
-            mode,
-            repair=dpkg.needs_repair(self.root),
-            lock_timeout=lock_timeout,
-            total_timeout=time_limit,
-            sources=sources,
-            via_systemd=apt.via_systemd(self.root),
-        )
-        notes = []
-        for step in steps:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return TIMEOUT, f"out of time ({format_duration(time_limit)}) before {_name(step.argv)}"
-            holder = dpkg.holder(self.root)
-            result = apt.run_step(step, left)
-            if result.returncode == 124 or (time.monotonic() >= deadline and not result.ok):
-                return TIMEOUT, f"{_name(step.argv)} ran out of the time limit ({format_duration(time_limit)})"
-            if not result.ok:
-                locked = _lock_detail(result, lock_timeout, holder.describe() if holder else None)
-                return FAILURE, locked or f"{_name(step.argv)} failed: {_last_lines(result.error_text())}"
-            warnings = [
-                line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith("W:")
-            ]
-            notes += warnings[:3]
-        return SUCCESS, "; ".join(notes)
 
     def _finish(
         self, run_id: str, outcome: str, detail: str, before: dict[str, str], held: list[str], started: float
@@ -408,16 +370,3 @@ class UpgradeScheduler:
             self.state.save(self.root)
         except OSError as exc:
             self.state_problem = f"cannot save {self.root.system_name(self.root.updates_state)}: {exc}"
-
-
-def _name(argv: tuple[str, ...]) -> str:
-    """`apt-get upgrade` for a step, whether or not it runs under systemd-run."""
-    if "--" in argv:
-        argv = argv[argv.index("--") + 1 :]
-    words = [a for a in argv if not a.startswith("-") and "=" not in a and "::" not in a]
-    return " ".join(words[:2])
-
-
-def _last_lines(text: str, count: int = 3) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return " / ".join(lines[-count:]) if lines else "no output"

@@ -132,7 +132,6 @@ def test_the_ssh_ports_have_one_source_outside_the_controls() -> None:
 OVER_400 = {
     "controls/sshd.py",
     "daemon.py",
-    "updates/scheduler.py",
 }
 
 
