@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import events as ev
@@ -67,14 +68,17 @@ class Proofs:
 
     def report_move_state_problem(self) -> None:
         """port-move.json was unreadable at start-up (no move in flight, then) or could not be saved."""
-        problem = self.moves.take_problem()
+        self._state_problem(ev.PORT_MOVE_STATE_RESET, self.root.port_move_state, self.moves.take_problem())
+
+    def _state_problem(self, action: str, state_file: Path, problem: str | None) -> None:
+        """A state file of the proofs was unreadable (so it starts afresh) or could not be saved."""
         if problem:
             self.events.emit(
-                ev.PORT_MOVE_STATE_RESET,
+                action,
                 outcome="failure",
                 level="warning",
                 control="ssh",
-                file_path=self.root.system_name(self.root.port_move_state),
+                file_path=self.root.system_name(state_file),
                 message=problem,
             )
 
@@ -131,16 +135,7 @@ class Proofs:
                 user_name=proof.user,
                 key_fingerprint=proof.fingerprint or None,
             )
-        problem = self.keylogins.take_problem()
-        if problem:
-            self.events.emit(
-                ev.KEY_LOGIN_FORGOTTEN,
-                outcome="failure",
-                level="warning",
-                control="ssh",
-                file_path=self.root.system_name(self.root.key_logins_state),
-                message=problem,
-            )
+        self._state_problem(ev.KEY_LOGIN_FORGOTTEN, self.root.key_logins_state, self.keylogins.take_problem())
 
     def port_move_done(self, action: str, message: str, move: portmove.MoveState) -> None:
         self.events.emit(
