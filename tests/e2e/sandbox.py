@@ -23,6 +23,9 @@ from types import TracebackType
 
 SCRIPT = Path(__file__).resolve().with_name("sandbox")
 VPS_ADDR = "10.213.0.1"
+# `systemctl restart vps-agent` waits for READY=1, sent after the start-up reconcile: the unit allows it
+# 3 minutes (TimeoutStartSec), so a restart on a loaded machine may take longer than a command's 60 s
+RESTART_TIMEOUT = 200.0
 CLIENT_ADDR = "10.213.0.2"
 SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable) and 13 (stable)
 

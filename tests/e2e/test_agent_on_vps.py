@@ -13,7 +13,7 @@ import pytest
 from agent.sinks import catalog
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, built_deb
-from tests.e2e.sandbox import CLIENT_ADDR, VPS_ADDR, Sandbox
+from tests.e2e.sandbox import CLIENT_ADDR, RESTART_TIMEOUT, VPS_ADDR, Sandbox
 
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", *BUILD_TOOLS)
 PREVIOUS_VERSION = "0.0.9"
@@ -488,7 +488,7 @@ def test_a_hung_agent_is_restarted_by_the_watchdog(vps: Sandbox) -> None:
     vps.exec(["mkdir", "-p", "/etc/systemd/system/vps-agent.service.d"])
     vps.exec(["sh", "-c", "printf '[Service]\\nWatchdogSec=3\\n' > /etc/systemd/system/vps-agent.service.d/wd.conf"])
     vps.exec(["systemctl", "daemon-reload"])
-    vps.exec(["systemctl", "restart", "vps-agent"])
+    vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
     wait_for("the restarted agent", lambda: status_code(vps) == 0, 30)
     before = main_pid(vps)
     vps.exec(["kill", "-STOP", str(before)])

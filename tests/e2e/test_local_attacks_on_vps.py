@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.sandbox import Sandbox
+from tests.e2e.sandbox import RESTART_TIMEOUT, Sandbox
 from tests.e2e.test_accounts_on_vps import CONFIG as ACCOUNTS_CONFIG
 from tests.e2e.test_accounts_on_vps import accounts_status
 from tests.e2e.test_agent_on_vps import agent_vps, events, prove_key_login, status_code, wait_for
@@ -228,7 +228,8 @@ def test_prometheus_swapping_the_textfile_directory_for_a_symlink_gets_nothing_w
                   "--shell", "/usr/sbin/nologin", "prometheus"])  # fmt: skip
     vps.exec(["install", "-d", "-o", "root", "-g", "root", "-m", "0755", TEXTFILE_DIR])
     vps.exec(["chown", "prometheus:prometheus", "/var/lib/prometheus"])
-    vps.exec(["systemctl", "restart", "vps-agent"])  # ReadWritePaths=-/var/lib/prometheus/node-exporter now exists
+    # ReadWritePaths=-/var/lib/prometheus/node-exporter now exists
+    vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
     metrics = f"{TEXTFILE_DIR}/vps_agent.prom"
     wait_for("the metrics", lambda: vps.exec(["test", "-s", metrics], check=False).returncode == 0)
     before = vps.exec(["ls", "-a", METRICS_VICTIM]).stdout
@@ -238,7 +239,7 @@ def test_prometheus_swapping_the_textfile_directory_for_a_symlink_gets_nothing_w
                      f"mv {TEXTFILE_DIR} {TEXTFILE_DIR}.old && ln -s {METRICS_VICTIM} {TEXTFILE_DIR}"))  # fmt: skip
     try:
         # the next restart (an upgrade, a reboot) makes the unit's ReadWritePaths= follow the link too
-        vps.exec(["systemctl", "restart", "vps-agent"])
+        vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
         vps.exec(["vps-agentctl", "converge"], check=False)
 
         def refused() -> list[dict[str, Any]]:
@@ -258,7 +259,7 @@ def test_prometheus_swapping_the_textfile_directory_for_a_symlink_gets_nothing_w
     finally:
         vps.exec(["sh", "-c", f"rm -f {TEXTFILE_DIR} && mv {TEXTFILE_DIR}.old {TEXTFILE_DIR}"], check=False)
         vps.exec(["rm", "-f", f"{METRICS_VICTIM}/vps_agent.prom"], check=False)
-        vps.exec(["systemctl", "restart", "vps-agent"])
+        vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
 
 
 def test_a_process_of_nobody_named_sshd_gets_no_port_opened(vps: Sandbox) -> None:

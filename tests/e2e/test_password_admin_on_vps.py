@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.sandbox import CLIENT_ADDR, Sandbox
+from tests.e2e.sandbox import CLIENT_ADDR, RESTART_TIMEOUT, Sandbox
 from tests.e2e.test_agent_on_vps import (
     BAD_LOGIN,
     MAXRETRY,
@@ -127,7 +127,7 @@ def test_7_one_key_login_turns_passwords_off_within_10s(vps: Sandbox) -> None:
 
 
 def test_8_the_proof_outlives_a_restart(vps: Sandbox) -> None:
-    vps.exec(["systemctl", "restart", "vps-agent"])
+    vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
     wait_for("the agent back and compliant", lambda: status_code(vps) == 0, 30)
     assert baseline(vps, passwords="no") and key_login(vps, 2222)
 
