@@ -29,7 +29,7 @@ def accounts_status(vps: Sandbox) -> dict[str, Any]:
 
 
 def accounts_events(vps: Sandbox, action: str) -> list[dict[str, Any]]:
-    return [e for e in events(vps) if e.get("control") == "accounts" and e["event"]["action"] == action]  # type: ignore[index]
+    return [e for e in events(vps) if e.get("control") == "accounts" and e["event"]["action"] == action]
 
 
 @pytest.fixture(scope="module")

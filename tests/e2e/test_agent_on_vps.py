@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,7 @@ def status_text(vps: Sandbox) -> str:
     return f"status:\n{status}\nlast events:\n{tail}"
 
 
-def events(vps: Sandbox) -> list[dict[str, object]]:
+def events(vps: Sandbox) -> list[dict[str, Any]]:
     text = vps.exec(["cat", "/var/log/vps-agent/events.jsonl"], check=False).stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -90,9 +91,9 @@ def firewall_in_place(vps: Sandbox) -> bool:
     return True
 
 
-def firewall_status(vps: Sandbox) -> dict[str, object]:
+def firewall_status(vps: Sandbox) -> dict[str, Any]:
     controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
-    firewall: dict[str, object] = next(c for c in controls if c["control"] == "firewall")
+    firewall: dict[str, Any] = next(c for c in controls if c["control"] == "firewall")
     return firewall
 
 
@@ -103,10 +104,7 @@ def client_connects(vps: Sandbox, port: int) -> bool:
 
 
 def firewall_heals(vps: Sandbox) -> int:
-    return sum(
-        e["event"]["action"] == "drift-reverted" and e.get("control") == "firewall"  # type: ignore[index]
-        for e in events(vps)
-    )
+    return sum(e["event"]["action"] == "drift-reverted" and e.get("control") == "firewall" for e in events(vps))
 
 
 def configure(vps: Sandbox) -> None:
@@ -197,14 +195,15 @@ def sshd_drifts(planted: str) -> list[list[str]]:
 def heal_each(vps: Sandbox, drifts: list[list[str]], settled: Callable[[], bool]) -> None:
     """Make each drift in turn; each must get a `drift-reverted` and leave sshd `settled` within 20 s."""
     for drift in drifts:
-        healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))  # type: ignore[index]
+        healed_before = sum(e["event"]["action"] == "drift-reverted" for e in events(vps))
         vps.exec(drift)
+
+        def healed(before: int = healed_before) -> bool:
+            return sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > before and settled()
+
         wait_for(
             f"the heal of {' '.join(drift)}",
-            lambda b=healed_before: (
-                sum(e["event"]["action"] == "drift-reverted" for e in events(vps)) > b  # type: ignore[index]
-                and settled()
-            ),
+            healed,
             20,
             explain=lambda: status_text(vps),
         )
@@ -215,24 +214,24 @@ def test_ssh_drifts_inside_the_vps_are_healed_by_the_installed_service(vps: Sand
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
 
 
-def journal(vps: Sandbox, *matches: str) -> list[dict[str, object]]:
+def journal(vps: Sandbox, *matches: str) -> list[dict[str, Any]]:
     out = vps.exec(["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=vps-agent", *matches]).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_the_journal_has_the_events_as_native_fields_with_message_ids(vps: Sandbox) -> None:
-    reverted = [e for e in events(vps) if e["event"]["action"] == "drift-reverted"][-1]  # type: ignore[index]
-    transaction = reverted["transaction"]["id"]  # type: ignore[index]
+    reverted = [e for e in events(vps) if e["event"]["action"] == "drift-reverted"][-1]
+    transaction = reverted["transaction"]["id"]
     heal_id = catalog.CATALOG["drift-reverted"].message_id
 
-    def heal_in_the_journal() -> list[dict[str, object]]:
+    def heal_in_the_journal() -> list[dict[str, Any]]:
         return [j for j in journal(vps, f"MESSAGE_ID={heal_id}") if j.get("TRANSACTION_ID") == transaction]
 
     wait_for("the heal in the journal", lambda: bool(heal_in_the_journal()), 20)
     [entry] = heal_in_the_journal()
     assert entry["MESSAGE"] == reverted["message"] and entry["PRIORITY"] == "6"
     assert entry["EVENT_ACTION"] == "drift-reverted" and entry["EVENT_OUTCOME"] == "success"
-    assert entry["CONTROL"] == reverted["control"] and entry["FILE_PATH"] == reverted["file"]["path"]  # type: ignore[index]
+    assert entry["CONTROL"] == reverted["control"] and entry["FILE_PATH"] == reverted["file"]["path"]
     assert entry["HOST_NAME"] == "vps" and json.loads(str(entry["EVENT_CATEGORY"])) == ["configuration"]
     assert entry["_SYSTEMD_UNIT"] == "vps-agent.service"
     # every event has its type's MESSAGE_ID, and no event is JSON text any more
@@ -309,11 +308,11 @@ def test_iptables_flush_inside_the_vps_is_healed(vps: Sandbox) -> None:
     for drift in (["iptables", "-F"], ["ip6tables", "-F"]):
         before = firewall_heals(vps)
         vps.exec(drift)
-        wait_for(
-            f"the heal of {' '.join(drift)}",
-            lambda b=before: firewall_heals(vps) > b and firewall_in_place(vps),
-            20,
-        )
+
+        def healed(count: int = before) -> bool:
+            return firewall_heals(vps) > count and firewall_in_place(vps)
+
+        wait_for(f"the heal of {' '.join(drift)}", healed, 20)
     assert "--dport 2222 -j ACCEPT" in vps.exec(["iptables", "-S", FIREWALL_CHAIN]).stdout
     assert firewall_status(vps)["status"] in ("compliant", "healed")
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"
@@ -368,18 +367,18 @@ def test_a_purged_fail2ban_is_installed_again_once_dpkg_has_finished(vps: Sandbo
     # the package's postinst starts fail2ban before the agent's transaction has verified and reported
     wait_for(
         "the heal to be reported",
-        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),  # type: ignore[index]
+        lambda: any(e["event"]["action"] == "drift-reverted" for e in events_since(vps, mark, "fail2ban")),
         60,
     )
     installed = vps.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fail2ban"]).stdout
     assert installed.strip() == "ii"
     seen = events_since(vps, mark, "fail2ban")
-    actions = [e["event"]["action"] for e in seen]  # type: ignore[index]
+    actions = [e["event"]["action"] for e in seen]
     assert "remediation-failed" not in actions, json.dumps(seen, indent=1)
-    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
+    reverted = [e for e in seen if e["event"]["action"] == "drift-reverted"]
     assert any("install fail2ban" in str(e["message"]) for e in reverted), json.dumps(seen, indent=1)
     # it waited for the purge's dpkg instead of fighting it
-    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]  # type: ignore[index]
+    waits = [e["event"]["outcome"] for e in seen if e["event"]["action"] == "package-manager-busy"]
     assert waits[:2] == ["unknown", "success"], json.dumps(seen, indent=1)
     vps.exec(["test", "-s", F2B_JAIL_FILE])
     # the guide's backup of jail.conf is still the very first one
@@ -455,7 +454,7 @@ def test_failed_logins_get_the_client_banned_unless_ignoreip_names_it(vps: Sandb
     assert admin_gets_in(vps)
 
 
-def events_since(vps: Sandbox, count: int, control: str) -> list[dict[str, object]]:
+def events_since(vps: Sandbox, count: int, control: str) -> list[dict[str, Any]]:
     return [e for e in events(vps)[count:] if e.get("control") == control]
 
 
@@ -477,7 +476,7 @@ def test_neither_jail_local_nor_a_later_local_turns_the_sshd_jail_off(vps: Sandb
         )
         vps.exec(["fail2ban-client", "reload"])  # the admin applies it: nothing to apply
         wait_for("the sshd jail on 2222 after the reload", lambda: fail2ban_guarding_2222(vps), 30)
-        actions = [e["event"]["action"] for e in events_since(vps, mark, "fail2ban")]  # type: ignore[index]
+        actions = [e["event"]["action"] for e in events_since(vps, mark, "fail2ban")]
         assert "drift-reverted" in actions, actions
     finally:
         vps.exec(["rm", "-f", "/etc/fail2ban/jail.local", "/etc/fail2ban/jail.d/zzz-late.local"])

@@ -246,7 +246,7 @@ def test_prometheus_swapping_the_textfile_directory_for_a_symlink_gets_nothing_w
             return [
                 e
                 for e in events(vps)[mark:]
-                if e["event"]["action"] == "output-failed" and e.get("output") == "prometheus_textfile"  # type: ignore[index]
+                if e["event"]["action"] == "output-failed" and e.get("output") == "prometheus_textfile"
             ]
 
         wait_for("output-failed naming the symlink", lambda: bool(refused()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -30,9 +31,9 @@ CONFIG = 'ssh:\n  port: 2222\n  permit_root_login: "no"\n'
 REPEATED = ("drift-detected", "remediation-blocked", "remediation-pending")
 
 
-def ssh_status(vps: Sandbox) -> dict[str, object]:
+def ssh_status(vps: Sandbox) -> dict[str, Any]:
     controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
-    found: dict[str, object] = next(c for c in controls if c["control"] == "ssh")
+    found: dict[str, Any] = next(c for c in controls if c["control"] == "ssh")
     return found
 
 
@@ -46,7 +47,7 @@ def baseline(vps: Sandbox, passwords: str) -> bool:
 
 
 def count(vps: Sandbox, actions: tuple[str, ...]) -> int:
-    return sum(e["event"]["action"] in actions and e.get("control") == "ssh" for e in events(vps))  # type: ignore[index]
+    return sum(e["event"]["action"] in actions and e.get("control") == "ssh" for e in events(vps))
 
 
 def password_login(vps: Sandbox, port: int) -> bool:
@@ -79,14 +80,14 @@ def test_2_status_is_pending_exit_1_and_names_the_key_step(vps: Sandbox) -> None
     assert status.returncode == 1, status.stdout
     assert "passwords stay on until admin logs in with a key: ssh-copy-id -p 2222 admin@vps" in status.stdout
     ssh = ssh_status(vps)
-    assert ssh["status"] == "pending" and [h["setting"] for h in ssh["held"]] == ["PasswordAuthentication no"]  # type: ignore[attr-defined]
+    assert ssh["status"] == "pending" and [h["setting"] for h in ssh["held"]] == ["PasswordAuthentication no"]
     assert count(vps, ("remediation-blocked",)) == 0
 
 
 def test_3_a_password_login_on_the_new_port_confirms_the_move(vps: Sandbox) -> None:
     assert password_login(vps, 2222)
     wait_for("22 to close", lambda: sshd_effective(vps)["port"] == ["2222"], 30)
-    confirmed = [e for e in events(vps) if e["event"]["action"] == "port-move-confirmed"]  # type: ignore[index]
+    confirmed = [e for e in events(vps) if e["event"]["action"] == "port-move-confirmed"]
     assert confirmed and "(password)" in str(confirmed[-1]["message"])
     assert password_login(vps, 2222) and not password_login(vps, 22)
 
@@ -120,8 +121,8 @@ def test_7_one_key_login_turns_passwords_off_within_10s(vps: Sandbox) -> None:
     wait_for("passwords off", lambda: baseline(vps, passwords="no"), 10)
     took = time.monotonic() - started
     wait_for("status exit 0", lambda: status_code(vps) == 0, 10, explain=lambda: status_text(vps))
-    proven = [e for e in events(vps) if e["event"]["action"] == "key-login-proven"]  # type: ignore[index]
-    assert proven and proven[-1]["user"]["name"] == "admin"  # type: ignore[index]
+    proven = [e for e in events(vps) if e["event"]["action"] == "key-login-proven"]
+    assert proven and proven[-1]["user"]["name"] == "admin"
     assert not password_login(vps, 2222) and key_login(vps, 2222)
     print(f"\n[e2e] key login -> PasswordAuthentication no in {took:.1f}s")
 
@@ -139,9 +140,9 @@ def guess_root_password(vps: Sandbox) -> None:
     assert result.returncode != 0
 
 
-def fail2ban_facts(vps: Sandbox) -> dict[str, object]:
+def fail2ban_facts(vps: Sandbox) -> dict[str, Any]:
     controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
-    facts: dict[str, object] = next(c for c in controls if c["control"] == "fail2ban")["facts"]
+    facts: dict[str, Any] = next(c for c in controls if c["control"] == "fail2ban")["facts"]
     return facts
 
 

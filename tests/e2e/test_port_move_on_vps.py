@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,9 +43,9 @@ def ports(vps: Sandbox) -> list[str]:
     return sorted(sshd_effective(vps)["port"], key=int)
 
 
-def status(vps: Sandbox) -> dict[str, object]:
+def status(vps: Sandbox) -> dict[str, Any]:
     result = vps.exec(["vps-agentctl", "status", "--json"], check=False)
-    data: dict[str, object] = json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     data["exit_code"] = result.returncode
     return data
 
@@ -60,8 +61,8 @@ def logs_in(vps: Sandbox, port: int) -> bool:
     return vps.ssh("id -un", port=port, check=False, timeout=20).stdout.strip() == "admin"
 
 
-def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, object]]:
-    return [e for e in events(vps)[mark:] if e["event"]["action"] == action]  # type: ignore[index]
+def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, Any]]:
+    return [e for e in events(vps)[mark:] if e["event"]["action"] == action]
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_a_move_confirmed_by_a_real_login_closes_the_old_port(vps: Sandbox) -> N
     wait_for("sshd on 22 and 2222", lambda: ports(vps) == ["22", "2222"])
     wait_for("fail2ban on both ports", lambda: fail2ban_ports(vps) == "22,2222", 30)
     move = status(vps)
-    assert move["exit_code"] == 1 and move["port_move"]["phase"] == "open", move  # type: ignore[index]
+    assert move["exit_code"] == 1 and move["port_move"]["phase"] == "open", move
     assert logs_in(vps, 22)
     assert since(vps, mark, "port-move-started")
     # forgeries prove nothing: sshd's lines written by nobody to /dev/log, and a user name carrying them
@@ -93,7 +94,7 @@ def test_a_move_confirmed_by_a_real_login_closes_the_old_port(vps: Sandbox) -> N
     vps.ssh("true", user=name, port=2222, check=False, timeout=15)
     assert "Accepted password for admin" in vps.exec(["journalctl", "-t", "sshd", "-o", "cat"]).stdout
     time.sleep(6)  # the watcher reads sshd's journal every 2 s
-    assert status(vps)["port_move"]["phase"] == "open" and ports(vps) == ["22", "2222"]  # type: ignore[index]
+    assert status(vps)["port_move"]["phase"] == "open" and ports(vps) == ["22", "2222"]
     assert not since(vps, mark, "port-move-confirmed")
     # the proof: the admin logs in on 2222
     assert logs_in(vps, 2222)
@@ -118,7 +119,7 @@ def test_a_move_nobody_confirms_rolls_back_to_the_old_port(vps: Sandbox) -> None
     wait_for("2222 closed to the client", lambda: not client_connects(vps, 2222), 30)
     assert logs_in(vps, 22)
     rolled = status(vps)
-    assert rolled["port_move"]["phase"] == "rolled-back" and rolled["exit_code"] == 1, rolled  # type: ignore[index]
+    assert rolled["port_move"]["phase"] == "rolled-back" and rolled["exit_code"] == 1, rolled
     text = vps.exec(["vps-agentctl", "status"], check=False).stdout
     assert "ROLLED BACK" in text and "sshd stays on 22" in text, text
     # a SIGHUP with the same config (logrotate does that) does not try again
@@ -135,7 +136,7 @@ def test_with_the_firewall_only_reporting_an_unreachable_new_port_rolls_back(vps
     apply(vps, config(2222, confirm="15s", firewall="report"))
     wait_for("sshd on 22 and 2222", lambda: ports(vps) == ["22", "2222"])
     assert not client_connects(vps, 2222)  # dropped by the firewall the agent does not change
-    firewall = next(c for c in status(vps)["controls"] if c["control"] == "firewall")  # type: ignore[attr-defined]
+    firewall = next(c for c in status(vps)["controls"] if c["control"] == "firewall")
     # reported, not applied: the agent's chain would need a fifth rule (2222), and 22 alone is accepted
     assert firewall["status"] == "drifted" and firewall["drift"], firewall
     assert firewall["facts"]["ssh_ports_accepted"] == "22" and firewall["facts"]["mode"] == "report", firewall
@@ -159,6 +160,6 @@ def test_with_the_ssh_guard_off_the_firewall_keeps_the_port_sshd_listens_on(vps:
     wait_for("the config without the SSH guard", lambda: bool(since(vps, mark, "config-reloaded")), 30)
     vps.exec(["vps-agentctl", "converge", "firewall"], check=False)
     firewall = firewall_status(vps)
-    assert firewall["facts"]["ssh_ports_accepted"] == "22", firewall  # type: ignore[index]
+    assert firewall["facts"]["ssh_ports_accepted"] == "22", firewall
     assert firewall_in_place(vps) and client_connects(vps, 22)
     assert logs_in(vps, 22)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -19,9 +20,9 @@ def vps(tmp_path_factory: pytest.TempPathFactory, release: str) -> Iterator[Sand
 
 
 def test_the_guard_is_blocked_names_the_admin_to_create_and_root_still_gets_in(vps: Sandbox) -> None:
-    def ssh_row() -> dict[str, object]:
+    def ssh_row() -> dict[str, Any]:
         status = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)
-        found: dict[str, object] = next(c for c in status["controls"] if c["control"] == "ssh")
+        found: dict[str, Any] = next(c for c in status["controls"] if c["control"] == "ssh")
         return found
 
     wait_for("the SSH guard's first converge", lambda: ssh_row()["status"] not in ("starting",), 30)
@@ -29,7 +30,7 @@ def test_the_guard_is_blocked_names_the_admin_to_create_and_root_still_gets_in(v
     assert status.returncode == 2, status.stdout
     row = ssh_row()
     assert row["status"] == "blocked"
-    held = {h["setting"]: h for h in row["held"]}  # type: ignore[attr-defined]
+    held = {h["setting"]: h for h in row["held"]}
     assert set(held) == {"PermitRootLogin no", "PasswordAuthentication no"}
     assert "no non-root account with sudo rights" in held["PermitRootLogin no"]["reason"]
     assert "adduser" in held["PermitRootLogin no"]["unblock"]

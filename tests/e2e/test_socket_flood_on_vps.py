@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -140,16 +141,16 @@ class Flood:
         argv += ["python3", "-c", FLOOD_SCRIPT, str(FOLLOWERS), str(SLOW_SENDERS)]
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def line(self, timeout: float) -> dict[str, object]:
+    def line(self, timeout: float) -> dict[str, Any]:
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         assert ready, f"the flood script said nothing within {timeout:.0f}s"
         text = self.process.stdout.readline()
         assert text, f"the flood script ended early (exit {self.process.wait()})"
-        message: dict[str, object] = json.loads(text)
+        message: dict[str, Any] = json.loads(text)
         return message
 
-    def report(self) -> dict[str, object]:
+    def report(self) -> dict[str, Any]:
         assert self.process.stdin is not None
         self.process.stdin.write("report\n")
         self.process.stdin.flush()
@@ -184,13 +185,13 @@ def status_code(vps: Sandbox) -> int:
     return vps.exec(["vps-agentctl", "status"], check=False).returncode
 
 
-def socket_stats(vps: Sandbox) -> dict[str, object]:
+def socket_stats(vps: Sandbox) -> dict[str, Any]:
     """What `status --json` says about the control socket (agent/ipc.py IpcServer.stats)."""
-    stats: dict[str, object] = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["ipc"]
+    stats: dict[str, Any] = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["ipc"]
     return stats
 
 
-def timestamp(event: dict[str, object]) -> float:
+def timestamp(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["@timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
@@ -200,11 +201,9 @@ def firewall_heal_seconds(vps: Sandbox) -> float:
     flushed_at = time.time()  # the VPS shares the host's clock
     vps.exec(["iptables", "-F", FIREWALL_CHAIN])
 
-    def healed() -> list[dict[str, object]]:
+    def healed() -> list[dict[str, Any]]:
         return [
-            e
-            for e in events(vps)[mark:]
-            if e.get("control") == "firewall" and e["event"]["action"] == "drift-reverted"  # type: ignore[index]
+            e for e in events(vps)[mark:] if e.get("control") == "firewall" and e["event"]["action"] == "drift-reverted"
         ]
 
     wait_for("the heal of the flushed chain", lambda: bool(healed()) and firewall_in_place(vps), HEAL_TIMEOUT)
@@ -218,12 +217,8 @@ def sshd_heal_seconds(vps: Sandbox) -> float:
     edited_at = time.time()
     vps.exec(["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"])
 
-    def healed() -> list[dict[str, object]]:
-        return [
-            e
-            for e in events(vps)[mark:]
-            if e.get("control") == "ssh" and e["event"]["action"] == "drift-reverted"  # type: ignore[index]
-        ]
+    def healed() -> list[dict[str, Any]]:
+        return [e for e in events(vps)[mark:] if e.get("control") == "ssh" and e["event"]["action"] == "drift-reverted"]
 
     def root_login_off() -> bool:
         return "permitrootlogin no" in vps.exec(["sshd", "-T"]).stdout.splitlines()

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,9 +38,9 @@ def vps(tmp_path_factory: pytest.TempPathFactory, release: str, host_before: dic
         yield sandbox
 
 
-def sysctl_row(vps: Sandbox) -> dict[str, object]:
+def sysctl_row(vps: Sandbox) -> dict[str, Any]:
     controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
-    found: dict[str, object] = next(c for c in controls if c["control"] == "sysctl")
+    found: dict[str, Any] = next(c for c in controls if c["control"] == "sysctl")
     return found
 
 
@@ -66,9 +67,7 @@ def test_net_keys_are_kept_a_sysctl_w_is_healed_and_kernel_keys_are_reported(
     assert isinstance(drift, list)
     # read-only by the unit's own view (READ_ONLY) or only by PID 1's (READ_ONLY_FOR_INIT): which one depends
     # on the host's kernel and systemd (CI may run on Debian 12 or 13); either way it is reported, never set
-    assert any(
-        "kernel.kptr_restrict" in d and (READ_ONLY in d or READ_ONLY_FOR_INIT in d) for d in drift
-    ), drift
+    assert any("kernel.kptr_restrict" in d and (READ_ONLY in d or READ_ONLY_FOR_INIT in d) for d in drift), drift
     assert live(vps, "net.ipv4.conf.all.log_martians") == "1"
     assert live(vps, "net.ipv4.tcp_syncookies") == "1"
     assert "fs.protected_fifos = 2\n" in vps.exec(["cat", "/etc/sysctl.d/60-vps-agent.conf"]).stdout
@@ -85,9 +84,9 @@ def test_net_keys_are_kept_a_sysctl_w_is_healed_and_kernel_keys_are_reported(
     took = time.monotonic() - changed
     assert took < POLL + 1.5, f"healed after {took:.1f}s (the poll is {POLL:g}s; each check is a vps exec)"
     mine = [e for e in events(vps)[mark:] if e.get("control") == "sysctl"]
-    reverted = [e for e in mine if e["event"]["action"] == "drift-reverted"]  # type: ignore[index]
-    assert reverted and reverted[0]["file"]["path"] == "/proc/sys/net/ipv4/conf/all/accept_redirects", mine  # type: ignore[index]
-    assert not [e for e in mine if e["event"]["action"] == "remediation-failed"]  # type: ignore[index]
+    reverted = [e for e in mine if e["event"]["action"] == "drift-reverted"]
+    assert reverted and reverted[0]["file"]["path"] == "/proc/sys/net/ipv4/conf/all/accept_redirects", mine
+    assert not [e for e in mine if e["event"]["action"] == "remediation-failed"]
     # warnings leave the status alone (the SSH guard, without the admin's proof here, is pending: exit 1)
     assert sysctl_row(vps)["status"] in ("compliant", "healed"), status_text(vps)
     assert host_values() == host_before

@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,8 +50,8 @@ def publish(vps: Sandbox, version: str) -> None:
     aptrepo.publish(vps.root / REPO.lstrip("/"), dummies(version))
 
 
-def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, object]]:
-    return [e for e in events(vps)[mark:] if e["event"]["action"] == action]  # type: ignore[index]
+def since(vps: Sandbox, mark: int, action: str) -> list[dict[str, Any]]:
+    return [e for e in events(vps)[mark:] if e["event"]["action"] == action]
 
 
 def configure(vps: Sandbox, text: str) -> None:
@@ -113,10 +114,10 @@ def test_upgrade_now_upgrades_keeps_holds_and_the_admins_conffile_and_reports(vp
     [started] = since(vps, mark, "upgrade-started")
     assert started["held"] == ["vps-held"] and started["trigger"] == "vps-agentctl upgrade --now"
     [finished] = since(vps, mark, "upgrade-finished")
-    assert finished["event"]["outcome"] == "success", finished  # type: ignore[index]
-    assert {"vps-dummy 1.0 -> 2.0", "vps-conf 1.0 -> 2.0"} <= set(finished["packages"])  # type: ignore[arg-type]
-    assert not any(str(p).startswith("vps-held") for p in finished["packages"])  # type: ignore[attr-defined]
-    assert finished["reboot_required"] is True and float(finished["duration_s"]) > 0  # type: ignore[arg-type]
+    assert finished["event"]["outcome"] == "success", finished
+    assert {"vps-dummy 1.0 -> 2.0", "vps-conf 1.0 -> 2.0"} <= set(finished["packages"])
+    assert not any(str(p).startswith("vps-held") for p in finished["packages"])
+    assert finished["reboot_required"] is True and float(finished["duration_s"]) > 0
     assert since(vps, mark, "reboot-required")[0]["packages"] == ["vps-dummy"]
 
     status = vps.exec(["vps-agentctl", "status"], check=False)
@@ -152,7 +153,7 @@ def test_a_lock_held_past_lock_timeout_fails_the_run_clearly(vps: Sandbox) -> No
     assert "the dpkg lock stayed taken for over 2s" in output, output
     assert versions(vps)["vps-dummy"] == "3.0"
     [finished] = since(vps, mark, "upgrade-finished")
-    assert finished["event"]["outcome"] == "failure"  # type: ignore[index]
+    assert finished["event"]["outcome"] == "failure"
     assert "dpkg lock" in str(finished["message"])
 
 
