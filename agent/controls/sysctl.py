@@ -99,7 +99,14 @@ class SysctlControl(Control):
         return config.sysctl.mode == "enforce"
 
     def poll_interval(self, config: Config) -> float | None:
-        return config.sysctl.poll_interval
+        return config.sysctl.poll_interval if config.sysctl.enabled else None
+
+    def poll_fingerprint(self, config: Config) -> object | None:
+        """The kept keys' live values and the network interfaces (a new bridge, WireGuard or Docker link
+        changes what is kept): a read of each /proc/sys file, no parsing. A full look every 2 s cost 0.16% of
+        a core; this is what tells it is needed."""
+        values = tuple(sysctl.peek(self.root, key) for key, _ in config.sysctl.wanted())
+        return values, sysctl.interface_names(self.root)
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         conf = self.root.sysctl_conf

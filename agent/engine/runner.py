@@ -95,6 +95,8 @@ class ControlRunner:
         self._reports = OutcomeReporter(control.name, ctx.events, clock)
         self._last_intent = ""  # the last converge's Outcome.intent
         self._resource_retries = 0  # retries of a heal a full or read-only filesystem refused, in a row
+        self._polled: object | None = None  # the control's poll fingerprint, read just before the last converge
+        self._last_poll = 0.0  # when a poll last found nothing changed (self._clock)
         self._waiters: list[tuple[threading.Event, list[tx.Outcome]]] = []
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"control-{control.name}", daemon=True)
@@ -213,16 +215,13 @@ class ControlRunner:
                     self.state.paused_until = None
                     self._pending = self._pending or "pause expired"
                     self._deadline = now
-            interval = config.engine.reconcile_interval
-            if self.state.paused_until is None:
-                # a control whose changes nothing can signal (iptables-legacy) is polled instead
-                interval = min(interval, self.control.poll_interval(config) or interval)
-            reconcile_due = (
-                self.state.last_converge_at + interval
-                if self.state.last_converge_at is not None
-                else float("inf")  # the start-up reconcile is explicit
-            )
-            wake_at = min(reconcile_due, self._deadline) if self._pending is not None else reconcile_due
+            last = self.state.last_converge_at  # None until the start-up reconcile, which is explicit
+            reconcile_due = last + config.engine.reconcile_interval if last is not None else float("inf")
+            # a control whose changes nothing can signal (iptables-legacy, /proc/sys) is polled instead
+            poll = self.control.poll_interval(config) if self.state.paused_until is None else None
+            poll_due = max(last, self._last_poll) + poll if poll and last is not None else float("inf")
+            due = min(reconcile_due, poll_due)
+            wake_at = min(due, self._deadline) if self._pending is not None else due
             paused_until = self.state.paused_until
             if paused_until is not None:
                 # while paused, triggers are still looked at (and reported) but never healed
@@ -231,11 +230,24 @@ class ControlRunner:
             elif (held_until := self.flaps.hold_until(self._last_trigger)) is not None:
                 wake_at = max(wake_at, held_until)
             if now >= wake_at:
-                reason = self._pending or "periodic reconcile"
+                if self._pending is None and now < reconcile_due and not self._poll_finds_a_change(config):
+                    self._last_poll = now
+                    continue
+                reason = self._pending or ("periodic reconcile" if now >= reconcile_due else "poll: a change")
                 self._pending = None
                 return reason
             self._cond.wait(timeout=min(max(wake_at - now, 0.001), 3600.0))
         return None
+
+    def _poll_finds_a_change(self, config: Config) -> bool:
+        now = self._fingerprint(config)
+        return now is None or now != self._polled
+
+    def _fingerprint(self, config: Config) -> object | None:
+        try:
+            return self.control.poll_fingerprint(config)
+        except Exception:  # None: the poll converges, and that converge reports what is wrong
+            return None
 
     def _wait_for_dpkg(self, reason: str, admin: bool) -> bool:
         """While dpkg changes the system, a guard does not fight it: the converge is put off (looking
@@ -281,7 +293,9 @@ class ControlRunner:
         paused = self.state.paused_until is not None
         report_only = not paused and not self.control.remediates(config)
         backing_off = self.flaps.backing_off()
+        polled = self._fingerprint(config)  # read before the converge looks: a later change is the next poll's
         outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
+        self._polled = polled
         # a heal towards a changed aim (the admin's key login proven, a move confirmed, a reload) applies the
         # agent's own new intent: nobody undid anything, so it does not count towards flapping
         new_intent = bool(outcome.intent) and self._last_intent not in ("", outcome.intent)

@@ -89,6 +89,28 @@ def read(
     return Live(value, True)
 
 
+def peek(root: SystemRoot, key: str) -> str | None:
+    """A key's value as the kernel shows it now, whitespace runs as one space; None: missing or unreadable.
+    The poll's cheap look: one open and one read, nothing about writability."""
+    try:
+        fd = os.open(key_path(root, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return normalise(os.read(fd, MAX_VALUE).decode("utf-8", "replace"))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def interface_names(root: SystemRoot) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir(root.net_class)))
+    except OSError:
+        return ()
+
+
 def write(root: SystemRoot, key: str, value: str) -> None:
     """Set a live value; raises OSError with the kernel's answer (EINVAL, EPERM, EROFS, ENOENT)."""
     path = key_path(root, key)

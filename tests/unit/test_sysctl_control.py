@@ -12,7 +12,7 @@ import pytest
 
 from agent.config import SYSCTL_DEFAULTS, Config, parse_config
 from agent.controls.base import FINDING, FIX, WARNING
-from agent.controls.sysctl import SysctlControl
+from agent.controls.sysctl import SysctlControl, SysctlObserved
 from agent.engine import transaction as tx
 from agent.engine.runner import FLAPPING, ControlRunner
 from agent.events import Events, EventSinks
@@ -345,6 +345,33 @@ def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_p
             assert live(host.root, "kernel.sysrq") == "0"
         assert runner.state.status == FLAPPING  # four heals in the window, three allowed: backing off
         assert host.actions().count("flapping") == 1
+    finally:
+        runner.stop()
+
+
+def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path) -> None:
+    # the 2 s poll reads the kept keys' values; only a change (or the periodic reconcile) costs a converge
+    host = Harness(tmp_path)
+    config = parse_config("sysctl: {poll_interval: 100ms}\nengine: {debounce: 10ms, reconcile_interval: 1h}\n")
+    looks: list[float] = []
+    observe = host.control.observe
+
+    def counted() -> SysctlObserved:
+        looks.append(time.monotonic())
+        return observe()
+
+    host.control.observe = counted  # type: ignore[method-assign]
+    runner = ControlRunner(host.control, lambda: config, host.ctx)
+    runner.start()
+    try:
+        runner.trigger("start-up")
+        assert wait_until(lambda: runner.state.heals == 1)
+        time.sleep(1.0)  # 10 polls
+        # the start-up heal (observe, and again after the writes), then one converge for the values it wrote
+        assert len(looks) <= 4, len(looks)
+        (host.root / "proc/sys/kernel/sysrq").write_text("1\n")
+        assert wait_until(lambda: runner.state.heals == 2), runner.state.why
+        assert live(host.root, "kernel.sysrq") == "0"
     finally:
         runner.stop()
 
