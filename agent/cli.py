@@ -4,25 +4,30 @@ error, 3 daemon unreachable."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import Config, ConfigError, load_config, parse_duration
+from agent.config import Config, ConfigError, UneditableConfig, load_config, parse_config, parse_duration, set_key
 from agent.console.events import event_lines
 from agent.console.help import VERBS
 from agent.console.status import render_check, render_status, render_table, render_updates
 from agent.console.text import Terminal, until
 from agent.controls.base import Control
+from agent.controls.firewall.exposure import cut_text, read_would_cut
 from agent.engine import transaction as tx
 from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING, WAITING
 from agent.events import null_events
 from agent.ipc import DaemonUnreachable, IpcClient, IpcError
 from agent.paths import SystemRoot
+from agent.portmove import PortMoves
+from agent.sshd_ports import SshdPorts, ssh_ports
 from agent.system import fs, namespace
 from agent.system.run import concurrently
 
@@ -206,6 +211,61 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_enforce(args: argparse.Namespace) -> int:
+    """firewall.mode: enforce in the config file, only that value edited in place, then the daemon reloaded.
+    Refuses (exit 1, nothing changed) while enforcing would cut off a listener, unless --yes."""
+    root = SystemRoot.at(args.root)
+    path = root.config_file
+    if root.is_host and os.geteuid() != 0:
+        print(f"vps-agentctl enforce: needs root (it edits {path} and reloads the daemon)", file=sys.stderr)
+        return EXIT_ERROR
+    data = fs.read_regular(path, follow_symlinks=True)
+    try:
+        if data is not None:
+            load_config(path)  # a bad file is the admin's to fix first (the loader's file:line errors)
+        text = (data or b"").decode("utf-8")
+        edited = set_key(text, "firewall", "mode", "enforce")
+        config = parse_config(edited, source=str(path))
+    except ConfigError as exc:
+        print(f"vps-agentctl: {exc}", file=sys.stderr)
+        print(f"vps-agentctl enforce: nothing changed; fix {path} first", file=sys.stderr)
+        return EXIT_ERROR
+    except UneditableConfig as exc:
+        print(f"vps-agentctl enforce: {path}: {exc}; nothing changed", file=sys.stderr)
+        return EXIT_ERROR
+    if config.firewall.mode != "enforce" or not config.firewall.enabled:
+        why = "firewall.enabled is false" if not config.firewall.enabled else "the edit did not take"
+        print(f"vps-agentctl enforce: {path}: {why}; nothing changed", file=sys.stderr)
+        return EXIT_ERROR
+    cuts = read_would_cut(config.firewall, ssh_ports(config, SshdPorts(root)(), PortMoves(root)))
+    if cuts and not args.yes:
+        print(
+            f"vps-agentctl enforce: enforcing the firewall would cut off {cut_text(cuts)}; nothing changed.\n"
+            f"  keep it open: add the port to firewall.allow_tcp (udp: allow_udp) in {path}, then run enforce again\n"
+            "  cut it off:   vps-agentctl enforce --yes",
+            file=sys.stderr,
+        )
+        return EXIT_DRIFT
+    if edited != text or data is None:
+        fs.ensure_dir(path.parent, 0o755)
+        fs.atomic_write(path, edited.encode("utf-8"), mode=None if data is not None else 0o644)
+        print(f"{path}: firewall.mode: enforce")
+    else:
+        print(f"{path}: firewall.mode is enforce already")
+    if cuts:
+        print(f"cutting off {cut_text(cuts)} (--yes)")
+    try:
+        result = _client(args).call("reload")
+    except DaemonUnreachable as exc:
+        print(f"vps-agentctl: the daemon is unreachable ({exc}): it enforces when it starts", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if not result["ok"]:
+        print(f"vps-agentctl: config rejected by the daemon, the previous one stays in force: {result['error']}")
+        return EXIT_ERROR
+    print("config reloaded: the firewall guard enforces")
+    return EXIT_OK
+
+
 # verbs that work without the daemon ----------------------------------------------------------------------
 
 
@@ -220,7 +280,7 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
         print(f"vps-agentctl: no control named {args.control!r}; controls: {names}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        config = load_config(Path(args.config) if args.config else root.config_file)
+        config = _config_or_defaults(Path(args.config) if args.config else None, root)
         namespace.isolate_fake_root(root)
     except (ConfigError, namespace.NamespaceError) as exc:
         print(f"vps-agentctl: {exc}", file=sys.stderr)
@@ -230,17 +290,31 @@ def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]]
     def outcome(control: Control) -> tx.Outcome:
         if not control.enabled(config):
             return tx.Outcome(control.name, DISABLED, "disabled in the config")
-        return tx.converge(control, config, ctx, reason="check", heal=False)
+        result = tx.converge(control, config, ctx, reason="check", heal=False)
+        # report mode: what the daemon's status says too (for the firewall: what enforcing would cut off)
+        note = "" if control.remediates(config) else control.report_note(result.facts)
+        return dataclasses.replace(result, detail=note) if note else result
 
     # independent, and mostly waiting for their tools (sshd -T, iptables-save, fail2ban-client -d): at once
     return config, concurrently([functools.partial(outcome, control) for control in controls])
+
+
+def _config_or_defaults(given: Path | None, root: SystemRoot) -> Config:
+    """--config FILE, or the system's config file; with neither an --config nor that file, the defaults
+    (what the daemon runs on without one), said on stderr so that --json stays clean."""
+    if given is not None:
+        return load_config(given)
+    if not os.path.lexists(root.config_file):
+        print(f"no {root.config_file}: checking against the defaults", file=sys.stderr)
+        return Config(source=str(root.config_file))
+    return load_config(root.config_file)
 
 
 def _outcome_row(outcome: tx.Outcome) -> dict[str, Any]:
     return {
         "control": outcome.control,
         "status": outcome.status,
-        "why": outcome.detail if outcome.status != tx.COMPLIANT else "",
+        "why": outcome.detail,  # "" when compliant, but for a report mode's note
         "facts": outcome.facts,
         "drift": [i.describe() for i in outcome.drift.items] if outcome.drift else [],
         "blocked": list(outcome.blocked.reasons) if outcome.blocked else [],
@@ -356,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         verbs[name].add_argument("control", nargs="?", help=f"only this control: {controls} (default: all)")
         verbs[name].set_defaults(func=func)
     verbs["reload"].set_defaults(func=cmd_reload)
+    enforce = verbs["enforce"]
+    enforce.add_argument("--yes", action="store_true", help="enforce even though listeners would be cut off")
+    enforce.set_defaults(func=cmd_enforce)
     verbs["confirm"].set_defaults(func=cmd_confirm)
 
     upgrade = verbs["upgrade"]

@@ -305,8 +305,10 @@ class ControlRunner:
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
                 self._reports.unreverted_drift(outcome, "while paused")
             elif report_only:
-                why = "report mode: drift is reported, not reverted"
-                self._set_status(outcome.status, why + (f"; {outcome.detail}" if outcome.detail else ""))
+                why = self.control.report_note(outcome.facts) or "report mode: drift is reported, not reverted" + (
+                    f"; {outcome.detail}" if outcome.detail else ""
+                )
+                self._set_status(outcome.status, why)
                 self._reports.unreverted_drift(outcome, "in report mode")
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1
