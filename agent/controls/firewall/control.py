@@ -107,8 +107,10 @@ class FirewallControl(Control):
         return (NetlinkGroup(netfilter.NETLINK_NETFILTER, netfilter.NFNLGRP_NFTABLES),)
 
     def poll_interval(self, config: Config) -> float | None:
-        # iptables-legacy announces nothing over netlink: look this often instead
-        return config.firewall.poll_interval if self.backend.name == "legacy" else None
+        # iptables-legacy announces nothing over netlink: look this often instead; in report mode, a new
+        # listener (sockets announce nothing either) is named in status within 10 s
+        legacy = config.firewall.poll_interval if self.backend.name == "legacy" else None
+        return min(legacy or 10.0, 10.0) if config.firewall.mode == "report" else legacy
 
     @property
     def backend(self) -> Backend:
@@ -366,8 +368,7 @@ class FirewallControl(Control):
             facts["would_cut"] = [cut.as_fact() for cut in self._would_cut(self._firewall, self._ssh_ports)]
         return facts
 
-    def report_note(self, facts: dict[str, Any]) -> str:
-        """In report mode: what enforcing would cut off, and the command that enforces."""
+    def report_note(self, facts: dict[str, Any]) -> str:  # what enforcing would cut off, and the command
         cuts = facts.get("would_cut")
         return "" if cuts is None else report_note(WouldCut(**cut) for cut in cuts)
 
