@@ -218,6 +218,7 @@ class OpenSocket:
     port: int
     uid: int  # its owner
     inode: int
+    cgroup: int = 0  # the cgroup (v2) id of the process that made it (sock_diag's INET_DIAG_CGROUP_ID), 0: unknown
 
     @property
     def loopback(self) -> bool:
@@ -239,6 +240,8 @@ _DIAG_PORT = struct.Struct("!H")  # inet_diag_msg.id.idiag_sport, at 4
 _DIAG_SOURCE = 8  # inet_diag_msg.id.idiag_src: 16 bytes (an IPv4 address in the first 4)
 _DIAG_OWNER = struct.Struct("=II")  # inet_diag_msg.idiag_uid and idiag_inode, at 64
 _DIAG_MESSAGE_SIZE = 72  # struct inet_diag_msg
+_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr: length, type (after inet_diag_msg, 4-aligned)
+_INET_DIAG_CGROUP_ID = 21  # a u64 the kernel adds (5.7+) to every socket it reports
 _PROTOCOLS = {"tcp": (socket.IPPROTO_TCP, _TCP_LISTEN), "udp": (socket.IPPROTO_UDP, _UDP_UNCONNECTED)}
 
 
@@ -287,8 +290,43 @@ def _sock_diag(family: int, proto: str) -> list[OpenSocket]:
                     raw = data[body + _DIAG_SOURCE : body + _DIAG_SOURCE + size]
                     address = str(ipaddress.ip_address(raw))
                     uid, inode = _DIAG_OWNER.unpack_from(data, body + 64)
-                    found.append(OpenSocket(proto, address, port, uid, inode))
+                    cgroup = _cgroup_attribute(data, body + _DIAG_MESSAGE_SIZE, offset + length)
+                    found.append(OpenSocket(proto, address, port, uid, inode, cgroup))
                 offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def _cgroup_attribute(data: bytes, start: int, end: int) -> int:
+    while start + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(data, start)
+        if length < _ATTRIBUTE.size:
+            break
+        if kind == _INET_DIAG_CGROUP_ID and length >= _ATTRIBUTE.size + 8:
+            return int(struct.unpack_from("=Q", data, start + _ATTRIBUTE.size)[0])
+        start += (length + 3) & ~3
+    return 0
+
+
+def cgroup_paths(ids: set[int], base: Path = Path("/sys/fs/cgroup")) -> dict[int, str]:
+    """cgroup v2 id -> its path below base (e.g. "system.slice/nginx.service"): a cgroup's id is its
+    directory's inode number. What the agent may not read of a process's fds, its socket's cgroup tells."""
+    found: dict[int, str] = {}
+    wanted = set(ids) - {0}
+    if not (base / "cgroup.controllers").exists():  # not cgroup v2 there: its unified hierarchy, if any
+        base = base / "unified"
+        if not (base / "cgroup.controllers").exists():
+            return found
+    for directory, _, _ in os.walk(base):
+        if not wanted:
+            break
+        try:
+            inode = os.stat(directory).st_ino
+        except OSError:
+            continue
+        if inode in wanted:
+            wanted.discard(inode)
+            if directory != str(base):  # the root cgroup names no unit
+                found[inode] = os.path.relpath(directory, base)
+    return found
 
 
 def _proc_net_listeners() -> dict[int, tuple[int, int]]:

@@ -64,7 +64,21 @@ def test_udp_is_cut_unless_in_allow_udp() -> None:
 def test_a_process_the_agent_may_not_read_is_named_by_its_user() -> None:
     assert cut(FirewallConfig(), sock("tcp", "0.0.0.0", 8081, 99, uid=0)) == ["8081/tcp (user root)"]
     [unknown] = would_cut(FirewallConfig(), (22,), (sock("tcp", "::", 8081, 99, uid=4242),), names)
-    assert unknown.as_fact() == {"port": 8081, "proto": "tcp", "process": None, "user": "4242"}
+    assert unknown.as_fact() == {"port": 8081, "proto": "tcp", "process": None, "unit": None, "user": "4242"}
+
+
+def test_a_process_the_agent_may_not_read_is_named_by_its_sockets_systemd_unit(tmp_path: Path) -> None:
+    # the daemon has no CAP_SYS_PTRACE: root's nginx, holding more capabilities, hides its fds from it too
+    base = tmp_path / "cgroup"
+    (base / "system.slice/nginx.service").mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpu memory pids\n")
+    nginx = (base / "system.slice/nginx.service").stat().st_ino
+    root = base.stat().st_ino
+    assert netfilter.cgroup_paths({nginx, root, 0}, base) == {nginx: "system.slice/nginx.service"}
+    sockets = (OpenSocket("tcp", "0.0.0.0", 80, 0, 98, nginx), OpenSocket("tcp", "::", 80, 0, 99, nginx))
+    found = would_cut(FirewallConfig(), (22,), sockets, names, lambda ids: netfilter.cgroup_paths(ids, base))
+    assert [c.describe() for c in found] == ["80/tcp (nginx.service)"]
+    assert netfilter.cgroup_paths({nginx}, tmp_path) == {}  # no cgroup v2 there: nothing is guessed
 
 
 def test_the_report_note_names_the_cuts_and_the_command() -> None:
@@ -107,6 +121,8 @@ def test_status_facts_carry_would_cut_in_report_mode_only(
     if mode == "enforce":
         assert "would_cut" not in outcome.facts and seen == [] and control.report_note(outcome.facts) == ""
         return
-    assert outcome.facts["would_cut"] == [{"port": 80, "proto": "tcp", "process": "nginx", "user": "root"}]
+    assert outcome.facts["would_cut"] == [
+        {"port": 80, "proto": "tcp", "process": "nginx", "unit": None, "user": "root"}
+    ]
     assert seen == [(config.firewall, (22, 2222))]  # the config's allow rules, and every SSH port
     assert control.report_note(outcome.facts) == "report mode, would cut 80/tcp (nginx); sudo vps-agentctl enforce"

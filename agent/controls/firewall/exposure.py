@@ -25,13 +25,15 @@ class WouldCut:
     proto: str  # "tcp" or "udp"
     process: str | None  # the processes holding it ("nginx"), None where their fds cannot be read
     user: str  # the socket's owner
+    unit: str | None = None  # the systemd unit (or the cgroup) whose process made it ("nginx.service")
 
     def describe(self) -> str:
-        """e.g. "80/tcp (nginx)", or "8080/tcp (user www-data)" when the process cannot be named."""
-        return f"{self.port}/{self.proto} ({self.process or f'user {self.user}'})"
+        """e.g. "80/tcp (nginx)"; where the agent may not read the process's fds (another user's, or root's
+        with capabilities the agent lacks: no CAP_SYS_PTRACE) its unit, "80/tcp (nginx.service)"; else its user."""
+        return f"{self.port}/{self.proto} ({self.process or self.unit or f'user {self.user}'})"
 
     def as_fact(self) -> dict[str, Any]:
-        return {"port": self.port, "proto": self.proto, "process": self.process, "user": self.user}
+        return {"port": self.port, "proto": self.proto, "process": self.process, "unit": self.unit, "user": self.user}
 
 
 def allows(rules: Iterable[PortRule], port: int) -> bool:
@@ -44,6 +46,7 @@ def would_cut(
     ssh_ports: Iterable[int],
     sockets: Iterable[OpenSocket],
     processes: Callable[[set[int]], dict[int, set[str]]],
+    cgroups: Callable[[set[int]], dict[int, str]] = lambda ids: {},
 ) -> tuple[WouldCut, ...]:
     """The open sockets enforcing `firewall` would cut off, one per port and protocol, in port order."""
     ssh = set(ssh_ports)
@@ -55,19 +58,24 @@ def would_cut(
         and not (s.proto == "tcp" and s.port in ssh)
     ]
     names = processes({s.inode for s in exposed})
-    merged: dict[tuple[str, int], tuple[set[str], str]] = {}
+    paths = cgroups({s.cgroup for s in exposed if s.inode not in names})
+    merged: dict[tuple[str, int], tuple[set[str], set[str], str]] = {}
     for s in exposed:
-        held, user = merged.setdefault((s.proto, s.port), (set(), _user(s.uid)))
+        held, units, user = merged.setdefault((s.proto, s.port), (set(), set(), _user(s.uid)))
         held |= names.get(s.inode, set())
+        if s.cgroup in paths:
+            units.add(paths[s.cgroup].rsplit("/", 1)[-1])
     return tuple(
-        WouldCut(port, proto, ", ".join(sorted(held)) or None, user)
-        for (proto, port), (held, user) in sorted(merged.items(), key=lambda item: (item[0][1], item[0][0]))
+        WouldCut(port, proto, ", ".join(sorted(held)) or None, user, ", ".join(sorted(units)) or None)
+        for (proto, port), (held, units, user) in sorted(merged.items(), key=lambda item: (item[0][1], item[0][0]))
     )
 
 
 def read_would_cut(firewall: FirewallConfig, ssh_ports: Iterable[int]) -> tuple[WouldCut, ...]:
     """would_cut for this network namespace, now."""
-    return would_cut(firewall, ssh_ports, netfilter.open_sockets(), netfilter.socket_processes)
+    return would_cut(
+        firewall, ssh_ports, netfilter.open_sockets(), netfilter.socket_processes, netfilter.cgroup_paths
+    )
 
 
 def cut_text(cuts: Iterable[WouldCut]) -> str:
