@@ -113,7 +113,7 @@ VERBS = (
         (
             (0, "enforced (the config says so and the daemon reloaded it)"),
             (1, "refused: enforcing would cut off the listeners it names (nothing changed; --yes to cut them)"),
-            (2, "a bad config (nothing changed), the daemon rejected it, or not root"),
+            (2, "a bad config or firewall.enabled false (nothing changed), the daemon rejected it, or not root"),
             (3, "the daemon is unreachable: the file is changed, the daemon enforces when it starts"),
         ),
     ),
