@@ -107,3 +107,42 @@ def test_enforce_refuses_a_bad_config_with_its_file_line_error_and_changes_nothi
     assert f"{config}:3:3: firewall.alow_tcp" in err and "nothing changed" in err
     assert config.read_text() == "firewall:\n  mode: report\n  alow_tcp: [80]\n"
     assert os.stat(config).st_ino == before.st_ino and os.stat(config).st_mtime_ns == before.st_mtime_ns
+
+
+def _fake_root_config(tmp_path: Path, text: str) -> Path:
+    config = tmp_path / "etc/vps-agent/config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(text)
+    return config
+
+
+def test_enforce_refuses_to_cut_a_listener_without_yes_and_cuts_it_with_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import cli
+    from agent.controls.firewall.exposure import WouldCut
+
+    nginx = WouldCut(80, "tcp", None, "root", "nginx.service")
+    monkeypatch.setattr(cli, "read_would_cut", lambda firewall, ssh: (nginx,))
+    config = _fake_root_config(tmp_path, ADMINS)
+    socket = str(tmp_path / "no.sock")
+    assert main(["--root", str(tmp_path), "--socket", socket, "enforce"]) == cli.EXIT_DRIFT
+    assert "would cut off 80/tcp (nginx.service); nothing changed" in capsys.readouterr().err
+    assert config.read_text() == ADMINS
+    # --yes: the file is edited in place; the daemon is down here (3): it enforces when it starts
+    assert main(["--root", str(tmp_path), "--socket", socket, "enforce", "--yes"]) == cli.EXIT_UNREACHABLE
+    out = capsys.readouterr()
+    assert "cutting off 80/tcp (nginx.service) (--yes)" in out.out and "enforces when it starts" in out.err
+    assert config.read_text() == ADMINS.replace("mode: report   # until", "mode: enforce   # until")
+
+
+def test_enforce_with_nothing_to_cut_just_enforces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import cli
+
+    monkeypatch.setattr(cli, "read_would_cut", lambda firewall, ssh: ())
+    config = _fake_root_config(tmp_path, "firewall: {mode: report, allow_tcp: [80]}\n")
+    assert main(["--root", str(tmp_path), "--socket", str(tmp_path / "no.sock"), "enforce"]) == cli.EXIT_UNREACHABLE
+    assert config.read_text() == "firewall: {mode: enforce, allow_tcp: [80]}\n"
+    assert f"{config}: firewall.mode: enforce" in capsys.readouterr().out
