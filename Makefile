@@ -59,11 +59,17 @@ soak:  ## the real daemon for an hour (SOAK_MINUTES=N) under random tampers, as 
 # is added and agent.__version__ set to it (so `vps-agent --version` tells the packages apart);
 # packaging/debian/changelog and agent/__init__.py are never touched. VERSION counts only on the
 # command line, so a VERSION variable in the environment cannot change what gets built.
-DEB_CHANGELOG_VERSION = $(shell dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+# Without dpkg-dev (dpkg-parsechangelog, dpkg-buildpackage) or lintian it says which package to install.
+DEB_CHANGELOG_VERSION = $(shell command -v dpkg-parsechangelog >/dev/null && \
+  dpkg-parsechangelog -l packaging/debian/changelog -S Version)
 DEB_VERSION = $(if $(filter command line,$(origin VERSION)),$(VERSION),$(DEB_CHANGELOG_VERSION))
 DEB_TREE = build/vps-agent-$(DEB_VERSION)
 
 deb:
+	@missing=; for need in dpkg-parsechangelog:dpkg-dev dpkg-buildpackage:dpkg-dev lintian:lintian; do \
+	  command -v $${need%%:*} >/dev/null || case " $$missing " in *" $${need#*:} "*) ;; *) missing="$$missing $${need#*:}";; esac; \
+	done; [ -z "$$missing" ] || { \
+	  echo "make deb needs$$missing (apt-get install$$missing, or \`sudo make deps\` for all that make test needs)" >&2; exit 2; }
 	@printf '%s\n' '$(DEB_VERSION)' | grep -Eqx '[0-9][A-Za-z0-9.+~]*' || { \
 	  echo "make deb: '$(DEB_VERSION)' is not a native package version (digits first, then A-Za-z0-9.+~)" >&2; exit 2; }
 	rm -rf $(DEB_TREE) $(DEB_TREE).files build/vps-agent_$(DEB_VERSION)_*

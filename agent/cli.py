@@ -4,7 +4,6 @@ error, 3 daemon unreachable."""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from collections.abc import Iterable
@@ -12,21 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import Config, ConfigError, load_config, parse_duration
+from agent.config import ConfigError, load_config, parse_duration
+from agent.console.codes import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE
+from agent.console.enforce import enforce
 from agent.console.events import event_lines
 from agent.console.help import VERBS
+from agent.console.local import local_outcomes, outcome_row
 from agent.console.status import render_check, render_status, render_table, render_updates
 from agent.console.text import Terminal, until
-from agent.controls.base import Control
 from agent.engine import transaction as tx
-from agent.engine.runner import DISABLED, FLAPPING, PAUSED, STARTING, WAITING
-from agent.events import null_events
+from agent.engine.runner import FLAPPING, PAUSED, STARTING, WAITING
 from agent.ipc import DaemonUnreachable, IpcClient, IpcError
 from agent.paths import SystemRoot
-from agent.system import fs, namespace
-from agent.system.run import concurrently
+from agent.system import fs
 
-EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
 _ERROR_STATUSES = {tx.BLOCKED, tx.FAILED, tx.ERROR}
 _DRIFT_STATUSES = {tx.DRIFTED, tx.PENDING, FLAPPING, STARTING, WAITING}
 
@@ -173,11 +171,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
             print(f"vps-agentctl: --for {args.duration!r}: expected a duration like 30m, 1h, 1d", file=sys.stderr)
             return EXIT_ERROR
     result = _client(args).call("pause", control=args.control, **{"for": args.duration})
-    lasting = (
-        "until `vps-agentctl resume`"
-        if result["until"] is None
-        else f"until {until(result['until'])}"
-    )
+    lasting = "until `vps-agentctl resume`" if result["until"] is None else f"until {until(result['until'])}"
     print(f"paused {', '.join(result['paused'])} {lasting}: drift is reported, not reverted")
     return EXIT_OK
 
@@ -206,58 +200,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_enforce(args: argparse.Namespace) -> int:
+    return enforce(SystemRoot.at(args.root), args.yes, lambda: _client(args).call("reload"))
+
+
 # verbs that work without the daemon ----------------------------------------------------------------------
 
 
-def _local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]] | int:
-    from agent.wiring import build_controls, transaction_context
-
-    root = SystemRoot.at(args.root)
-    every = build_controls(root)
-    controls = [c for c in every if args.control in (None, c.name)]
-    if not controls:
-        names = ", ".join(c.name for c in every)
-        print(f"vps-agentctl: no control named {args.control!r}; controls: {names}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        config = load_config(Path(args.config) if args.config else root.config_file)
-        namespace.isolate_fake_root(root)
-    except (ConfigError, namespace.NamespaceError) as exc:
-        print(f"vps-agentctl: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    ctx = transaction_context(root, config, null_events())
-
-    def outcome(control: Control) -> tx.Outcome:
-        if not control.enabled(config):
-            return tx.Outcome(control.name, DISABLED, "disabled in the config")
-        return tx.converge(control, config, ctx, reason="check", heal=False)
-
-    # independent, and mostly waiting for their tools (sshd -T, iptables-save, fail2ban-client -d): at once
-    return config, concurrently([functools.partial(outcome, control) for control in controls])
-
-
-def _outcome_row(outcome: tx.Outcome) -> dict[str, Any]:
-    return {
-        "control": outcome.control,
-        "status": outcome.status,
-        "why": outcome.detail if outcome.status != tx.COMPLIANT else "",
-        "facts": outcome.facts,
-        "drift": [i.describe() for i in outcome.drift.items] if outcome.drift else [],
-        "blocked": list(outcome.blocked.reasons) if outcome.blocked else [],
-        "held": [
-            {"setting": h.setting, "reason": h.reason, "unblock": h.unblock, "needs": h.needs}
-            for h in (outcome.held.settings if outcome.held else ())
-        ],
-        "plan": list(outcome.changes.notes) if outcome.changes else [],
-        "duration_ms": outcome.duration_ms,
-    }
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    result = _local_outcomes(args)
+    result = local_outcomes(args)
     if isinstance(result, int):
         return result
-    rows = [_outcome_row(o) for o in result[1]]
+    rows = [outcome_row(o) for o in result[1]]
     code = exit_code_for(rows)
     if args.json:
         _print_json({"controls": rows, "exit_code": code})
@@ -267,7 +221,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    result = _local_outcomes(args)
+    result = local_outcomes(args)
     if isinstance(result, int):
         return result
     code = EXIT_OK
@@ -356,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         verbs[name].add_argument("control", nargs="?", help=f"only this control: {controls} (default: all)")
         verbs[name].set_defaults(func=func)
     verbs["reload"].set_defaults(func=cmd_reload)
+    enforce = verbs["enforce"]
+    enforce.add_argument("--yes", action="store_true", help="enforce even though listeners would be cut off")
+    enforce.set_defaults(func=cmd_enforce)
     verbs["confirm"].set_defaults(func=cmd_confirm)
 
     upgrade = verbs["upgrade"]

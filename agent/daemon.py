@@ -46,6 +46,7 @@ class Daemon:
         # self-pipe: a signal handler may not take locks (Event.set could deadlock the main thread)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.config_error: str | None = None
+        self.config_missing = False  # started with no config file: on the defaults
         config = self._initial_config()
         self.events = ev.Events(
             ev.EventSinks(
@@ -71,7 +72,11 @@ class Daemon:
         self.engine.converge_listeners.append(self.outputs.changed)
 
     def _initial_config(self) -> Config:
-        """The config file, or the last good one when the file is broken: the guards never go unmanned."""
+        """The config file, or the last good one when the file is broken: the guards never go unmanned.
+        No file at all (the admin removed it) means the defaults, as for `vps-agentctl check`, and a warning."""
+        if not os.path.lexists(self.config_path):
+            self.config_missing = True
+            return Config(source=str(self.config_path))
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
@@ -116,6 +121,14 @@ class Daemon:
                 file_path=str(self.config_path),
                 message=f"config rejected, running on the last good config: {self.config_error}",
                 error=self.config_error,
+            )
+        if self.config_missing:
+            self.events.emit(
+                ev.CONFIG_MISSING,
+                outcome="unknown",
+                level="warning",
+                file_path=str(self.config_path),
+                message=f"{self.missing_note()} (write it, then `vps-agentctl reload`)",
             )
         recovery.at_start_up(self.root, self.engine.ctx, [r.control for r in self.engine.runners.values()])
         self.ipc.start()
@@ -197,6 +210,7 @@ class Daemon:
             self.notifier.ready(self.summary())
             return {"ok": False, "error": str(exc)}
         self.config_error = None
+        self.config_missing = False
         self._remember_good_config()
         self.engine.ctx.backups.keep = config.backups.keep
         self.proofs.port_move_for(config)
@@ -208,6 +222,9 @@ class Daemon:
         )
         self.notifier.ready(self.summary())
         return {"ok": True}
+
+    def missing_note(self) -> str:
+        return f"no {self.config_path}: running on the defaults"
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -254,7 +271,11 @@ class Daemon:
             "pid": os.getpid(),
             "root": str(self.root.prefix),
             "started_at": self.engine.started_at,
-            "config": {"path": str(self.config_path), "error": self.config_error},
+            "config": {
+                "path": str(self.config_path),
+                "error": self.config_error,
+                "missing": self.missing_note() if self.config_missing else None,
+            },
             "reconcile_interval": format_duration(config.engine.reconcile_interval),
             "watched": self.engine.watched(),
             "events_file_error": self.events.sinks.file_error,

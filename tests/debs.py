@@ -55,3 +55,32 @@ def built_deb(version: str | None = None) -> Path:
         make_deb(*([f"VERSION={version}"] if version else []))
     assert path.is_file(), f"make deb did not leave {path}"
     return path
+
+
+# The packages users have installed, by version: the commit each was built from. 0.1.0 shipped
+# /etc/vps-agent/config.yaml as a conffile (the upgrade away from that is tested on a VPS).
+RELEASED = {"0.1.0": "17081d692417146986d17e5f144a0348fe81f752"}
+
+
+def released_deb(version: str) -> Path:
+    """The .deb of a released version, built once from its commit into build/released-VERSION/ (a copy of
+    that tree made its own git repository, so `make deb`'s git ls-files sees exactly that tree)."""
+    tree = REPO / "build" / f"released-{version}"
+    deb = tree / "build" / f"vps-agent_{version}_all.deb"
+    if deb.is_file():
+        return deb
+    if tree.exists():
+        subprocess.run(["rm", "-rf", str(tree)], check=True)
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", RELEASED[version]], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    commit = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", version]
+    for argv in (["init", "-q"], ["add", "-A"], commit):
+        done = run("git", *argv, cwd=tree)
+        assert done.returncode == 0, done.stderr
+    env = {**make_env(), "DEB_BUILD_OPTIONS": "nocheck"}  # its unit tests passed when it was released
+    done = run("make", "deb", cwd=tree, env=env)
+    if done.returncode != 0:
+        pytest.fail(f"make deb of {version} failed ({done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr}")
+    assert deb.is_file(), f"make deb did not leave {deb}"
+    return deb

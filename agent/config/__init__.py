@@ -9,10 +9,12 @@ was expected and what was found, and a file's errors are reported all at once (C
   nodes.py      the node walker and the scalar parsers every section shares
   fields.py     the validators of single fields (sshd options, port rules, schedules, keys, syslog)
   durations.py  "10m" <-> 600.0
+  edit.py       one key of a file set in place, the rest byte-identical (vps-agentctl enforce)
   errors.py     ConfigError, ConfigErrors
 """
 
 from agent.config.durations import MAX_DURATION, format_duration, parse_duration
+from agent.config.edit import UneditableConfig, set_key
 from agent.config.errors import ConfigError, ConfigErrors, Described
 from agent.config.loader import MAX_CONFIG_BYTES, load_config, locate_key, parse_config
 from agent.config.schema import (
@@ -54,6 +56,7 @@ __all__ = [
     "SshConfig",
     "SysctlConfig",
     "SyslogConfig",
+    "UneditableConfig",
     "UpdatesConfig",
     "default_config",
     "format_duration",
@@ -61,4 +64,5 @@ __all__ = [
     "locate_key",
     "parse_config",
     "parse_duration",
+    "set_key",
 ]

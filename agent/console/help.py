@@ -103,6 +103,21 @@ VERBS = (
         ((0, "reloaded"), (2, "the config was rejected, or not root"), UNREACHABLE),
     ),
     Verb(
+        "enforce",
+        "switch the firewall guard from report mode to enforce (the first install starts in report)",
+        "Set firewall.mode: enforce in /etc/vps-agent/config.yaml (that value only, edited in place: comments "
+        "and every other key stay as they are; the file is validated first and replaced atomically), then "
+        "reload the daemon. While something listens on a port the enforced firewall would drop (not in "
+        "firewall.allow_tcp/allow_udp, not SSH), it names them and refuses, unless --yes.",
+        "root (edits the config, reloads the daemon)",
+        (
+            (0, "enforced (the config says so and the daemon reloaded it)"),
+            (1, "refused: enforcing would cut off the listeners it names (nothing changed; --yes to cut them)"),
+            (2, "a bad config or firewall.enabled false (nothing changed), the daemon rejected it, or not root"),
+            (3, "the daemon is unreachable: the file is changed, the daemon enforces when it starts"),
+        ),
+    ),
+    Verb(
         "confirm",
         "vouch for what waits for proof: the new SSH port works, a sudo admin's key logs in",
         "Vouch for what waits for proof: the new SSH port works (the old one closes), a sudo admin's key logs "

@@ -128,6 +128,8 @@ def render_status(status: dict[str, Any], terminal: Terminal) -> str:
         problems.append(f"events file not written: {status['events_file_error']}")
     problems += output_problems(status.get("outputs") or {})
     lines += [terminal.paint(terminal.fit(p), RED) for p in problems]
+    if status["config"].get("missing"):
+        lines.append(terminal.paint(terminal.fit(status["config"]["missing"]), YELLOW))
     lines.append(render_table(status["controls"], terminal))
     if status.get("port_move"):
         lines.append(terminal.paint(terminal.fit(render_port_move(status["port_move"])), YELLOW))

@@ -274,6 +274,10 @@ class Control(ABC):
         """A few observed facts for `status` (e.g. the port sshd really uses)."""
         return {}
 
+    def report_note(self, facts: dict[str, Any]) -> str:
+        """In report mode, the status detail from these facts (e.g. what enforcing would cut off), or ""."""
+        return ""
+
 
 def unified(before: str, after: str, label: str) -> str:
     lines = difflib.unified_diff(

@@ -230,7 +230,8 @@ class ControlRunner:
             elif (held_until := self.flaps.hold_until(self._last_trigger)) is not None:
                 wake_at = max(wake_at, held_until)
             if now >= wake_at:
-                if self._pending is None and now < reconcile_due and not self._poll_finds_a_change(config):
+                polled = self._fingerprint(config) if self._pending is None and now < reconcile_due else None
+                if polled is not None and polled == self._polled:  # the poll finds nothing changed
                     self._last_poll = now
                     continue
                 reason = self._pending or ("periodic reconcile" if now >= reconcile_due else "poll: a change")
@@ -238,10 +239,6 @@ class ControlRunner:
                 return reason
             self._cond.wait(timeout=min(max(wake_at - now, 0.001), 3600.0))
         return None
-
-    def _poll_finds_a_change(self, config: Config) -> bool:
-        now = self._fingerprint(config)
-        return now is None or now != self._polled
 
     def _fingerprint(self, config: Config) -> object | None:
         try:
@@ -323,8 +320,10 @@ class ControlRunner:
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))
                 self._reports.unreverted_drift(outcome, "while paused")
             elif report_only:
-                why = "report mode: drift is reported, not reverted"
-                self._set_status(outcome.status, why + (f"; {outcome.detail}" if outcome.detail else ""))
+                why = self.control.report_note(outcome.facts) or "report mode: drift is reported, not reverted" + (
+                    f"; {outcome.detail}" if outcome.detail else ""
+                )
+                self._set_status(outcome.status, why)
                 self._reports.unreverted_drift(outcome, "in report mode")
             elif outcome.status == tx.HEALED:
                 self.state.heals += 1

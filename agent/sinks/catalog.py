@@ -30,6 +30,9 @@ CATALOG: dict[str, EventType] = {
     "config-rejected": EventType(
         "0610bf5cf1e94e3393a7c400b159bb9e", ("configuration",), ("error",), "vps-agent configuration rejected"
     ),
+    "config-missing": EventType(
+        "fcb2738f738045f9a5a3ea06882c19e1", ("configuration",), ("info",), "vps-agent on the defaults: no config file"
+    ),
     "drift-detected": EventType(
         "09f35bf5f74d412387379352eb40bdd4", ("configuration",), ("change",), "Drift from the baseline detected"
     ),

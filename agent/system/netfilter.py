@@ -1,11 +1,13 @@
 """The door to the kernel's packet filter: which iptables flavour is in use, its save/restore tools,
-the netlink group that announces every ruleset change, and the TCP ports processes listen on."""
+the netlink group that announces every ruleset change, and the sockets processes listen on."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +172,7 @@ def tcp_listening(process_name: str, executables: frozenset[str], proc: Path = P
                 exe = None  # non-dumpable: its fds are hidden too, below
             if exe is not None and exe not in executables:
                 continue
-            for fd in os.scandir(f"{entry.path}/fd"):
-                target = os.readlink(fd.path)
-                if target.startswith("socket:["):
-                    sockets.add(int(target[8:-1]))
+            sockets |= _socket_inodes(entry.path)
         except PermissionError:
             hidden = True  # EACCES/EPERM: a non-dumpable process and no CAP_SYS_PTRACE
         except OSError:
@@ -186,6 +185,20 @@ def tcp_listening(process_name: str, executables: frozenset[str], proc: Path = P
     return Listening(ports, hidden, root_ports)
 
 
+def _socket_inodes(process: str) -> set[int]:
+    """The inodes of the sockets in a process's fd table (PermissionError: non-dumpable, or another
+    user's process and no CAP_SYS_PTRACE)."""
+    found = set()
+    for fd in os.scandir(f"{process}/fd"):
+        try:
+            target = os.readlink(fd.path)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def _runs_as_root(process: Path) -> bool:
     """Real and effective uid 0 (/proc/PID/status: world-readable, even for a non-dumpable process)."""
     with open(process / "status") as status:
@@ -196,33 +209,68 @@ def _runs_as_root(process: Path) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class OpenSocket:
+    """A socket that takes packets from anyone: a listening TCP socket, or an unconnected bound UDP one."""
+
+    proto: str  # "tcp" or "udp"
+    address: str  # the local address, e.g. 0.0.0.0, ::, 10.0.0.5
+    port: int
+    uid: int  # its owner
+    inode: int
+    cgroup: int = 0  # the cgroup (v2) id of the process that made it (sock_diag's INET_DIAG_CGROUP_ID), 0: unknown
+
+    @property
+    def loopback(self) -> bool:
+        address = ipaddress.ip_address(self.address)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.is_loopback
+
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_DUMP_REQUEST = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_LISTEN = 10
+_UDP_UNCONNECTED = 7  # TCP_CLOSE: a bound UDP socket with no peer (a connected one is TCP_ESTABLISHED)
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _DIAG_REQUEST = struct.Struct("=BBBBI48x")  # struct inet_diag_req_v2: family, protocol, ext, pad, states, id
 _DIAG_PORT = struct.Struct("!H")  # inet_diag_msg.id.idiag_sport, at 4
+_DIAG_SOURCE = 8  # inet_diag_msg.id.idiag_src: 16 bytes (an IPv4 address in the first 4)
 _DIAG_OWNER = struct.Struct("=II")  # inet_diag_msg.idiag_uid and idiag_inode, at 64
 _DIAG_MESSAGE_SIZE = 72  # struct inet_diag_msg
+_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr: length, type (after inet_diag_msg, 4-aligned)
+_INET_DIAG_CGROUP_ID = 21  # a u64 the kernel adds (5.7+) to every socket it reports
+_PROTOCOLS = {"tcp": (socket.IPPROTO_TCP, _TCP_LISTEN), "udp": (socket.IPPROTO_UDP, _UDP_UNCONNECTED)}
 
 
 def tcp_listeners() -> dict[int, tuple[int, int]]:
     """socket inode -> (port, owner uid) of every listening TCP socket (IPv4 and IPv6) in this network
     namespace. Asks sock_diag for listening sockets only (0.05 ms); reading /proc/net/tcp and tcp6
     walks the whole connection hash table, 6.6 ms on a 2-CPU VM holding 4 sockets (measured)."""
-    try:
-        return {**_sock_diag_listeners(socket.AF_INET), **_sock_diag_listeners(socket.AF_INET6)}
-    except OSError:
-        return _proc_net_listeners()  # a kernel without inet_diag
+    return {s.inode: (s.port, s.uid) for s in open_sockets(("tcp",))}
 
 
-def _sock_diag_listeners(family: int) -> dict[int, tuple[int, int]]:
-    found: dict[int, tuple[int, int]] = {}
+def open_sockets(protos: tuple[str, ...] = ("tcp", "udp")) -> list[OpenSocket]:
+    """Every listening TCP and unconnected bound UDP socket (IPv4 and IPv6) in this network namespace,
+    loopback ones included: sock_diag, or /proc/net/* on a kernel without inet_diag."""
+    found: list[OpenSocket] = []
+    for proto in protos:
+        try:
+            found += _sock_diag(socket.AF_INET, proto) + _sock_diag(socket.AF_INET6, proto)
+        except OSError:
+            found += _proc_net_sockets(proto)
+    return found
+
+
+def _sock_diag(family: int, proto: str) -> list[OpenSocket]:
+    found: list[OpenSocket] = []
+    protocol, state = _PROTOCOLS[proto]
+    size = 4 if family == socket.AF_INET else 16
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(5.0)  # the kernel answers at once; a timeout is an OSError: /proc/net/tcp then
-        request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+        request = _DIAG_REQUEST.pack(family, protocol, 0, 0, 1 << state)
         sock.sendto(
             _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, 1, 0) + request, (0, 0)
         )
@@ -239,23 +287,95 @@ def _sock_diag_listeners(family: int) -> dict[int, tuple[int, int]]:
                     raise OSError(error, f"sock_diag: {os.strerror(error) if error else 'a malformed message'}")
                 if kind == SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _DIAG_MESSAGE_SIZE:
                     (port,) = _DIAG_PORT.unpack_from(data, body + 4)
+                    raw = data[body + _DIAG_SOURCE : body + _DIAG_SOURCE + size]
+                    address = str(ipaddress.ip_address(raw))
                     uid, inode = _DIAG_OWNER.unpack_from(data, body + 64)
-                    found[inode] = (port, uid)
+                    cgroup = _cgroup_attribute(data, body + _DIAG_MESSAGE_SIZE, offset + length)
+                    found.append(OpenSocket(proto, address, port, uid, inode, cgroup))
                 offset += (length + 3) & ~3  # NLMSG_ALIGN
 
 
+def _cgroup_attribute(data: bytes, start: int, end: int) -> int:
+    while start + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(data, start)
+        if length < _ATTRIBUTE.size:
+            break
+        if kind == _INET_DIAG_CGROUP_ID and length >= _ATTRIBUTE.size + 8:
+            return int(struct.unpack_from("=Q", data, start + _ATTRIBUTE.size)[0])
+        start += (length + 3) & ~3
+    return 0
+
+
+def cgroup_paths(ids: set[int], base: Path = Path("/sys/fs/cgroup")) -> dict[int, str]:
+    """cgroup v2 id -> its path below base (e.g. "system.slice/nginx.service"): a cgroup's id is its
+    directory's inode number. What the agent may not read of a process's fds, its socket's cgroup tells."""
+    found: dict[int, str] = {}
+    wanted = set(ids) - {0}
+    if not (base / "cgroup.controllers").exists():  # not cgroup v2 there: its unified hierarchy, if any
+        base = base / "unified"
+        if not (base / "cgroup.controllers").exists():
+            return found
+    for directory, _, _ in os.walk(base):
+        if not wanted:
+            break
+        try:
+            inode = os.stat(directory).st_ino
+        except OSError:
+            continue
+        if inode in wanted:
+            wanted.discard(inode)
+            if directory != str(base):  # the root cgroup names no unit
+                found[inode] = os.path.relpath(directory, base)
+    return found
+
+
 def _proc_net_listeners() -> dict[int, tuple[int, int]]:
-    found: dict[int, tuple[int, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    return {s.inode: (s.port, s.uid) for s in _proc_net_sockets("tcp")}
+
+
+def _proc_net_sockets(proto: str) -> list[OpenSocket]:
+    state = "0A" if proto == "tcp" else "07"  # TCP_LISTEN; TCP_CLOSE for an unconnected UDP socket
+    found: list[OpenSocket] = []
+    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(table) as lines:
                 next(lines, None)
                 for line in lines:
                     fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                        found[int(fields[9])] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[7]))
+                    if len(fields) > 9 and fields[3] == state:
+                        address, port = fields[1].rsplit(":", 1)
+                        uid, inode = int(fields[7]), int(fields[9])
+                        found.append(OpenSocket(proto, _proc_address(address), int(port, 16), uid, inode))
         except OSError:
             continue
+    return found
+
+
+def _proc_address(text: str) -> str:
+    """/proc/net/tcp's address: the kernel's 32-bit words in host byte order, as hex."""
+    raw = bytes.fromhex(text)
+    words = [raw[i : i + 4] for i in range(0, len(raw), 4)]
+    return str(ipaddress.ip_address(b"".join(w[::-1] if sys.byteorder == "little" else w for w in words)))
+
+
+def socket_processes(inodes: set[int], proc: Path = Path("/proc")) -> dict[int, set[str]]:
+    """socket inode -> the names of the processes holding it. A process whose fd table the agent may
+    not read (another user's, without CAP_SYS_PTRACE; a non-dumpable one) is missing from the answer."""
+    found: dict[int, set[str]] = {}
+    if not inodes:
+        return found
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            held = _socket_inodes(entry.path) & inodes
+            if held:
+                with open(f"{entry.path}/comm") as comm:
+                    name = comm.read().strip()
+                for inode in held:
+                    found.setdefault(inode, set()).add(name)
+        except OSError:
+            continue  # not ours to read, or the process ended
     return found
 
 

@@ -69,11 +69,14 @@ class Sandbox:
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    def create(self, debs: Iterable[Path | str] = (), admin: str = "key") -> None:
+    def create(self, debs: Iterable[Path | str] = (), admin: str = "key", config: Path | None = None) -> None:
         """A fresh copy of the base (built first if not cached: about a minute), each .deb installed.
         admin: "key" (a sudo admin with a password and the client's key), "password" (no ~/.ssh, as
-        `adduser` leaves it) or "none" (no admin; root has the client's key)."""
+        `adduser` leaves it) or "none" (no admin; root has the client's key). config: a file placed as
+        /etc/vps-agent/config.yaml before the .debs are installed (None: none, a first install's)."""
         args = ["create", str(self.root), "--admin", admin]
+        if config is not None:
+            args += ["--config", str(config)]
         for deb in debs:
             args += ["--deb", str(deb)]
         self._script(args, timeout=900, suite=self.suite)

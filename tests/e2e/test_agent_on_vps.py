@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ ssh:
   password_authentication: false
 """
 FIREWALL_CHAIN = "vps-agent-input"
+ENFORCING_CONFIG = Path(__file__).resolve().parents[2] / "config.example.yaml"  # firewall.mode: enforce
 BLOCKED_PORT = 8080  # not in the config: the default-deny INPUT drops it until firewall.allow_tcp names it
 
 
@@ -131,13 +133,19 @@ def prove_key_login(vps: Sandbox, port: int = 22) -> None:
 
 @contextmanager
 def agent_vps(
-    factory: pytest.TempPathFactory, name: str, admin: str = "key", release: str = "bookworm"
+    factory: pytest.TempPathFactory,
+    name: str,
+    admin: str = "key",
+    release: str = "bookworm",
+    config: Path | None = ENFORCING_CONFIG,
 ) -> Iterator[Sandbox]:
     """A fresh Debian VPS of `release`, the .deb installed before first boot, booted, the agent active;
-    destroyed when the block ends. admin: the sandbox's admin (Sandbox.create)."""
+    destroyed when the block ends. admin: the sandbox's admin (Sandbox.create). config: placed before the
+    install; the default, the example (every guard enforcing, the firewall too), is what these tests
+    start from; None: a first install's own (its firewall in report mode: test_first_install_on_vps.py)."""
     require_root_and_tools(*TOOLS)
     sandbox = Sandbox(factory.mktemp(f"{name}-{release}") / "root", release)
-    sandbox.create(debs=[built_deb()], admin=admin)
+    sandbox.create(debs=[built_deb()], admin=admin, config=config)
     try:
         sandbox.boot()
         wait_for("vps-agent.service to be active", lambda: agent_active(sandbox), 60)

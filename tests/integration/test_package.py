@@ -102,10 +102,12 @@ def test_no_public_module_and_nothing_that_does_not_belong(contents: dict[str, t
     assert {owner for _, owner in contents.values()} == {"root/root"}
 
 
-def test_unit_conffile_manpages_logrotate_completion(contents: dict[str, tuple[str, str]]) -> None:
+def test_unit_example_config_manpages_logrotate_completion(contents: dict[str, tuple[str, str]]) -> None:
     assert "/usr/lib/systemd/system/vps-agent.service" in contents
+    # the config is the admin's (the postinst writes it on a first install): the package ships only the example
+    assert "/etc/vps-agent/config.yaml" not in contents
     for path in (
-        "/etc/vps-agent/config.yaml",
+        "/usr/share/vps-agent/config.example.yaml",
         "/etc/logrotate.d/vps-agent",
         "/usr/share/man/man8/vps-agent.8.gz",
         "/usr/share/man/man8/vps-agentctl.8.gz",
@@ -119,7 +121,8 @@ def test_unit_conffile_manpages_logrotate_completion(contents: dict[str, tuple[s
 
 
 def test_shipped_files_are_the_sources(unpacked: Path, contents: dict[str, tuple[str, str]]) -> None:
-    assert (unpacked / "etc/vps-agent/config.yaml").read_bytes() == (REPO / "config.example.yaml").read_bytes()
+    example = unpacked / "usr/share/vps-agent/config.example.yaml"
+    assert example.read_bytes() == (REPO / "config.example.yaml").read_bytes()
     unit_path = next(n for n in contents if n.endswith("/systemd/system/vps-agent.service"))
     unit = (unpacked / unit_path.lstrip("/")).read_text()
     assert unit == (REPO / "systemd/vps-agent.service").read_text()
@@ -158,7 +161,8 @@ def test_control_fields(deb: Path) -> None:
 
 def test_conffiles(control_dir: Path) -> None:
     conffiles = (control_dir / "conffiles").read_text().split()
-    assert "/etc/vps-agent/config.yaml" in conffiles
+    # not a conffile: a config placed before the install is the admin's, and dpkg asks nothing about it
+    assert "/etc/vps-agent/config.yaml" not in conffiles
     assert "/etc/logrotate.d/vps-agent" in conffiles
 
 
@@ -181,6 +185,8 @@ def test_maintainer_scripts(control_dir: Path) -> None:
     purge = re.search(r"^\s*purge\)\n(.*?)^\s*;;", code, re.MULTILINE | re.DOTALL)
     assert purge, "postrm has no purge branch"
     assert "rm -rf /var/lib/vps-agent /var/log/vps-agent" in purge.group(1)
+    assert 'rm -f "$DPKG_ROOT/etc/vps-agent/config.yaml"' in purge.group(1)  # the postinst's file, not dpkg's
+    assert "write_first_config" in postinst and "/usr/share/vps-agent/config.example.yaml" in postinst
     # purge never undoes the hardening: no command in any script touches /etc/ssh
     for script in ("postinst", "prerm", "postrm"):
         text = (control_dir / script).read_text()
@@ -240,8 +246,9 @@ def test_launchers_run_the_private_modules(unpacked: Path, tmp_path: Path, decoy
     assert version.stdout.strip() == f"vps-agent {field(deb, 'Version')}"
     helped = run_launcher(ctl, "--help", decoy=decoy)
     assert helped.returncode == 0 and "validate-config" in helped.stdout, helped.stderr
-    # the shipped conffile is valid for the shipped code
-    valid = run_launcher(ctl, "validate-config", str(unpacked / "etc/vps-agent/config.yaml"), decoy=decoy)
+    # the shipped example is valid for the shipped code
+    example = unpacked / "usr/share/vps-agent/config.example.yaml"
+    valid = run_launcher(ctl, "validate-config", str(example), decoy=decoy)
     assert valid.returncode == 0, valid.stdout + valid.stderr
     # the exit code of main() is the launcher's: 3 = daemon unreachable
     unreachable = run_launcher(ctl, "--socket", str(tmp_path / "no.sock"), "status", decoy=decoy)

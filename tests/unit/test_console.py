@@ -144,6 +144,27 @@ def test_status_shows_output_lines_only_when_something_is_wrong_with_them() -> N
     assert "metrics NOT written: the directory is gone" in render_status(status, Terminal()).splitlines()[2]
 
 
+def test_status_says_when_the_daemon_runs_on_the_defaults_for_want_of_a_config_file() -> None:
+    missing = "no /etc/vps-agent/config.yaml: running on the defaults"
+    status: dict[str, Any] = {
+        "version": "1.0",
+        "host": "vps",
+        "pid": 1,
+        "started_at": NOW - 5,
+        "config": {"error": None, "missing": missing},
+        "controls": GUARDS,
+    }
+    assert render_status(status, Terminal()).splitlines()[2] == missing
+    status["config"]["missing"] = None
+    assert missing not in render_status(status, Terminal())
+
+
+def test_the_verdict_names_what_the_reporting_firewall_would_cut() -> None:
+    note = "report mode, would cut 80/tcp (nginx.service); sudo vps-agentctl enforce"
+    text = verdict([item("ssh", "compliant"), item("firewall", "drifted", why=note)])[0]
+    assert text == f"2 guards: 1 drifted, 1 compliant (firewall: {note})"
+
+
 def test_check_has_no_since_column_and_says_a_blocked_reason_once() -> None:
     why = "the agent is in the host's network namespace"
     rows = [{**item("firewall", "blocked", why=why), "blocked": [why]}, {**item("ssh", "compliant"), "blocked": []}]

@@ -198,8 +198,6 @@ def test_every_relative_link_resolves(page: str) -> None:
             continue  # https:, mailto:
         file, _, anchor = target.partition("#")
         dest = (path.parent / file).resolve() if file else path
-        if dest == DOCS / "first-install.md" and not dest.exists():
-            continue  # written on the issue19-install branch (the safe first install)
         if not dest.exists() or (anchor and anchor not in anchors(dest)):
             broken.append(target)
     assert broken == []

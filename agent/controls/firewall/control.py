@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agent.config import Config, format_duration
+from agent.config import Config, FirewallConfig, format_duration
 from agent.controls.base import (
     Blocked,
     Changes,
@@ -38,6 +38,7 @@ from agent.controls.base import (
     WatchSpec,
     unified,
 )
+from agent.controls.firewall.exposure import WouldCut, read_would_cut, report_note
 from agent.controls.firewall.rules import (
     CHAIN,
     ESTABLISHED,
@@ -77,6 +78,7 @@ class FirewallControl(Control):
         listening_ports: Callable[[], frozenset[int]] | None = None,
         in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
         moves: PortMoves | None = None,
+        would_cut: Callable[[FirewallConfig, tuple[int, ...]], tuple[WouldCut, ...]] = read_would_cut,
     ) -> None:
         super().__init__(root)
         self.moves = moves or PortMoves(root)
@@ -89,6 +91,8 @@ class FirewallControl(Control):
         self._ssh_ports: tuple[int, ...] = ()
         self._mode = "enforce"
         self._poll_interval = 1.0
+        self._firewall = FirewallConfig()
+        self._would_cut = would_cut  # in report mode: the listeners enforcing would cut off (exposure.py)
 
     def enabled(self, config: Config) -> bool:
         return config.firewall.enabled
@@ -103,8 +107,10 @@ class FirewallControl(Control):
         return (NetlinkGroup(netfilter.NETLINK_NETFILTER, netfilter.NFNLGRP_NFTABLES),)
 
     def poll_interval(self, config: Config) -> float | None:
-        # iptables-legacy announces nothing over netlink: look this often instead
-        return config.firewall.poll_interval if self.backend.name == "legacy" else None
+        # iptables-legacy announces nothing over netlink: look this often instead; in report mode, a new
+        # listener (sockets announce nothing either) is named in status within 10 s
+        legacy = config.firewall.poll_interval if self.backend.name == "legacy" else None
+        return min(legacy or 10.0, 10.0) if config.firewall.mode == "report" else legacy
 
     @property
     def backend(self) -> Backend:
@@ -169,6 +175,7 @@ class FirewallControl(Control):
         open_tcp = {family: open_ports(rules[family]) for family in FAMILIES}
         self._mode = fw.mode
         self._poll_interval = fw.poll_interval
+        self._firewall = fw
         nft_rules = render_nft(ports, fw.allow_tcp, fw.allow_udp)
         return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules)
 
@@ -356,6 +363,16 @@ class FirewallControl(Control):
         return ReloadOutcome(True, "the kernel applies a restored ruleset at once")
 
     def facts(self, observed: FirewallObserved) -> dict[str, Any]:
+        facts = self._ruleset_facts(observed)
+        if self._mode == "report":
+            facts["would_cut"] = [cut.as_fact() for cut in self._would_cut(self._firewall, self._ssh_ports)]
+        return facts
+
+    def report_note(self, facts: dict[str, Any]) -> str:  # what enforcing would cut off, and the command
+        cuts = facts.get("would_cut")
+        return "" if cuts is None else report_note(WouldCut(**cut) for cut in cuts)
+
+    def _ruleset_facts(self, observed: FirewallObserved) -> dict[str, Any]:
         if observed.nft is not None:
             rules = observed.nft.rules
             accepted = [p for p in self._ssh_ports if f"tcp dport {p} accept" in rules]
