@@ -73,8 +73,9 @@ IMPLICIT_MAC = "<implicit>"  # an AEAD cipher (chacha20-poly1305, aes-gcm) carri
 
 @dataclass(frozen=True)
 class StrictSshd:
-    settings: tuple[tuple[str, str], ...]  # to add to the drop-in, in order
-    held: tuple[HeldSetting, ...]  # what waits for a fact of the admin's client, or the admin's change
+    settings: tuple[tuple[str, str], ...]  # to add to the drop-in, in order: the held ones too (so drift shows)
+    held: tuple[HeldSetting, ...]  # what waits for a fact of the admin's client, or the admin's change: the
+    # SSH guard's preconditions() leave these out of what it applies
     awaiting: tuple[str, ...]  # sudo admins whose next key login tells what is missing
 
 
@@ -95,8 +96,7 @@ def strict_sshd(
     awaiting: set[str] = set()
     if "maxauthtries" not in options:
         tries, hold, waits = _max_auth_tries(proofs, admin_port)
-        if tries is not None:
-            settings.append(("MaxAuthTries", str(tries)))
+        settings.append(("MaxAuthTries", str(tries or MAX_AUTH_TRIES)))
         if hold is not None:
             held.append(hold)
         awaiting.update(waits)
@@ -109,9 +109,8 @@ def strict_sshd(
             continue  # this sshd offers none of them: nothing to restrict to
         value = ",".join(allowed)
         hold, waits = _crypto_hold(keyword, value, fact, allowed, proofs)
-        if hold is None:
-            settings.append((keyword, value))
-        else:
+        settings.append((keyword, value))
+        if hold is not None:
             held.append(hold)
         awaiting.update(waits)
     return StrictSshd(tuple(settings), tuple(held), tuple(sorted(awaiting)))

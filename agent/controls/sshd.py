@@ -425,6 +425,7 @@ class SshdControl(Control):
         proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies."""
         wanted = {keyword.lower(): value for keyword, value in desired.settings}
         judged = (_CUTTING_OPTIONS | _CUT_KEYWORDS) & set(wanted)  # each of these applies only if it keeps a way in
+        judged |= {item.setting.split()[0].lower() for item in desired.held}  # the strict ones left out
         accepted = {k: v for k, v in wanted.items() if k not in judged}
         held: list[HeldSetting] = list(desired.held)
         facts = accounts.read_facts(self.root)

@@ -109,8 +109,8 @@ def test_max_auth_tries_stays_above_the_keys_the_admins_client_offered(
 def test_max_auth_tries_unknown_keeps_sshds_default_and_says_why(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = guard(tmp_path, commands, algorithms=MODERN_CHACHA)  # a proof from before: no count
     held, desired = held_of(control)
-    assert "MaxAuthTries" not in dict(desired.settings)
     assert held is not None and not held.blocked
+    assert "MaxAuthTries" not in dict(held.desired.settings)  # what applies
     [item] = held.settings
     assert item.setting == "MaxAuthTries 3" and item.needs == WAITS_FOR_PROOF
     assert "sshd's default 6 stays: how many keys admin's client offers is not known" in item.reason
@@ -142,7 +142,21 @@ def test_algorithms_unknown_are_held_back_waiting_for_a_login_that_logs_them(
     assert held is not None and not held.blocked
     assert [item.setting.split()[0] for item in held.settings] == ["KexAlgorithms", "Ciphers", "MACs"]
     assert all("LogLevel: DEBUG1" in item.unblock for item in held.settings)
-    assert not {"KexAlgorithms", "Ciphers", "MACs"} & set(dict(desired.settings))
+    assert not {"KexAlgorithms", "Ciphers", "MACs"} & set(dict(held.desired.settings))
+
+
+def test_held_strict_settings_are_still_drift_once_the_rest_is_in_place(
+    tmp_path: Path, commands: DeclaredCommands
+) -> None:
+    """A second look must see them and say they wait (else the guard reads compliant and the hold is lost)."""
+    control = guard(tmp_path, commands)
+    held, desired = held_of(control)
+    assert held is not None
+    control.root.sshd_dropin.write_text(held.desired.dropin_text)
+    drift = control.diff(control.observe(), control.desired(STRICT))
+    assert drift is not None and {"maxauthtries", "ciphers"} <= {item.what for item in drift.items}
+    again = control.preconditions(control.observe(), control.desired(STRICT))
+    assert again is not None and again.desired.dropin_text == held.desired.dropin_text
 
 
 def test_an_old_cipher_the_admins_client_uses_blocks_that_setting_alone(
@@ -155,7 +169,8 @@ def test_an_old_cipher_the_admins_client_uses_blocks_that_setting_alone(
     [item] = held.settings
     assert item.setting.startswith("MACs ") and item.needs == NEEDS_CHANGE
     assert "admin uses hmac-sha1" in item.reason
-    assert {"KexAlgorithms", "Ciphers"} <= set(dict(desired.settings))  # aes128-ctr and curve25519 stay allowed
+    applied = dict(held.desired.settings)
+    assert {"KexAlgorithms", "Ciphers"} <= set(applied) and "MACs" not in applied  # aes128-ctr, curve25519 stay
 
 
 def test_a_keyword_in_ssh_options_is_the_admins(tmp_path: Path, commands: DeclaredCommands) -> None:
