@@ -145,6 +145,30 @@ def test_3_strict_applies_what_needs_no_fact_of_the_client_then_maxauthtries_aft
     assert admin_gets_in(vps)
 
 
+def strict_row(vps: Sandbox) -> dict[str, object]:
+    controls = json.loads(vps.exec(["vps-agentctl", "status", "--json"], check=False).stdout)["controls"]
+    found: dict[str, object] = next(c for c in controls if c["control"] == "strict")
+    return found
+
+
+def test_3b_the_strict_guard_turns_core_dumps_off_and_blacklists_the_unused_modules(vps: Sandbox) -> None:
+    # the VPS is a container: /proc/modules is absent or the host's; a module loaded there is held back
+    wait_for("the strict guard", lambda: strict_row(vps)["status"] in ("compliant", "healed", "blocked"), 30,
+             lambda: status_text(vps))
+    coredump = vps.exec(["systemd-analyze", "cat-config", "systemd/coredump.conf"]).stdout
+    assert "Storage=none" in coredump and "ProcessSizeMax=0" in coredump
+    assert "* hard core 0" in vps.exec(["cat", "/etc/security/limits.d/vps-agent-core.conf"]).stdout
+    blacklist = vps.exec(["cat", "/etc/modprobe.d/vps-agent-blacklist.conf"]).stdout
+    held = {str(item["setting"]) for item in strict_row(vps).get("held") or []}  # type: ignore[attr-defined]
+    for name in ("dccp", "sctp", "rds", "tipc", "usb-storage", "firewire-core"):
+        assert f"install {name} /bin/false" in blacklist or f"install {name} /bin/false" in held
+    # a tamper is reverted by the installed service
+    vps.exec(["sh", "-c", "echo '* hard core unlimited' > /etc/security/limits.d/vps-agent-core.conf"])
+    wait_for("the limits file healed",
+             lambda: "* hard core 0" in vps.exec(["cat", "/etc/security/limits.d/vps-agent-core.conf"]).stdout, 30)
+    assert admin_gets_in(vps)
+
+
 def test_4_a_debug1_login_lets_the_modern_algorithms_apply_and_the_admin_still_gets_in(vps: Sandbox) -> None:
     stock = sshd_effective(vps)
     write_config(vps, DEBUG1_CONFIG)
