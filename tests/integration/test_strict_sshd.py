@@ -106,3 +106,26 @@ def test_baseline_leaves_sshd_as_the_guide_has_it(tmp_path: Path, start_agent: S
         "PermitRootLogin",
         "PasswordAuthentication",
     ]
+
+
+def test_back_to_baseline_takes_the_strict_settings_out_again(tmp_path: Path, start_agent: StartAgent) -> None:
+    root = make_root(tmp_path / "root", config=CONFIG)
+    proven(root, keys_offered=1, algorithms=CHACHA)
+    stock = effective_sshd(root)
+    agent = start_agent(root)
+    wait_for(lambda: ssh_row(agent)["status"] in ("compliant", "healed"), 10, "ssh healed")
+    baseline = effective_sshd(root)
+    (root / "etc/vps-agent/config.yaml").write_text(STRICT)
+    assert agent.ctl("reload").returncode == 0
+    wait_for(lambda: effective_sshd(root)["maxauthtries"] == ["3"], 10, "strict applied")
+    (root / "etc/vps-agent/config.yaml").write_text(CONFIG)
+    assert agent.ctl("reload").returncode == 0
+    wait_for(lambda: effective_sshd(root)["maxauthtries"] == ["6"], 10, "baseline again")
+    again = effective_sshd(root)
+    for key in ["maxauthtries", "ciphers", "kexalgorithms", "macs", "logingracetime", "allowagentforwarding"]:
+        assert again[key] == stock[key], key
+    # as for any keyword the guard keeps (ssh.options too), the line it neutralised stays commented out:
+    # Debian's 'X11Forwarding yes' in sshd_config, so sshd's own default (no) is what remains
+    assert {k: v for k, v in again.items() if baseline.get(k) != v} == {"x11forwarding": ["no"]}
+    neutralised = "neutralised, the agent keeps X11Forwarding no: X11Forwarding yes"
+    assert neutralised in (root / "etc/ssh/sshd_config").read_text()
