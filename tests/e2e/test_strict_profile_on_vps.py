@@ -24,6 +24,7 @@ from tests.e2e.test_agent_on_vps import (
     admin_gets_in,
     agent_vps,
     configure,
+    events,
     sshd_effective,
     status_text,
     wait_for,
@@ -181,6 +182,9 @@ def test_4_a_debug1_login_lets_the_modern_algorithms_apply_and_the_admin_still_g
         30,
         lambda: status_text(vps),
     )
+    # the standing proof gained what the client negotiated: said so, not "password logins may go off"
+    proven = [e for e in events(vps) if e["event"]["action"] == "key-login-proven"]  # type: ignore[index]
+    assert proven and "what its client offers and negotiates is recorded" in str(proven[-1]["message"]), proven
     write_config(vps, STRICT_CONFIG)
     verbose = lambda: sshd_effective(vps)["loglevel"] == ["VERBOSE"] and not held_settings(vps)  # noqa: E731
     wait_for("strict, compliant", verbose, 30, lambda: status_text(vps))
