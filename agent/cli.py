@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for verb in VERBS
     }
-    controls = "ssh, firewall, fail2ban, accounts or sysctl"
+    controls = "ssh, firewall, fail2ban, accounts, sysctl or strict"
     full = "show every character of DETAIL (on a terminal it is trimmed to the width)"
 
     status = verbs["status"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from agent.paths import SystemRoot
@@ -31,6 +31,9 @@ class KeyProof:
     how: str  # "publickey login from 10.213.0.2 port 40000" or CONFIRMED
     at: float  # wall clock
     fingerprint: str = ""  # "SHA256:..." of the key that logged in; "" for a proof by `confirm`
+    # what the strict profile's sshd settings need to know of the admin's client (agent/controls/ssh_strict.py):
+    keys_offered: int = 0  # keys its client offered, the one accepted included; 0: not known
+    algorithms: tuple[tuple[str, str], ...] = ()  # (("cipher", ...), ("kex", ...), ("mac", ...)); (): not known
 
     def holds(self, fingerprints: Iterable[str]) -> bool:
         """Whether the proof still stands with these keys in the admin's authorized_keys."""
@@ -53,6 +56,8 @@ def proofs_from(logins: Iterable[SshdLogin], awaiting: Iterable[str]) -> list[Ke
             f"a publickey login from {login.address} port {login.port} ({login.key})",
             login.at,
             login.key.split()[-1],
+            login.keys_offered,
+            login.algorithms,
         )
         for user, login in sorted(newest.items())
     ]
@@ -76,11 +81,16 @@ class KeyLogins:
             return self.proofs.get(user)
 
     def record(self, proof: KeyProof) -> bool:
-        """Keep a proof; False when that user already had one that stands for the same key."""
+        """Keep a proof; False when that user already had one that stands for the same key and this one
+        tells nothing new of the admin's client (what the client offered, what it negotiated)."""
         with self._lock:
             known = self.proofs.get(proof.user)
             if known is not None and known.fingerprint == proof.fingerprint:
-                return False
+                offered = proof.keys_offered or known.keys_offered
+                algorithms = proof.algorithms or known.algorithms
+                if (offered, algorithms) == (known.keys_offered, known.algorithms):
+                    return False
+                proof = replace(proof, keys_offered=offered, algorithms=algorithms)
             self.proofs[proof.user] = proof
             self._save()
             return True
@@ -152,7 +162,12 @@ class KeyLogins:
             proofs = {}
             for user, fields in data.items():
                 proof = KeyProof(
-                    str(fields["user"]), str(fields["how"]), float(fields["at"]), str(fields.get("fingerprint", ""))
+                    str(fields["user"]),
+                    str(fields["how"]),
+                    float(fields["at"]),
+                    str(fields.get("fingerprint", "")),
+                    int(fields.get("keys_offered", 0)),
+                    tuple((str(name), str(value)) for name, value in fields.get("algorithms", ())),
                 )
                 if proof.user != user:
                     raise ValueError(f"entry {user!r} names user {proof.user!r}")

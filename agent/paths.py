@@ -247,6 +247,26 @@ class SystemRoot:
         """The kernel's IPv6 routes; an RA-learned default route carries RTF_ADDRCONF."""
         return self.path("/proc/net/ipv6_route")
 
+    # the strict profile's host settings (agent/controls/strict.py): files the agent owns whole
+    @property
+    def coredump_dropin(self) -> Path:
+        """systemd-coredump reads coredump.conf, then its .d drop-ins: Storage=none here wins."""
+        return self.path("/etc/systemd/coredump.conf.d/vps-agent.conf")
+
+    @property
+    def core_limits(self) -> Path:
+        """pam_limits reads limits.conf and then every limits.d/*.conf at each login."""
+        return self.path("/etc/security/limits.d/vps-agent-core.conf")
+
+    @property
+    def modprobe_blacklist(self) -> Path:
+        return self.path("/etc/modprobe.d/vps-agent-blacklist.conf")
+
+    @property
+    def proc_modules(self) -> Path:
+        """The modules loaded now (absent where the kernel has no module support, or /proc hides it)."""
+        return self.path("/proc/modules")
+
     # Directories that tools resolve by absolute path (sshd's Include): in a fake root they are
     # bind-mounted over the real ones inside a private mount namespace (see system.namespace).
     @property

@@ -110,13 +110,17 @@ class Proofs:
         return {"confirmed": True, "what": confirmed}
 
     def key_login_proven(self, proof: KeyProof) -> None:
+        known = self.keylogins.proof(proof.user)
         if not self.keylogins.record(proof):
             return
+        told = "password logins may go off"
+        if known is not None and known.fingerprint == proof.fingerprint:  # only facts of its client are new
+            told = "what its client offers and negotiates is recorded (profile: strict)"
         self.events.emit(
             ev.KEY_LOGIN_PROVEN,
             outcome="success",
             control="ssh",
-            message=f"ssh: {proof.user}'s key login proven by {proof.how}: password logins may go off",
+            message=f"ssh: {proof.user}'s key login proven by {proof.how}: {told}",
             user_name=proof.user,
             key_fingerprint=proof.fingerprint or None,
             file_path=self.root.system_name(self.root.key_logins_state),

@@ -14,6 +14,7 @@ from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
 from agent.controls.sshd import SshdControl
 from agent.controls.sshd_config import password_logins
+from agent.controls.strict import StrictControl
 from agent.controls.sysctl import SysctlControl
 from agent.engine import transaction as tx
 from agent.keylogins import KeyLogins
@@ -50,6 +51,7 @@ def build_controls(
         Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=passwords),
         AccountsControl(root),
         SysctlControl(root),
+        StrictControl(root),  # profile: strict alone
     ]
 
 

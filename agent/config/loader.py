@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 
@@ -28,6 +29,7 @@ from agent.config.nodes import (
     sequence,
 )
 from agent.config.schema import (
+    PROFILES,
     SYSCTL_DEFAULTS,
     BackupsConfig,
     Config,
@@ -175,6 +177,14 @@ def sysctl(at: At, node: Node) -> SysctlConfig:
     return config
 
 
+def _profile(at: At, node: Node) -> str:
+    value = node_value(node)
+    if isinstance(value, str) and value.lower() in PROFILES:
+        return value.lower()
+    near = difflib.get_close_matches(value.lower(), PROFILES, n=1) if isinstance(value, str) else []
+    at.fail(node, "one of: " + ", ".join(PROFILES), hint=f"did you mean {near[0]!r}?" if near else None)
+
+
 SECTIONS: dict[str, Parse] = {
     "ssh": section(
         SshConfig,
@@ -246,4 +256,5 @@ SECTIONS: dict[str, Parse] = {
         },
     ),
     "backups": section(BackupsConfig, {"keep": integer(1)}),
+    "profile": lambda at, node: _profile(at, node),
 }

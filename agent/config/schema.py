@@ -165,6 +165,9 @@ class BackupsConfig:
     keep: int = 20
 
 
+PROFILES = ("baseline", "strict")
+
+
 @dataclass(frozen=True)
 class Config:
     ssh: SshConfig = field(default_factory=SshConfig)
@@ -176,6 +179,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
+    # "baseline": the guide's hardening; "strict": more of sshd and the host on top (docs/strict-profile.md)
+    profile: str = "baseline"
     source: str = "<defaults>"
 
 

@@ -38,6 +38,7 @@ from agent.controls.base import (
     line_end,
     unified,
 )
+from agent.controls.ssh_strict import strict_sshd
 from agent.controls.sshd_config import (
     DEFAULT_INCLUDE,
     MAIN_CONFIG,
@@ -71,17 +72,7 @@ _ACCESS_KEYWORDS = (
     "authenticationmethods",
 )
 # keywords of ssh.options that can take a way in away: judged by the same lockout check as the rest
-_CUTTING_OPTIONS = frozenset(
-    {
-        "allowusers",
-        "denyusers",
-        "allowgroups",
-        "denygroups",
-        "authenticationmethods",
-        "pubkeyauthentication",
-        "authorizedkeysfile",
-    }
-)
+_CUTTING_OPTIONS = frozenset(_ACCESS_KEYWORDS) - {"permitrootlogin", "passwordauthentication"}
 _SYNONYMS = {"without-password": "prohibit-password"}
 
 
@@ -112,6 +103,7 @@ class SshdDesired:
     dropin_text: str
     socket_text: str = ""  # ssh.socket's drop-in, where socket activation is in use
     admin_port: str = "22"  # ssh.port: where the admin logs in once any move is done (for the advice)
+    held: tuple[HeldSetting, ...] = ()  # the strict profile's settings that wait (agent/controls/ssh_strict.py)
 
     def accepts(self, keyword: str, value: str) -> bool:
         """Whether a directive elsewhere agrees with what the agent wants for keyword."""
@@ -137,7 +129,7 @@ class SshdControl(Control):
         self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
         self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
-        self._penalties: bool | None = None  # sshd has PerSourcePenaltyExemptList (OpenSSH 9.8+); None: not asked
+        self._sshd_defaults: Mapping[str, tuple[str, ...]] | None = None  # sshd -T -f /dev/null; None: not asked
 
     def enabled(self, config: Config) -> bool:
         return config.ssh.enabled
@@ -227,12 +219,17 @@ class SshdControl(Control):
             ("PasswordAuthentication", "yes" if ssh.password_authentication else "no"),
         ]
         settings.extend((k, v) for k, v in ssh.options)
-        if self.moves.verbose_logging(config) and not any(k.lower() == "loglevel" for k, _ in ssh.options):
+        options, strict = {k.lower() for k, _ in ssh.options}, None
+        if config.profile == "strict":  # LogLevel VERBOSE among them
+            passwords, port = ssh.password_authentication, str(ssh.port)
+            strict = strict_sshd(self.root, self.keylogins, options, self._defaults(), passwords, port)
+            settings.extend(strict.settings)
+            self.keylogins.set_awaiting((), strict.awaiting)
+        elif self.moves.verbose_logging(config) and "loglevel" not in options:
             settings.append(("LogLevel", "VERBOSE"))  # names the local port of each login: the move's proof
-        exempt = self._penalty_exemptions(config)
-        if exempt:
+        if exempt := self._penalty_exemptions(config):
             settings.append((PENALTY_EXEMPT, exempt))
-        return self._desired_from(tuple(settings), str(ssh.port))
+        return self._desired_from(tuple(settings), str(ssh.port), strict.held if strict else ())
 
     def _penalty_exemptions(self, config: Config) -> str:
         """OpenSSH 9.8+ (Debian 13) penalises a source address after failed logins (PerSourcePenalties, on by
@@ -240,7 +237,9 @@ class SshdControl(Control):
         second terminal would be shut out. The addresses of live SSH sessions of sudo admins (logind's, as for
         fail2ban's ignore list) are exempt while the session lasts. "" when none, where sshd has no such option,
         or where ssh.options sets it (the admin's list stays)."""
-        if any(k.lower() == PENALTY_EXEMPT.lower() for k, _ in config.ssh.options) or not self._knows_penalties():
+        if any(k.lower() == PENALTY_EXEMPT.lower() for k, _ in config.ssh.options) or (
+            PENALTY_EXEMPT.lower() not in self._defaults()
+        ):
             return ""
         sessions = accounts.admin_sessions(self.root, accounts.read_facts(self.root)) or ()
         addresses = []
@@ -251,18 +250,20 @@ class SshdControl(Control):
                 continue  # a host name (UseDNS yes) is no address sshd can match
         return ",".join(sorted(set(addresses)))
 
-    def _knows_penalties(self) -> bool:
-        if self._penalties is None:
+    def _defaults(self) -> Mapping[str, tuple[str, ...]]:
+        """What this sshd does with no config (`sshd -T -f /dev/null`), asked once: {} if it fails."""
+        if self._sshd_defaults is None:
             ensure_privsep_dir(self.root)
             result = run([SSHD, "-T", "-f", "/dev/null"], timeout=15)
-            self._penalties = result.ok and PENALTY_EXEMPT.lower() in parse_effective(result.stdout)
-        return self._penalties
+            self._sshd_defaults = parse_effective(result.stdout) if result.ok else {}
+        return self._sshd_defaults
 
-    def _desired_from(self, settings: tuple[tuple[str, str], ...], admin_port: str) -> SshdDesired:
+    def _desired_from(
+        self, settings: tuple[tuple[str, str], ...], admin_port: str, held: tuple[HeldSetting, ...] = ()
+    ) -> SshdDesired:
         ports = [value for keyword, value in settings if keyword == "Port"]
-        return SshdDesired(
-            settings, self._normalise(settings), render_dropin(settings), render_socket_dropin(ports), admin_port
-        )
+        dropin, socket_text = render_dropin(settings), render_socket_dropin(ports)
+        return SshdDesired(settings, self._normalise(settings), dropin, socket_text, admin_port, held)
 
     def _normalise(self, settings: tuple[tuple[str, str], ...]) -> Mapping[str, tuple[str, ...]]:
         """The values as `sshd -T` will print them (1m -> 60, prohibit-password -> without-password)."""
@@ -371,7 +372,8 @@ class SshdControl(Control):
             notes.append(f"comment out {directive.path}:{directive.line} ({original.strip()})")
         if not self._include_present(observed.graph):
             lines = edits.setdefault(MAIN_CONFIG, _lines_of(observed.graph, MAIN_CONFIG))
-            at = _first_directive_index(lines)
+            directives = (i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#"))
+            at = next(directives, len(lines))
             end = next((line_end(line) for line in lines if line_end(line)), "\n")  # the file's own line ends
             if lines and not line_end(lines[-1]) and at == len(lines):
                 lines[-1] += end
@@ -423,8 +425,9 @@ class SshdControl(Control):
         proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies."""
         wanted = {keyword.lower(): value for keyword, value in desired.settings}
         judged = (_CUTTING_OPTIONS | _CUT_KEYWORDS) & set(wanted)  # each of these applies only if it keeps a way in
+        judged |= {item.setting.split()[0].lower() for item in desired.held}  # the strict ones left out
         accepted = {k: v for k, v in wanted.items() if k not in judged}
-        held: list[HeldSetting] = []
+        held: list[HeldSetting] = list(desired.held)
         facts = accounts.read_facts(self.root)
 
         def trial(extra: Mapping[str, str]) -> accounts.AccessPolicy:
@@ -488,7 +491,7 @@ class SshdControl(Control):
             for keyword, value in desired.settings
             if keyword.lower() not in judged or keyword.lower() in accepted
         )
-        return Held(tuple(held), self._desired_from(settings, desired.admin_port))
+        return Held(tuple(held), self._desired_from(settings, desired.admin_port, desired.held))
 
     def _password_hold(self, facts: accounts.AccountsFacts, trial: Any, admin_port: str) -> HeldSetting | None:
         """PasswordAuthentication no: None when a sudo admin's key login is proven and that key still gets
@@ -602,13 +605,6 @@ def render_dropin(settings: Sequence[tuple[str, str]]) -> str:
 def _lines_of(graph: ConfigGraph, system_path: str) -> list[str]:
     """The file's lines with their ends, as sshd counts them: a neutralised line keeps its own end."""
     return sshd_lines(graph.text_of(system_path) or "")
-
-
-def _first_directive_index(lines: list[str]) -> int:
-    for index, line in enumerate(lines):
-        if line.strip() and not line.lstrip().startswith("#"):
-            return index
-    return len(lines)
 
 
 def _listen_port(address: str) -> str | None:

@@ -28,6 +28,11 @@ TIMEOUT = 10.0
 _CONNECTION = re.compile(r'Connection from (\S+) port (\d+) on (\S+) port (\d+)(?: rdomain "[^"]*")?')
 # auth.c auth_log(): `Accepted publickey for admin from A port P ssh2: ED25519 SHA256:...`
 _ACCEPTED = re.compile(r"Accepted (\S+) for (\S+) from (\S+) port (\d+) ssh2(?:: (\S+) (SHA256:\S+))?")
+# at VERBOSE, each key the client offered and sshd refused before the one it accepted (auth.c auth_log())
+_FAILED_KEY = re.compile(r"Failed publickey for (\S+) from (\S+) port (\d+) ssh2: \S+ SHA256:\S+")
+# at DEBUG1 only (kex.c): what the connection negotiated
+_KEX = re.compile(r"(?:debug1: )?kex: algorithm: (\S+)(?: \[preauth\])?")
+_CIPHER = re.compile(r"(?:debug1: )?kex: client->server cipher: (\S+) MAC: (\S+) compression: \S+(?: \[preauth\])?")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,10 @@ class SshdLogin:
     pid: int  # sshd's per-connection process
     at: float  # wall clock, seconds
     key: str = ""  # for publickey: "ED25519 SHA256:..." as sshd logs it
+    # how many keys the client offered, the accepted one included; 0: not known (sshd logged below VERBOSE)
+    keys_offered: int = 0
+    # what the connection negotiated, where sshd logged it (DEBUG1): (("kex", ...), ("cipher", ...), ("mac", ...))
+    algorithms: tuple[tuple[str, str], ...] = ()
 
 
 def message_text(entry: Mapping[str, Any]) -> str | None:
@@ -66,6 +75,8 @@ def logins(entries: Iterable[Mapping[str, Any]]) -> list[SshdLogin]:
     """The successful logins in journal entries (oldest first), each with the port it came in on when
     the same sshd process logged its Connection line first."""
     connections: dict[tuple[str, str, int], int] = {}  # (pid, address, client port) -> local port
+    refused: dict[tuple[str, str, int], int] = {}  # (pid, address, client port) -> keys refused so far
+    negotiated: dict[str, dict[str, str]] = {}  # pid -> the algorithms its connection negotiated
     found: list[SshdLogin] = []
     for entry in entries:
         if not trusted(entry):
@@ -76,7 +87,18 @@ def logins(entries: Iterable[Mapping[str, Any]]) -> list[SshdLogin]:
             continue
         connection = _CONNECTION.fullmatch(text)
         if connection:
-            connections[(pid, connection.group(1), int(connection.group(2)))] = int(connection.group(4))
+            where = (pid, connection.group(1), int(connection.group(2)))
+            connections[where] = int(connection.group(4))
+            refused[where] = 0
+            negotiated[pid] = {}
+            continue
+        failed = _FAILED_KEY.fullmatch(text)
+        if failed:
+            where = (pid, failed.group(2), int(failed.group(3)))
+            if where in refused:
+                refused[where] += 1
+            continue
+        if _negotiated(text, negotiated.setdefault(pid, {})):
             continue
         accepted = _ACCEPTED.fullmatch(text)
         if accepted is None:
@@ -87,6 +109,9 @@ def logins(entries: Iterable[Mapping[str, Any]]) -> list[SshdLogin]:
         except ValueError:
             at = 0.0
         key = f"{accepted.group(5)} {accepted.group(6)}" if accepted.group(6) else ""
+        # counted only where the same process logged its Connection line: then sshd logged at VERBOSE or more
+        offered = refused[(pid, address, port)] + 1 if (pid, address, port) in refused else 0
+        algorithms = negotiated.get(pid, {})
         found.append(
             SshdLogin(
                 accepted.group(2),
@@ -97,9 +122,25 @@ def logins(entries: Iterable[Mapping[str, Any]]) -> list[SshdLogin]:
                 int(pid),
                 at,
                 key,
+                offered,
+                tuple(sorted(algorithms.items())) if len(algorithms) == 3 else (),
             )
         )
     return found
+
+
+def _negotiated(text: str, algorithms: dict[str, str]) -> bool:
+    """Records a DEBUG1 kex line's algorithms; False when the text is no such line."""
+    kex = _KEX.fullmatch(text)
+    if kex:
+        algorithms["kex"] = kex.group(1)
+        return True
+    cipher = _CIPHER.fullmatch(text)
+    if cipher:
+        algorithms["cipher"] = cipher.group(1)
+        algorithms["mac"] = cipher.group(2)
+        return True
+    return False
 
 
 def sshd_logins(since: float | None = None, after_cursor: str | None = None) -> tuple[list[SshdLogin], str | None]:

@@ -90,7 +90,7 @@ def healed_agent(fake_root: Path, start_agent: StartAgent) -> Agent:
 def test_status_on_a_terminal_is_a_verdict_then_a_table_that_fits_in_colour(healed_agent: Agent, width: int) -> None:
     screen = on_screen(healed_agent, "status", width=width)
     assert screen.exit_code == 0
-    assert re.fullmatch(r"5 guards: (\d healed, )?\d compliant", screen.rows[0]), screen.rows
+    assert re.fullmatch(r"6 guards: (\d healed, )?\d compliant, 1 disabled", screen.rows[0]), screen.rows
     assert screen.rows[1].startswith("vps-agent ") and "up since " in screen.rows[1]
     assert screen.rows[2].split() == ["CONTROL", "STATUS", "SINCE", "DETAIL"]
     assert_nothing_wraps(screen, width)
@@ -106,7 +106,7 @@ def test_status_on_a_terminal_is_a_verdict_then_a_table_that_fits_in_colour(heal
 def test_status_has_no_colour_in_a_pipe_or_with_no_color_and_the_same_words(healed_agent: Agent) -> None:
     piped = healed_agent.ctl("status")
     assert piped.returncode == 0 and not ESCAPE.search(piped.stdout)
-    assert piped.stdout.startswith("5 guards: ") and "…" not in piped.stdout
+    assert piped.stdout.startswith("6 guards: ") and "…" not in piped.stdout
     plain = on_screen(healed_agent, "status", width=120, env="NO_COLOR=1")
     assert not COLOURED.search(plain.painted), plain.painted
     assert plain.rows[0] == piped.stdout.splitlines()[0]
@@ -117,7 +117,7 @@ def test_check_on_a_terminal_has_no_since_column_and_says_each_finding_once(heal
     # outside `unshare --net` the firewall is blocked (a fake root must not touch the host's rules): red
     screen = on_screen(healed_agent, "check", width=width)
     assert screen.exit_code == 2
-    assert screen.rows[0].startswith("5 guards: 1 blocked, 4 compliant (firewall: --root ")
+    assert screen.rows[0].startswith("6 guards: 1 blocked, 4 compliant, 1 disabled (firewall: --root ")
     assert screen.rows[1].split() == ["CONTROL", "STATUS", "DETAIL"]
     assert_nothing_wraps(screen, width)
     assert not any("firewall blocked:" in row for row in screen.rows)

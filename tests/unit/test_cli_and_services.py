@@ -79,7 +79,7 @@ def test_an_unknown_control_is_refused_listing_the_controls(
 ) -> None:
     assert main(["--root", str(tmp_path), verb, "bogus"]) == EXIT_ERROR
     assert capsys.readouterr().err == (
-        "vps-agentctl: no control named 'bogus'; controls: ssh, firewall, fail2ban, accounts, sysctl\n"
+        "vps-agentctl: no control named 'bogus'; controls: ssh, firewall, fail2ban, accounts, sysctl, strict\n"
     )
 
 

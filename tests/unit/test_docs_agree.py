@@ -53,12 +53,12 @@ def bold_words(text: str) -> list[str]:
 
 
 def test_the_controls_are_the_same_everywhere(controls: list[str]) -> None:
-    assert controls == ["ssh", "firewall", "fail2ban", "accounts", "sysctl"]  # the daemon's, in its order
+    assert controls == ["ssh", "firewall", "fail2ban", "accounts", "sysctl", "strict"]  # the daemon's, in its order
     ctl = roff("vps-agentctl.8")
     listed = ctl[ctl.index("in this release are") :].split(".\nA command", 1)[0]
     assert bold_words(listed) == controls
     agent = roff("vps-agent.8")
-    listed = agent[agent.index("This release has five controls:") :].split("described under", 1)[0]
+    listed = agent[agent.index("This release has six controls:") :].split("described under", 1)[0]
     assert bold_words(listed) == controls
     assert re.search(r'local controls="([^"]*)"', COMPLETION)[1].split() == controls  # type: ignore[index]
     for verb in ("check", "diff", "pause", "resume", "converge"):
@@ -69,9 +69,9 @@ def test_the_controls_are_the_same_everywhere(controls: list[str]) -> None:
 
 
 def test_readme_names_every_control(controls: list[str]) -> None:
-    readme = (REPO / "README.md").read_text()
     for name in controls:
-        # loosely: it is being rewritten, but must still say what each guard does to a new host
+        readme = (REPO / "README.md").read_text()
+        # what each guard does to a new host
         assert re.search(rf"\*\*{name}\*\*|`{name}`|\b{name}\b guard", readme, re.I), name
 
 

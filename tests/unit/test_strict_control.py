@@ -1,0 +1,104 @@
+"""The strict guard (profile: strict): core dumps off and unused modules blacklisted, in files it owns whole; a
+module loaded now is held back with the reason; off under baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import parse_config
+from agent.controls.base import NEEDS_CHANGE
+from agent.controls.strict import MODULES, StrictControl, blacklist_text
+from agent.paths import SystemRoot
+
+STRICT = parse_config("profile: strict\n")
+
+
+def guard(tmp_path: Path, modules: str | None = "ext4 1 2 - Live 0x0\n") -> StrictControl:
+    root = SystemRoot.at(tmp_path / "r")
+    if modules is not None:
+        root.proc_modules.parent.mkdir(parents=True)
+        root.proc_modules.write_text(modules)
+    return StrictControl(root)
+
+
+def converge(control: StrictControl) -> None:
+    """What the transaction does with the plan: write each file (the guard's own doors are the transaction's)."""
+    desired = control.desired(STRICT)
+    observed = control.observe()
+    held = control.preconditions(observed, desired)
+    if held is not None:
+        desired = held.desired
+    drift = control.diff(observed, desired)
+    assert drift is not None
+    for change in control.plan(observed, desired, drift).files:
+        assert change.content is not None and change.mode == 0o644
+        change.path.parent.mkdir(parents=True, exist_ok=True)
+        change.path.write_bytes(change.content)
+
+
+def test_only_strict_enables_it(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    assert control.enabled(STRICT) and not control.enabled(parse_config(""))
+
+
+def test_a_fresh_host_gets_the_three_files_and_is_then_compliant(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    drift = control.diff(control.observe(), control.desired(STRICT))
+    assert drift is not None and [item.actual for item in drift.items] == ["missing"] * 3
+    converge(control)
+    root = control.root
+    assert "[Coredump]\nStorage=none\nProcessSizeMax=0\n" in root.coredump_dropin.read_text()
+    assert root.core_limits.read_text().endswith("\n* hard core 0\n")
+    blacklist = root.modprobe_blacklist.read_text()
+    for name in ("dccp", "sctp", "rds", "tipc", "usb-storage", "firewire-core"):
+        assert f"\nblacklist {name}\ninstall {name} /bin/false\n" in blacklist
+    assert "squashfs" not in blacklist and "vfat" not in blacklist
+    assert control.diff(control.observe(), control.desired(STRICT)) is None
+
+
+def test_an_edit_is_drift_the_plan_reverts(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    converge(control)
+    control.root.core_limits.write_text("* hard core unlimited\n")
+    drift = control.diff(control.observe(), control.desired(STRICT))
+    assert drift is not None and [(i.what, i.actual) for i in drift.items] == [("limits", "modified")]
+    assert "-* hard core unlimited" in drift.diff
+    converge(control)
+    assert control.diff(control.observe(), control.desired(STRICT)) is None
+
+
+def test_a_symlink_planted_at_a_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    control.root.coredump_dropin.parent.mkdir(parents=True)
+    control.root.coredump_dropin.symlink_to(target)
+    drift = control.diff(control.observe(), control.desired(STRICT))
+    assert drift is not None and "symlink" in drift.items[0].actual
+    assert target.read_text() == "precious\n"
+
+
+def test_a_loaded_module_is_held_back_with_the_reason_and_the_rest_applies(tmp_path: Path) -> None:
+    control = guard(tmp_path, "sctp 409600 4 - Live 0x0\nusb_storage 77824 1 uas, Live 0x0\next4 1 2 - Live 0x0\n")
+    observed = control.observe()
+    held = control.preconditions(observed, control.desired(STRICT))
+    assert held is not None and held.blocked
+    assert [item.setting for item in held.settings] == ["install sctp /bin/false", "install usb-storage /bin/false"]
+    assert all(item.needs == NEEDS_CHANGE and "is loaded now" in item.reason for item in held.settings)
+    assert "modprobe -r sctp" in held.settings[0].unblock
+    assert held.desired.modules == ("dccp", "rds", "tipc", "firewire-core")
+    converge(control)
+    blacklist = control.root.modprobe_blacklist.read_text()
+    assert "sctp" not in blacklist and "usb-storage" not in blacklist and "install dccp /bin/false" in blacklist
+
+
+def test_without_a_module_list_nothing_can_be_loaded_to_break(tmp_path: Path) -> None:
+    control = guard(tmp_path, modules=None)
+    observed = control.observe()
+    assert observed.loaded is None and control.preconditions(observed, control.desired(STRICT)) is None
+    assert control.facts(observed) == {"modules": "this kernel lists none (/proc/modules absent)"}
+
+
+def test_the_blacklist_never_names_what_a_vps_boots_or_updates_from() -> None:
+    assert not {"squashfs", "vfat"} & set(MODULES)
+    assert blacklist_text(MODULES).count("install ") == len(MODULES)
