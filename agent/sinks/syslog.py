@@ -13,6 +13,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -155,7 +156,7 @@ class SyslogForwarder:
                     self._disconnect()
                     self._connect()
                 self._send(message)
-            except OSError as exc:  # ssl.SSLError is one too
+            except (OSError, ssl.SSLError) as exc:
                 self._disconnect()
                 self._failed(exc)
                 with self._cond:
@@ -182,8 +183,6 @@ class SyslogForwarder:
             try:
                 sock.connect(address)
                 if config.tls:
-                    import ssl  # only here: OpenSSL's module adds 1.3 MiB to every daemon that sends no TLS
-
                     context = ssl.create_default_context(cafile=self._ca_file)
                     # Python 3.13 (Debian 13) turns on OpenSSL's X509_STRICT by default, which refuses a server
                     # certificate without an Authority Key Identifier, as `openssl x509 -req` and many rsyslog
