@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agent import accounts
 from agent.config import Config
 from agent.controls.base import (
-    NEEDS_CHANGE,
-    WAITS_FOR_PROOF,
     Changes,
     Control,
     Drift,
@@ -49,7 +45,23 @@ from agent.controls.sshd_config import (
     include_covers,
     parse_effective,
     read_graph,
-    sshd_lines,
+)
+from agent.controls.sshd_lockout import judge
+from agent.controls.sshd_model import (
+    ACCESS_KEYWORDS,
+    MARKER,
+    PENALTY_EXEMPT,
+    SshdDesired,
+    SshdObserved,
+    describe,
+    effective_diff,
+    lines_of,
+    listen_port,
+    norm,
+    render_dropin,
+    render_socket_dropin,
+    wanted_text,
+    without_exempt,
 )
 from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
@@ -57,59 +69,6 @@ from agent.portmove import PortMoves
 from agent.system import fs
 from agent.system.run import run
 from agent.system.services import Service, ServiceManager
-
-PENALTY_EXEMPT = "PerSourcePenaltyExemptList"
-MARKER = "vps-agent"
-_ACCESS_KEYWORDS = (
-    "permitrootlogin",
-    "passwordauthentication",
-    "pubkeyauthentication",
-    "allowusers",
-    "denyusers",
-    "allowgroups",
-    "denygroups",
-    "authorizedkeysfile",
-    "authenticationmethods",
-)
-# keywords of ssh.options that can take a way in away: judged by the same lockout check as the rest
-_CUTTING_OPTIONS = frozenset(_ACCESS_KEYWORDS) - {"permitrootlogin", "passwordauthentication"}
-_SYNONYMS = {"without-password": "prohibit-password"}
-
-
-def _without_exempt(text: str) -> str:
-    return "".join(line for line in text.splitlines(True) if not line.startswith(PENALTY_EXEMPT + " "))
-
-
-def _norm(value: str) -> str:
-    text = value.strip().strip('"').lower()
-    return _SYNONYMS.get(text, text)
-
-
-@dataclass(frozen=True)
-class SshdObserved:
-    effective: Mapping[str, tuple[str, ...]]
-    graph: ConfigGraph
-    dropin: bytes | None
-    dropin_problem: str | None  # e.g. a symlink planted at the drop-in path
-    running: bool | None  # None: not known (a fake root without sshd)
-    socket_activated: bool = False  # ssh.socket (Ubuntu 22.10+) owns the listening socket
-    socket_dropin: bytes | None = None
-
-
-@dataclass(frozen=True)
-class SshdDesired:
-    settings: tuple[tuple[str, str], ...]  # (Keyword, value) in drop-in order
-    effective: Mapping[str, tuple[str, ...]]  # lower-case keyword -> values as `sshd -T` prints them
-    dropin_text: str
-    socket_text: str = ""  # ssh.socket's drop-in, where socket activation is in use
-    admin_port: str = "22"  # ssh.port: where the admin logs in once any move is done (for the advice)
-    held: tuple[HeldSetting, ...] = ()  # the strict profile's settings that wait (agent/controls/ssh_strict.py)
-
-    def accepts(self, keyword: str, value: str) -> bool:
-        """Whether a directive elsewhere agrees with what the agent wants for keyword."""
-        wanted = {_norm(v) for v in self.effective.get(keyword, ())}
-        wanted.update(_norm(v) for k, v in self.settings if k.lower() == keyword)
-        return _norm(value) in wanted
 
 
 class SshdControl(Control):
@@ -278,7 +237,7 @@ class SshdControl(Control):
             raise ValidationError(f"sshd rejects the configured ssh settings: {result.error_text()}")
         printed = parse_effective(result.stdout)
         wanted = {k.lower() for k, _ in settings}
-        normalised = {k: v for k, v in printed.items() if k in wanted or k in _ACCESS_KEYWORDS}
+        normalised = {k: v for k, v in printed.items() if k in wanted or k in ACCESS_KEYWORDS}
         self._normalised[settings] = normalised
         return normalised
 
@@ -291,7 +250,7 @@ class SshdControl(Control):
             key = keyword.lower()
             want = desired.effective.get(key, ())
             have = observed.effective.get(key, ())
-            if {_norm(v) for v in want} != {_norm(v) for v in have}:
+            if {norm(v) for v in want} != {norm(v) for v in have}:
                 # the exempt list follows logins and logouts: no one's change to revert, never flapping
                 damped = keyword != PENALTY_EXEMPT
                 items.append(DriftItem(key, "effective", " ".join(want), " ".join(have) or "(unset)", damped=damped))
@@ -301,7 +260,7 @@ class SshdControl(Control):
             items.append(DriftItem("agent drop-in", dropin_path, "present", "missing"))
         elif observed.dropin.decode("utf-8", "replace") != desired.dropin_text:
             # only the session-following exempt list differs (an admin logged in or out): not a tamper
-            damped = _without_exempt(observed.dropin.decode("utf-8", "replace")) != _without_exempt(desired.dropin_text)
+            damped = without_exempt(observed.dropin.decode("utf-8", "replace")) != without_exempt(desired.dropin_text)
             items.append(DriftItem("agent drop-in", dropin_path, "the agent's content", "modified", damped=damped))
         if not self._include_present(observed.graph):
             items.append(DriftItem("include", MAIN_CONFIG, f"Include {DEFAULT_INCLUDE}", "missing"))
@@ -317,7 +276,7 @@ class SshdControl(Control):
                 DriftItem(
                     directive.keyword,
                     directive.path,
-                    _wanted_text(desired, directive.keyword),
+                    wanted_text(desired, directive.keyword),
                     directive.value,
                     directive.line,
                 )
@@ -326,7 +285,7 @@ class SshdControl(Control):
             items.append(DriftItem("sshd", "service", "running", "not running"))
         if not items:
             return None
-        return Drift(self.name, tuple(items), _effective_diff(observed, desired))
+        return Drift(self.name, tuple(items), effective_diff(observed, desired))
 
     def _include_present(self, graph: ConfigGraph) -> bool:
         return any(
@@ -348,7 +307,7 @@ class SshdControl(Control):
                 if directive.first_arg not in ports:
                     conflicts.append(directive)
             elif directive.keyword == "listenaddress":
-                explicit = _listen_port(directive.first_arg)
+                explicit = listen_port(directive.first_arg)
                 if explicit is not None and explicit not in ports:
                     conflicts.append(directive)
             elif directive.keyword in guarded and not desired.accepts(directive.keyword, directive.value):
@@ -362,16 +321,15 @@ class SshdControl(Control):
         edits: dict[str, list[str]] = {}
         notes: list[str] = []
         for directive in self._conflicts(observed.graph, desired):
-            lines = edits.setdefault(directive.path, _lines_of(observed.graph, directive.path))
+            lines = edits.setdefault(directive.path, lines_of(observed.graph, directive.path))
             original = lines[directive.line - 1]
-            wanted = _wanted_text(desired, directive.keyword)
+            wanted = wanted_text(desired, directive.keyword)
             lines[directive.line - 1] = (
-                f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}"
-                + line_end(original)
+                f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}" + line_end(original)
             )
             notes.append(f"comment out {directive.path}:{directive.line} ({original.strip()})")
         if not self._include_present(observed.graph):
-            lines = edits.setdefault(MAIN_CONFIG, _lines_of(observed.graph, MAIN_CONFIG))
+            lines = edits.setdefault(MAIN_CONFIG, lines_of(observed.graph, MAIN_CONFIG))
             directives = (i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#"))
             at = next(directives, len(lines))
             end = next((line_end(line) for line in lines if line_end(line)), "\n")  # the file's own line ends
@@ -419,69 +377,8 @@ class SshdControl(Control):
     # preconditions ------------------------------------------------------------------------------------
 
     def preconditions(self, observed: SshdObserved, desired: SshdDesired) -> Held | None:
-        """Each setting that can take a way in away applies only while a way to root over SSH stays:
-        ssh.options' Allow*/Deny*/AuthenticationMethods/... and PermitRootLogin while some admin (or root)
-        still gets in with what stays on; PasswordAuthentication no once a sudo admin's key login is
-        proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies."""
-        wanted = {keyword.lower(): value for keyword, value in desired.settings}
-        judged = (_CUTTING_OPTIONS | _CUT_KEYWORDS) & set(wanted)  # each of these applies only if it keeps a way in
-        judged |= {item.setting.split()[0].lower() for item in desired.held}  # the strict ones left out
-        accepted = {k: v for k, v in wanted.items() if k not in judged}
-        held: list[HeldSetting] = list(desired.held)
-        facts = accounts.read_facts(self.root)
-
-        def trial(extra: Mapping[str, str]) -> accounts.AccessPolicy:
-            return _policy(observed.effective, desired, {**accepted, **extra})
-
-        def changes(keyword: str) -> bool:
-            return not _same(observed.effective.get(keyword, ()), desired.effective.get(keyword, (wanted[keyword],)))
-
-        for keyword, value in desired.settings:
-            key = keyword.lower()
-            if key not in _CUTTING_OPTIONS:
-                continue
-            if not changes(key) or accounts.ways_to_root(self.root, facts, trial({key: value}))[0]:
-                accepted[key] = value
-                continue
-            problems = accounts.ways_to_root(self.root, facts, trial({key: value}))[1]
-            held.append(
-                HeldSetting(
-                    f"{keyword} {value}",
-                    "it would leave no way to get root over SSH: " + "; ".join(problems),
-                    f"change ssh.options {keyword} in /etc/vps-agent/config.yaml so an admin is let in, "
-                    "then `vps-agentctl reload`",
-                    NEEDS_CHANGE,
-                )
-            )
-        passwords_held = False
-        if "passwordauthentication" in wanted:
-            if wanted["passwordauthentication"] == "yes" or not changes("passwordauthentication"):
-                accepted["passwordauthentication"] = wanted["passwordauthentication"]
-            else:
-                hold = self._password_hold(facts, trial, desired.admin_port)
-                if hold is None:
-                    accepted["passwordauthentication"] = "no"
-                else:
-                    held.append(hold)
-                    accepted["passwordauthentication"] = "yes"  # the way in the admin has today stays
-                    passwords_held = True
-        self._passwords_held = passwords_held
-        if "permitrootlogin" in wanted:
-            value = wanted["permitrootlogin"]
-            ways, problems = accounts.ways_to_root(self.root, facts, trial({"permitrootlogin": value}))
-            if not changes("permitrootlogin") or ways:
-                accepted["permitrootlogin"] = value
-            else:
-                # left as sshd has it now: root's way in is the only one
-                held.append(
-                    HeldSetting(
-                        f"PermitRootLogin {value}",
-                        "it would leave no way to get root over SSH: " + "; ".join(problems),
-                        "create a sudo admin who can log in: adduser NAME && usermod -aG sudo NAME (or "
-                        "accounts.admin_user, accounts.create_admin and accounts.admin_keys in the config)",
-                        NEEDS_CHANGE,
-                    )
-                )
+        """Each setting that can take a way in away waits while it would (agent/controls/sshd_lockout.py)."""
+        held, accepted, judged, self._passwords_held = judge(self.root, self.keylogins, observed, desired)
         if not held:
             return None
         # every other setting as desired, in its order (Port repeats while a move is open); a held one is left out,
@@ -492,59 +389,6 @@ class SshdControl(Control):
             if keyword.lower() not in judged or keyword.lower() in accepted
         )
         return Held(tuple(held), self._desired_from(settings, desired.admin_port, desired.held))
-
-    def _password_hold(self, facts: accounts.AccountsFacts, trial: Any, admin_port: str) -> HeldSetting | None:
-        """PasswordAuthentication no: None when a sudo admin's key login is proven and that key still gets
-        in with passwords off; otherwise why passwords stay on and what ends it."""
-        without = trial({"passwordauthentication": "no"})
-        with_passwords = trial({"passwordauthentication": "yes"})
-        admins = [
-            account
-            for account in sorted(facts.accounts.values(), key=lambda a: a.uid)
-            if account.uid != 0 and accounts.sudo_grant(account, facts) is not None
-        ]
-        waiting: list[str] = []
-        keyless: list[str] = []
-        for account in admins:
-            found = accounts.access(self.root, account, facts, without)
-            proof = self.keylogins.proof(account.name)
-            fingerprints = accounts.key_fingerprints(self.root, account, without) if found.keys else frozenset()
-            if proof is not None and not proof.holds(fingerprints):
-                self.keylogins.forget(account.name)
-                proof = None
-            if found.way is not None and proof is not None:
-                return None
-            if found.way is not None:
-                waiting.append(account.name)
-            elif accounts.access(self.root, account, facts, with_passwords).way is not None:
-                keyless.append(account.name)
-        host = socket.gethostname()
-        if waiting:
-            self.keylogins.set_awaiting(waiting, keyless)
-            who = " or ".join(waiting)
-            return HeldSetting(
-                "PasswordAuthentication no",
-                f"passwords stay on until {who} logs in with a key",
-                f"log in once with that key (ssh -p {admin_port} {waiting[0]}@{host}), or after such a login "
-                "run `sudo vps-agentctl confirm`",
-                WAITS_FOR_PROOF,
-            )
-        if keyless:
-            self.keylogins.set_awaiting((), keyless)
-            who = " or ".join(keyless)
-            return HeldSetting(
-                "PasswordAuthentication no",
-                f"passwords stay on until {who} logs in with a key",
-                f"ssh-copy-id -p {admin_port} {keyless[0]}@{host}, then log in once",
-                WAITS_FOR_PROOF,
-            )
-        return HeldSetting(
-            "PasswordAuthentication no",
-            "passwords stay on: no sudo admin can log in to prove a key",
-            "create a sudo admin with a key: adduser NAME && usermod -aG sudo NAME, ssh-copy-id NAME@"
-            f"{host}, then log in once as NAME (or accounts.create_admin with accounts.admin_keys)",
-            NEEDS_CHANGE,
-        )
 
     # validate / reload --------------------------------------------------------------------------------
 
@@ -576,106 +420,3 @@ class SshdControl(Control):
 
     def facts(self, observed: SshdObserved) -> dict[str, Any]:
         return describe(observed)
-
-
-def render_socket_dropin(ports: Sequence[str]) -> str:
-    """ssh.socket's drop-in: the unit's own ListenStream= reset, then IPv4 and IPv6 per port (Ubuntu's
-    unit binds [::] IPv6-only, so both families are listed)."""
-    lines = [
-        "# Managed by vps-agent: ssh.socket listens where the SSH guard's port(s) say.",
-        "# Change /etc/vps-agent/config.yaml (ssh.port) instead, then run `vps-agentctl reload`.",
-        "[Socket]",
-        "ListenStream=",
-    ]
-    for port in ports:
-        lines += [f"ListenStream=0.0.0.0:{port}", f"ListenStream=[::]:{port}"]
-    return "\n".join(lines) + "\n"
-
-
-def render_dropin(settings: Sequence[tuple[str, str]]) -> str:
-    lines = [
-        "# Managed by vps-agent; drift from this file is reverted within milliseconds.",
-        "# Change /etc/vps-agent/config.yaml instead, then run `vps-agentctl reload`.",
-        "# To edit sshd by hand for a while: `vps-agentctl pause --for 30m ssh`.",
-    ]
-    lines.extend(f"{keyword} {value}" for keyword, value in settings)
-    return "\n".join(lines) + "\n"
-
-
-def _lines_of(graph: ConfigGraph, system_path: str) -> list[str]:
-    """The file's lines with their ends, as sshd counts them: a neutralised line keeps its own end."""
-    return sshd_lines(graph.text_of(system_path) or "")
-
-
-def _listen_port(address: str) -> str | None:
-    if address.startswith("["):
-        _, _, rest = address.partition("]")
-        return rest[1:] if rest.startswith(":") else None
-    if address.count(":") == 1:
-        return address.split(":", 1)[1]
-    return None
-
-
-def _wanted_text(desired: SshdDesired, keyword: str) -> str:
-    if keyword == "listenaddress":
-        keyword = "port"
-    for key, value in desired.settings:
-        if key.lower() == keyword:
-            return f"{key} {value}"
-    return keyword
-
-
-_CUT_KEYWORDS = frozenset({"permitrootlogin", "passwordauthentication"})
-
-
-def _policy(
-    observed: Mapping[str, tuple[str, ...]], desired: SshdDesired, settings: Mapping[str, str]
-) -> accounts.AccessPolicy:
-    """Who could log in with these settings of the agent's drop-in on top of the effective config."""
-    after = dict(observed)
-    for keyword in settings:
-        after[keyword] = desired.effective.get(keyword) or (settings[keyword],)
-        if keyword == "passwordauthentication":
-            after[keyword] = (settings[keyword],)
-    return accounts.AccessPolicy(
-        permit_root_login=_norm(_first(after, "permitrootlogin", "prohibit-password")),
-        password_authentication=_first(after, "passwordauthentication", "yes") == "yes",
-        pubkey_authentication=_first(after, "pubkeyauthentication", "yes") == "yes",
-        authorized_keys_files=after.get("authorizedkeysfile", (".ssh/authorized_keys",))[0].split(),
-        allow_users=_words(after, "allowusers"),
-        deny_users=_words(after, "denyusers"),
-        allow_groups=_words(after, "allowgroups"),
-        deny_groups=_words(after, "denygroups"),
-        authentication_methods=_words(after, "authenticationmethods"),
-    )
-
-
-def _words(values: Mapping[str, tuple[str, ...]], key: str) -> tuple[str, ...]:
-    """sshd -T prints a list keyword once per value, or once with the values separated by spaces."""
-    return tuple(word for value in values.get(key, ()) for word in value.split())
-
-
-def _first(values: Mapping[str, tuple[str, ...]], key: str, default: str) -> str:
-    found = values.get(key)
-    return found[0].lower() if found else default
-
-
-def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    return sorted(_norm(x) for x in a) == sorted(_norm(x) for x in b)
-
-
-def _effective_diff(observed: SshdObserved, desired: SshdDesired) -> str:
-    keys = [k.lower() for k, _ in desired.settings]
-    have = "".join(f"{k} {v}\n" for k in keys for v in observed.effective.get(k, ()))
-    want = "".join(f"{k} {v}\n" for k in keys for v in desired.effective.get(k, ()))
-    return unified(have, want, " sshd -T")
-
-
-def describe(observed: SshdObserved) -> dict[str, Any]:
-    """The few facts `status` shows for the SSH guard."""
-    effective = observed.effective
-    return {
-        "port": " ".join(effective.get("port", ())),
-        "permitrootlogin": _first(effective, "permitrootlogin", "?"),
-        "passwordauthentication": _first(effective, "passwordauthentication", "?"),
-    }
