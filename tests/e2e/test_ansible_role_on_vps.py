@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, REPO, built_deb
@@ -232,3 +233,11 @@ def test_the_report_fails_on_a_guard_in_report_mode_left_drifted(fleet: Controll
     assert run.returncode == 0, explain(run)
     wait_for("the sysctl guard compliant", lambda: control(vps, "sysctl")["status"] in ("healed", "compliant"), 30)
     assert fleet.playbook("report").returncode == 0
+
+
+def test_the_prometheus_targets_playbook_lists_each_hosts_node_exporter(fleet: Controller) -> None:
+    # a play on the controller only: it writes one file, in the test's directory
+    targets = fleet.home / "vps-agent-targets.yml"
+    run = fleet.playbook("prometheus_targets", f"vps_agent_targets_file={targets}")
+    assert run.returncode == 0, explain(run)
+    assert yaml.safe_load(targets.read_text()) == [{"targets": [f"{VPS_ADDR}:9100"], "labels": {"instance": "vps"}}]

@@ -100,3 +100,12 @@ def test_the_port_move_upgrade_and_reboot_show_on_the_hosts_first_line() -> None
 def test_never_upgraded_says_so() -> None:
     rows = fleet.fleet_rows({"h": {"vps_agent_status": registered(guard("ssh"))}}, ["h"])
     assert rows[0]["last_upgrade"] == "never" and rows[0]["reboot"] == "no"
+
+
+def test_prometheus_targets_are_each_hosts_node_exporter_named_as_in_the_inventory() -> None:
+    hostvars = {"web1": {"ansible_host": "203.0.113.5"}, "web2": {}, "v6": {"ansible_host": "2001:db8::5"}}
+    assert fleet.fleet_targets(hostvars, ["web1", "web2", "v6"], 9100) == [
+        {"targets": ["203.0.113.5:9100"], "labels": {"instance": "web1"}},
+        {"targets": ["web2:9100"], "labels": {"instance": "web2"}},
+        {"targets": ["[2001:db8::5]:9100"], "labels": {"instance": "v6"}},
+    ]

@@ -3,6 +3,7 @@
     rows = hostvars | vps_agent.vps_agent.fleet_rows(ansible_play_hosts_all)
     rows | vps_agent.vps_agent.fleet_table   -> the table, one line a guard
     rows | vps_agent.vps_agent.fleet_faults  -> "host: why" for each host blocked, drifted or unreachable
+    hostvars | vps_agent.vps_agent.fleet_targets(hosts, 9100)  -> Prometheus file_sd target groups
 
 Plain Python over plain data (no Ansible import), so the unit tests drive it without Ansible.
 """
@@ -119,6 +120,22 @@ def fleet_faults(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return [f"{row['host']}: {row['fault']}" for row in rows if row.get("fault")]
 
 
+def fleet_targets(hostvars: Mapping[str, Any], hosts: Iterable[str], port: int = 9100) -> list[dict[str, Any]]:
+    """Prometheus file_sd target groups: each host's node_exporter, labelled with its inventory name."""
+    groups = []
+    for host in hosts:
+        address = str(hostvars[host].get("ansible_host") or host)
+        if ":" in address:  # an IPv6 address
+            address = f"[{address}]"
+        groups.append({"targets": [f"{address}:{port}"], "labels": {"instance": host}})
+    return groups
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"fleet_rows": fleet_rows, "fleet_table": fleet_table, "fleet_faults": fleet_faults}
+        return {
+            "fleet_rows": fleet_rows,
+            "fleet_table": fleet_table,
+            "fleet_faults": fleet_faults,
+            "fleet_targets": fleet_targets,
+        }
