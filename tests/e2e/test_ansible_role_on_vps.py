@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,8 +24,9 @@ import yaml
 
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, REPO, built_deb
-from tests.e2e.sandbox import VPS_ADDR, Sandbox
+from tests.e2e.sandbox import CLIENT_ADDR, SCRIPT, VPS_ADDR, Sandbox
 from tests.e2e.test_agent_on_vps import client_connects, events, sshd_effective, wait_for
+from tests.integration.test_event_outputs import Rsyslog
 
 COLLECTION = REPO / "packaging" / "ansible"
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", "ansible-playbook", "ansible-galaxy", *BUILD_TOOLS)
@@ -241,3 +243,49 @@ def test_the_prometheus_targets_playbook_lists_each_hosts_node_exporter(fleet: C
     run = fleet.playbook("prometheus_targets", f"vps_agent_targets_file={targets}")
     assert run.returncode == 0, explain(run)
     assert yaml.safe_load(targets.read_text()) == [{"targets": [f"{VPS_ADDR}:9100"], "labels": {"instance": "vps"}}]
+
+
+def test_events_reach_one_rsyslog_collector_as_json_lines_with_the_host_name(fleet: Controller) -> None:
+    """Debian's rsyslogd on the shipped snippet, in the client's namespace (the collector box, on its own
+    config, pidfile and directory); the role points the agent's events.syslog at it over TCP."""
+    require_root_and_tools("rsyslogd", "ss")
+    vps = fleet.vps
+    holder = subprocess.Popen(  # a process in the client's namespace, for nsenter -t to join
+        [str(SCRIPT), "client", str(vps.root), "--", "sleep", "600"], stdin=subprocess.DEVNULL
+    )
+    collector = Rsyslog(fleet.home / "rsyslog", holder.pid, 5514)
+    try:
+        wait_for("the client namespace", lambda: holder.poll() is None and _in_netns(holder.pid), 10)
+        collector.start()
+        syslog = {"events": {"syslog": {"target": f"tcp://{CLIENT_ADDR}:5514"}}}
+        run = fleet.playbook("deploy", json.dumps({"vps_agent_config_extra": syslog}))
+        assert run.returncode == 0, explain(run)
+        wait_for("the agent connected to the collector", lambda: _syslog_connected(vps), 30)
+        vps.exec(["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"])
+
+        def healed_line() -> bool:
+            return any(m["rfc5424-sd"]["vps-agent@32473"].get("event.action") == "drift-reverted"
+                       for m in collector.received())  # fmt: skip
+
+        wait_for("the heal's event at the collector", healed_line, 30, lambda: str(collector.received()[-5:]))
+        files = sorted(p.name for p in collector.out.glob("*.jsonl"))
+        assert files == ["vps.jsonl"], files
+        for message in collector.received():
+            # host.name: in the RFC 5424 header (the snippet writes it as "host") and in the structured data
+            sd = message["rfc5424-sd"]["vps-agent@32473"]
+            assert message["host"] == "vps" and sd["host.name"] == "vps" and message["msgid"], message
+    finally:
+        collector.stop()
+        holder.terminate()
+        holder.wait(10)
+        fleet.playbook("deploy")  # events.syslog off again
+
+
+def _in_netns(pid: int) -> bool:
+    net = Path(f"/proc/{pid}/ns/net")
+    return net.exists() and os.readlink(net) != os.readlink("/proc/self/ns/net")
+
+
+def _syslog_connected(vps: Sandbox) -> bool:
+    outputs: dict[str, dict[str, object]] = status(vps).get("outputs") or {}  # type: ignore[assignment]
+    return bool((outputs.get("syslog") or {}).get("connected"))
