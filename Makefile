@@ -22,12 +22,12 @@ integration:
 	$(PYTEST) -q tests/integration
 
 # ruff and mypy pinned from PyPI (tools/lint-requirements.txt) in a venv that tools/install-deps makes once,
-# without root: Debian 12 has no ruff package. mypy's files (agent, tests) are in setup.cfg.
+# without root: Debian 12 has no ruff package. mypy's files (agent, tests, the Ansible plugins) are in setup.cfg.
 LINT_VENV ?= $(CURDIR)/build/lint-venv
 
 lint:  ## ruff and mypy, as CI runs them
 	LINT_VENV=$(LINT_VENV) tools/install-deps lint
-	$(LINT_VENV)/bin/ruff check agent tests bench
+	$(LINT_VENV)/bin/ruff check agent tests bench packaging/ansible/plugins
 	$(LINT_VENV)/bin/mypy
 
 # the packages first, then the .deb (a sub-make, so that `make -j sandbox` cannot build before installing)

@@ -159,5 +159,6 @@ def test_ci_lints_with_the_pinned_tools_before_it_tests() -> None:
     pins = [line for line in (REPO / "tools" / "lint-requirements.txt").read_text().splitlines() if line[:1] != "#"]
     assert [re.fullmatch(r"(ruff|mypy)==[0-9.]+", pin) is not None for pin in pins] == [True, True]
     makefile = (REPO / "Makefile").read_text()
-    lint = "\tLINT_VENV=$(LINT_VENV) tools/install-deps lint\n\t$(LINT_VENV)/bin/ruff check agent tests bench\n"
+    ruff = "$(LINT_VENV)/bin/ruff check agent tests bench packaging/ansible/plugins"
+    lint = f"\tLINT_VENV=$(LINT_VENV) tools/install-deps lint\n\t{ruff}\n"
     assert lint in makefile
