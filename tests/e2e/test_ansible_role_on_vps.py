@@ -161,7 +161,7 @@ def test_the_role_installs_and_configures_a_fresh_host(fleet: Controller) -> Non
         lambda: vps.exec(["vps-agentctl", "status"], check=False).stdout,
     )
     assert sshd_effective(vps)["passwordauthentication"] == ["no"]
-    assert not [e for e in events(vps) if e["event"]["action"] == "config-reloaded"]  # type: ignore[index]
+    assert not [e for e in events(vps) if e["event"]["action"] == "config-reloaded"]
 
 
 def test_a_second_run_changes_nothing(fleet: Controller) -> None:
@@ -196,7 +196,7 @@ def test_the_port_moves_to_2222_through_the_roles_step_and_nobody_is_locked_out(
     mark = len(events(vps))
     run = fleet.playbook("deploy", "vps_agent_ssh_port=2222", "vps_agent_ssh_port_move=true")
     assert run.returncode == 0, explain(run)
-    actions = [e["event"]["action"] for e in events(vps)[mark:]]  # type: ignore[index]
+    actions = [e["event"]["action"] for e in events(vps)[mark:]]
     assert "port-move-started" in actions and "port-move-confirmed" in actions, actions
     assert sshd_effective(vps)["port"] == ["2222"]
     assert vps.ssh("id -un", port=2222).stdout.strip() == "admin"

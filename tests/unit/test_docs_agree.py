@@ -186,8 +186,7 @@ def test_the_readme_starts_with_the_two_commands_and_is_short() -> None:
 
 def test_the_readme_links_every_docs_file() -> None:
     linked = set(LINK.findall((REPO / "README.md").read_text()))
-    pending = {"fleet.md"}  # issue 21: README's "Many VPSs" section will link it (README's owner pastes it)
-    assert sorted(p.name for p in DOCS.glob("*.md") if f"docs/{p.name}" not in linked and p.name not in pending) == []
+    assert sorted(p.name for p in DOCS.glob("*.md") if f"docs/{p.name}" not in linked) == []
 
 
 @pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")) + ["README.md"])
