@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.paths import SystemRoot
 from agent.system import fs
 from agent.system.run import Completed, run
+
+PIDFILE_SETTLE = 0.5  # seconds a missing pid is looked for again (sshd rewrites its pidfile on a reload)
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,18 @@ class ServiceManager:
         self.root = root
         self.use_systemd = root.is_host and root.systemd_run_dir.is_dir()
 
-    def is_running(self, service: Service) -> bool:
-        # the pidfile answers without a fork (this runs on every converge); actions go through systemd
-        return self._pid(service) is not None
+    def is_running(self, service: Service, settle: float = PIDFILE_SETTLE) -> bool:
+        """The pidfile answers without a fork (this runs on every converge); actions go through systemd.
+        sshd rewrites its pidfile as it re-executes on a reload (truncated, then written): a look in between
+        finds it empty, so a missing pid is looked for again for `settle` seconds before it counts as
+        stopped (a CI run on Debian 12 saw sshd 'not running' right after the agent's own reload, healed
+        it with a no-op start, and that heal tipped the guard into flapping)."""
+        deadline = time.monotonic() + settle
+        while self._pid(service) is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def reload(self, service: Service) -> ServiceResult:
         if self.use_systemd:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +73,25 @@ def test_reload_in_a_fake_root_signals_only_a_pid_named_by_its_pidfile(tmp_path:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_pidfile_rewritten_as_the_service_reloads_still_counts_as_running(tmp_path: Path) -> None:
+    # sshd truncates its pidfile and writes it again as it re-executes on SIGHUP: a look in between sees it empty
+    root = SystemRoot.at(tmp_path)
+    (tmp_path / "run").mkdir()
+    pidfile = tmp_path / "run/demo.pid"
+    pidfile.write_text("")
+    service = Service("demo.service", "/run/demo.pid", "python3", ("/bin/false",))
+    writer = threading.Timer(0.2, lambda: pidfile.write_text(f"{os.getpid()}\n"))
+    writer.start()
+    try:
+        assert ServiceManager(root).is_running(service) is True
+    finally:
+        writer.join()
+    pidfile.write_text("")
+    started = time.monotonic()
+    assert ServiceManager(root).is_running(service, settle=0.1) is False  # stopped is still said, soon
+    assert time.monotonic() - started < 1.0
 
 
 @pytest.mark.parametrize("verb", ["check", "diff"])
