@@ -29,20 +29,11 @@ from tests.e2e.test_agent_on_vps import (
     status_text,
     wait_for,
 )
+from tests.integration.test_strict_sshd import FIXED
 
+# FIXED: what sshd -T must print under strict, whatever the client: the integration test's list
 STRICT_CONFIG = USER_CONFIG + "profile: strict\n"
 DEBUG1_CONFIG = USER_CONFIG + "  options:\n    LogLevel: DEBUG1\nprofile: strict\n"  # ssh.options
-FIXED = {
-    "x11forwarding": ["no"],
-    "allowagentforwarding": ["no"],
-    "permittunnel": ["no"],
-    "gatewayports": ["no"],
-    "permituserenvironment": ["no"],
-    "logingracetime": ["30"],
-    "clientaliveinterval": ["300"],
-    "clientalivecountmax": ["2"],
-    "loglevel": ["VERBOSE"],
-}
 FIGURES: dict[str, dict[str, object]] = {}
 
 
@@ -132,8 +123,12 @@ def test_3_strict_applies_what_needs_no_fact_of_the_client_then_maxauthtries_aft
     )
     # the settings that need a fact of the admin's client wait for it (sshd -T reads the files before the
     # transaction commits: wait for the guard's own word)
-    wait_for("the strict holds", lambda: {"KexAlgorithms", "Ciphers", "MACs"} <= set(held_settings(vps)), 30,
-             lambda: status_text(vps))
+    wait_for(
+        "the strict holds",
+        lambda: {"KexAlgorithms", "Ciphers", "MACs"} <= set(held_settings(vps)),
+        30,
+        lambda: status_text(vps),
+    )
     if "MaxAuthTries" in held_settings(vps):  # the baseline's proof came from a login logged at INFO
         assert sshd_effective(vps)["maxauthtries"] == ["6"]
     assert admin_gets_in(vps)  # at LogLevel VERBOSE now: sshd logs each key it refuses
@@ -154,8 +149,12 @@ def strict_row(vps: Sandbox) -> dict[str, object]:
 
 def test_3b_the_strict_guard_turns_core_dumps_off_and_blacklists_the_unused_modules(vps: Sandbox) -> None:
     # the VPS is a container: /proc/modules is absent or the host's; a module loaded there is held back
-    wait_for("the strict guard", lambda: strict_row(vps)["status"] in ("compliant", "healed", "blocked"), 30,
-             lambda: status_text(vps))
+    wait_for(
+        "the strict guard",
+        lambda: strict_row(vps)["status"] in ("compliant", "healed", "blocked"),
+        30,
+        lambda: status_text(vps),
+    )
     coredump = vps.exec(["systemd-analyze", "cat-config", "systemd/coredump.conf"]).stdout
     assert "Storage=none" in coredump and "ProcessSizeMax=0" in coredump
     assert "* hard core 0" in vps.exec(["cat", "/etc/security/limits.d/vps-agent-core.conf"]).stdout
@@ -165,8 +164,11 @@ def test_3b_the_strict_guard_turns_core_dumps_off_and_blacklists_the_unused_modu
         assert f"install {name} /bin/false" in blacklist or f"install {name} /bin/false" in held
     # a tamper is reverted by the installed service
     vps.exec(["sh", "-c", "echo '* hard core unlimited' > /etc/security/limits.d/vps-agent-core.conf"])
-    wait_for("the limits file healed",
-             lambda: "* hard core 0" in vps.exec(["cat", "/etc/security/limits.d/vps-agent-core.conf"]).stdout, 30)
+    wait_for(
+        "the limits file healed",
+        lambda: "* hard core 0" in vps.exec(["cat", "/etc/security/limits.d/vps-agent-core.conf"]).stdout,
+        30,
+    )
     assert admin_gets_in(vps)
 
 
