@@ -68,18 +68,11 @@ def read(
     write, and its writability is not looked at (the poll reads every kept key every 2 s)."""
     path = key_path(root, key)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        value = _value(path)
     except (FileNotFoundError, NotADirectoryError):
         return Live(None, False, MISSING_NET if key.startswith("net.") else MISSING, missing=True)
-    except OSError as exc:
+    except OSError as exc:  # no permission, a write-only key, or one the kernel refuses to show
         return Live(None, False, exc.strerror or str(exc))
-    try:
-        raw = os.read(fd, MAX_VALUE)
-    except OSError as exc:  # a write-only key, or one the kernel refuses to show
-        return Live(None, False, exc.strerror or str(exc))
-    finally:
-        os.close(fd)
-    value = normalise(raw.decode("utf-8", "replace"))
     if value == expected:
         return Live(value, True)
     if not os.access(path, os.W_OK):
@@ -93,13 +86,16 @@ def peek(root: SystemRoot, key: str) -> str | None:
     """A key's value as the kernel shows it now, whitespace runs as one space; None: missing or unreadable.
     The poll's cheap look: one open and one read, nothing about writability."""
     try:
-        fd = os.open(key_path(root, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return _value(key_path(root, key))
     except OSError:
         return None
+
+
+def _value(path: Path) -> str:
+    """One open and one read of a /proc/sys file, whitespace runs as one space; OSError as the kernel says."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         return normalise(os.read(fd, MAX_VALUE).decode("utf-8", "replace"))
-    except OSError:
-        return None
     finally:
         os.close(fd)
 
