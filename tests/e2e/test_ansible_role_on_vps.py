@@ -15,9 +15,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -26,9 +29,11 @@ from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, REPO, built_deb
 from tests.e2e.sandbox import CLIENT_ADDR, SCRIPT, VPS_ADDR, Sandbox
 from tests.e2e.test_agent_on_vps import client_connects, events, sshd_effective, wait_for
+from tests.integration.harness import in_netns_of
 from tests.integration.test_event_outputs import Rsyslog
 
 COLLECTION = REPO / "packaging" / "ansible"
+PROMETHEUS = REPO / "packaging" / "prometheus"
 TOOLS = ("debootstrap", "unshare", "nsenter", "ip", "ssh", "ansible-playbook", "ansible-galaxy", *BUILD_TOOLS)
 CONFIG = "/etc/vps-agent/config.yaml"
 ADMIN_VARS = ("vps_agent_fail2ban_maxretry=3", "vps_agent_accounts_admin_user=admin")  # every run's
@@ -245,40 +250,158 @@ def test_the_prometheus_targets_playbook_lists_each_hosts_node_exporter(fleet: C
     assert yaml.safe_load(targets.read_text()) == [{"targets": [f"{VPS_ADDR}:9100"], "labels": {"instance": "vps"}}]
 
 
+@contextmanager
+def collector_box(vps: Sandbox) -> Iterator[int]:
+    """A process in the client's network namespace (the collector box: rsyslog, Prometheus), its pid for
+    nsenter -t to join; it ends with the block."""
+    holder = subprocess.Popen([str(SCRIPT), "client", str(vps.root), "--", "sleep", "900"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for("the client namespace", lambda: holder.poll() is None and _in_netns(holder.pid), 10)
+        in_netns_of(holder.pid, "ip", "link", "set", "lo", "up")
+        yield holder.pid
+    finally:
+        holder.terminate()
+        holder.wait(10)
+
+
 def test_events_reach_one_rsyslog_collector_as_json_lines_with_the_host_name(fleet: Controller) -> None:
     """Debian's rsyslogd on the shipped snippet, in the client's namespace (the collector box, on its own
     config, pidfile and directory); the role points the agent's events.syslog at it over TCP."""
     require_root_and_tools("rsyslogd", "ss")
     vps = fleet.vps
-    holder = subprocess.Popen(  # a process in the client's namespace, for nsenter -t to join
-        [str(SCRIPT), "client", str(vps.root), "--", "sleep", "600"], stdin=subprocess.DEVNULL
-    )
-    collector = Rsyslog(fleet.home / "rsyslog", holder.pid, 5514)
-    try:
-        wait_for("the client namespace", lambda: holder.poll() is None and _in_netns(holder.pid), 10)
-        collector.start()
-        syslog = {"events": {"syslog": {"target": f"tcp://{CLIENT_ADDR}:5514"}}}
-        run = fleet.playbook("deploy", json.dumps({"vps_agent_config_extra": syslog}))
-        assert run.returncode == 0, explain(run)
-        wait_for("the agent connected to the collector", lambda: _syslog_connected(vps), 30)
-        vps.exec(["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"])
+    with collector_box(vps) as box:
+        collector = Rsyslog(fleet.home / "rsyslog", box, 5514)
+        try:
+            collector.start()
+            syslog = {"events": {"syslog": {"target": f"tcp://{CLIENT_ADDR}:5514"}}}
+            run = fleet.playbook("deploy", json.dumps({"vps_agent_config_extra": syslog}))
+            assert run.returncode == 0, explain(run)
+            wait_for("the agent connected to the collector", lambda: _syslog_connected(vps), 30)
+            vps.exec(["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"])
 
-        def healed_line() -> bool:
-            return any(m["rfc5424-sd"]["vps-agent@32473"].get("event.action") == "drift-reverted"
-                       for m in collector.received())  # fmt: skip
+            def healed_line() -> bool:
+                return any(m["rfc5424-sd"]["vps-agent@32473"].get("event.action") == "drift-reverted"
+                           for m in collector.received())  # fmt: skip
 
-        wait_for("the heal's event at the collector", healed_line, 30, lambda: str(collector.received()[-5:]))
-        files = sorted(p.name for p in collector.out.glob("*.jsonl"))
-        assert files == ["vps.jsonl"], files
-        for message in collector.received():
-            # host.name: in the RFC 5424 header (the snippet writes it as "host") and in the structured data
-            sd = message["rfc5424-sd"]["vps-agent@32473"]
-            assert message["host"] == "vps" and sd["host.name"] == "vps" and message["msgid"], message
-    finally:
-        collector.stop()
-        holder.terminate()
-        holder.wait(10)
-        fleet.playbook("deploy")  # events.syslog off again
+            wait_for("the heal's event at the collector", healed_line, 30, lambda: str(collector.received()[-5:]))
+            files = sorted(p.name for p in collector.out.glob("*.jsonl"))
+            assert files == ["vps.jsonl"], files
+            for message in collector.received():
+                # host.name: in the RFC 5424 header (the snippet writes it as "host") and in the structured data
+                sd = message["rfc5424-sd"]["vps-agent@32473"]
+                assert message["host"] == "vps" and sd["host.name"] == "vps" and message["msgid"], message
+        finally:
+            collector.stop()
+            fleet.playbook("deploy")  # events.syslog off again
+
+
+class Prometheus:
+    """Debian's prometheus in the collector box on the shipped packaging/prometheus/ files (copied with
+    their links followed, as docs/fleet.md says) and the targets playbook's file. Two things differ from
+    the shipped files, both only to make the test take seconds: every interval is 1 s, and the alert
+    VpsAgentControlNonCompliant fires after 5 s, not 15 minutes (its expression is the shipped one)."""
+
+    def __init__(self, workdir: Path, netns_pid: int, targets: Path) -> None:
+        self.workdir, self.netns_pid = workdir, netns_pid
+        workdir.mkdir(parents=True, exist_ok=True)
+        for source in PROMETHEUS.glob("*.yml"):
+            text = source.read_text()  # read_text follows vps-agent-alerts.yml's link, as cp -L does
+            if source.name == "prometheus.yml":
+                text = re.sub(r"(scrape_interval|evaluation_interval|refresh_interval): \S+", r"\1: 1s", text)
+            if source.name == "vps-agent-alerts.yml":
+                rule = text.index("alert: VpsAgentControlNonCompliant")
+                text = text[:rule] + text[rule:].replace("for: 15m", "for: 5s", 1)
+            (workdir / source.name).write_text(text)
+        shutil.copy(targets, workdir / "vps-agent-targets.yml")
+        check = subprocess.run(["promtool", "check", "config", str(workdir / "prometheus.yml")],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = ["nsenter", "-t", str(self.netns_pid), "-n", "prometheus",
+                f"--config.file={self.workdir / 'prometheus.yml'}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                "--web.listen-address=127.0.0.1:9090"]  # fmt: skip
+        log = (self.workdir / "prometheus.log").open("ab")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for("prometheus ready", lambda: self.get("/-/ready") is not None, 30, self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+
+    def log(self) -> str:
+        return (self.workdir / "prometheus.log").read_text(errors="replace")[-3000:]
+
+    def get(self, path: str) -> Any:
+        """GET http://127.0.0.1:9090PATH from inside the box: the decoded JSON (None while it is not up)."""
+        fetched = in_netns_of(self.netns_pid, "python3", "-c", FETCH, f"http://127.0.0.1:9090{path}")
+        return json.loads(fetched.stdout) if fetched.returncode == 0 else None
+
+    def value(self, expr: str) -> float | None:
+        answer = self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        result = answer["data"]["result"] if answer else []
+        return float(result[0]["value"][1]) if len(result) == 1 else None
+
+    def firing(self) -> list[dict[str, str]]:
+        answer = self.get("/api/v1/alerts")
+        alerts = answer["data"]["alerts"] if answer else []
+        return [alert["labels"] for alert in alerts if alert["state"] == "firing"]
+
+
+FETCH = """import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as answer:
+    body = answer.read()
+print(json.dumps(json.loads(body)) if body.strip()[:1] in (b"{", b"[") else json.dumps(body.decode()))
+"""
+
+
+def test_prometheus_scrapes_the_hosts_node_exporter_counts_a_heal_and_fires_an_alert(fleet: Controller) -> None:
+    """The agent's textfile through Debian's node_exporter on the VPS (this machine's binary, run as a
+    transient unit: the VPS has no route to a mirror), the role opening 9100 to the Prometheus box only,
+    scraped by a real Prometheus: a heal is vps_agent_heals_total up by one for the host, and a guard left
+    drifted in report mode fires the shipped alert for that host and guard, which resolves once healed."""
+    require_root_and_tools("prometheus", "promtool", "prometheus-node-exporter")
+    vps = fleet.vps
+    targets = fleet.home / "vps-agent-targets.yml"  # written by the targets playbook's test
+    assert targets.exists(), "the prometheus_targets playbook's test did not run"
+    shutil.copy("/usr/bin/prometheus-node-exporter", vps.root / "usr/local/sbin/node_exporter")
+    vps.exec(["systemd-run", "--unit=node-exporter", "/usr/local/sbin/node_exporter", "--web.listen-address=:9100",
+              "--collector.disable-defaults", "--collector.textfile",
+              "--collector.textfile.directory=/var/lib/prometheus/node-exporter"])  # fmt: skip
+    open_9100 = {"vps_agent_firewall_allow_tcp": [{"port": 9100, "from": [f"{CLIENT_ADDR}/32"]}]}
+    report_mode = {**open_9100, "vps_agent_config_extra": {"sysctl": {"mode": "report"}}}
+    with collector_box(vps) as box:
+        prometheus = Prometheus(fleet.home / "prometheus", box, targets)
+        try:
+            run = fleet.playbook("deploy", json.dumps(open_9100))
+            assert run.returncode == 0, explain(run)
+            prometheus.start()
+            heals = 'vps_agent_heals_total{job="vps-agent",instance="vps",control="ssh"}'
+            wait_for("the first scrape", lambda: prometheus.value(heals) is not None, 30, prometheus.log)
+            assert prometheus.value('up{instance="vps"}') == 1
+            before = prometheus.value(heals)
+            assert before == int(control(vps, "ssh")["heals"])  # type: ignore[call-overload]
+            vps.exec(["sed", "-i", "1i PermitRootLogin yes", "/etc/ssh/sshd_config"])
+            assert before is not None
+            wait_for("the heal in Prometheus", lambda: prometheus.value(heals) == before + 1, 30, prometheus.log)
+
+            run = fleet.playbook("deploy", json.dumps(report_mode))
+            assert run.returncode == 0, explain(run)
+            vps.exec(["sysctl", "-q", "-w", "net.ipv4.conf.all.log_martians=0"])
+            alert = {"alertname": "VpsAgentControlNonCompliant", "instance": "vps", "control": "sysctl"}
+            fired = lambda: any(alert.items() <= labels.items() for labels in prometheus.firing())  # noqa: E731
+            wait_for("the alert firing", fired, 60, lambda: str(prometheus.firing()))
+            names = [labels["alertname"] for labels in prometheus.firing()]
+            assert names.count(alert["alertname"]) == 1, prometheus.firing()  # only the guard left drifted
+            run = fleet.playbook("deploy", json.dumps(open_9100))  # enforce again: healed, the alert resolves
+            assert run.returncode == 0, explain(run)
+            wait_for("the alert resolved", lambda: not fired(), 60, lambda: str(prometheus.firing()))
+        finally:
+            prometheus.stop()
+            vps.exec(["systemctl", "stop", "node-exporter"], check=False)
+            fleet.playbook("deploy")  # 9100 closed again
 
 
 def _in_netns(pid: int) -> bool:
