@@ -39,10 +39,7 @@ from agent.controls.sshd_config import (
     DEFAULT_INCLUDE,
     MAIN_CONFIG,
     SSHD,
-    ConfigGraph,
-    Directive,
     ensure_privsep_dir,
-    include_covers,
     parse_effective,
     read_graph,
 )
@@ -53,10 +50,11 @@ from agent.controls.sshd_model import (
     PENALTY_EXEMPT,
     SshdDesired,
     SshdObserved,
+    conflicts,
     describe,
     effective_diff,
+    include_present,
     lines_of,
-    listen_port,
     norm,
     render_dropin,
     render_socket_dropin,
@@ -114,7 +112,7 @@ class SshdControl(Control):
     def observe(self) -> SshdObserved:
         ensure_privsep_dir(self.root)
         graph = read_graph(self.root)
-        if not self._include_present(graph):
+        if not include_present(self.root, graph, self._dropin_system_path):
             # the heal puts the Include back: what the drop-ins hold then counts, and is neutralised with it
             graph = read_graph(self.root, restoring=DEFAULT_INCLUDE)
         for path, why in graph.unreadable:
@@ -262,7 +260,7 @@ class SshdControl(Control):
             # only the session-following exempt list differs (an admin logged in or out): not a tamper
             damped = without_exempt(observed.dropin.decode("utf-8", "replace")) != without_exempt(desired.dropin_text)
             items.append(DriftItem("agent drop-in", dropin_path, "the agent's content", "modified", damped=damped))
-        if not self._include_present(observed.graph):
+        if not include_present(self.root, observed.graph, self._dropin_system_path):
             items.append(DriftItem("include", MAIN_CONFIG, f"Include {DEFAULT_INCLUDE}", "missing"))
         if (
             observed.socket_activated
@@ -271,7 +269,7 @@ class SshdControl(Control):
             where = self.root.system_name(self.root.ssh_socket_dropin)
             state = "missing" if observed.socket_dropin is None else "modified"
             items.append(DriftItem("ssh.socket ListenStream", where, "the SSH port(s)", state))
-        for directive in self._conflicts(observed.graph, desired):
+        for directive in conflicts(observed.graph, desired, self._dropin_system_path):
             items.append(
                 DriftItem(
                     directive.keyword,
@@ -287,40 +285,13 @@ class SshdControl(Control):
             return None
         return Drift(self.name, tuple(items), effective_diff(observed, desired))
 
-    def _include_present(self, graph: ConfigGraph) -> bool:
-        return any(
-            d.keyword == "include"
-            and d.path == MAIN_CONFIG
-            and not d.in_match
-            and include_covers(self.root, d, self._dropin_system_path)
-            for d in graph.directives
-        )
-
-    def _conflicts(self, graph: ConfigGraph, desired: SshdDesired) -> list[Directive]:
-        guarded = {k.lower() for k, _ in desired.settings}
-        ports = {v for k, v in desired.settings if k == "Port"}
-        conflicts = []
-        for directive in graph.directives:
-            if directive.path == self._dropin_system_path:
-                continue
-            if directive.keyword == "port":
-                if directive.first_arg not in ports:
-                    conflicts.append(directive)
-            elif directive.keyword == "listenaddress":
-                explicit = listen_port(directive.first_arg)
-                if explicit is not None and explicit not in ports:
-                    conflicts.append(directive)
-            elif directive.keyword in guarded and not desired.accepts(directive.keyword, directive.value):
-                conflicts.append(directive)
-        return conflicts
-
     # plan ---------------------------------------------------------------------------------------------
 
     def plan(self, observed: SshdObserved, desired: SshdDesired, drift: Drift) -> Changes:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         edits: dict[str, list[str]] = {}
         notes: list[str] = []
-        for directive in self._conflicts(observed.graph, desired):
+        for directive in conflicts(observed.graph, desired, self._dropin_system_path):
             lines = edits.setdefault(directive.path, lines_of(observed.graph, directive.path))
             original = lines[directive.line - 1]
             wanted = wanted_text(desired, directive.keyword)
@@ -328,7 +299,7 @@ class SshdControl(Control):
                 f"# [{MARKER} {stamp}] neutralised, the agent keeps {wanted}: {original.strip()}" + line_end(original)
             )
             notes.append(f"comment out {directive.path}:{directive.line} ({original.strip()})")
-        if not self._include_present(observed.graph):
+        if not include_present(self.root, observed.graph, self._dropin_system_path):
             lines = edits.setdefault(MAIN_CONFIG, lines_of(observed.graph, MAIN_CONFIG))
             directives = (i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#"))
             at = next(directives, len(lines))

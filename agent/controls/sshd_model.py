@@ -13,9 +13,13 @@ from agent.controls.base import (
     unified,
 )
 from agent.controls.sshd_config import (
+    MAIN_CONFIG,
     ConfigGraph,
+    Directive,
+    include_covers,
     sshd_lines,
 )
+from agent.paths import SystemRoot
 
 PENALTY_EXEMPT = "PerSourcePenaltyExemptList"
 MARKER = "vps-agent"
@@ -107,6 +111,35 @@ def listen_port(address: str) -> str | None:
     if address.count(":") == 1:
         return address.split(":", 1)[1]
     return None
+
+
+def include_present(root: SystemRoot, graph: ConfigGraph, dropin: str) -> bool:
+    """sshd_config itself (outside any Match) has an Include that pulls in the agent's drop-in."""
+    return any(
+        d.keyword == "include" and d.path == MAIN_CONFIG and not d.in_match and include_covers(root, d, dropin)
+        for d in graph.directives
+    )
+
+
+def conflicts(graph: ConfigGraph, desired: SshdDesired, dropin: str) -> list[Directive]:
+    """The directives outside the agent's drop-in that contradict what it wants: another Port, a
+    ListenAddress with another port, a guarded keyword with another value."""
+    guarded = {k.lower() for k, _ in desired.settings}
+    ports = {v for k, v in desired.settings if k == "Port"}
+    found = []
+    for directive in graph.directives:
+        if directive.path == dropin:
+            continue
+        if directive.keyword == "port":
+            if directive.first_arg not in ports:
+                found.append(directive)
+        elif directive.keyword == "listenaddress":
+            explicit = listen_port(directive.first_arg)
+            if explicit is not None and explicit not in ports:
+                found.append(directive)
+        elif directive.keyword in guarded and not desired.accepts(directive.keyword, directive.value):
+            found.append(directive)
+    return found
 
 
 def wanted_text(desired: SshdDesired, keyword: str) -> str:

@@ -679,9 +679,7 @@ def test_a_yaml_syntax_error_names_its_column() -> None:
 
 
 def test_every_bad_firewall_rule_and_accounts_key_is_reported_at_once() -> None:
-    error = error_for(
-        "firewall:\n  allow_tcp: [0, 80, 70000]\naccounts:\n  admin_usr: deploy\n  create_admin: maybe\n"
-    )
+    error = error_for("firewall:\n  allow_tcp: [0, 80, 70000]\naccounts:\n  admin_usr: deploy\n  create_admin: maybe\n")
     assert [(e.line, e.key) for e in error.errors] == [
         (2, "firewall.allow_tcp[0]"),
         (2, "firewall.allow_tcp[2]"),

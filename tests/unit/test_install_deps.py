@@ -88,8 +88,7 @@ def test_not_root_with_packages_missing_names_them_and_the_command_and_fails(tmp
     assert done.stdout == ""
     first = done.stderr.splitlines()[0]
     assert first == (
-        "install-deps: make test needs Debian packages that are not installed:"
-        " debootstrap rsyslog-openssl prometheus"
+        "install-deps: make test needs Debian packages that are not installed: debootstrap rsyslog-openssl prometheus"
     )
     assert re.search(r"^install-deps: +(sudo make deps|su -c 'make deps')$", done.stderr, re.M), done.stderr
     assert apt_calls(tmp_path) == []

@@ -67,7 +67,7 @@ def foreign_rule(draw: st.DrawFn, chain: str) -> str:
                 "-A {c} -p tcp -m tcp ! --dport {p} -j RETURN",
                 "-A {c} -j f2b-sshd",
                 "-A {c} -m set --match-set blocked src -j DROP",
-                "-A {c} -j LOG --log-prefix \"in: \"",
+                '-A {c} -j LOG --log-prefix "in: "',
             ]
         )
     )

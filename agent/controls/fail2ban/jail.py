@@ -2,7 +2,6 @@
 what fail2ban prints (`fail2ban-client -d`, `status`, `get ... actions`/`ignoreip`) and the admin's later
 .local files. No process, no file: agent/controls/fail2ban/control.py runs fail2ban-client."""
 
-
 from __future__ import annotations
 
 import ast

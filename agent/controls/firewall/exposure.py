@@ -73,9 +73,7 @@ def would_cut(
 
 def read_would_cut(firewall: FirewallConfig, ssh_ports: Iterable[int]) -> tuple[WouldCut, ...]:
     """would_cut for this network namespace, now."""
-    return would_cut(
-        firewall, ssh_ports, netfilter.open_sockets(), netfilter.socket_processes, netfilter.cgroup_paths
-    )
+    return would_cut(firewall, ssh_ports, netfilter.open_sockets(), netfilter.socket_processes, netfilter.cgroup_paths)
 
 
 def cut_text(cuts: Iterable[WouldCut]) -> str:
