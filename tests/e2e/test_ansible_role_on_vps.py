@@ -27,7 +27,7 @@ import yaml
 
 from tests.conftest import require_root_and_tools
 from tests.debs import BUILD_TOOLS, REPO, built_deb
-from tests.e2e.sandbox import CLIENT_ADDR, SCRIPT, VPS_ADDR, Sandbox
+from tests.e2e.sandbox import CLIENT_ADDR, RESTART_TIMEOUT, SCRIPT, VPS_ADDR, Sandbox
 from tests.e2e.test_agent_on_vps import client_connects, events, sshd_effective, wait_for
 from tests.integration.harness import in_netns_of
 from tests.integration.test_event_outputs import Rsyslog
@@ -367,6 +367,10 @@ def test_prometheus_scrapes_the_hosts_node_exporter_counts_a_heal_and_fires_an_a
     targets = fleet.home / "vps-agent-targets.yml"  # written by the targets playbook's test
     assert targets.exists(), "the prometheus_targets playbook's test did not run"
     shutil.copy("/usr/bin/prometheus-node-exporter", vps.root / "usr/local/sbin/node_exporter")
+    # what the package would leave: its textfile directory; the agent, started before it existed, is
+    # restarted to get it writable, as docs/operations.md says of node_exporter installed after the agent
+    vps.exec(["install", "-d", "-m", "0755", "/var/lib/prometheus/node-exporter"])
+    vps.exec(["systemctl", "restart", "vps-agent"], timeout=RESTART_TIMEOUT)
     vps.exec(["systemd-run", "--unit=node-exporter", "/usr/local/sbin/node_exporter", "--web.listen-address=:9100",
               "--collector.disable-defaults", "--collector.textfile",
               "--collector.textfile.directory=/var/lib/prometheus/node-exporter"])  # fmt: skip
@@ -379,7 +383,18 @@ def test_prometheus_scrapes_the_hosts_node_exporter_counts_a_heal_and_fires_an_a
             assert run.returncode == 0, explain(run)
             prometheus.start()
             heals = 'vps_agent_heals_total{job="vps-agent",instance="vps",control="ssh"}'
-            wait_for("the first scrape", lambda: prometheus.value(heals) is not None, 30, prometheus.log)
+
+            def scraping() -> str:
+                answer = prometheus.get("/api/v1/targets")
+                unit = vps.exec(["systemctl", "status", "--no-pager", "node-exporter"], check=False).stdout
+                rules = vps.exec(["nft", "list", "ruleset"], check=False).stdout
+                sockets = vps.exec(["ss", "-tan"], check=False).stdout
+                direct = in_netns_of(box, "python3", "-c", FETCH, f"http://{VPS_ADDR}:9100/metrics")
+                textfile = vps.exec(["ls", "-la", "/var/lib/prometheus/node-exporter"], check=False).stdout
+                seen = f"{direct.returncode} {direct.stdout[:300]} {direct.stderr[-300:]}"
+                return f"{answer}\n{unit}\n{rules}\n{sockets}\n{seen}\n{textfile}"
+
+            wait_for("the first scrape", lambda: prometheus.value(heals) is not None, 30, scraping)
             assert prometheus.value('up{instance="vps"}') == 1
             before = prometheus.value(heals)
             assert before == int(control(vps, "ssh")["heals"])  # type: ignore[call-overload]

@@ -3,6 +3,7 @@ namespace (`unshare --net`): this machine's own ruleset is never touched."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -114,6 +115,36 @@ def test_drift_is_healed_within_seconds(guarded: tuple[Agent, Netns], drift: tup
     assert event["control"] == "firewall"
     assert float(event["duration_ms"]) < 2000
     assert not any("--dport 23" in r for r in ns.rules())
+
+
+LEFTOVER = """table inet vps_agent {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    tcp dport 22 accept
+  }
+}
+table inet someone_else {
+  chain input { type filter hook input priority filter + 5; policy accept; }
+}
+"""
+
+
+def test_its_own_nftables_table_left_from_native_nftables_is_removed_and_no_other(
+    guarded: tuple[Agent, Netns],
+) -> None:
+    """nftables was there before iptables (`apt install nftables`, later iptables with Docker, or the
+    .deb's Recommends): the agent ran on native nftables, then on iptables-nft. Its old table still drops
+    every port it did not list (a newly allowed one, the SSH port moved since): seen on a booted VPS,
+    node_exporter's allowed port timed out. It is removed; another tool's table stays."""
+    agent, ns = guarded
+    since = agent.mark()
+    ns.run("sh", "-c", f"printf '%s' '{LEFTOVER}' | nft -f -")
+    event = agent.wait_event("drift-reverted", since, HEAL_TIMEOUT, control="firewall")
+    assert "inet vps_agent" in json.dumps(event)
+    wait_for(lambda: "vps_agent" not in ns.run("nft", "list", "tables"), HEAL_TIMEOUT, "the leftover table removed")
+    assert "table inet someone_else" in ns.run("nft", "list", "tables")
+    assert baseline_in_place(ns)()
 
 
 def test_others_chains_survive_every_heal(guarded: tuple[Agent, Netns]) -> None:

@@ -38,6 +38,7 @@ from agent.controls.base import (
     WatchSpec,
     unified,
 )
+from agent.controls.firewall import others
 from agent.controls.firewall.exposure import WouldCut, read_would_cut, report_note
 from agent.controls.firewall.rules import (
     CHAIN,
@@ -140,30 +141,8 @@ class FirewallControl(Control):
             if not result.ok:
                 raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
             families.append(parse_filter(family, result.stdout))
-        return FirewallObserved(backend, tuple(families), self._listening_ports(), self._split_rules(backend))
-
-    def _split_rules(self, backend: Backend) -> str:
-        """Rules in filter INPUT under the other iptables flavour too: both apply to every packet, and
-        each tool (and each admin) sees only half the firewall."""
-        other = {"nft": "legacy", "legacy": "nft"}.get(backend.name)
-        if other is None:
-            return ""
-        found = []
-        for family in FAMILIES:
-            if other == "legacy" and not netfilter.legacy_filter_present(family):
-                continue  # asking iptables-legacy would load its modules
-            saved = netfilter.save_filter_with(other, family)
-            try:
-                if saved.ok and parse_filter(family, saved.stdout).input_rules:
-                    found.append(f"{netfilter.tool_name(family)}-{other}")
-            except ObserveError:
-                continue  # only a warning is at stake: the other flavour's garbled output does not fail the observe
-        if not found:
-            return ""
-        return (
-            f"split ruleset: {' and '.join(found)} also has rules in filter INPUT besides the agent's "
-            f"iptables-{backend.name} (both apply; each tool sees half)"
-        )
+        split, leftover = others.split_rules(backend), others.leftover_nft()
+        return FirewallObserved(backend, tuple(families), self._listening_ports(), split, leftover_nft=leftover)
 
     # desired ------------------------------------------------------------------------------------------
 
@@ -285,6 +264,10 @@ class FirewallControl(Control):
                 items.append(DriftItem("jump", f"{where} INPUT", JUMP, "missing"))
             if seen.policy != POLICY:
                 items.append(DriftItem("policy", f"{where} INPUT", POLICY, seen.policy))
+        if observed.leftover_nft is not None:
+            wanted = f"absent (the agent keeps iptables-{observed.backend.name})"
+            items.append(DriftItem(f"table {NFT_NAME}", "nftables", wanted, "left from native nftables, policy drop"))
+            diffs.append(unified("\n".join(observed.leftover_nft) + "\n", "", f"/nftables/{NFT_NAME}"))
         if not items:
             return None
         return Drift(self.name, tuple(items), "".join(diffs))
@@ -324,6 +307,18 @@ class FirewallControl(Control):
             notes.append(
                 f"{family}: {len(desired.rules[family])} rules in {CHAIN}, INPUT policy {POLICY}"
                 + ("" if seen.jumps else ", jump restored")
+            )
+        if observed.leftover_nft is not None:  # removing a table that drops can only open, never cut
+            commands.append(
+                CommandChange(
+                    apply=Invocation(netfilter.nft_apply_argv(), nft_script(None)),
+                    undo=Invocation(netfilter.nft_apply_argv(), nft_script(observed.leftover_nft)),
+                    check=Invocation(netfilter.nft_apply_argv(check=True), nft_script(None)),
+                    reason=f"leftover table {NFT_NAME}",
+                )
+            )
+            notes.append(
+                f"nftables: the leftover table {NFT_NAME} removed (the agent keeps iptables-{self.backend.name})"
             )
         return Changes(notes=tuple(notes), diff=drift.diff, commands=tuple(commands))
 

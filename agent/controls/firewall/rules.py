@@ -67,6 +67,9 @@ class FirewallObserved:
     sshd_ports: frozenset[int]  # what a running sshd listens on in this network namespace
     split: str  # rules in both iptables-legacy and iptables-nft: a warning, empty when fine
     nft: NftObserved | None = None  # the native nftables backend's view; None on iptables
+    # on iptables: the agent's own `table inet vps_agent` left from a time it ran on native nftables (nft was
+    # there before iptables): it still drops what it does not list, so it goes; None: there is none
+    leftover_nft: tuple[str, ...] | None = None
 
     def family(self, name: str) -> FamilyObserved:
         return next(f for f in self.families if f.family == name)
