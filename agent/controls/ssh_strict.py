@@ -27,6 +27,9 @@ FIXED: tuple[tuple[str, str], ...] = (
     ("LoginGraceTime", "30"),
     ("ClientAliveInterval", "300"),
     ("ClientAliveCountMax", "2"),
+    ("TCPKeepAlive", "no"),  # ClientAlive* (inside the encrypted channel) finds dead peers instead
+    ("Compression", "no"),
+    ("AllowTcpForwarding", "local"),  # ssh -L and -D stay (databases, consoles); -R listeners go
     ("LogLevel", "VERBOSE"),
 )
 MAX_AUTH_TRIES = 3  # what Lynis (SSH-7408) and CIS ask, raised to fit the admin's client

@@ -22,6 +22,9 @@ FIXED = {
     "logingracetime": ["30"],
     "clientaliveinterval": ["300"],
     "clientalivecountmax": ["2"],
+    "tcpkeepalive": ["no"],
+    "compression": ["no"],
+    "allowtcpforwarding": ["local"],
     "loglevel": ["VERBOSE"],
 }
 CHACHA = [["cipher", "chacha20-poly1305@openssh.com"], ["kex", "curve25519-sha256"], ["mac", "<implicit>"]]
