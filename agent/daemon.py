@@ -17,19 +17,16 @@ from typing import Any
 from agent import __version__
 from agent import events as ev
 from agent.config import Config, ConfigError, format_duration, load_config, parse_duration
+from agent.controls.ssh.proofs import Proofs
 from agent.engine import faults, recovery
 from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
-from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
-from agent.proofs import Proofs
 from agent.sinks.outputs import Outputs
-from agent.sshd_ports import SshdPorts
 from agent.system import fs, namespace
 from agent.system.sdnotify import Notifier
 from agent.updates import UpgradeScheduler
-from agent.wiring import build_controls, transaction_context
+from agent.wiring import SshShared, build_controls, transaction_context
 
 LAST_GOOD_CONFIG = "config.last-good.yaml"
 
@@ -53,17 +50,14 @@ class Daemon:
                 root.path(config.events.file), to_stdout=config.events.stdout, ring_size=config.events.ring_size
             )
         )
-        self.moves = PortMoves(root)
-        self.sshd_ports = SshdPorts(root)
-        self.keylogins = KeyLogins(root)
+        self.ssh = SshShared.of(root)  # the port move, what sshd listens on, the proven key logins
         ctx = transaction_context(root, config, self.events)
         ctx.fault = faults.from_environment(not root.is_host)  # tests only; refused on a real host
         self.engine = Engine(
-            build_controls(root, self.moves, self.sshd_ports, self.keylogins, lambda: self.engine.heals("ssh")),
-            config,
-            ctx,
+            build_controls(root, self.ssh, lambda: self.engine.heals("ssh")), config, ctx, self.ssh.ports_now
         )
-        self.proofs = Proofs(root, self.events, self.engine, self.moves, self.keylogins, self.sshd_ports, self.stopping)
+        ssh = self.ssh
+        self.proofs = Proofs(root, self.events, self.engine, ssh.moves, ssh.keylogins, ssh.listening, self.stopping)
         self.upgrades = UpgradeScheduler(root, self.engine.config, self.events)
         self.ipc = IpcServer(root.socket, self.handle)  # before the outputs: the metrics render status(), ipc too
         # events: the journal, remote syslog and the metrics textfile (agent/sinks)
@@ -284,11 +278,11 @@ class Daemon:
             "event_counts": self.events.sinks.counts_by_action(),
             "controls": self.engine.status(),
             "updates": self.upgrades.status(),
-            "port_move": self.moves.status(config),
+            "port_move": self.ssh.moves.status(config),
             "ipc": self.ipc.stats(),  # what clients hold on the control socket, and what its caps refused
         }
 
-    # what sshd's journal proves: the port move and key logins (agent/proofs.py) ----------------------
+    # what sshd's journal proves: the port move and key logins (agent/controls/ssh/proofs.py) ----------------------
 
     def _confirm(self) -> dict[str, Any]:
         answer = self.proofs.confirm()

@@ -5,40 +5,50 @@ console never imports the daemon."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent import events as ev
 from agent.config import Config
 from agent.controls.accounts import AccountsControl
-from agent.controls.base import Control
+from agent.controls.base import Control, SshPorts
 from agent.controls.fail2ban import Fail2banControl
 from agent.controls.firewall import FirewallControl
-from agent.controls.sshd import SshdControl
-from agent.controls.sshd_config import password_logins
+from agent.controls.ssh.control import SshdControl
+from agent.controls.ssh.keylogins import KeyLogins
+from agent.controls.ssh.portmove import PortMoves
+from agent.controls.ssh.ports import SshdPorts, ports_now
+from agent.controls.ssh.sshd_config import password_logins
 from agent.controls.strict import StrictControl
 from agent.controls.sysctl import SysctlControl
 from agent.engine import transaction as tx
-from agent.keylogins import KeyLogins
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts
 from agent.system import backups, dpkg, fs
 
 
-def build_controls(
-    root: SystemRoot,
-    moves: PortMoves | None = None,
-    sshd_ports: SshdPorts | None = None,
-    keylogins: KeyLogins | None = None,
-    ssh_guard_heals: Callable[[], bool] = lambda: False,
-) -> list[Control]:
-    """The guards; ssh, firewall and fail2ban share the SSH port move's state (agent/portmove.py), and
-    the firewall and fail2ban what sshd listens on (agent/sshd_ports.py); the SSH guard reads the
-    proven key logins (agent/keylogins.py) the daemon records. fail2ban's jail mode follows whether sshd
-    takes passwords: what the SSH guard holds sshd to while it heals (`ssh_guard_heals`: enabled, not
-    paused), else what sshd -T says."""
-    moves = moves or PortMoves(root)
-    sshd_ports = sshd_ports or SshdPorts(root)
-    ssh = SshdControl(root, moves=moves, keylogins=keylogins or KeyLogins(root))
+@dataclass(frozen=True)
+class SshShared:
+    """What the SSH guard, the port move and the engine share: one port move's state, one reader of what
+    sshd listens on, the proven key logins. Made once per process (the daemon, one console command)."""
+
+    moves: PortMoves
+    listening: SshdPorts
+    keylogins: KeyLogins
+
+    @classmethod
+    def of(cls, root: SystemRoot) -> SshShared:
+        return cls(PortMoves(root), SshdPorts(root), KeyLogins(root))
+
+    def ports_now(self, config: Config) -> SshPorts:
+        """The engine's SSH ports for one converge (agent/controls/ssh/ports.py)."""
+        return ports_now(self.listening, self.moves, config)
+
+
+def build_controls(root: SystemRoot, shared: SshShared, ssh_guard_heals: Callable[[], bool]) -> list[Control]:
+    """The guards. Only the SSH guard knows the port move (agent/controls/ssh/portmove.py) and the proven key
+    logins (keylogins.py); the firewall and fail2ban get the SSH ports from the engine (SshShared.ports_now).
+    fail2ban's jail mode follows whether sshd takes passwords: what the SSH guard holds sshd to while it
+    heals (`ssh_guard_heals`: enabled, not paused), else what sshd -T says."""
+    ssh = SshdControl(root, moves=shared.moves, keylogins=shared.keylogins)
 
     def passwords(config: Config) -> bool | None:
         if ssh_guard_heals():
@@ -47,8 +57,8 @@ def build_controls(
 
     return [
         ssh,
-        FirewallControl(root, sshd_ports, moves=moves),
-        Fail2banControl(root, listening_ports=sshd_ports, moves=moves, password_logins=passwords),
+        FirewallControl(root),
+        Fail2banControl(root, password_logins=passwords),
         AccountsControl(root),
         SysctlControl(root),
         StrictControl(root),  # profile: strict alone

@@ -80,7 +80,7 @@ def key_fingerprint(public_key: bytes) -> str:
 
 
 def prove_key_login(root: Path, user: str = "admin", public_key: bytes | None = None) -> None:
-    """What the daemon keeps once sshd logged a publickey login of user with that key (agent/keylogins.py)."""
+    """What the daemon keeps once sshd logged a publickey login of user with that key (controls/ssh/keylogins.py)."""
     fingerprint = key_fingerprint(public_key or client_key())
     proof = {user: {"user": user, "how": "a publickey login (fake root)", "at": 1.0, "fingerprint": fingerprint}}
     write(root / "var/lib/vps-agent/key-logins.json", json.dumps(proof) + "\n", 0o600)

@@ -13,8 +13,6 @@ from agent.console.codes import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_UNREACHABL
 from agent.controls.firewall.exposure import cut_text, read_would_cut
 from agent.ipc import DaemonUnreachable
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts, ssh_ports
 from agent.system import fs
 
 
@@ -43,7 +41,9 @@ def enforce(root: SystemRoot, yes: bool, reload: Callable[[], Any]) -> int:
         why = "firewall.enabled is false" if not config.firewall.enabled else "the edit did not take"
         print(f"vps-agentctl enforce: {path}: {why}; nothing changed", file=sys.stderr)
         return EXIT_ERROR
-    cuts = read_would_cut(config.firewall, ssh_ports(config, SshdPorts(root)(), PortMoves(root)))
+    from agent.wiring import SshShared  # the controls load only for the verbs that use them
+
+    cuts = read_would_cut(config.firewall, SshShared.of(root).ports_now(config).ports)
     if cuts and not yes:
         print(
             f"vps-agentctl enforce: enforcing the firewall would cut off {cut_text(cuts)}; nothing changed.\n"

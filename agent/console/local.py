@@ -23,10 +23,11 @@ from agent.system.run import concurrently
 
 
 def local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]] | int:
-    from agent.wiring import build_controls, transaction_context
+    from agent.wiring import SshShared, build_controls, transaction_context
 
     root = SystemRoot.at(args.root)
-    every = build_controls(root)
+    shared = SshShared.of(root)
+    every = build_controls(root, shared, lambda: False)  # fail2ban's jail mode: what sshd -T says
     controls = [c for c in every if args.control in (None, c.name)]
     if not controls:
         names = ", ".join(c.name for c in every)
@@ -39,11 +40,12 @@ def local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]] 
         print(f"vps-agentctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
     ctx = transaction_context(root, config, null_events())
+    ssh = shared.ports_now(config)  # one read for every guard this check looks at
 
     def outcome(control: Control) -> tx.Outcome:
         if not control.enabled(config):
             return tx.Outcome(control.name, DISABLED, "disabled in the config")
-        result = tx.converge(control, config, ctx, reason="check", heal=False)
+        result = tx.converge(control, config, ctx, ssh=ssh, reason="check", heal=False)
         # report mode: what the daemon's status says too (for the firewall: what enforcing would cut off)
         note = "" if control.remediates(config) else control.report_note(result.facts)
         return dataclasses.replace(result, detail=note) if note else result

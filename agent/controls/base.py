@@ -33,6 +33,16 @@ class NetlinkGroup:
     group: int  # e.g. 7, NFNLGRP_NFTABLES
 
 
+@dataclass(frozen=True)
+class SshPorts:
+    """The SSH ports, worked out by the engine once per converge (agent/controls/ssh/ports.py: ports_now)
+    and handed to every guard's desired(): the firewall keeps them open, fail2ban guards them, the rest
+    ignore them. One value per converge: each step of it sees the same ports."""
+
+    listening: frozenset[int] = frozenset()  # what sshd listens on now
+    ports: tuple[int, ...] = ()  # the SSH guard's port(s) (both while a port move is open) and those
+
+
 # What a DriftItem asks of the agent.
 FIX = "fix"  # the agent fixes it (the default)
 FINDING = "finding"  # reported, never changed by the agent: the control is `drifted` until the admin fixes it
@@ -228,7 +238,8 @@ class Control(ABC):
         """The effective state as the system sees it; raises ObserveError."""
 
     @abstractmethod
-    def desired(self, config: Config) -> Any: ...
+    def desired(self, config: Config, ssh: SshPorts) -> Any:
+        """What the state should be under this config; `ssh` is the engine's SSH ports for this converge."""
 
     @abstractmethod
     def diff(self, observed: Any, desired: Any) -> Drift | None: ...
@@ -270,8 +281,8 @@ class Control(ABC):
         core. None: every poll converges."""
         return None
 
-    def facts(self, observed: Any) -> dict[str, Any]:
-        """A few observed facts for `status` (e.g. the port sshd really uses)."""
+    def facts(self, observed: Any, desired: Any) -> dict[str, Any]:
+        """A few observed facts for `status` (e.g. the port sshd really uses), as this converge aimed."""
         return {}
 
     def report_note(self, facts: dict[str, Any]) -> str:

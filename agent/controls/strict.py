@@ -29,6 +29,7 @@ from agent.controls.base import (
     Held,
     HeldSetting,
     ReloadOutcome,
+    SshPorts,
     WatchSpec,
     unified,
 )
@@ -95,7 +96,7 @@ class StrictControl(Control):
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return [WatchSpec(path.parent, frozenset({path.name})) for path in self._paths().values()]
 
-    def desired(self, config: Config) -> StrictDesired:
+    def desired(self, config: Config, ssh: SshPorts) -> StrictDesired:
         return StrictDesired(tuple(name for name in MODULES if name not in NEVER))
 
     def observe(self) -> StrictObserved:
@@ -168,7 +169,7 @@ class StrictControl(Control):
     def reload(self) -> ReloadOutcome:
         return ReloadOutcome(True, "read at the next crash, login and module load: nothing to reload")
 
-    def facts(self, observed: StrictObserved) -> dict[str, Any]:
+    def facts(self, observed: StrictObserved, desired: object) -> dict[str, Any]:
         if observed.loaded is None:
             return {"modules": "this kernel lists none (/proc/modules absent)"}
         return {"modules_loaded": len(observed.loaded)}

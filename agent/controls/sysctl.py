@@ -31,6 +31,7 @@ from agent.controls.base import (
     DriftItem,
     FileChange,
     ReloadOutcome,
+    SshPorts,
     WatchSpec,
     unified,
 )
@@ -87,7 +88,7 @@ class SysctlControl(Control):
 
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
-        self._desired = self.desired(Config())  # observe() reads the keys desired() last named
+        self._desired = self.desired(Config(), SshPorts())  # observe() reads the keys desired() last named
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (value, the kernel's answer)
         self._planned: tuple[tuple[str, str], ...] = ()  # the live values the next reload() writes
         self._assessed: tuple[SysctlObserved, SysctlDesired, dict[str, tuple[str, str]], Assessment] | None = None
@@ -113,7 +114,7 @@ class SysctlControl(Control):
         specs = [WatchSpec(directory) for directory in self.root.sysctl_dirs]
         return [*specs, WatchSpec(conf.parent, frozenset({conf.name}))]
 
-    def desired(self, config: Config) -> SysctlDesired:
+    def desired(self, config: Config, ssh: SshPorts) -> SysctlDesired:
         self._desired = SysctlDesired(config.sysctl.wanted())
         return self._desired
 
@@ -299,7 +300,7 @@ class SysctlControl(Control):
         )
         return ReloadOutcome(True, detail)
 
-    def facts(self, observed: SysctlObserved) -> dict[str, Any]:
+    def facts(self, observed: SysctlObserved, desired: object) -> dict[str, Any]:
         found = self.assess(observed, self._desired)
         live = [observed.live.get(key) for key in found.kept]
         kept = sum(1 for key, value in found.kept.items() if observed.live[key].value == value)

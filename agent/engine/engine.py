@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.config import Config
-from agent.controls.base import Control
+from agent.controls.base import Control, SshPorts
 from agent.engine import transaction as tx
 from agent.engine.runner import ControlRunner
 from agent.engine.watch import DirectoryWatcher, NetlinkWatcher
@@ -22,14 +22,23 @@ FOLLOWS: dict[str, tuple[str, ...]] = {"accounts": ("ssh",), "ssh": ("fail2ban",
 
 
 class Engine:
-    def __init__(self, controls: Sequence[Control], config: Config, ctx: tx.TransactionContext) -> None:
+    def __init__(
+        self,
+        controls: Sequence[Control],
+        config: Config,
+        ctx: tx.TransactionContext,
+        ssh_ports: Callable[[Config], SshPorts],
+    ) -> None:
+        """`ssh_ports` works out the SSH ports (agent/wiring.py: SshShared.ports_now); each converge asks it once
+        and hands the answer to the guard's desired(): the firewall keeps them open, fail2ban guards them."""
         self._config = config
         self._config_lock = threading.Lock()
         self.ctx = ctx
         self.watcher = DirectoryWatcher(ctx.echo)
         self.netlink = NetlinkWatcher()
         self.runners = {
-            c.name: ControlRunner(c, self.config, ctx, self._after_converge, on_heal=self._healed) for c in controls
+            c.name: ControlRunner(c, self.config, ctx, ssh_ports, self._after_converge, on_heal=self._healed)
+            for c in controls
         }
         # called after every converge (the metrics textfile); each must return at once
         self.converge_listeners: list[Callable[[], None]] = []

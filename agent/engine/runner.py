@@ -10,7 +10,7 @@ from typing import Any
 
 from agent import events as ev
 from agent.config import Config, format_duration
-from agent.controls.base import Control
+from agent.controls.base import Control, SshPorts
 from agent.engine import transaction as tx
 from agent.engine.flaps import FLAP_SETTLE, Flap, FlapDamper
 from agent.engine.reports import OutcomeReporter
@@ -45,9 +45,7 @@ class ControlState:
     held: list[dict[str, str]] = field(default_factory=list)
 
     def snapshot(self, name: str) -> dict[str, Any]:
-        paused = None
-        if self.paused_until is not None:
-            paused = "until resumed" if self.paused_until == float("inf") else self.paused_until
+        paused = "until resumed" if self.paused_until == float("inf") else self.paused_until
         return {
             "control": name,
             "status": self.status,
@@ -71,12 +69,13 @@ class ControlRunner:
         control: Control,
         get_config: Callable[[], Config],
         ctx: tx.TransactionContext,
+        ssh_ports: Callable[[Config], SshPorts],
         after_converge: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         on_heal: Callable[[str], None] = lambda name: None,
     ) -> None:
-        self._after_converge = after_converge
-        self._on_heal = on_heal
+        self._after_converge, self._on_heal = after_converge, on_heal
+        self._ssh_ports = ssh_ports  # the engine's: the SSH ports worked out once per converge
         self.control = control
         self.get_config = get_config
         self.ctx = ctx
@@ -291,7 +290,8 @@ class ControlRunner:
         report_only = not paused and not self.control.remediates(config)
         backing_off = self.flaps.backing_off()
         polled = self._fingerprint(config)  # read before the converge looks: a later change is the next poll's
-        outcome = tx.converge(self.control, config, self.ctx, reason=reason, heal=not paused and not report_only)
+        ssh, heal = self._ssh_ports(config), not paused and not report_only
+        outcome = tx.converge(self.control, config, self.ctx, ssh=ssh, reason=reason, heal=heal)
         self._polled = polled
         # a heal towards a changed aim (the admin's key login proven, a move confirmed, a reload) applies the
         # agent's own new intent: nobody undid anything, so it does not count towards flapping

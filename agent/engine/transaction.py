@@ -30,6 +30,7 @@ from agent.controls.base import (
     Held,
     Invocation,
     ObserveError,
+    SshPorts,
     ValidationError,
 )
 from agent.engine import faults
@@ -98,17 +99,20 @@ class TransactionContext:
     fault: Callable[[str, str, int], None] = _no_fault  # agent/engine/faults.py (tests only)
 
 
-def converge(control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool = True) -> Outcome:
-    """One transaction for one control; heal=False only observes and plans (check, diff, dry run)."""
+def converge(
+    control: Control, config: Config, ctx: TransactionContext, *, ssh: SshPorts, reason: str, heal: bool = True
+) -> Outcome:
+    """One transaction for one control; heal=False only observes and plans (check, diff, dry run). `ssh`: the
+    SSH ports the engine worked out for this converge (agent/controls/ssh/ports.py), as every step sees them."""
     aims: list[Any] = []  # the desired state, then the one left once settings are held back
-    outcome = _converge(control, config, ctx, reason=reason, heal=heal, aims=aims)
+    outcome = _converge(control, config, ssh, ctx, reason=reason, heal=heal, aims=aims)
     if aims:
         outcome.intent = hashlib.sha256(repr(aims[-1]).encode()).hexdigest()[:16]
     return outcome
 
 
 def _converge(
-    control: Control, config: Config, ctx: TransactionContext, *, reason: str, heal: bool, aims: list[Any]
+    control: Control, config: Config, ssh: SshPorts, ctx: TransactionContext, reason: str, heal: bool, aims: list[Any]
 ) -> Outcome:
     started = time.monotonic()
     txid = uuid.uuid4().hex[:12]
@@ -129,7 +133,7 @@ def _converge(
         )
 
     try:
-        desired = control.desired(config)
+        desired = control.desired(config, ssh)
         aims.append(desired)
     except ValidationError as exc:
         if heal:
@@ -152,7 +156,7 @@ def _converge(
             )
         return Outcome(control.name, ERROR, str(exc), duration_ms=elapsed(), transaction_id=txid)
 
-    facts = control.facts(observed)
+    facts = control.facts(observed, desired)
     drift = control.diff(observed, desired)
     if drift is None:
         return Outcome(control.name, COMPLIANT, "", duration_ms=elapsed(), transaction_id=txid, facts=facts)
@@ -307,7 +311,7 @@ def _converge(
         None,
         elapsed(),
         txid,
-        control.facts(after),
+        control.facts(after, desired),
         remaining,
         held,
     )

@@ -16,13 +16,13 @@ import tempfile
 from pathlib import Path
 
 from agent.config import parse_config
-from agent.controls.sshd import SshdControl
-from agent.controls.sshd_config import parse_effective
+from agent.controls.ssh.sshd_config import parse_effective
 from agent.engine import transaction as tx
 from agent.events import null_events
 from agent.paths import SystemRoot
 from agent.system import backups, fs, namespace
 from agent.system.run import run
+from tests.guards import NO_SSH, ssh_guard
 
 CONFIG = parse_config('ssh: {port: 2222, permit_root_login: "no", password_authentication: false}')
 KEYS = ("port", "permitrootlogin", "passwordauthentication")
@@ -44,9 +44,9 @@ def main() -> int:
         if line.strip() != "heal":
             continue
         ctx = tx.TransactionContext(null_events(), backups.BackupStore(store, 50), fs.EchoFilter())
-        control = SshdControl(root)
-        outcome = tx.converge(control, CONFIG, ctx, reason="property")
-        again = tx.converge(SshdControl(root), CONFIG, ctx, reason="property, again", heal=False)
+        control = ssh_guard(root)
+        outcome = tx.converge(control, CONFIG, ctx, ssh=NO_SSH, reason="property")
+        again = tx.converge(ssh_guard(root), CONFIG, ctx, ssh=NO_SSH, reason="property, again", heal=False)
         answer = {
             "status": outcome.status,
             "detail": outcome.detail,

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.controls.sshd_config import sshd_lines
+from agent.controls.ssh.sshd_config import sshd_lines
 from tests.fakeroot import make_root
 
 ADMIN_FILE = "etc/ssh/sshd_config.d/50-admin.conf"

@@ -36,7 +36,7 @@ READ = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from agent.paths import SystemRoot
-from agent.sshd_ports import SSHD_EXECUTABLES, SshdPorts
+from agent.controls.ssh.ports import SSHD_EXECUTABLES, SshdPorts
 from agent.system import netfilter
 listening = netfilter.tcp_listening("sshd", SSHD_EXECUTABLES)
 caps = next(l for l in open("/proc/self/status") if l.startswith("CapEff:")).split()[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.controls.sshd_config import read_graph
+from agent.controls.ssh.sshd_config import read_graph
 from agent.paths import SystemRoot
 from tests.unit.conftest import DeclaredCommands
 

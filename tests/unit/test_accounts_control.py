@@ -20,6 +20,7 @@ from agent.events import null_events
 from agent.paths import SystemRoot
 from agent.system import backups, fs
 from tests.fakeroot import client_key, make_root
+from tests.guards import NO_SSH
 from tests.unit.conftest import DeclaredCommands
 
 DAY = 86400
@@ -41,7 +42,9 @@ def create_config(name: str = "deploy") -> Config:
 
 def converge(root: Path, config: Config | None = None, heal: bool = True) -> tx.Outcome:
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(root.parent / "backups", 5), fs.EchoFilter())
-    return tx.converge(AccountsControl(SystemRoot.at(root)), config or Config(), ctx, reason="test", heal=heal)
+    return tx.converge(
+        AccountsControl(SystemRoot.at(root)), config or Config(), ctx, ssh=NO_SSH, reason="test", heal=heal
+    )
 
 
 def items(outcome: tx.Outcome) -> list[DriftItem]:

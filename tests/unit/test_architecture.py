@@ -19,7 +19,13 @@ def test_only_the_run_door_imports_subprocess() -> None:
 
 
 def test_no_module_names_etc_outside_paths_and_the_sshd_guard() -> None:
-    allowed = {"paths.py", "controls/sshd_config.py", "controls/sshd.py", "controls/sshd_lockout.py", "cli.py"}
+    allowed = {
+        "paths.py",
+        "controls/ssh/sshd_config.py",
+        "controls/ssh/control.py",
+        "controls/ssh/lockout.py",
+        "cli.py",
+    }
     allowed.add("system/namespace.py")
     offenders = [
         str(p.relative_to(AGENT))
@@ -120,7 +126,7 @@ def control_names() -> set[str]:
 
 def test_no_control_imports_another_control() -> None:
     controls = control_names()
-    assert {"sshd", "firewall", "fail2ban", "accounts"} <= controls
+    assert {"ssh", "firewall", "fail2ban", "accounts"} <= controls
     for path in (AGENT / "controls").rglob("*.py"):
         own = path.relative_to(AGENT / "controls").parts[0].removesuffix(".py")
         others = {
@@ -131,15 +137,58 @@ def test_no_control_imports_another_control() -> None:
         assert others == set(), f"{path.relative_to(AGENT)} imports the {', '.join(sorted(others))} control"
 
 
-def test_the_ssh_ports_have_one_source_outside_the_controls() -> None:
-    """The firewall keeps them open, fail2ban guards them: both take them from agent/sshd_ports.py, which
-    asks sshd (controls/sshd_config.py reads `sshd -T`), not the SSH guard."""
-    for control in ("firewall/control.py", "fail2ban/control.py"):
-        assert "agent.sshd_ports.ssh_ports" in imports_of(AGENT / "controls" / control), control
-    assert not any(n.startswith("agent.controls.sshd.") for n in imports_of(AGENT / "sshd_ports.py"))
+def test_ssh_is_one_package_the_guard_its_config_graph_its_ports_and_the_port_move() -> None:
+    modules = sorted(p.name for p in (AGENT / "controls" / "ssh").glob("*.py"))
+    assert modules == [
+        "__init__.py",
+        "control.py",  # the guard
+        "keylogins.py",  # the proof of a sudo admin's key login
+        "lockout.py",  # each setting held while it would take a way in away
+        "model.py",  # what it observes and wants, the drop-ins it renders
+        "portmove.py",  # the two-phase port move's state
+        "ports.py",  # what sshd listens on, and the SSH ports the engine hands out
+        "proofs.py",  # the port move's coordinator: what sshd's journal proves, and `confirm`
+        "sshd_config.py",  # the config graph as sshd reads it, and sshd -T
+        "strict.py",  # profile: strict
+    ]
+    leftovers = ["sshd_ports.py", "portmove.py", "proofs.py", "keylogins.py"]
+    assert not [name for name in leftovers if (AGENT / name).exists()]
+    assert not list((AGENT / "controls").glob("ssh*.py"))
+
+
+def test_the_three_guards_get_their_ssh_ports_from_the_engine() -> None:
+    """The engine works the SSH ports out once per converge (the runner asks SshShared.ports_now) and every
+    guard's desired() gets them; the firewall and fail2ban read neither sshd nor the port move themselves."""
+    import inspect
+
+    from agent.controls.base import Control, SshPorts
+    from agent.controls.ssh.control import SshdControl
+    from agent.engine import transaction
+    from agent.engine.engine import Engine
+    from agent.engine.runner import ControlRunner
+
+    for guard in ("firewall", "fail2ban"):
+        for path in (AGENT / "controls" / guard).glob("*.py"):
+            names = imports_of(path)
+            assert not any(n.startswith("agent.controls.ssh") for n in names), path.name
+            assert not re.search(r"\b(SshdPorts|PortMoves|ssh_ports)\(", path.read_text()), path.name
+    assert list(inspect.signature(Control.desired).parameters) == ["self", "config", "ssh"]
+    assert inspect.get_annotations(Control.desired)["ssh"] in (SshPorts, "SshPorts")
+    required = inspect.Parameter.empty
+    assert inspect.signature(transaction.converge).parameters["ssh"].default is required
+    assert inspect.signature(ControlRunner).parameters["ssh_ports"].default is required
+    assert inspect.signature(Engine).parameters["ssh_ports"].default is required
+    # the shared objects are the daemon's, never a default the guard makes for itself
+    for shared in ("moves", "keylogins"):
+        assert inspect.signature(SshdControl).parameters[shared].default is required
+    callers = sorted(
+        str(p.relative_to(AGENT)) for p in AGENT.rglob("*.py") if re.search(r"\bports_now\(", p.read_text())
+    )
+    assert [c for c in callers if c.startswith(("controls/", "engine/"))] == ["controls/ssh/ports.py"]
+    assert "wiring.py" in callers  # SshShared.ports_now: what the daemon hands the engine
 
 
 def test_no_module_in_agent_is_over_400_lines() -> None:
-    """Issue 17: a file over ~400 lines mixes concerns; split it by concern, as controls/sshd.py was."""
+    """Issue 17: a file over ~400 lines mixes concerns; split it by concern, as controls/ssh/control.py was."""
     over = {str(p.relative_to(AGENT)) for p in AGENT.rglob("*.py") if len(p.read_text().splitlines()) > 400}
     assert not over, f"over 400 lines: {sorted(over)}"

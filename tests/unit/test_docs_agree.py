@@ -17,7 +17,7 @@ import pytest
 from agent.cli import build_parser
 from agent.config.schema import Config
 from agent.paths import SystemRoot
-from agent.wiring import build_controls
+from agent.wiring import SshShared, build_controls
 
 REPO = Path(__file__).resolve().parents[2]
 MAN = REPO / "packaging/man"
@@ -41,7 +41,8 @@ def options_of(parser: argparse.ArgumentParser) -> set[str]:
 
 @pytest.fixture(scope="module")
 def controls(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    return [c.name for c in build_controls(SystemRoot.at(tmp_path_factory.mktemp("root")))]
+    root = SystemRoot.at(tmp_path_factory.mktemp("root"))
+    return [c.name for c in build_controls(root, SshShared.of(root), lambda: False)]
 
 
 def bold_words(text: str) -> list[str]:

@@ -31,6 +31,7 @@ from agent.controls.fail2ban import (
 )
 from agent.paths import SystemRoot
 from agent.system.netfilter import Backend
+from tests.guards import SSH_2222, SSH_ON_22_FOR_2222
 from tests.unit.conftest import DeclaredCommands
 
 DATA = Path(__file__).parents[1] / "data"
@@ -38,11 +39,11 @@ DUMP = (DATA / "fail2ban-client-d.debian12").read_text()
 STOCK = (DATA / "fail2ban-client-d.stock.debian12").read_text()
 
 
-def _control(tmp_path: Path, backend: str = "nft", listening: frozenset[int] = frozenset()) -> Fail2banControl:
+def _control(tmp_path: Path, backend: str = "nft") -> Fail2banControl:
     root = SystemRoot.at(tmp_path)
     (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
     (tmp_path / "etc/fail2ban/jail.conf").write_text("[DEFAULT]\nbantime = 10m\n")
-    return Fail2banControl(root, listening_ports=lambda: listening, detect_backend=lambda: Backend(backend))
+    return Fail2banControl(root, detect_backend=lambda: Backend(backend))
 
 
 def _config(**fail2ban: Any) -> Config:
@@ -97,8 +98,10 @@ def test_banaction_matches_the_firewall_backend(backend: str, action: str) -> No
 
 
 def test_desired_uses_the_ssh_ports_the_firewall_keeps_open_and_the_journal(tmp_path: Path) -> None:
-    control = _control(tmp_path, "nftables", listening=frozenset({22}))
-    desired = control.desired(_config(maxretry=3, bantime=-1, findtime=600, ignoreip=("10.0.0.0/8",)))
+    control = _control(tmp_path, "nftables")
+    desired = control.desired(
+        _config(maxretry=3, bantime=-1, findtime=600, ignoreip=("10.0.0.0/8",)), SSH_ON_22_FOR_2222
+    )
     assert desired.effective == {
         "enabled": "true",
         "port": "22,2222",
@@ -119,7 +122,7 @@ def test_with_an_auth_log_the_backend_is_left_to_fail2ban(tmp_path: Path) -> Non
     control = _control(tmp_path)
     (tmp_path / "var/log").mkdir(parents=True)
     (tmp_path / "var/log/auth.log").write_text("")
-    assert not {"backend", "journalmatch"} & set(control.desired(_config()).effective)
+    assert not {"backend", "journalmatch"} & set(control.desired(_config(), SSH_2222).effective)
 
 
 def test_observe_reads_the_real_tools_dump(tmp_path: Path, commands: DeclaredCommands) -> None:
@@ -136,7 +139,7 @@ def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_wri
     other = tmp_path / "etc/fail2ban/jail.d/zzz-other.local"
     other.write_text("[DEFAULT]\nport = 1\n[sshd]\nport = 99\n  100\nmaxretry = 10\nmode = aggressive\nbantime = 1h\n")
     (tmp_path / "etc/fail2ban/jail.d/aa-early.local").write_text("[sshd]\nenabled = false\n")
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = Fail2banObserved(parse_dump(DUMP), None, None, control._later_files(), b"[DEFAULT]\n", running=None)
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -165,7 +168,7 @@ def test_a_later_local_overriding_the_port_is_neutralised_and_the_agent_file_wri
 
 def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
     control = _control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = Fail2banObserved(dict(desired.effective), desired.text.encode(), None, (), None, running=None)
     assert control.diff(observed, desired) is None
 
@@ -173,7 +176,7 @@ def test_compliant_when_effective_and_file_agree(tmp_path: Path) -> None:
 def test_a_jail_conf_that_appears_later_is_kept_as_the_original_at_once(tmp_path: Path) -> None:
     # fail2ban was installed after the agent wrote its jail file: all else already agrees
     control = _control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = Fail2banObserved(dict(desired.effective), desired.text.encode(), None, (), b"[INCLUDES]\n", None)
     drift = control.diff(observed, desired)
     assert drift is not None and [item.what for item in drift.items] == ["jail.conf backup"]
@@ -185,7 +188,7 @@ def test_a_jail_conf_that_appears_later_is_kept_as_the_original_at_once(tmp_path
 
 def test_a_disabled_jail_and_a_stopped_service_are_drift(tmp_path: Path) -> None:
     control = _control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = Fail2banObserved(None, desired.text.encode(), None, (), None, running=False)
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -234,7 +237,7 @@ def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path,
 
     (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
     (tmp_path / "run/systemd/system").mkdir(parents=True)  # systemd runs this "host"
-    control = Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    control = Fail2banControl(_HostRoot(tmp_path), detect_backend=lambda: Backend("nft"))
     commands.expect([CLIENT, "-t", "-d"], stdout=DUMP)
     commands.expect(["systemctl", "is-active"])
     commands.expect([CLIENT, "reload"])
@@ -248,14 +251,14 @@ def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path,
     after = control.validate(Changes())  # the observe-again, before the reload
     assert control.reload().ok
     assert [c[:4] for c in commands.calls].count([CLIENT, "get", "sshd", "actions"]) == 3
-    facts = control.facts(after)
+    facts = control.facts(after, None)
     assert (facts["service"], facts["banned"]) == ("active", 3)
 
 
 def _host_control(tmp_path: Path) -> Fail2banControl:
     (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
     (tmp_path / "run/systemd/system").mkdir(parents=True)
-    return Fail2banControl(_HostRoot(tmp_path), listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    return Fail2banControl(_HostRoot(tmp_path), detect_backend=lambda: Backend("nft"))
 
 
 def test_a_reload_after_which_the_jail_never_gets_its_action_is_followed_by_a_restart_and_fails_if_that_does_not_help(
@@ -307,7 +310,7 @@ def test_a_heal_that_renames_the_ban_action_restarts_fail2ban_instead_of_reloadi
     or nftables-multiport. fail2ban 1.1's reload drops the old action and never adds the new one
     (`No actions for jail sshd`, seen on a booted Debian 13 VPS until fail2ban restarted): a restart it is."""
     control = _host_control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     debian13 = parse_dump(STOCK)
     assert debian13 is not None
     debian13["banaction"] = "nftables"
@@ -330,12 +333,12 @@ def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2ban
     (tmp_path / "etc/fail2ban/jail.d").mkdir(parents=True)
     root = _HostRoot(tmp_path) if host else SystemRoot.at(tmp_path)
     commands.expect([CLIENT, "-d"], returncode=127, stderr=f"{CLIENT}: command not found")
-    return Fail2banControl(root, listening_ports=frozenset, detect_backend=lambda: Backend("nft"))
+    return Fail2banControl(root, detect_backend=lambda: Backend("nft"))
 
 
 def test_a_fake_root_reports_fail2ban_missing_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = _missing(tmp_path, commands, host=False)
-    control.desired(_config(install=True))
+    control.desired(_config(install=True), SSH_2222)
     with pytest.raises(ObserveError, match="fail2ban is not installed"):
         control.observe()
     assert [c[0] for c in commands.calls] == [CLIENT]
@@ -343,7 +346,7 @@ def test_a_fake_root_reports_fail2ban_missing_and_never_installs(tmp_path: Path,
 
 def test_with_install_false_the_host_reports_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = _missing(tmp_path, commands, host=True)
-    control.desired(_config(install=False))
+    control.desired(_config(install=False), SSH_2222)
     with pytest.raises(ObserveError, match=r"fail2ban is not installed .*fail2ban.install is false"):
         control.observe()
     assert [c[0] for c in commands.calls] == [CLIENT]
@@ -353,7 +356,7 @@ def test_on_the_host_a_missing_fail2ban_is_installed_after_the_jail_file_is_writ
     tmp_path: Path, commands: DeclaredCommands
 ) -> None:
     control = _missing(tmp_path, commands, host=True)
-    desired = control.desired(_config(install=True))
+    desired = control.desired(_config(install=True), SSH_2222)
     observed = control.observe()
     assert not observed.installed and observed.running is False
     drift = control.diff(observed, desired)
@@ -381,7 +384,7 @@ def test_an_interrupted_dpkg_is_configured_before_the_install_and_apt_runs_outsi
     (tmp_path / "var/lib/dpkg/updates/0001").write_text("")
     (tmp_path / "run/systemd/system").mkdir(parents=True)  # systemd runs this host
     control = _missing(tmp_path, commands, host=True)
-    desired = control.desired(_config())  # install: true is the default
+    desired = control.desired(_config(), SSH_2222)  # install: true is the default
     observed = control.observe()
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -403,10 +406,10 @@ def _with(control: Fail2banControl, passwords: bool | None) -> Fail2banControl:
 
 def test_the_jail_is_aggressive_only_while_sshd_takes_no_passwords(tmp_path: Path) -> None:
     control = _control(tmp_path)
-    assert _with(control, False).desired(_config()).effective["mode"] == "aggressive"
-    assert "mode = aggressive\n" in control.desired(_config()).text
-    assert "mode" not in _with(control, True).desired(_config()).effective  # the admin's own mode stays
-    assert "mode" not in _with(control, None).desired(_config()).effective  # sshd -T failed: not known
+    assert _with(control, False).desired(_config(), SSH_2222).effective["mode"] == "aggressive"
+    assert "mode = aggressive\n" in control.desired(_config(), SSH_2222).text
+    assert "mode" not in _with(control, True).desired(_config(), SSH_2222).effective  # the admin's own mode stays
+    assert "mode" not in _with(control, None).desired(_config(), SSH_2222).effective  # sshd -T failed: not known
 
 
 @pytest.mark.parametrize(
@@ -458,7 +461,7 @@ def test_only_sshd_sessions_of_sudo_admins_in_root_owned_files_count(tmp_path: P
 def _running(control: Fail2banControl, runtime: tuple[str, ...], banned: tuple[str, ...] = ()) -> Fail2banObserved:
     root = control.root
     found = accounts.admin_sessions(root, accounts.read_facts(root))
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     text = render_jail(desired.effective).encode()
     return Fail2banObserved(
         dict(desired.effective),
@@ -479,7 +482,7 @@ def test_a_live_admin_sessions_address_is_ignored_and_unbanned_and_dropped_when_
     control = _control(tmp_path)
     _accounts(tmp_path)
     session = _session(tmp_path, "7", "admin", "192.0.2.7")
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = _running(control, ("127.0.0.0/8", "::1"), banned=("192.0.2.7",))
     drift = control.diff(observed, desired)
     assert drift is not None and {i.actual for i in drift.items} == {"banned", "not ignored"}
@@ -489,7 +492,7 @@ def test_a_live_admin_sessions_address_is_ignored_and_unbanned_and_dropped_when_
         (CLIENT, "set", "sshd", "addignoreip", "192.0.2.7"),
     ]
     assert changes.files == () and "no reload" in control.reload().detail  # a reload would drop it again
-    assert control.facts(observed)["admin_sessions_ignored"] == "192.0.2.7 (admin)"
+    assert control.facts(observed, desired)["admin_sessions_ignored"] == "192.0.2.7 (admin)"
     # covered by a configured network: nothing to add; the session over: the address the agent added goes
     assert control.diff(_running(control, ("127.0.0.0/8", "::1", "192.0.2.7")), desired) is None
     session.unlink()
@@ -522,7 +525,7 @@ def test_the_jails_actions_as_fail2ban_client_prints_them() -> None:
 def _neutralised(tmp_path: Path, text: bytes) -> bytes | None:
     control = _control(tmp_path)
     (tmp_path / "etc/fail2ban/jail.d/zzz-admin.local").write_bytes(text)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_2222)
     observed = Fail2banObserved(
         dict(desired.effective), desired.text.encode(), None, control._later_files(), None, running=None
     )

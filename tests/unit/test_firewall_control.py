@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from agent.engine import transaction as tx
 from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
 from agent.system import backups, fs
+from tests.guards import SSH_ON_22_FOR_2222
 from tests.unit.conftest import DeclaredCommands
 
 SAVED_EMPTY = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
 
 
-def _control(tmp_path: Path, listening: frozenset[int] = frozenset({22}), host_netns: bool = False) -> FirewallControl:
-    return FirewallControl(SystemRoot.at(tmp_path), lambda: listening, lambda: host_netns)
+def _control(tmp_path: Path, host_netns: bool = False) -> FirewallControl:
+    return FirewallControl(SystemRoot.at(tmp_path), lambda: host_netns)
 
 
 def _config(**firewall: Any) -> Config:
@@ -61,7 +63,7 @@ def test_ipv6_accepts_neighbour_discovery_only_with_hop_limit_255() -> None:
 
 
 def test_ssh_ports_are_the_configured_one_plus_what_sshd_listens_on(tmp_path: Path, commands: DeclaredCommands) -> None:
-    desired = _control(tmp_path, frozenset({22})).desired(_config())
+    desired = _control(tmp_path).desired(_config(), SSH_ON_22_FOR_2222)
     assert desired.ssh_ports == (22, 2222)
     assert desired.open_tcp["ipv4"] >= {22, 2222}
 
@@ -93,7 +95,7 @@ def test_an_output_cut_short_in_the_filter_table_is_an_observe_error_not_a_guess
 def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_ON_22_FOR_2222)
     observed = control.observe()
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -116,7 +118,7 @@ def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands: DeclaredCommand
     )
     _declare_nft(commands, {"ipv4": saved, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
-    desired = control.desired(_config())
+    desired = control.desired(_config(), SSH_ON_22_FOR_2222)
     observed = control.observe()
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -127,19 +129,19 @@ def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands: DeclaredCommand
 def test_a_fake_root_in_the_host_netns_is_blocked(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path, host_netns=True)
-    blocked = control.preconditions(control.observe(), control.desired(_config()))
+    blocked = control.preconditions(control.observe(), control.desired(_config(), SSH_ON_22_FOR_2222))
     assert blocked is not None and "host's network namespace" in str(blocked)
 
 
 def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
-    listening = {22}
-    control = FirewallControl(SystemRoot.at(tmp_path), lambda: frozenset(listening), lambda: False)
-    desired = control.desired(_config())
+    control = _control(tmp_path)
+    desired = control.desired(_config(), SSH_ON_22_FOR_2222)
     observed = control.observe()
     assert control.preconditions(observed, desired) is None
-    listening.add(2200)  # sshd moved while the plan was made: the new port is not in the ruleset
-    blocked = control.preconditions(observed, desired)
+    # a ruleset planned for fewer ports than sshd listens on (the engine's ports always hold them: a defence)
+    short = dataclasses.replace(desired, sshd_listening=frozenset({22, 2200}))
+    blocked = control.preconditions(observed, short)
     assert blocked is not None and "2200" in str(blocked)
 
 
@@ -154,7 +156,7 @@ def test_the_canonical_form_is_learned_after_applying_and_then_compliant(
     def restore(argv: list[str]) -> tuple[int, str, str]:
         family = "ipv6" if argv[0].startswith("ip6") else "ipv4"
         if "--test" not in argv:
-            rules = control.desired(config).rules[family]
+            rules = control.desired(config, SSH_ON_22_FOR_2222).rules[family]
             # iptables-save's own spelling differs from what the agent writes
             printed = [r.replace(" --dport", " -m tcp --dport") for r in rules]
             body = "\n".join(printed)
@@ -165,10 +167,13 @@ def test_the_canonical_form_is_learned_after_applying_and_then_compliant(
     commands.expect_with(["ip6tables-nft-restore"], restore)
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
     ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
-    assert tx.converge(control, config, ctx, reason="test").status == tx.HEALED
-    assert tx.converge(control, config, ctx, reason="echo").status == tx.COMPLIANT
+    assert tx.converge(control, config, ctx, ssh=SSH_ON_22_FOR_2222, reason="test").status == tx.HEALED
+    assert tx.converge(control, config, ctx, ssh=SSH_ON_22_FOR_2222, reason="echo").status == tx.COMPLIANT
     # a fresh control (vps-agentctl check) reads what the daemon learned
-    assert tx.converge(_control(tmp_path), config, ctx, reason="check", heal=False).status == tx.COMPLIANT
+    assert (
+        tx.converge(_control(tmp_path), config, ctx, ssh=SSH_ON_22_FOR_2222, reason="check", heal=False).status
+        == tx.COMPLIANT
+    )
 
 
 def test_a_failed_check_changes_nothing(tmp_path: Path, commands: DeclaredCommands) -> None:
@@ -177,7 +182,7 @@ def test_a_failed_check_changes_nothing(tmp_path: Path, commands: DeclaredComman
     commands.expect(["ip6tables-nft-restore"], returncode=0)
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
     ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
-    outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
+    outcome = tx.converge(_control(tmp_path), _config(), ctx, ssh=SSH_ON_22_FOR_2222, reason="test")
     assert outcome.status == tx.FAILED and "line 4 failed" in outcome.detail
     assert not [c for c in commands.calls if "restore" in c[0] and "--test" not in c]
 
@@ -227,7 +232,7 @@ def test_a_failure_after_applying_puts_back_what_the_agent_owned_before(
     )
     events = Events(EventSinks(tmp_path / "events.jsonl", to_stdout=False, ring_size=50))
     ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
-    outcome = tx.converge(_control(tmp_path), _config(), ctx, reason="test")
+    outcome = tx.converge(_control(tmp_path), _config(), ctx, ssh=SSH_ON_22_FOR_2222, reason="test")
     assert outcome.status == tx.FAILED and "ip6tables-restore: failed" in outcome.detail
     live_v4 = [
         stdin

@@ -16,6 +16,7 @@ from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
 from agent.system import backups, fs, netfilter
 from agent.system.netfilter import OpenSocket
+from tests.guards import SSH_ON_22_FOR_2222
 from tests.unit.conftest import DeclaredCommands
 from tests.unit.test_firewall_control import SAVED_EMPTY, _declare_nft
 
@@ -104,7 +105,7 @@ def _report_control(tmp_path: Path, seen: list[tuple[FirewallConfig, tuple[int, 
         seen.append((firewall, ssh))
         return (WouldCut(80, "tcp", "nginx", "root"),)
 
-    return FirewallControl(SystemRoot.at(tmp_path), lambda: frozenset({22}), lambda: False, would_cut=fake)
+    return FirewallControl(SystemRoot.at(tmp_path), lambda: False, would_cut=fake)
 
 
 @pytest.mark.parametrize("mode", ["report", "enforce"])
@@ -117,7 +118,7 @@ def test_status_facts_carry_would_cut_in_report_mode_only(
     config = Config(ssh=SshConfig(port=2222), firewall=FirewallConfig(mode=mode, allow_tcp=(PortRule(443),)))
     events = Events(EventSinks(None, to_stdout=False, ring_size=10))
     ctx = tx.TransactionContext(events, backups.BackupStore(tmp_path / "backups", 5), fs.EchoFilter())
-    outcome = tx.converge(control, config, ctx, reason="check", heal=False)
+    outcome = tx.converge(control, config, ctx, ssh=SSH_ON_22_FOR_2222, reason="check", heal=False)
     if mode == "enforce":
         assert "would_cut" not in outcome.facts and seen == [] and control.report_note(outcome.facts) == ""
         return

@@ -9,11 +9,12 @@ from pathlib import Path
 from agent.accounts import AccessPolicy, read_facts, ways_to_root
 from agent.config import parse_config
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, Held
-from agent.controls.sshd import SshdControl
-from agent.keylogins import CONFIRMED, KeyProof, proofs_from
+from agent.controls.ssh.control import SshdControl
+from agent.controls.ssh.keylogins import CONFIRMED, KeyProof, proofs_from
 from agent.paths import SystemRoot
 from agent.system.journal import SshdLogin
 from tests.fakeroot import make_root
+from tests.guards import NO_SSH, ssh_guard
 from tests.unit import fake_sshd
 from tests.unit.conftest import DeclaredCommands
 
@@ -83,8 +84,8 @@ def test_root_key_counts_only_while_root_may_log_in(fake_root: Path, tmp_path: P
 
 
 def _held(root: SystemRoot, config: str = "ssh: {port: 2222}") -> tuple[SshdControl, Held | None]:
-    control = SshdControl(root)
-    gate = control.preconditions(control.observe(), control.desired(parse_config(config)))
+    control = ssh_guard(root)
+    gate = control.preconditions(control.observe(), control.desired(parse_config(config), NO_SSH))
     assert gate is None or isinstance(gate, Held)
     return control, gate
 
@@ -152,14 +153,14 @@ def test_a_proof_whose_key_was_removed_is_forgotten(tmp_path: Path, commands: De
 def test_a_proof_by_another_key_does_not_count(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
     fake_sshd.install(commands, root)
-    SshdControl(root).keylogins.record(KeyProof("admin", "a login", 1.0, "SHA256:someotherkey"))
+    ssh_guard(root).keylogins.record(KeyProof("admin", "a login", 1.0, "SHA256:someotherkey"))
     assert _held(root)[1] is not None
 
 
 def test_a_proof_by_confirm_stands_while_the_admin_has_a_key(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", key_proven=False))
     fake_sshd.install(commands, root)
-    SshdControl(root).keylogins.record(KeyProof("admin", CONFIRMED, 1.0))
+    ssh_guard(root).keylogins.record(KeyProof("admin", CONFIRMED, 1.0))
     assert _held(root)[1] is None
 
 
@@ -202,8 +203,8 @@ def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: D
     root = SystemRoot.at(make_root(tmp_path / "r", admin=None))
     fake_sshd.install(commands, root)
     (root.prefix / "etc/ssh/sshd_config.d/10-admin.conf").write_text("PermitRootLogin no\nPasswordAuthentication no\n")
-    control = SshdControl(root)
-    desired = control.desired(parse_config("ssh: {port: 2222}"))
+    control = ssh_guard(root)
+    desired = control.desired(parse_config("ssh: {port: 2222}"), NO_SSH)
     assert control.preconditions(control.observe(), desired) is None
 
 
@@ -212,10 +213,10 @@ def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(
 ) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r", admin_key=False))
     fake_sshd.install(commands, root)
-    control = SshdControl(root)
+    control = ssh_guard(root)
     config = parse_config("ssh: {port: 2222}")
     control.moves.on_config(config, frozenset({22}), 1000.0)
-    gate = control.preconditions(control.observe(), control.desired(config))
+    gate = control.preconditions(control.observe(), control.desired(config, NO_SSH))
     assert isinstance(gate, Held)
     ports = [value for keyword, value in gate.desired.settings if keyword == "Port"]
     assert ports == ["22", "2222"] and "Port 22\nPort 2222\n" in gate.desired.dropin_text

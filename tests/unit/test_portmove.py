@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from agent.config import parse_config
+from agent.controls.ssh.portmove import CANCELLED, OPEN, ROLLED_BACK, STARTED, PortMoves, confirming_login
+from agent.controls.ssh.ports import ssh_ports
 from agent.paths import SystemRoot
-from agent.portmove import CANCELLED, OPEN, ROLLED_BACK, STARTED, PortMoves, confirming_login
-from agent.sshd_ports import ssh_ports
 from agent.system import journal
 from tests.unit.test_journal import sshd_entry
 

@@ -24,6 +24,7 @@ from agent.config import Config, Fail2banConfig, SshConfig
 from agent.controls.fail2ban import KEYS, MARKER, Fail2banControl, Fail2banDesired, Fail2banObserved, agrees
 from agent.paths import SystemRoot
 from agent.system.netfilter import Backend
+from tests.guards import SSH_2222
 
 LATER = "/etc/fail2ban/jail.d/zzz-admin.local"
 CONFLICTING = {
@@ -100,8 +101,8 @@ def _control(tmp_path: Path, later: str) -> tuple[Fail2banControl, Fail2banDesir
     jail_d = tmp_path / "etc/fail2ban/jail.d"
     jail_d.mkdir(parents=True, exist_ok=True)
     (jail_d / "zzz-admin.local").write_bytes(later.encode())
-    control = Fail2banControl(root, listening_ports=lambda: frozenset(), detect_backend=lambda: Backend("nft"))
-    desired = control.desired(Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig()))
+    control = Fail2banControl(root, detect_backend=lambda: Backend("nft"))
+    desired = control.desired(Config(ssh=SshConfig(port=2222), fail2ban=Fail2banConfig()), SSH_2222)
     observed = Fail2banObserved(
         dict(desired.effective), desired.text.encode(), None, control._later_files(), None, running=None
     )

@@ -18,6 +18,7 @@ from agent.engine.runner import DPKG_RECHECK, FLAP_SETTLE, FLAPPING, PAUSED, WAI
 from agent.events import null_events
 from agent.paths import SystemRoot
 from agent.system import backups, dpkg, fs
+from tests.guards import no_ssh_ports
 from tests.unit.test_dpkg_lock import held
 from tests.unit.test_transaction import FileControl
 
@@ -42,7 +43,7 @@ def runner(tmp_path: Path) -> Iterator[ControlRunner]:
     (tmp_path / "root/etc").mkdir(parents=True)
     control = FileControl(root)
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
-    instance = ControlRunner(control, lambda: CONFIG, ctx)
+    instance = ControlRunner(control, lambda: CONFIG, ctx, no_ssh_ports)
     instance.start()
     yield instance
     instance.stop()
@@ -183,7 +184,7 @@ def test_a_running_dpkg_is_waited_for_then_converged_once(tmp_path: Path) -> Non
         return holder.describe() if holder else None
 
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
-    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
+    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx, no_ssh_ports)
     runner.start()
     try:
         with held(lib / "lock-frontend") as apt:
@@ -222,7 +223,7 @@ def test_a_guard_waiting_for_the_agents_own_upgrade_converges_as_soon_as_it_ends
         return holder.describe() if holder else None
 
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter(), busy)
-    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx)
+    runner = ControlRunner(FileControl(root), lambda: CONFIG, ctx, no_ssh_ports)
     runner.start()
     try:
         assert runner.dpkg_finished() is None  # not waiting: nothing to do
@@ -277,7 +278,7 @@ def compliant_runner(tmp_path: Path, control_class: type[FileControl]) -> Iterat
     control = control_class(root)
     control.file.write_text("good\n")
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
-    instance = ControlRunner(control, lambda: CONFIG, ctx)
+    instance = ControlRunner(control, lambda: CONFIG, ctx, no_ssh_ports)
     instance.start()
     try:
         yield instance
@@ -379,7 +380,7 @@ def flapping_runner(tmp_path: Path, clock: Clock | None = None) -> Iterator[Cont
     control = FileControlWithFinding(root)
     control.file.write_text("good\n")
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
-    instance = ControlRunner(control, lambda: CONFIG, ctx, clock=clock or Clock())
+    instance = ControlRunner(control, lambda: CONFIG, ctx, no_ssh_ports, clock=clock or Clock())
     instance.start()
     try:
         yield instance
@@ -524,7 +525,7 @@ def test_the_engine_tells_every_worker_to_stop_before_it_waits_for_any(tmp_path:
     from agent.engine.engine import Engine
 
     ctx = tx.TransactionContext(null_events(), backups.BackupStore(tmp_path / "b", 50), fs.EchoFilter())
-    engine = Engine([], CONFIG, ctx)
+    engine = Engine([], CONFIG, ctx, no_ssh_ports)
     said: list[tuple[str, str]] = []
 
     class Worker:

@@ -9,9 +9,10 @@ import pytest
 
 from agent.config import parse_config
 from agent.controls.base import Drift, FileChange
-from agent.controls.sshd import SshdControl, SshdDesired, SshdObserved
+from agent.controls.ssh.control import SshdControl, SshdDesired, SshdObserved
+from agent.controls.ssh.portmove import PortMoves
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
+from tests.guards import NO_SSH, ssh_guard
 from tests.unit import fake_sshd
 from tests.unit.conftest import DeclaredCommands
 
@@ -22,12 +23,12 @@ CONFIG = parse_config('ssh: {port: 2222, permit_root_login: "no", password_authe
 def control(fake_root: Path, commands: DeclaredCommands) -> SshdControl:
     root = SystemRoot.at(fake_root)
     fake_sshd.install(commands, root)
-    return SshdControl(root)
+    return ssh_guard(root)
 
 
 def drift_of(control: SshdControl) -> tuple[SshdObserved, SshdDesired, Drift]:
     observed = control.observe()
-    desired = control.desired(CONFIG)
+    desired = control.desired(CONFIG, NO_SSH)
     drift = control.diff(observed, desired)
     assert drift is not None
     return observed, desired, drift
@@ -126,7 +127,7 @@ def test_prohibit_password_and_without_password_are_the_same_value(control: Sshd
     config = parse_config("ssh: {port: 22, permit_root_login: prohibit-password, password_authentication: false}")
     (fake_root / "etc/ssh/sshd_config.d/50-x.conf").write_text("PermitRootLogin without-password\n")
     observed = control.observe()
-    desired = control.desired(config)
+    desired = control.desired(config, NO_SSH)
     drift = control.diff(observed, desired)
     assert drift is not None
     assert not any(i.where.endswith("50-x.conf") for i in drift.items)
@@ -191,7 +192,7 @@ def test_invalid_current_config_is_an_observe_error_naming_file_and_line(
     root = SystemRoot.at(fake_root)
     fake_sshd.install(commands, root, reject="/etc/ssh/sshd_config line 3: Bad configuration option: \\377garbage")
     with pytest.raises(ObserveError, match="sshd_config line 3"):
-        SshdControl(root).observe()
+        ssh_guard(root).observe()
 
 
 def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, commands: DeclaredCommands) -> None:
@@ -202,7 +203,7 @@ def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, 
     with open(fake_root / "etc/ssh/sshd_config", "a") as handle:
         handle.write("# padding\n" * 1_100_000)
     with pytest.raises(ObserveError, match="over the 1048576-byte limit"):
-        SshdControl(root).observe()
+        ssh_guard(root).observe()
 
 
 # ---- Ubuntu 22.10+: sshd started by ssh.socket -----------------------------------------------------
@@ -237,8 +238,8 @@ def test_during_a_port_move_the_socket_listens_on_both_ports(fake_root: Path, co
     _socket_activated(fake_root)
     moves = PortMoves(root)
     moves.on_config(CONFIG, frozenset({22}), 1000.0)
-    control = SshdControl(root, moves=moves)
-    desired = control.desired(CONFIG)
+    control = ssh_guard(root, moves)
+    desired = control.desired(CONFIG, NO_SSH)
     assert [v for k, v in desired.settings if k == "Port"] == ["22", "2222"]
     assert ("LogLevel", "VERBOSE") in desired.settings  # the log names the port of each login: the proof
     listen = [line for line in desired.socket_text.splitlines() if line.startswith("ListenStream=")]
@@ -263,9 +264,9 @@ def test_a_changed_socket_is_reloaded_through_systemd(fake_root: Path, commands:
     fake_sshd.install(commands, root)
     commands.expect(["systemctl"])
     _socket_activated(fake_root)
-    control = SshdControl(root)
+    control = ssh_guard(root)
     observed = control.observe()
-    desired = control.desired(CONFIG)
+    desired = control.desired(CONFIG, NO_SSH)
     drift = control.diff(observed, desired)
     assert drift is not None
     control.plan(observed, desired, drift)

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 from agent.config import parse_config
-from agent.controls.sshd import SshdControl
 from agent.paths import SystemRoot
 from tests.fakeroot import make_root
+from tests.guards import NO_SSH, ssh_guard
 from tests.unit import fake_sshd
 from tests.unit.conftest import DeclaredCommands
 
@@ -27,19 +27,19 @@ def session(root: Path, name: str, user: str, host: str) -> None:
 def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root, penalties=True)
-    control = SshdControl(root)
-    assert "PerSourcePenaltyExemptList" not in dict(control.desired(CONFIG).settings)  # nobody logged in
+    control = ssh_guard(root)
+    assert "PerSourcePenaltyExemptList" not in dict(control.desired(CONFIG, NO_SSH).settings)  # nobody logged in
     session(root.prefix, "3", "admin", "192.0.2.7")
     session(root.prefix, "4", "admin", "2001:db8::5")
     session(root.prefix, "5", "nobody", "198.51.100.9")  # not an admin: penalised like anyone
     session(root.prefix, "6", "admin", "evil.example; Port 1")  # no address: never written into sshd's config
-    desired = control.desired(CONFIG)
+    desired = control.desired(CONFIG, NO_SSH)
     assert dict(desired.settings)["PerSourcePenaltyExemptList"] == "192.0.2.7,2001:db8::5"
     assert "PerSourcePenaltyExemptList 192.0.2.7,2001:db8::5\n" in desired.dropin_text
     # the drop-in as it was before the logins: a heal that only follows them is never damped
     (root.prefix / "run/systemd/sessions/3").unlink()
     (root.prefix / "run/systemd/sessions/4").unlink()
-    plain = control.desired(CONFIG)
+    plain = control.desired(CONFIG, NO_SSH)
     root.sshd_dropin.write_text(plain.dropin_text)
     drift = control.diff(control.observe(), desired)
     assert drift is not None and drift.items and all(not item.damped for item in drift.items), drift
@@ -48,9 +48,9 @@ def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, 
 def test_a_tampered_dropin_is_damped_as_ever_with_an_exempt_list(tmp_path: Path, commands: DeclaredCommands) -> None:
     root = SystemRoot.at(make_root(tmp_path / "r"))
     fake_sshd.install(commands, root, penalties=True)
-    control = SshdControl(root)
+    control = ssh_guard(root)
     session(root.prefix, "3", "admin", "192.0.2.7")
-    desired = control.desired(CONFIG)
+    desired = control.desired(CONFIG, NO_SSH)
     root.sshd_dropin.write_text(desired.dropin_text.replace("PermitRootLogin no", "PermitRootLogin yes"))
     drift = control.diff(control.observe(), desired)
     assert drift is not None and any(item.damped for item in drift.items)
@@ -62,7 +62,7 @@ def test_no_exempt_list_where_sshd_has_no_penalties_or_the_admin_sets_one(
     root = SystemRoot.at(make_root(tmp_path / "r"))
     session(root.prefix, "3", "admin", "192.0.2.7")
     fake_sshd.install(commands, root, penalties=False)  # OpenSSH 9.2, Debian 12
-    assert "PerSourcePenaltyExemptList" not in dict(SshdControl(root).desired(CONFIG).settings)
+    assert "PerSourcePenaltyExemptList" not in dict(ssh_guard(root).desired(CONFIG, NO_SSH).settings)
     fake_sshd.install(commands, root, penalties=True)
     own = parse_config("ssh:\n  port: 2222\n  options:\n    PerSourcePenaltyExemptList: 10.0.0.0/8\n")
-    assert dict(SshdControl(root).desired(own).settings)["PerSourcePenaltyExemptList"] == "10.0.0.0/8"
+    assert dict(ssh_guard(root).desired(own, NO_SSH).settings)["PerSourcePenaltyExemptList"] == "10.0.0.0/8"

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import sshd_ports
-from agent.controls.sshd_config import SSHD, configured_ports
+from agent.config import Config, SshConfig
+from agent.controls.base import SshPorts
+from agent.controls.ssh.portmove import PortMoves
+from agent.controls.ssh.ports import SSHD_EXECUTABLES, SshdPorts, ports_now
+from agent.controls.ssh.sshd_config import SSHD, configured_ports
 from agent.paths import SystemRoot
-from agent.sshd_ports import SshdPorts
 from agent.system import netfilter
 from agent.system.netfilter import Listening
 from tests.unit.conftest import DeclaredCommands
@@ -25,7 +27,6 @@ class Readings:
     def __init__(self, listening: Listening, configured: frozenset[int] | None) -> None:
         self.listening, self.configured = listening, configured
         self.reads = self.sshd_t = 0
-        self.now = 100.0
 
     def read(self) -> Listening:
         self.reads += 1
@@ -36,7 +37,7 @@ class Readings:
         return self.configured
 
     def ports(self, tmp_path: Path) -> SshdPorts:
-        return SshdPorts(SystemRoot.at(tmp_path), self.ask_sshd, self.read, lambda: self.now)
+        return SshdPorts(SystemRoot.at(tmp_path), self.ask_sshd, self.read)
 
 
 def hidden(*root_ports: int) -> Listening:
@@ -45,54 +46,54 @@ def hidden(*root_ports: int) -> Listening:
 
 def test_sshds_own_sockets_answer_when_they_can_be_read(tmp_path: Path) -> None:
     readings = Readings(Listening(frozenset({2222}), False, NOTHING), frozenset({22}))
-    assert readings.ports(tmp_path).fresh() == {2222}
+    assert readings.ports(tmp_path)() == {2222}
     assert readings.sshd_t == 0  # sshd -T only when sshd hides its sockets
 
 
 def test_hidden_sockets_count_where_sshd_t_and_a_root_listener_agree(tmp_path: Path) -> None:
     # 443: root's web server, not sshd's; 2200: in the files, but sshd does not listen there (not reloaded)
     readings = Readings(hidden(22, 443), frozenset({22, 2200}))
-    assert readings.ports(tmp_path).fresh() == {22}
+    assert readings.ports(tmp_path)() == {22}
 
 
 def test_readable_and_hidden_sshds_add_up(tmp_path: Path) -> None:
     readings = Readings(Listening(frozenset({2201}), True, frozenset({22, 2201})), frozenset({22}))
-    assert readings.ports(tmp_path).fresh() == {22, 2201}
+    assert readings.ports(tmp_path)() == {22, 2201}
 
 
 def test_sshd_t_is_asked_again_only_when_roots_listening_ports_change(tmp_path: Path) -> None:
     readings = Readings(hidden(22), frozenset({22}))
     ports = readings.ports(tmp_path)
     for _ in range(3):
-        assert ports.fresh() == {22}
+        assert ports() == {22}
     assert (readings.reads, readings.sshd_t) == (3, 1)
     # a reload moved sshd: its old port is gone at once, the new one is asked about
     readings.listening, readings.configured = hidden(2222), frozenset({2222})
-    assert ports.fresh() == {2222} and readings.sshd_t == 2
+    assert ports() == {2222} and readings.sshd_t == 2
 
 
 def test_a_failing_sshd_t_keeps_the_last_answer_and_is_asked_again(tmp_path: Path) -> None:
     readings = Readings(hidden(22), frozenset({22}))
     ports = readings.ports(tmp_path)
-    assert ports.fresh() == {22}
+    assert ports() == {22}
     readings.listening, readings.configured = hidden(22, 2222), None  # sshd -T rejects a broken file
-    assert ports.fresh() == {22} and ports.fresh() == {22}
+    assert ports() == {22} and ports() == {22}
     assert readings.sshd_t == 3
     readings.configured = frozenset({22, 2222})
-    assert ports.fresh() == {22, 2222} and readings.sshd_t == 4
+    assert ports() == {22, 2222} and readings.sshd_t == 4
 
 
-def test_one_transaction_reads_once_and_fresh_reads_now(tmp_path: Path) -> None:
+def test_each_converge_reads_what_sshd_listens_on_now_once(tmp_path: Path) -> None:
+    """The engine asks once per converge (ports_now) and hands the one answer to the guard's steps."""
     readings = Readings(hidden(22), frozenset({22}))
-    ports = readings.ports(tmp_path)
-    assert ports() == ports() == {22} and readings.reads == 1
-    readings.now += sshd_ports.LISTENING_TTL / 2
-    readings.listening = hidden()  # sshd stopped
-    assert ports() == {22} and readings.reads == 1
-    assert ports.fresh() == NOTHING and readings.reads == 2
-    assert ports() == NOTHING and readings.reads == 2  # what fresh() read is the transaction's too
-    readings.now += sshd_ports.LISTENING_TTL + 0.01
-    assert ports() == NOTHING and readings.reads == 3
+    listening = readings.ports(tmp_path)
+    moves = PortMoves(SystemRoot.at(tmp_path))
+    config = Config(ssh=SshConfig(port=2222))
+    assert ports_now(listening, moves, config) == SshPorts(frozenset({22}), (22, 2222)) and readings.reads == 1
+    readings.listening = hidden()  # sshd stopped: the next converge sees it at once, no cache in between
+    assert ports_now(listening, moves, config) == SshPorts(NOTHING, (2222,)) and readings.reads == 2
+    off = Config(ssh=SshConfig(enabled=False, port=2222))  # the SSH guard off: only what sshd listens on
+    assert ports_now(listening, moves, off) == SshPorts(NOTHING, ()) and readings.reads == 3
 
 
 def test_sshd_t_ports_are_its_listen_addresses(tmp_path: Path, commands: DeclaredCommands) -> None:
@@ -131,5 +132,5 @@ def test_only_roots_sshd_counts_not_any_process_that_calls_itself_sshd(
     fake_process(proc, 400, comm="sshd", uid=0, exe="/usr/sbin/sshd (deleted)", sockets=(44,))  # upgraded
     table = {11: (22, 0), 22: (4444, 65534), 33: (4445, 0), 44: (2222, 0)}
     monkeypatch.setattr(netfilter, "tcp_listeners", lambda: table)
-    found = netfilter.tcp_listening("sshd", sshd_ports.SSHD_EXECUTABLES, proc)
+    found = netfilter.tcp_listening("sshd", SSHD_EXECUTABLES, proc)
     assert found == Listening(frozenset({22, 2222}), False, NOTHING)

@@ -13,12 +13,13 @@ import pytest
 from agent.config import parse_config
 from agent.config.errors import ConfigError
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, Held
-from agent.controls.ssh_strict import FIXED
-from agent.controls.sshd import SshdControl
-from agent.keylogins import KeyLogins, KeyProof, proofs_from
+from agent.controls.ssh.control import SshdControl
+from agent.controls.ssh.keylogins import KeyLogins, KeyProof, proofs_from
+from agent.controls.ssh.strict import FIXED
 from agent.paths import SystemRoot
 from agent.system import journal
 from tests.fakeroot import client_key, key_fingerprint, make_root
+from tests.guards import NO_SSH, ssh_guard
 from tests.unit import fake_sshd
 from tests.unit.conftest import DeclaredCommands
 
@@ -53,11 +54,11 @@ def guard(tmp_path: Path, commands: DeclaredCommands, **proof: Any) -> SshdContr
     commands.expect_with(["/usr/sbin/sshd"], Debian12Sshd(root))
     fields = {"user": "admin", "how": "a publickey login", "at": 1.0, "fingerprint": key_fingerprint(client_key())}
     root.key_logins_state.write_text(json.dumps({"admin": {**fields, **proof}}))
-    return SshdControl(root)
+    return ssh_guard(root)
 
 
 def held_of(control: SshdControl, config: Any = STRICT) -> tuple[Held | None, Any]:
-    desired = control.desired(config)
+    desired = control.desired(config, NO_SSH)
     return control.preconditions(control.observe(), desired), desired
 
 
@@ -81,7 +82,7 @@ def test_a_misspelt_profile_names_file_line_column_and_the_near_choice() -> None
 
 def test_baseline_adds_none_of_the_strict_settings(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = guard(tmp_path, commands, keys_offered=1, algorithms=MODERN_CHACHA)
-    desired = control.desired(BASELINE)
+    desired = control.desired(BASELINE, NO_SSH)
     assert [k for k, _ in desired.settings] == ["Port", "PermitRootLogin", "PasswordAuthentication"]
     assert desired.held == ()
 
@@ -103,7 +104,7 @@ def test_max_auth_tries_stays_above_the_keys_the_admins_client_offered(
     tmp_path: Path, commands: DeclaredCommands
 ) -> None:
     control = guard(tmp_path, commands, keys_offered=5, algorithms=MODERN_CHACHA)
-    assert dict(control.desired(STRICT).settings)["MaxAuthTries"] == "6"
+    assert dict(control.desired(STRICT, NO_SSH).settings)["MaxAuthTries"] == "6"
 
 
 def test_max_auth_tries_unknown_keeps_sshds_default_and_says_why(tmp_path: Path, commands: DeclaredCommands) -> None:
@@ -123,7 +124,7 @@ def test_modern_algorithms_are_those_this_sshd_offers_in_the_modern_order(
     tmp_path: Path, commands: DeclaredCommands
 ) -> None:
     control = guard(tmp_path, commands, keys_offered=1, algorithms=MODERN_CHACHA)
-    settings = dict(control.desired(STRICT).settings)
+    settings = dict(control.desired(STRICT, NO_SSH).settings)
     assert settings["KexAlgorithms"] == (
         "sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org,"
         "diffie-hellman-group16-sha512,diffie-hellman-group-exchange-sha256"
@@ -153,9 +154,9 @@ def test_held_strict_settings_are_still_drift_once_the_rest_is_in_place(
     held, desired = held_of(control)
     assert held is not None
     control.root.sshd_dropin.write_text(held.desired.dropin_text)
-    drift = control.diff(control.observe(), control.desired(STRICT))
+    drift = control.diff(control.observe(), control.desired(STRICT, NO_SSH))
     assert drift is not None and {"maxauthtries", "ciphers"} <= {item.what for item in drift.items}
-    again = control.preconditions(control.observe(), control.desired(STRICT))
+    again = control.preconditions(control.observe(), control.desired(STRICT, NO_SSH))
     assert again is not None and again.desired.dropin_text == held.desired.dropin_text
 
 

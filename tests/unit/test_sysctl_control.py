@@ -19,6 +19,7 @@ from agent.events import Events, EventSinks
 from agent.paths import SystemRoot
 from agent.system import backups, fs
 from agent.system import sysctl as door
+from tests.guards import NO_SSH, no_ssh_ports
 
 # what a stock Debian 12 kernel shows for the keys the agent keeps
 STOCK = {
@@ -65,7 +66,7 @@ class Harness:
         self.control = SysctlControl(SystemRoot.at(self.root))
 
     def converge(self, config: Config | None = None, heal: bool = True) -> tx.Outcome:
-        return tx.converge(self.control, config or Config(), self.ctx, reason="test", heal=heal)
+        return tx.converge(self.control, config or Config(), self.ctx, ssh=NO_SSH, reason="test", heal=heal)
 
     def actions(self) -> list[str]:
         return [e["event"]["action"] for e in self.events.sinks.recent(200)]
@@ -333,7 +334,7 @@ def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_p
         "sysctl: {poll_interval: 100ms}\n"
         "engine: {debounce: 10ms, flap_max_heals: 3, flap_window: 1m, flap_backoff: 5m, reconcile_interval: 1h}\n"
     )
-    runner = ControlRunner(host.control, lambda: config, host.ctx)
+    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
     runner.start()
     try:
         runner.trigger("start-up")
@@ -361,7 +362,7 @@ def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path
         return observe()
 
     host.control.observe = counted  # type: ignore[method-assign]
-    runner = ControlRunner(host.control, lambda: config, host.ctx)
+    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
     runner.start()
     try:
         runner.trigger("start-up")

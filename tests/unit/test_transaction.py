@@ -24,6 +24,7 @@ from agent.controls.base import (
     HeldSetting,
     Invocation,
     ReloadOutcome,
+    SshPorts,
     ValidationError,
     WatchSpec,
 )
@@ -31,6 +32,7 @@ from agent.engine import transaction as tx
 from agent.events import null_events
 from agent.paths import SystemRoot
 from agent.system import backups, fs
+from tests.guards import NO_SSH
 
 
 class FileControl(Control):
@@ -57,7 +59,7 @@ class FileControl(Control):
         data = fs.read_regular(self.file)
         return None if data is None else data.decode(errors="surrogateescape")
 
-    def desired(self, config: Config) -> str:
+    def desired(self, config: Config, ssh: SshPorts) -> str:
         return self.want
 
     def diff(self, observed: Any, desired: Any) -> Drift | None:
@@ -108,7 +110,7 @@ def actions(ctx: tx.TransactionContext) -> list[str]:
 
 def test_heal_writes_backs_up_the_pre_change_file_and_reports(setup: Any) -> None:
     control, ctx = setup
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.HEALED
     assert control.file.read_text() == "good\n"
     assert oct(os.stat(control.file).st_mode & 0o777) == "0o640"  # the file keeps its mode
@@ -126,7 +128,7 @@ def test_heal_writes_backs_up_the_pre_change_file_and_reports(setup: Any) -> Non
 def test_compliant_state_writes_and_says_nothing(setup: Any) -> None:
     control, ctx = setup
     control.file.write_text("good\n")
-    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.COMPLIANT
+    assert tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test").status == tx.COMPLIANT
     assert actions(ctx) == [] and ctx.backups.list("demo") == []
 
 
@@ -134,7 +136,7 @@ def test_validation_failure_restores_the_file_byte_for_byte_and_reloads(setup: A
     control, ctx = setup
     control.validate_error = "line 3: Bad configuration option"
     before = os.stat(control.file)
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.FAILED and "Bad configuration option" in outcome.detail
     assert control.file.read_text() == "tampered\n"
     assert os.stat(control.file).st_mode == before.st_mode
@@ -147,7 +149,7 @@ def test_a_file_that_did_not_exist_is_removed_again_on_rollback(setup: Any) -> N
     control, ctx = setup
     control.file.unlink()
     control.reload_ok = False
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.FAILED and "reload failed" in outcome.detail
     assert not control.file.exists()
 
@@ -155,7 +157,7 @@ def test_a_file_that_did_not_exist_is_removed_again_on_rollback(setup: Any) -> N
 def test_still_drifted_after_apply_rolls_back(setup: Any) -> None:
     control, ctx = setup
     control.sabotage_after_apply = True
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.FAILED and "still drifted" in outcome.detail
     assert control.file.read_text() == "tampered\n"
 
@@ -163,7 +165,7 @@ def test_still_drifted_after_apply_rolls_back(setup: Any) -> None:
 def test_blocked_changes_nothing_and_says_why(setup: Any) -> None:
     control, ctx = setup
     control.blocked = Blocked(("no admin could log in",))
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.BLOCKED and outcome.blocked is not None
     assert outcome.blocked.reasons == ("no admin could log in",) and outcome.drift is not None
     assert control.file.read_text() == "tampered\n" and control.reloads == 0
@@ -175,18 +177,18 @@ def test_held_settings_wait_and_what_is_safe_is_applied(setup: Any) -> None:
     control, ctx = setup
     wait = HeldSetting("Risky yes", "waits for a login", "log in once")
     control.blocked = Held((wait,), "safe\n")
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.HEALED and outcome.held is not None
     assert control.file.read_text() == "safe\n" and control.reloads == 1
-    again = tx.converge(control, default_config(), ctx, reason="test")
+    again = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert again.status == tx.PENDING and again.changes is None and "proof: Risky yes" in again.detail
     control.blocked = Held((HeldSetting("Risky yes", "no admin", "adduser", NEEDS_CHANGE),), "safe\n")
-    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.BLOCKED
+    assert tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test").status == tx.BLOCKED
 
 
 def test_check_mode_observes_and_plans_but_never_writes(setup: Any) -> None:
     control, ctx = setup
-    outcome = tx.converge(control, default_config(), ctx, reason="check", heal=False)
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="check", heal=False)
     assert outcome.status == tx.DRIFTED and outcome.changes is not None
     assert control.file.read_text() == "tampered\n" and actions(ctx) == []
 
@@ -195,7 +197,7 @@ def test_backup_retention_keeps_the_newest_sets(setup: Any) -> None:
     control, ctx = setup
     for n in range(5):
         control.file.write_text(f"tampered {n}\n")
-        assert tx.converge(control, default_config(), ctx, reason="test").status == tx.HEALED
+        assert tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test").status == tx.HEALED
     sets = ctx.backups.list("demo")
     assert len(sets) == 3
     assert (sets[-1] / "files" / str(control.file).lstrip("/")).read_text() == "tampered 4\n"
@@ -209,7 +211,7 @@ def test_a_bug_after_the_write_restores_the_file_byte_for_byte_then_is_raised(se
     before = os.stat(control.file)
     control.bug_in = where
     with pytest.raises(TypeError):
-        tx.converge(control, default_config(), ctx, reason="test")
+        tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert control.file.read_bytes() == original
     after = os.stat(control.file)
     assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
@@ -232,7 +234,7 @@ def test_a_bug_undoes_applied_commands_newest_first(setup: Any, commands: Any) -
     )
     control.bug_in = "validate"
     with pytest.raises(TypeError):
-        tx.converge(control, default_config(), ctx, reason="test")
+        tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert commands.calls == [["apply", "1"], ["apply", "2"], ["undo", "2"], ["undo", "1"]]
     assert commands.inputs[-1] == "state\n"
     assert ctx.events.sinks.recent(1)[0]["undone"] == ["undo 2: ok", "undo 1: ok"]
@@ -246,7 +248,7 @@ def test_a_stopping_daemon_rolls_the_write_phase_back(setup: Any) -> None:
             ctx.stopping.set()  # SIGTERM arrives while the file is written
 
     ctx.fault = stop_after_the_write
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.FAILED and "the daemon is stopping" in outcome.detail
     assert control.file.read_text() == "tampered\n" and control.reloads == 1
 
@@ -263,7 +265,7 @@ def test_the_intent_record_is_on_disk_before_the_first_change(setup: Any) -> Non
             seen["file"] = control.file.read_bytes()
 
     ctx.fault = look
-    assert tx.converge(control, default_config(), ctx, reason="test").status == tx.HEALED
+    assert tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test").status == tx.HEALED
     assert seen["state"] == "pending" and seen["file"] == seen["copy"] == b"tampered\n"
     assert seen["files"][0]["sha256"] is not None
 
@@ -272,7 +274,7 @@ def test_a_failure_before_the_first_write_touches_nothing(setup: Any, commands: 
     control, ctx = setup
     commands.expect(["check"], returncode=1, stderr="line 2: bad rule")
     control.commands = (CommandChange(Invocation(("apply",)), None, Invocation(("check",))),)
-    outcome = tx.converge(control, default_config(), ctx, reason="test")
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     assert outcome.status == tx.FAILED and "bad rule" in outcome.detail
     assert control.reloads == 0 and control.file.read_text() == "tampered\n"
     assert ctx.events.sinks.recent(1)[0]["restored"] == []
@@ -283,18 +285,18 @@ def test_identical_consecutive_backups_are_stored_once_so_keep_counts_versions(s
     ids = []
     for _ in range(5):  # a fight with another tool: the same tamper again and again
         control.file.write_text("tampered\n")
-        ids.append(tx.converge(control, default_config(), ctx, reason="test").transaction_id)
+        ids.append(tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test").transaction_id)
     [kept] = ctx.backups.list("demo")
     manifest = json.loads((kept / "manifest.json").read_text())
     assert kept.name.endswith(ids[0]) and manifest["repeats"] == ids[1:] and manifest["repeat_count"] == 4
     assert ctx.events.sinks.recent(1)[0]["backup"] == str(kept)  # the event names the set holding the copy
     for n in (1, 2):
         control.file.write_text(f"tampered {n}\n")
-        tx.converge(control, default_config(), ctx, reason="test")
+        tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     sets = ctx.backups.list("demo")
     assert len(sets) == 3 and sets[0] == kept  # three distinct versions, the first one still kept
     control.file.write_text("tampered 1\n")  # not consecutive with its twin: a version of its own
-    tx.converge(control, default_config(), ctx, reason="test")
+    tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
     sets = ctx.backups.list("demo")
     assert len(sets) == 3 and kept not in sets
     copy = sets[-1] / "files" / str(control.file).lstrip("/")

@@ -181,7 +181,7 @@ def _admin_items(observed: AccountsObserved, admin: AdminState, desired: Account
         advice = _barrier_advice(name, found.barrier)
         items.append(_admin_finding(name, PASSWD, f"cannot log in: {found.barrier}", advice))
     elif not found.logs_in and not fixes.keys and admin.account.password == "usable":
-        # the SSH guard keeps password logins on for it until a key login is proven (agent/keylogins.py)
+        # the SSH guard keeps password logins on for it until a key login is proven (agent/controls/ssh/keylogins.py)
         items.append(
             DriftItem(
                 f"admin user {name}",

@@ -39,6 +39,7 @@ from agent.controls.base import (
     Drift,
     Invocation,
     ReloadOutcome,
+    SshPorts,
     WatchSpec,
     unified,
 )
@@ -52,7 +53,7 @@ class AccountsControl(Control):
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
         # observe() looks at the admin the config names: the transaction calls desired() first
-        self._desired = self.desired(Config())
+        self._desired = self.desired(Config(), SshPorts())
 
     def enabled(self, config: Config) -> bool:
         return config.accounts.enabled
@@ -62,7 +63,7 @@ class AccountsControl(Control):
 
     # desired / observe --------------------------------------------------------------------------------
 
-    def desired(self, config: Config) -> AccountsDesired:
+    def desired(self, config: Config, ssh: SshPorts) -> AccountsDesired:
         wanted = config.accounts
         self._desired = AccountsDesired(
             wanted.admin_user, wanted.create_admin, wanted.admin_keys, baseline_policy(config.ssh)
@@ -247,5 +248,5 @@ class AccountsControl(Control):
     def reload(self) -> ReloadOutcome:
         return ReloadOutcome(True, "nothing to reload: sshd, sudo and login read the account files at each login")
 
-    def facts(self, observed: AccountsObserved) -> dict[str, Any]:
+    def facts(self, observed: AccountsObserved, desired: object) -> dict[str, Any]:
         return describe(observed, self._desired)

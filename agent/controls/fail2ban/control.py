@@ -26,6 +26,7 @@ from agent.controls.base import (
     Invocation,
     ObserveError,
     ReloadOutcome,
+    SshPorts,
     ValidationError,
     WatchSpec,
     unified,
@@ -55,8 +56,6 @@ from agent.controls.fail2ban.jail import (
     seconds,
 )
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
-from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts, ssh_ports
 from agent.system import apt, dpkg, fs, netfilter
 from agent.system.netfilter import Backend
 from agent.system.run import run
@@ -86,13 +85,10 @@ class Fail2banControl(Control):
         self,
         root: SystemRoot,
         services: ServiceManager | None = None,
-        listening_ports: Callable[[], frozenset[int]] | None = None,
         detect_backend: Callable[[], Backend] = netfilter.detect_backend,
-        moves: PortMoves | None = None,
         password_logins: Callable[[Config], bool | None] = lambda config: None,
     ) -> None:
         super().__init__(root)
-        self.moves = moves or PortMoves(root)
         # whether sshd takes passwords (None: unknown): what the SSH guard holds it to, or the effective setting
         self._password_logins = password_logins
         self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
@@ -100,7 +96,6 @@ class Fail2banControl(Control):
         self._renames_action = ""  # "old -> new" when the transaction in flight changes the ban action's name
         self._sessions_seen: tuple[accounts.SshSession, ...] | None = None  # for a heal's facts (-t -d has none)
         self.services = services or ServiceManager(root)
-        self._listening_ports = listening_ports or SshdPorts(root)  # agent/sshd_ports.py
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
         self._install = False  # from the config desired() last saw: observe() takes no config
@@ -211,12 +206,12 @@ class Fail2banControl(Control):
 
     # desired ------------------------------------------------------------------------------------------
 
-    def desired(self, config: Config) -> Fail2banDesired:
+    def desired(self, config: Config, ssh: SshPorts) -> Fail2banDesired:
         f2b = config.fail2ban
         self._install = f2b.install and self.root.is_host
         values = {
             "enabled": "true",
-            "port": ",".join(str(p) for p in ssh_ports(config, self._listening_ports(), self.moves)),
+            "port": ",".join(str(p) for p in ssh.ports),
             "maxretry": str(f2b.maxretry),
             "findtime": seconds(f2b.findtime),
             "bantime": seconds(f2b.bantime),
@@ -384,5 +379,5 @@ class Fail2banControl(Control):
             detail = f"{detail}: {problem}"
         return ReloadOutcome(restarted.ok and problem is None, detail, {"service_action": restarted.action})
 
-    def facts(self, observed: Fail2banObserved) -> dict[str, Any]:
+    def facts(self, observed: Fail2banObserved, desired: object) -> dict[str, Any]:
         return jail_facts(observed, self._after_reload, self._sessions_seen)

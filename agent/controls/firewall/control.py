@@ -35,6 +35,7 @@ from agent.controls.base import (
     NetlinkGroup,
     ObserveError,
     ReloadOutcome,
+    SshPorts,
     WatchSpec,
     unified,
 )
@@ -63,8 +64,6 @@ from agent.controls.firewall.rules import (
     undo_input,
 )
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts, ssh_ports
 from agent.system import fs, netfilter
 from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
 from agent.system.run import concurrently
@@ -76,23 +75,14 @@ class FirewallControl(Control):
     def __init__(
         self,
         root: SystemRoot,
-        listening_ports: Callable[[], frozenset[int]] | None = None,
         in_host_netns: Callable[[], bool] = netfilter.in_host_network_namespace,
-        moves: PortMoves | None = None,
         would_cut: Callable[[FirewallConfig, tuple[int, ...]], tuple[WouldCut, ...]] = read_would_cut,
     ) -> None:
         super().__init__(root)
-        self.moves = moves or PortMoves(root)
-        # what sshd listens on now (agent/sshd_ports.py: read at most once per transaction)
-        self._listening_ports = listening_ports or SshdPorts(root)
         self._in_host_netns = in_host_netns
         self._backend: Backend | None = None
         self._canonical: dict[str, list[str]] | None = None  # key -> the chain as iptables-save prints it
         self._planned: FirewallDesired | None = None  # what the transaction in flight applies
-        self._ssh_ports: tuple[int, ...] = ()
-        self._mode = "enforce"
-        self._poll_interval = 1.0
-        self._firewall = FirewallConfig()
         self._would_cut = would_cut  # in report mode: the listeners enforcing would cut off (exposure.py)
 
     def enabled(self, config: Config) -> bool:
@@ -132,7 +122,7 @@ class FirewallControl(Control):
                 nft = NftObserved(None)
             else:
                 raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
-            return FirewallObserved(backend, (), self._listening_ports(), "", nft)
+            return FirewallObserved(backend, (), "", nft)
         if not backend.iptables:
             raise ObserveError("neither iptables nor nft is installed (apt-get install iptables, or nftables)")
         families = []
@@ -142,21 +132,16 @@ class FirewallControl(Control):
                 raise ObserveError(f"{' '.join(result.argv)}: {result.error_text()}")
             families.append(parse_filter(family, result.stdout))
         split, leftover = others.split_rules(backend), others.leftover_nft()
-        return FirewallObserved(backend, tuple(families), self._listening_ports(), split, leftover_nft=leftover)
+        return FirewallObserved(backend, tuple(families), split, leftover_nft=leftover)
 
     # desired ------------------------------------------------------------------------------------------
 
-    def desired(self, config: Config) -> FirewallDesired:
-        ports = ssh_ports(config, self._listening_ports(), self.moves)
-        self._ssh_ports = ports
-        fw = config.firewall
+    def desired(self, config: Config, ssh: SshPorts) -> FirewallDesired:
+        ports, fw = ssh.ports, config.firewall
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}
         open_tcp = {family: open_ports(rules[family]) for family in FAMILIES}
-        self._mode = fw.mode
-        self._poll_interval = fw.poll_interval
-        self._firewall = fw
         nft_rules = render_nft(ports, fw.allow_tcp, fw.allow_udp)
-        return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules)
+        return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules, ssh.listening, fw)
 
     # canonical form -----------------------------------------------------------------------------------
 
@@ -332,7 +317,7 @@ class FirewallControl(Control):
                 f"--root {self.root.prefix} is a fake root but the agent is in the host's network namespace: "
                 "it will not change this machine's firewall (run it under `unshare --net`)"
             )
-        listening = self._listening_ports() | observed.sshd_ports
+        listening = desired.sshd_listening
         for family in FAMILIES:
             missing = sorted(p for p in listening if p not in desired.open_tcp[family])
             if missing:
@@ -357,38 +342,38 @@ class FirewallControl(Control):
     def reload(self) -> ReloadOutcome:
         return ReloadOutcome(True, "the kernel applies a restored ruleset at once")
 
-    def facts(self, observed: FirewallObserved) -> dict[str, Any]:
-        facts = self._ruleset_facts(observed)
-        if self._mode == "report":
-            facts["would_cut"] = [cut.as_fact() for cut in self._would_cut(self._firewall, self._ssh_ports)]
+    def facts(self, observed: FirewallObserved, desired: FirewallDesired) -> dict[str, Any]:
+        facts = self._ruleset_facts(observed, desired)
+        if desired.mode == "report":
+            facts["would_cut"] = [cut.as_fact() for cut in self._would_cut(desired.config, desired.ssh_ports)]
         return facts
 
     def report_note(self, facts: dict[str, Any]) -> str:  # what enforcing would cut off, and the command
         cuts = facts.get("would_cut")
         return "" if cuts is None else report_note(WouldCut(**cut) for cut in cuts)
 
-    def _ruleset_facts(self, observed: FirewallObserved) -> dict[str, Any]:
+    def _ruleset_facts(self, observed: FirewallObserved, desired: FirewallDesired) -> dict[str, Any]:
         if observed.nft is not None:
             rules = observed.nft.rules
-            accepted = [p for p in self._ssh_ports if f"tcp dport {p} accept" in rules]
+            accepted = [p for p in desired.ssh_ports if f"tcp dport {p} accept" in rules]
             return {
                 "backend": "nftables",
                 "table": NFT_NAME,
                 "policy": observed.nft.policy,
                 "rules": len(rules),
                 "ssh_ports_accepted": ",".join(map(str, accepted)) or "none",
-                "mode": self._mode,
+                "mode": desired.mode,
             }
         facts: dict[str, Any] = {"backend": f"iptables-{observed.backend.name}"}
         for family in FAMILIES:
             seen = observed.family(family)
             facts[f"{family}_policy"] = seen.policy
             facts[f"{family}_rules"] = len(seen.chain or ())
-        accepted = [p for p in self._ssh_ports if all(p in open_ports(f.chain or ()) for f in observed.families)]
+        accepted = [p for p in desired.ssh_ports if all(p in open_ports(f.chain or ()) for f in observed.families)]
         facts["ssh_ports_accepted"] = ",".join(map(str, accepted)) or "none"
-        facts["mode"] = self._mode
+        facts["mode"] = desired.mode
         if observed.backend.name == "legacy":
-            every = format_duration(self._poll_interval)
+            every = format_duration(desired.config.poll_interval)
             facts["detection"] = f"polling every {every} (iptables-legacy sends no netlink events)"
         if observed.split:
             facts["warning"] = observed.split

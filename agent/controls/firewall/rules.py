@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from agent.config import PortRule
+from agent.config import FirewallConfig, PortRule
 from agent.controls.base import ObserveError
 from agent.system import netfilter
 from agent.system.netfilter import NFT_TABLE, Backend
@@ -64,7 +64,6 @@ class NftObserved:
 class FirewallObserved:
     backend: Backend
     families: tuple[FamilyObserved, ...]
-    sshd_ports: frozenset[int]  # what a running sshd listens on in this network namespace
     split: str  # rules in both iptables-legacy and iptables-nft: a warning, empty when fine
     nft: NftObserved | None = None  # the native nftables backend's view; None on iptables
     # on iptables: the agent's own `table inet vps_agent` left from a time it ran on native nftables (nft was
@@ -82,6 +81,8 @@ class FirewallDesired:
     open_tcp: dict[str, frozenset[int]]  # family -> TCP ports accepted from anywhere
     mode: str
     nft_rules: tuple[str, ...] = ()  # the same policy as nft rules for `table inet vps_agent`
+    sshd_listening: frozenset[int] = frozenset()  # what sshd listens on now (the engine's SshPorts)
+    config: FirewallConfig = field(default_factory=FirewallConfig)  # the section it came from (status facts)
 
 
 def render_rules(

@@ -9,8 +9,8 @@ from typing import Any
 
 from agent import accounts
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, HeldSetting
-from agent.controls.sshd_model import CUT_KEYWORDS, CUTTING_OPTIONS, SshdDesired, SshdObserved, policy, same
-from agent.keylogins import KeyLogins
+from agent.controls.ssh.keylogins import KeyLogins
+from agent.controls.ssh.model import CUT_KEYWORDS, CUTTING_OPTIONS, SshdDesired, SshdObserved, policy, same
 from agent.paths import SystemRoot
 
 
@@ -20,7 +20,7 @@ def judge(
     """Each setting that can take a way in away applies only while a way to root over SSH stays:
     ssh.options' Allow*/Deny*/AuthenticationMethods/... and PermitRootLogin while some admin (or root)
     still gets in with what stays on; PasswordAuthentication no once a sudo admin's key login is
-    proven (agent/keylogins.py). Everything else (the port move, the rest of the options) applies.
+    proven (agent/controls/ssh/keylogins.py). Everything else (the port move, the rest of the options) applies.
     The settings held back (with why and what ends it), the value each judged keyword applies with, the
     keywords judged, and whether PasswordAuthentication yes is kept for the admin's way in."""
     wanted = {keyword.lower(): value for keyword, value in desired.settings}

@@ -31,7 +31,7 @@ class KeyProof:
     how: str  # "publickey login from 10.213.0.2 port 40000" or CONFIRMED
     at: float  # wall clock
     fingerprint: str = ""  # "SHA256:..." of the key that logged in; "" for a proof by `confirm`
-    # what the strict profile's sshd settings need to know of the admin's client (agent/controls/ssh_strict.py):
+    # what the strict profile's sshd settings need to know of the admin's client (agent/controls/ssh/strict.py):
     keys_offered: int = 0  # keys its client offered, the one accepted included; 0: not known
     algorithms: tuple[tuple[str, str], ...] = ()  # (("cipher", ...), ("kex", ...), ("mac", ...)); (): not known
 

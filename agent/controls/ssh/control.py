@@ -29,22 +29,15 @@ from agent.controls.base import (
     HeldSetting,
     ObserveError,
     ReloadOutcome,
+    SshPorts,
     ValidationError,
     WatchSpec,
     line_end,
     unified,
 )
-from agent.controls.ssh_strict import strict_sshd
-from agent.controls.sshd_config import (
-    DEFAULT_INCLUDE,
-    MAIN_CONFIG,
-    SSHD,
-    ensure_privsep_dir,
-    parse_effective,
-    read_graph,
-)
-from agent.controls.sshd_lockout import judge
-from agent.controls.sshd_model import (
+from agent.controls.ssh.keylogins import KeyLogins
+from agent.controls.ssh.lockout import judge
+from agent.controls.ssh.model import (
     ACCESS_KEYWORDS,
     MARKER,
     PENALTY_EXEMPT,
@@ -61,9 +54,17 @@ from agent.controls.sshd_model import (
     wanted_text,
     without_exempt,
 )
-from agent.keylogins import KeyLogins
+from agent.controls.ssh.portmove import PortMoves
+from agent.controls.ssh.sshd_config import (
+    DEFAULT_INCLUDE,
+    MAIN_CONFIG,
+    SSHD,
+    ensure_privsep_dir,
+    parse_effective,
+    read_graph,
+)
+from agent.controls.ssh.strict import strict_sshd
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
 from agent.system import fs
 from agent.system.run import run
 from agent.system.services import Service, ServiceManager
@@ -75,14 +76,16 @@ class SshdControl(Control):
     def __init__(
         self,
         root: SystemRoot,
+        moves: PortMoves,
+        keylogins: KeyLogins,
         services: ServiceManager | None = None,
-        moves: PortMoves | None = None,
-        keylogins: KeyLogins | None = None,
     ) -> None:
+        """`moves` and `keylogins` are the daemon's own (agent/wiring.py: SshShared): the port move and the
+        proofs thread see the same state the guard does."""
         super().__init__(root)
         self.services = services or ServiceManager(root)
-        self.moves = moves or PortMoves(root)
-        self.keylogins = keylogins or KeyLogins(root)
+        self.moves = moves
+        self.keylogins = keylogins
         self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
         self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
@@ -166,19 +169,19 @@ class SshdControl(Control):
 
     # desired ------------------------------------------------------------------------------------------
 
-    def desired(self, config: Config) -> SshdDesired:
-        ssh = config.ssh
+    def desired(self, config: Config, ssh: SshPorts) -> SshdDesired:
+        want = config.ssh  # the SSH guard owns the port: `ssh`, the ports others keep, follows from it
         self.keylogins.set_awaiting(())  # preconditions() says again whom it waits for, if anyone
-        # one Port line per port: two while a port move is open (agent/portmove.py)
+        # one Port line per port: two while a port move is open (agent/controls/ssh/portmove.py)
         settings: list[tuple[str, str]] = [("Port", str(port)) for port in self.moves.ports(config)]
         settings += [
-            ("PermitRootLogin", ssh.permit_root_login),
-            ("PasswordAuthentication", "yes" if ssh.password_authentication else "no"),
+            ("PermitRootLogin", want.permit_root_login),
+            ("PasswordAuthentication", "yes" if want.password_authentication else "no"),
         ]
-        settings.extend((k, v) for k, v in ssh.options)
-        options, strict = {k.lower() for k, _ in ssh.options}, None
+        settings.extend((k, v) for k, v in want.options)
+        options, strict = {k.lower() for k, _ in want.options}, None
         if config.profile == "strict":  # LogLevel VERBOSE among them
-            passwords, port = ssh.password_authentication, str(ssh.port)
+            passwords, port = want.password_authentication, str(want.port)
             strict = strict_sshd(self.root, self.keylogins, options, self._defaults(), passwords, port)
             settings.extend(strict.settings)
             self.keylogins.set_awaiting((), strict.awaiting)
@@ -186,7 +189,7 @@ class SshdControl(Control):
             settings.append(("LogLevel", "VERBOSE"))  # names the local port of each login: the move's proof
         if exempt := self._penalty_exemptions(config):
             settings.append((PENALTY_EXEMPT, exempt))
-        return self._desired_from(tuple(settings), str(ssh.port), strict.held if strict else ())
+        return self._desired_from(tuple(settings), str(want.port), strict.held if strict else ())
 
     def _penalty_exemptions(self, config: Config) -> str:
         """OpenSSH 9.8+ (Debian 13) penalises a source address after failed logins (PerSourcePenalties, on by
@@ -348,7 +351,7 @@ class SshdControl(Control):
     # preconditions ------------------------------------------------------------------------------------
 
     def preconditions(self, observed: SshdObserved, desired: SshdDesired) -> Held | None:
-        """Each setting that can take a way in away waits while it would (agent/controls/sshd_lockout.py)."""
+        """Each setting that can take a way in away waits while it would (agent/controls/ssh/lockout.py)."""
         held, accepted, judged, self._passwords_held = judge(self.root, self.keylogins, observed, desired)
         if not held:
             return None
@@ -389,5 +392,5 @@ class SshdControl(Control):
         detail = outcome.detail + ("; ssh.socket restarted" if self._socket_changed else "")
         return ReloadOutcome(outcome.ok, detail, {"service_action": outcome.action})
 
-    def facts(self, observed: SshdObserved) -> dict[str, Any]:
+    def facts(self, observed: SshdObserved, desired: object) -> dict[str, Any]:
         return describe(observed)

@@ -3,7 +3,7 @@
 Each goes through the guard's drop-in like the baseline's. Two depend on the admin's client and are held
 back, never guessed: MaxAuthTries must stay above the number of keys the client offers (sshd counts each
 refused key as a failure), and KexAlgorithms/Ciphers/MACs must keep what the client negotiates. The agent
-learns both from sshd's log of the admin's proven key login (agent/system/journal.py, agent/keylogins.py):
+learns both from sshd's log of the admin's proven key login (agent/system/journal.py, agent/controls/ssh/keylogins.py):
 the keys refused before the accepted one at LogLevel VERBOSE (which strict sets), the algorithms only at
 LogLevel DEBUG1. A keyword set in ssh.options is the admin's and is left to it.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agent import accounts
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, HeldSetting
-from agent.keylogins import KeyLogins, KeyProof
+from agent.controls.ssh.keylogins import KeyLogins, KeyProof
 from agent.paths import SystemRoot
 
 FIXED: tuple[tuple[str, str], ...] = (

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import events as ev
-from agent import portmove
 from agent.config import Config, format_duration
+from agent.controls.ssh import portmove
+from agent.controls.ssh.keylogins import CONFIRMED, KeyLogins, KeyProof, proofs_from
+from agent.controls.ssh.portmove import PortMoves
+from agent.controls.ssh.ports import SshdPorts
 from agent.engine.engine import Engine
-from agent.keylogins import CONFIRMED, KeyLogins, KeyProof, proofs_from
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
-from agent.sshd_ports import SshdPorts
 from agent.system import journal
 
 KEY_LOGIN_LOOKBACK = 86400.0  # seconds: a key login this long before the agent looks still proves the key
@@ -167,7 +167,7 @@ class Proofs:
         has let go of them (milliseconds), or SSHD_RELEASE_WAIT if it keeps them (they then stay open)."""
         closing = {*move.old, move.new} - set(self.moves.ports(self.engine.config()))
         deadline = time.monotonic() + SSHD_RELEASE_WAIT
-        while closing & self.sshd_ports.fresh() and time.monotonic() < deadline:
+        while closing & self.sshd_ports() and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def _watch(self) -> None:

@@ -1,5 +1,9 @@
-"""The TCP ports sshd listens on now, in this network namespace: one answer for the firewall (which
-keeps them open), fail2ban (which watches them) and the SSH port move (which moves from them).
+"""The SSH ports: what sshd listens on now, in this network namespace, and the SSH guard's port(s).
+
+The engine works them out once per converge (`ports_now`, bound by agent/wiring.py) and hands them to
+every guard's desired() as one SshPorts value (agent/controls/base.py): the firewall keeps them open,
+fail2ban guards them, and neither imports this package. The port move (portmove.py, proofs.py) reads
+what sshd listens on from the same SshdPorts.
 
 sshd makes itself non-dumpable, and reading a non-dumpable process's /proc/PID/fd takes
 CAP_SYS_PTRACE, which vps-agent.service does not grant. Where sshd's sockets can be read, they are
@@ -10,16 +14,15 @@ owned by root listens on here.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from agent.config import Config
-from agent.controls.sshd_config import configured_ports
+from agent.controls.base import SshPorts
+from agent.controls.ssh.portmove import PortMoves
+from agent.controls.ssh.sshd_config import configured_ports
 from agent.paths import SystemRoot
-from agent.portmove import PortMoves
 from agent.system import netfilter
 
-LISTENING_TTL = 0.2  # seconds: longer than one transaction, far shorter than any sshd port move
 # what sshd's listener runs (Debian's, and where OpenSSH 9.8+ puts the per-connection sshd-session)
 SSHD_EXECUTABLES = frozenset(
     {
@@ -32,32 +35,22 @@ SSHD_EXECUTABLES = frozenset(
 
 
 class SshdPorts:
-    """Shared by the firewall, fail2ban and the daemon (build_controls, agent/wiring.py): they agree, share the cost."""
+    """What sshd listens on, read when asked; shared by the engine's ports_now and the port move (wiring.py)."""
 
     def __init__(
         self,
         root: SystemRoot,
         configured: Callable[[], frozenset[int] | None] | None = None,
         listening: Callable[[], netfilter.Listening] = lambda: netfilter.tcp_listening("sshd", SSHD_EXECUTABLES),
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._configured = configured or (lambda: configured_ports(root))
         self._listening = listening
-        self._clock = clock
         self._lock = threading.Lock()
-        self._read: tuple[float, frozenset[int]] | None = None  # (when, ports) of the last read
         self._config_ports: frozenset[int] = frozenset()  # sshd -T's ports, last time it answered
         self._config_under: frozenset[int] | None = None  # the root-owned listening ports it was asked under
 
     def __call__(self) -> frozenset[int]:
-        """Read at most once per LISTENING_TTL: a transaction's observe, desired and preconditions all ask."""
-        with self._lock:
-            if self._read is not None and self._clock() - self._read[0] <= LISTENING_TTL:
-                return self._read[1]
-        return self.fresh()
-
-    def fresh(self) -> frozenset[int]:
-        """Read now (the port move waits on this for sshd to let go of a port)."""
+        """Read now: once per converge (the engine), and while the port move waits for sshd to let go of a port."""
         with self._lock:
             seen = self._listening()
             ports = seen.ports
@@ -66,7 +59,6 @@ class SshdPorts:
                 # changed, sshd not reloaded; a bind that failed), the listening sockets alone are
                 # everyone's (a web server's 443 is not sshd's to keep open); sshd binds as root.
                 ports |= self._configured_ports(seen.root_ports) & seen.root_ports
-            self._read = (self._clock(), ports)
             return ports
 
     def _configured_ports(self, root_ports: frozenset[int]) -> frozenset[int]:
@@ -81,9 +73,15 @@ class SshdPorts:
 
 def ssh_ports(config: Config, listening: frozenset[int], moves: PortMoves | None = None) -> tuple[int, ...]:
     """The one source of truth for "the SSH port(s)" (the firewall keeps them open, fail2ban guards
-    them): the SSH guard's port(s) — both while a port move is open (agent/portmove.py) — plus
+    them): the SSH guard's port(s) — both while a port move is open (agent/controls/ssh/portmove.py) — plus
     whatever sshd listens on now."""
     ports = set(listening)
     if config.ssh.enabled:
         ports.update(moves.ports(config) if moves is not None else (config.ssh.port,))
     return tuple(sorted(ports))
+
+
+def ports_now(listening: Callable[[], frozenset[int]], moves: PortMoves, config: Config) -> SshPorts:
+    """What the engine hands every guard at the start of a converge: one read of sshd's sockets, one answer."""
+    now = listening()
+    return SshPorts(now, ssh_ports(config, now, moves))

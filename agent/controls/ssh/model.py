@@ -12,7 +12,7 @@ from agent.controls.base import (
     HeldSetting,
     unified,
 )
-from agent.controls.sshd_config import (
+from agent.controls.ssh.sshd_config import (
     MAIN_CONFIG,
     ConfigGraph,
     Directive,
@@ -66,7 +66,7 @@ class SshdDesired:
     dropin_text: str
     socket_text: str = ""  # ssh.socket's drop-in, where socket activation is in use
     admin_port: str = "22"  # ssh.port: where the admin logs in once any move is done (for the advice)
-    held: tuple[HeldSetting, ...] = ()  # the strict profile's settings that wait (agent/controls/ssh_strict.py)
+    held: tuple[HeldSetting, ...] = ()  # the strict profile's settings that wait (agent/controls/ssh/strict.py)
 
     def accepts(self, keyword: str, value: str) -> bool:
         """Whether a directive elsewhere agrees with what the agent wants for keyword."""
