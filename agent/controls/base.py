@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from agent.config import Config
 from agent.paths import SystemRoot
@@ -140,6 +140,18 @@ class CommandChange:
 
 
 @dataclass(frozen=True)
+class ReloadPlan:
+    """How the service takes the planned change, as data the transaction hands to reload(changes): no
+    state kept in the control between plan() and reload(), and a rollback reloads the same way."""
+
+    needed: bool = True  # False: the live change (a command) is all there is; a reload would undo it
+    restart: str = ""  # why a restart, not a reload, is needed ("" : a reload will do)
+    units: tuple[str, ...] = ()  # systemd units to restart first (after a daemon-reload): a socket's drop-in
+    again: tuple[Invocation, ...] = ()  # run once the service is back (a reload resets runtime state)
+    live: tuple[tuple[str, str], ...] = ()  # kernel values (key, value) to write; a rollback's reload writes none
+
+
+@dataclass(frozen=True)
 class Changes:
     """What plan() would do; --dry-run and `vps-agentctl diff` print it."""
 
@@ -147,6 +159,9 @@ class Changes:
     notes: tuple[str, ...] = ()
     diff: str = ""
     commands: tuple[CommandChange, ...] = ()
+    reload: ReloadPlan = ReloadPlan()
+    # facts for status that only the planning observation knows (the heal's observe-again may not)
+    facts: tuple[tuple[str, str], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -220,10 +235,27 @@ class ValidationError(Exception):
 class ReloadOutcome:
     ok: bool
     detail: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # what the reload saw, for status (a heal's facts)
 
 
-class Control(ABC):
+Observed = TypeVar("Observed")
+Desired = TypeVar("Desired")
+
+
+@dataclass(frozen=True)
+class Lesson(Generic[Desired]):
+    """What a change taught: the desired state as the tool spells it (what the change is checked against)
+    and the file in the agent's state directory that keeps it, written by the transaction once committed."""
+
+    desired: Desired
+    keep: FileChange
+
+
+class Control(ABC, Generic[Observed, Desired]):
+    """A guarded piece of state, generic over what observe() and desired() return (mypy checks each
+    control's steps against its own types). Every step gets what it needs as arguments: a control keeps
+    no state from one call to the next beyond caches of what it reads."""
+
     name: str
 
     def __init__(self, root: SystemRoot) -> None:
@@ -234,31 +266,38 @@ class Control(ABC):
         """Where a change may change this control's state or its preconditions."""
 
     @abstractmethod
-    def observe(self) -> Any:
-        """The effective state as the system sees it; raises ObserveError."""
-
-    @abstractmethod
-    def desired(self, config: Config, ssh: SshPorts) -> Any:
+    def desired(self, config: Config, ssh: SshPorts) -> Desired:
         """What the state should be under this config; `ssh` is the engine's SSH ports for this converge."""
 
     @abstractmethod
-    def diff(self, observed: Any, desired: Any) -> Drift | None: ...
+    def observe(self, desired: Desired) -> Observed:
+        """The effective state as the system sees it (`desired` says what to look at); raises ObserveError."""
 
     @abstractmethod
-    def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes: ...
+    def diff(self, observed: Observed, desired: Desired) -> Drift | None: ...
 
     @abstractmethod
-    def preconditions(self, observed: Any, desired: Any) -> Blocked | Held | None:
+    def plan(self, observed: Observed, desired: Desired, drift: Drift) -> Changes: ...
+
+    @abstractmethod
+    def preconditions(self, observed: Observed, desired: Desired) -> Blocked | Held | None:
         """The lockout invariants for going from observed to desired, per setting: None, all of it
         applies; Held, the settings held back and the desired state without them; Blocked, nothing."""
 
     @abstractmethod
-    def validate(self, changes: Changes) -> Any | None:
+    def validate(self, changes: Changes) -> Observed | None:
         """Ask the real tool; raises ValidationError with the tool's words. May return the observed
         state the check produced when the reload cannot change it (saves observing twice)."""
 
     @abstractmethod
-    def reload(self) -> ReloadOutcome: ...
+    def reload(self, changes: Changes) -> ReloadOutcome:
+        """Make the service take the change, as `changes.reload` says; a rollback passes the same changes
+        (and start-up recovery the units its intent record names)."""
+
+    def learned(self, after: Observed, desired: Desired) -> Lesson[Desired] | None:
+        """After the change: what the tool taught (how it prints what the agent applied), or None. The
+        control reads the kept file back in desired()."""
+        return None
 
     def enabled(self, config: Config) -> bool:
         return True
@@ -281,7 +320,7 @@ class Control(ABC):
         core. None: every poll converges."""
         return None
 
-    def facts(self, observed: Any, desired: Any) -> dict[str, Any]:
+    def facts(self, observed: Observed, desired: Desired) -> dict[str, Any]:
         """A few observed facts for `status` (e.g. the port sshd really uses), as this converge aimed."""
         return {}
 

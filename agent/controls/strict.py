@@ -77,7 +77,7 @@ class StrictObserved:
     loaded: frozenset[str] | None  # module names as /proc/modules prints them; None: no such list here
 
 
-class StrictControl(Control):
+class StrictControl(Control[StrictObserved, StrictDesired]):
     name = "strict"
 
     def __init__(self, root: SystemRoot) -> None:
@@ -99,7 +99,7 @@ class StrictControl(Control):
     def desired(self, config: Config, ssh: SshPorts) -> StrictDesired:
         return StrictDesired(tuple(name for name in MODULES if name not in NEVER))
 
-    def observe(self) -> StrictObserved:
+    def observe(self, desired: StrictDesired) -> StrictObserved:
         files: dict[str, bytes | None] = {}
         problems: dict[str, str] = {}
         for what, path in self._paths().items():
@@ -166,10 +166,10 @@ class StrictControl(Control):
     def validate(self, changes: Changes) -> None:
         return None
 
-    def reload(self) -> ReloadOutcome:
+    def reload(self, changes: Changes) -> ReloadOutcome:
         return ReloadOutcome(True, "read at the next crash, login and module load: nothing to reload")
 
-    def facts(self, observed: StrictObserved, desired: object) -> dict[str, Any]:
+    def facts(self, observed: StrictObserved, desired: StrictDesired) -> dict[str, Any]:
         if observed.loaded is None:
             return {"modules": "this kernel lists none (/proc/modules absent)"}
         return {"modules_loaded": len(observed.loaded)}

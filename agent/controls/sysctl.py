@@ -31,6 +31,7 @@ from agent.controls.base import (
     DriftItem,
     FileChange,
     ReloadOutcome,
+    ReloadPlan,
     SshPorts,
     WatchSpec,
     unified,
@@ -83,14 +84,12 @@ class Assessment:
     overrides: list[tuple[sysctl_files.Assignment, str]] = field(default_factory=list)
 
 
-class SysctlControl(Control):
+class SysctlControl(Control[SysctlObserved, SysctlDesired]):
     name = "sysctl"
 
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
-        self._desired = self.desired(Config(), SshPorts())  # observe() reads the keys desired() last named
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (value, the kernel's answer)
-        self._planned: tuple[tuple[str, str], ...] = ()  # the live values the next reload() writes
         self._assessed: tuple[SysctlObserved, SysctlDesired, dict[str, tuple[str, str]], Assessment] | None = None
 
     def enabled(self, config: Config) -> bool:
@@ -115,12 +114,11 @@ class SysctlControl(Control):
         return [*specs, WatchSpec(conf.parent, frozenset({conf.name}))]
 
     def desired(self, config: Config, ssh: SshPorts) -> SysctlDesired:
-        self._desired = SysctlDesired(config.sysctl.wanted())
-        return self._desired
+        return SysctlDesired(config.sysctl.wanted())
 
-    def observe(self) -> SysctlObserved:
+    def observe(self, desired: SysctlDesired) -> SysctlObserved:
         init = sysctl.init_mounts(self.root)
-        live = {key: sysctl.read(self.root, key, init, value) for key, value in self._desired.wanted}
+        live = {key: sysctl.read(self.root, key, init, value) for key, value in desired.wanted}
         try:
             own, problem = fs.read_regular(self.root.sysctl_dropin), None
         except fs.UnsafeFile as exc:
@@ -264,9 +262,9 @@ class SysctlControl(Control):
             files.append(FileChange(self.root.path(target), target, after, None, "neutralise"))
             before = boot_file.data.decode("utf-8", "replace") if target == system_path else ""
             diffs.append(unified(before, after.decode("utf-8", "replace"), target))
-        self._planned = tuple((key, value) for key, value, _ in found.live_fixes)
         notes += [f"set {key} = {value} (was {was})" for key, value, was in found.live_fixes]
-        return Changes(tuple(files), tuple(notes), "".join(diffs))
+        live = tuple((key, value) for key, value, _ in found.live_fixes)
+        return Changes(tuple(files), tuple(notes), "".join(diffs), reload=ReloadPlan(live=live))
 
     def preconditions(self, observed: SysctlObserved, desired: SysctlDesired) -> None:
         # no setting here takes a way in away: the conditions leave the risky keys alone instead
@@ -275,12 +273,12 @@ class SysctlControl(Control):
     def validate(self, changes: Changes) -> None:
         return None
 
-    def reload(self) -> ReloadOutcome:
-        """Write the planned live values, as `sysctl -w` would; a value the kernel refuses or does not
-        keep is remembered and reported (a warning), never retried until the config asks for another."""
-        planned, self._planned = self._planned, ()  # a rollback's reload writes nothing
+    def reload(self, changes: Changes) -> ReloadOutcome:
+        """Write the planned live values, as `sysctl -w` would (a rollback's reload has none); a value the
+        kernel refuses or does not keep is remembered and reported (a warning), never retried until the
+        config asks for another."""
         done, refused = [], []
-        for key, value in planned:
+        for key, value in changes.reload.live:
             try:
                 sysctl.write(self.root, key, value)
             except OSError as exc:
@@ -300,8 +298,8 @@ class SysctlControl(Control):
         )
         return ReloadOutcome(True, detail)
 
-    def facts(self, observed: SysctlObserved, desired: object) -> dict[str, Any]:
-        found = self.assess(observed, self._desired)
+    def facts(self, observed: SysctlObserved, desired: SysctlDesired) -> dict[str, Any]:
+        found = self.assess(observed, desired)
         live = [observed.live.get(key) for key in found.kept]
         kept = sum(1 for key, value in found.kept.items() if observed.live[key].value == value)
         facts: dict[str, Any] = {"keys": len(found.kept), "live_as_kept": kept}

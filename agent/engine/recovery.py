@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import events as ev
-from agent.controls.base import Control
+from agent.controls.base import Changes, Control, ReloadPlan
+from agent.engine import live
 from agent.engine.transaction import TransactionContext
 from agent.paths import SystemRoot
 from agent.system import backups, fs, netfilter
-from agent.system.run import run
 
 # what an undo may run: the tools the agent's own live changes use; a manifest naming anything else
 # is not run (the backups directory is root's, mode 0700: this is one more fence, not the only one)
@@ -134,7 +134,7 @@ def _roll_back(
         result.undone.append(_undo(undo, run_undo))
     if control is not None and (restored or (run_undo and backup.undo)):
         try:
-            reloaded = control.reload()
+            reloaded = control.reload(Changes(reload=ReloadPlan(units=tuple(backup.restart))))
             result.reload = reloaded.detail
         except Exception as exc:  # the set is still rolled back; the start-up reconcile reloads again
             result.reload = f"{type(exc).__name__}: {exc}"
@@ -154,10 +154,7 @@ def _undo(undo: Mapping[str, Any], run_undo: bool) -> str:
         return f"{said}: not run (a fake root in the host's network namespace)"
     if not argv or os.path.basename(argv[0]) not in UNDO_TOOLS:
         return f"{said}: refused (not a tool the agent's live changes use)"
-    env = {str(k): str(v) for k, v in dict(undo.get("env") or {}).items()}
-    input_text = undo.get("input")
-    result = run(argv, input_text=str(input_text) if input_text is not None else None, env=env, timeout=30)
-    return f"{said}: " + ("ok" if result.ok else result.error_text())
+    return live.said(live.from_record(undo))
 
 
 def _txid(directory: os.PathLike[str]) -> str:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,15 @@ from agent.controls.base import (
     Control,
     Drift,
     Held,
-    Invocation,
+    Lesson,
     ObserveError,
     SshPorts,
     ValidationError,
 )
-from agent.engine import faults
+from agent.engine import faults, live
 from agent.events import Events
 from agent.system import backups, fs
-from agent.system.run import concurrently, run
+from agent.system.run import concurrently
 
 COMPLIANT = "compliant"
 HEALED = "healed"
@@ -144,7 +144,7 @@ def _converge(
             )
         return Outcome(control.name, FAILED, str(exc), duration_ms=elapsed(), transaction_id=txid)
     try:
-        observed = control.observe()
+        observed = control.observe(desired)
     except (ObserveError, fs.UnsafeFile, OSError) as exc:
         path = getattr(exc, "path", None)
         if heal:
@@ -234,10 +234,13 @@ def _converge(
         return outcome
     try:
         # the checks only test (`iptables-restore --test`, `nft --check`): all at once
-        concurrently([functools.partial(_invoke, c.check, "refuses") for c in changes.commands if c.check is not None])
+        concurrently(
+            [functools.partial(live.invoke, c.check, "refuses") for c in changes.commands if c.check is not None]
+        )
         for change in changes.files:
             backup.save(change.path)
-        backup.intend([_undo_record(c.undo) for c in changes.commands if c.undo is not None])
+        undo = [live.record(c.undo) for c in changes.commands if c.undo is not None]
+        backup.intend(undo, restart=changes.reload.units)
         backed_up = True
         step = functools.partial(_step, ctx, control.name)
         step(faults.AFTER_BACKUP)
@@ -251,17 +254,18 @@ def _converge(
                 fs.atomic_write(change.path, change.content, mode=change.mode, echo=ctx.echo)
             step(faults.AFTER_WRITE, n)
         for n, command in enumerate(changes.commands, 1):
-            _invoke(command.apply, "failed")
+            live.invoke(command.apply, "failed")
             applied.append(command)
             step(faults.AFTER_COMMAND, n)
         validated = control.validate(changes)
         step(faults.AFTER_VALIDATE)
-        reloaded = control.reload()
+        reloaded = control.reload(changes)
         step(faults.DURING_RELOAD)
         if not reloaded.ok:
             raise ValidationError(f"reload failed: {reloaded.detail}")
-        after = validated if validated is not None else control.observe()
-        remaining = control.diff(after, desired)
+        after = validated if validated is not None else control.observe(desired)
+        lesson = control.learned(after, desired)
+        remaining = control.diff(after, lesson.desired if lesson is not None else desired)
         if remaining is not None and remaining.fixable:
             still = "; ".join(item.describe() for item in remaining.fixable)
             raise ValidationError(f"still drifted after the change: {still}")
@@ -270,7 +274,7 @@ def _converge(
         domain = isinstance(exc, DOMAIN_ERRORS)
         resource = fs.resource_problem(exc, writing)
         why = resource or (str(exc) if domain else f"{type(exc).__name__}: {exc}")
-        rollback = _roll_back(control, ctx, backup, touched, applied)
+        rollback = _roll_back(control, changes, ctx, backup, touched, applied)
         what = "fix rolled back" if backed_up else "cannot back up, so nothing changed"
         report(
             ev.REMEDIATION_FAILED,
@@ -291,9 +295,10 @@ def _converge(
         return outcome
     _step(ctx, control.name, faults.DURING_COMMIT, check_stopping=False)
     kept = ctx.backups.settle(backup)
+    unkept = _keep(lesson)
     report(
         ev.DRIFT_REVERTED,
-        f"drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)})",
+        f"drift reverted in {elapsed():.0f} ms ({'; '.join(changes.notes)}){unkept}",
         outcome="success",
         level="info",
         file_path=drift.primary_path,
@@ -311,10 +316,24 @@ def _converge(
         None,
         elapsed(),
         txid,
-        control.facts(after, desired),
+        {**control.facts(after, desired), **dict(changes.facts), **reloaded.facts},
         remaining,
         held,
     )
+
+
+def _keep(lesson: Lesson[Any] | None) -> str:
+    """What the control learned from the committed change (agent state, not the admin's config), written
+    here; a failure only costs the lesson (the next heal learns it again) and is said in the event."""
+    keep = lesson.keep if lesson is not None else None
+    if keep is None or keep.content is None:
+        return ""
+    try:
+        fs.ensure_dir(keep.path.parent, 0o755)
+        fs.atomic_write(keep.path, keep.content, mode=keep.mode)
+    except (OSError, fs.UnsafeFile) as exc:
+        return f"; {keep.system_path} not kept: {exc}"
+    return ""
 
 
 @dataclass
@@ -328,6 +347,7 @@ class Rollback:
 
 def _roll_back(
     control: Control,
+    changes: Changes,
     ctx: TransactionContext,
     backup: backups.BackupSet,
     touched: list[Path],
@@ -341,11 +361,13 @@ def _roll_back(
         restored = backup.restore(echo=ctx.echo, only=touched)
     except (OSError, fs.UnsafeFile) as exc:
         problem = f"restoring the backup failed: {exc}"
-    undone = _undo(applied)
+    undone = live.undo(applied)
     reload = None
     if restored or applied:
         try:
-            reload = control.reload().detail
+            # the same reload as the way forward (a socket's restart, a jail's ignore list), without
+            # the live values it would have written
+            reload = control.reload(replace(changes, reload=replace(changes.reload, live=()))).detail
         except Exception as exc:  # the files are back; the next converge reloads again
             reload = f"{type(exc).__name__}: {exc}"
     kept = backup
@@ -363,33 +385,3 @@ def _step(ctx: TransactionContext, control: str, step: str, n: int = 1, *, check
     if check_stopping and ctx.stopping.is_set():
         raise Interrupted(f"the daemon is stopping (at {step}): the change is rolled back")
     ctx.fault(control, step, n)
-
-
-def _undo_record(invocation: Invocation) -> dict[str, Any]:
-    """An undo as the intent record keeps it: what start-up recovery runs should the daemon die mid-way."""
-    return {
-        "argv": list(invocation.argv),
-        "input": invocation.input_text,
-        "env": dict(invocation.env),
-        "timeout": invocation.timeout,
-    }
-
-
-def _invoke(invocation: Invocation, failure: str) -> None:
-    result = run(
-        invocation.argv, input_text=invocation.input_text, env=dict(invocation.env), timeout=invocation.timeout
-    )
-    if not result.ok:
-        raise ValidationError(f"{' '.join(invocation.argv)} {failure}: {result.error_text()}")
-
-
-def _undo(applied: list[CommandChange]) -> list[str]:
-    """Undo applied commands newest first; what each undo said, for the event."""
-    said = []
-    for command in reversed(applied):
-        if command.undo is None:
-            continue
-        undo = command.undo
-        result = run(undo.argv, input_text=undo.input_text, env=dict(undo.env), timeout=undo.timeout)
-        said.append(f"{' '.join(command.undo.argv)}: " + ("ok" if result.ok else result.error_text()))
-    return said

@@ -96,6 +96,7 @@ class BackupSet:
     system_name: Callable[[Path], str] = os.fspath  # how the guarded system names a path
     saved: dict[Path, SavedFile] = field(default_factory=dict)
     undo: list[dict[str, Any]] = field(default_factory=list)  # {"argv", "input", "env", "timeout"}
+    restart: list[str] = field(default_factory=list)  # units the reload restarts (a socket), again on a rollback
     state: str = PENDING
     started: float = field(default_factory=time.time)
     repeats: list[str] = field(default_factory=list)
@@ -127,9 +128,11 @@ class BackupSet:
     def copy_path(self, system_path: str) -> Path:
         return self.directory / "files" / system_path.lstrip("/")
 
-    def intend(self, undo: Sequence[Mapping[str, Any]] = ()) -> None:
-        """The intent record, on disk (fsynced) before the first change: what may change and how to undo it."""
+    def intend(self, undo: Sequence[Mapping[str, Any]] = (), restart: Sequence[str] = ()) -> None:
+        """The intent record, on disk (fsynced) before the first change: what may change, how to undo it
+        and the units a rollback restarts."""
         self.undo = [dict(item) for item in undo]
+        self.restart = list(restart)
         self.mark(PENDING)
 
     def mark(self, state: str) -> None:
@@ -156,6 +159,7 @@ class BackupSet:
                 for item in self.saved.values()
             ],
             "undo": self.undo,
+            "restart": self.restart,
             "repeats": self.repeats,
             "repeat_count": self.repeat_count,
         }
@@ -199,6 +203,7 @@ def load_set(directory: Path, host_path: Callable[[str], Path] = Path) -> Backup
         state=str(raw.get("state", COMMITTED)),
         started=float(raw.get("started", 0.0)),
         undo=list(raw.get("undo", [])),
+        restart=[str(unit) for unit in raw.get("restart", [])],
         repeats=list(raw.get("repeats", [])),
         repeat_count=int(raw.get("repeat_count", 0)),
     )

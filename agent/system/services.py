@@ -93,6 +93,17 @@ class ServiceManager:
         result = run(["systemctl", "restart", unit], timeout=90)
         return ServiceResult(result.ok, "restart", f"systemctl restart {unit}" if result.ok else result.error_text())
 
+    def restart_units(self, units: tuple[str, ...]) -> ServiceResult:
+        """A daemon-reload (their drop-ins changed), then each unit restarted: a socket's new ListenStream=.
+        Nothing where systemd does not run the system; the first failure stops it and is the result."""
+        if not units or not self.use_systemd:
+            return ServiceResult(True, "none", "")
+        for argv in (["systemctl", "daemon-reload"], *(["systemctl", "restart", unit] for unit in units)):
+            result = run(argv, timeout=60)
+            if not result.ok:
+                return ServiceResult(False, "restart", f"{' '.join(argv)}: {result.error_text()}")
+        return ServiceResult(True, "restart", ", ".join(units) + " restarted")
+
     def _systemctl(self, verb: str, service: Service) -> ServiceResult:
         result: Completed = run(["systemctl", verb, service.unit], timeout=60)
         return ServiceResult(result.ok, verb, f"systemctl {verb} {service.unit}" if result.ok else result.error_text())

@@ -3,6 +3,7 @@ wired without the daemon, and agent/config as a package of small modules behind 
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -119,9 +120,54 @@ def control_names() -> set[str]:
     """The guards: the modules (or packages) of agent/controls that define a Control."""
     names = set()
     for path in (AGENT / "controls").rglob("*.py"):
-        if re.search(r"^class \w+\(Control\):", path.read_text(), re.M):
+        if re.search(r"^class \w+\(Control\[", path.read_text(), re.M):
             names.add(path.relative_to(AGENT / "controls").parts[0].removesuffix(".py"))
     return names
+
+
+def test_every_control_names_its_observed_and_desired_types() -> None:
+    """Control is generic over what observe() and desired() return: a bare `Control` would make mypy take
+    every step's arguments as Any."""
+    for path in (AGENT / "controls").rglob("*.py"):
+        bare = re.findall(r"^class (\w+)\(Control\):", path.read_text(), re.M)
+        assert not bare, f"{path}: {bare} subclass Control without its types (Control[XObserved, XDesired])"
+
+
+# What a control may remember between calls: caches of what it reads, and what it learns from the kernel or
+# the lockout check that outlives one converge. Nothing that one step sets for another to read (the contract
+# hands every step what it needs: observe(desired), reload(changes), facts(observed, desired)).
+KEPT_BETWEEN_CALLS = {
+    "_backend",  # the netfilter backend, detected once
+    "_sshd_defaults",  # sshd -T -f /dev/null, asked once
+    "_assessed",  # the sysctl judgement of one observation, for facts/diff/plan of the same converge
+    "_refused",  # sysctl values the kernel refused: reported, not retried until the config changes
+    "_passwords_held",  # the SSH guard's lockout check, read by fail2ban's jail mode (agent/wiring.py)
+}
+
+
+def test_no_control_keeps_state_from_one_step_for_the_next() -> None:
+    for path in (AGENT / "controls").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        guards = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            and any(isinstance(base, ast.Subscript) and ast.unparse(base.value) == "Control" for base in node.bases)
+        ]
+        for function in (f for guard in guards for f in ast.walk(guard)):
+            if not isinstance(function, ast.FunctionDef) or function.name == "__init__":
+                continue
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                targets += [node.target] if isinstance(node, ast.AnnAssign | ast.AugAssign) else []
+                for target in targets:
+                    for item in target.elts if isinstance(target, ast.Tuple) else [target]:
+                        if isinstance(item, ast.Attribute) and isinstance(item.value, ast.Name):
+                            if item.value.id == "self":
+                                assert item.attr in KEPT_BETWEEN_CALLS, (
+                                    f"{path}:{item.lineno}: {function.name}() sets self.{item.attr} for a later "
+                                    "step: pass it through the contract instead (Changes, ReloadOutcome.facts)"
+                                )
 
 
 def test_no_control_imports_another_control() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from agent import accounts
 from agent.config import Config, Fail2banConfig, SshConfig
-from agent.controls.base import ObserveError
+from agent.controls.base import Changes, ObserveError
 from agent.controls.fail2ban import (
     CLIENT,
     JOURNALMATCH,
@@ -128,7 +128,7 @@ def test_with_an_auth_log_the_backend_is_left_to_fail2ban(tmp_path: Path) -> Non
 def test_observe_reads_the_real_tools_dump(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = _control(tmp_path)
     commands.expect(["fail2ban-client", "-d"], stdout=DUMP)
-    observed = control.observe()
+    observed = control.observe(control.desired(_config(), SSH_2222))
     assert observed.effective is not None and observed.effective["port"] == "99"
     assert observed.agent_file is None and observed.running is None  # a fake root: never asked
     assert commands.calls == [["fail2ban-client", "-d"]]
@@ -199,7 +199,7 @@ def test_a_disabled_jail_and_a_stopped_service_are_drift(tmp_path: Path) -> None
 
 
 def test_reload_never_touches_fail2ban_in_a_fake_root(tmp_path: Path, commands: DeclaredCommands) -> None:
-    outcome = _control(tmp_path).reload()
+    outcome = _control(tmp_path).reload(Changes())
     assert outcome.ok and commands.calls == []
 
 
@@ -249,9 +249,12 @@ def test_after_a_heal_on_a_host_status_shows_what_the_reload_saw(tmp_path: Path,
     )
     commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t3\n")
     after = control.validate(Changes())  # the observe-again, before the reload
-    assert control.reload().ok
+    reloaded = control.reload(Changes())
+    assert reloaded.ok
     assert [c[:4] for c in commands.calls].count([CLIENT, "get", "sshd", "actions"]) == 3
-    facts = control.facts(after, None)
+    desired = control.desired(_config(), SSH_2222)
+    assert "service" not in control.facts(after, desired)  # the -t -d knows nothing of the service
+    facts = {**control.facts(after, desired), **reloaded.facts}  # as the transaction merges them
     assert (facts["service"], facts["banned"]) == ("active", 3)
 
 
@@ -272,7 +275,7 @@ def test_a_reload_after_which_the_jail_never_gets_its_action_is_followed_by_a_re
     commands.expect([CLIENT, "reload"])
     commands.expect(["systemctl", "restart", "fail2ban.service"])
     commands.expect([CLIENT, "get", "sshd", "actions"], stdout="No actions for jail sshd\n")
-    outcome = control.reload()
+    outcome = control.reload(Changes())
     assert not outcome.ok and "the sshd jail has no ban action 0.3s later (No actions for jail sshd)" in outcome.detail
     assert outcome.detail.startswith("systemctl restart fail2ban.service (fail2ban-client reload: the sshd jail has no")
     assert [CLIENT, "reload"] in commands.calls and ["systemctl", "restart", "fail2ban.service"] in commands.calls
@@ -299,7 +302,7 @@ def test_a_reload_that_leaves_no_action_is_mended_by_a_restart(
         lambda argv: (0, "The jail sshd has the following actions:\nnftables" if restarted else "No actions", ""),
     )
     commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t0\n")
-    outcome = control.reload()
+    outcome = control.reload(Changes())
     assert outcome.ok and outcome.detail.startswith("systemctl restart fail2ban.service (fail2ban-client reload:")
 
 
@@ -317,12 +320,12 @@ def test_a_heal_that_renames_the_ban_action_restarts_fail2ban_instead_of_reloadi
     observed = Fail2banObserved(debian13, None, None, (), b"[DEFAULT]\n", running=True)
     drift = control.diff(observed, desired)
     assert drift is not None
-    control.plan(observed, desired, drift)
+    changes = control.plan(observed, desired, drift)
     commands.expect(["systemctl", "is-active"])
     commands.expect(["systemctl", "restart", "fail2ban.service"])
     commands.expect([CLIENT, "get", "sshd", "actions"], stdout="The jail sshd has the following actions:\nx\n")
     commands.expect([CLIENT, "status", "sshd"], stdout="Status for the jail: sshd\n   |- Currently banned:\t0\n")
-    outcome = control.reload()
+    outcome = control.reload(changes)
     assert outcome.ok, outcome.detail
     assert "the ban action changes: nftables -> iptables-multiport" in outcome.detail
     assert [CLIENT, "reload"] not in commands.calls
@@ -338,17 +341,17 @@ def _missing(tmp_path: Path, commands: DeclaredCommands, host: bool) -> Fail2ban
 
 def test_a_fake_root_reports_fail2ban_missing_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = _missing(tmp_path, commands, host=False)
-    control.desired(_config(install=True), SSH_2222)
+    desired = control.desired(_config(install=True), SSH_2222)
     with pytest.raises(ObserveError, match="fail2ban is not installed"):
-        control.observe()
+        control.observe(desired)
     assert [c[0] for c in commands.calls] == [CLIENT]
 
 
 def test_with_install_false_the_host_reports_and_never_installs(tmp_path: Path, commands: DeclaredCommands) -> None:
     control = _missing(tmp_path, commands, host=True)
-    control.desired(_config(install=False), SSH_2222)
+    desired = control.desired(_config(install=False), SSH_2222)
     with pytest.raises(ObserveError, match=r"fail2ban is not installed .*fail2ban.install is false"):
-        control.observe()
+        control.observe(desired)
     assert [c[0] for c in commands.calls] == [CLIENT]
 
 
@@ -357,7 +360,7 @@ def test_on_the_host_a_missing_fail2ban_is_installed_after_the_jail_file_is_writ
 ) -> None:
     control = _missing(tmp_path, commands, host=True)
     desired = control.desired(_config(install=True), SSH_2222)
-    observed = control.observe()
+    observed = control.observe(desired)
     assert not observed.installed and observed.running is False
     drift = control.diff(observed, desired)
     assert drift is not None
@@ -385,7 +388,7 @@ def test_an_interrupted_dpkg_is_configured_before_the_install_and_apt_runs_outsi
     (tmp_path / "run/systemd/system").mkdir(parents=True)  # systemd runs this host
     control = _missing(tmp_path, commands, host=True)
     desired = control.desired(_config(), SSH_2222)  # install: true is the default
-    observed = control.observe()
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
     repair, install = control.plan(observed, desired, drift).commands
@@ -491,7 +494,7 @@ def test_a_live_admin_sessions_address_is_ignored_and_unbanned_and_dropped_when_
         (CLIENT, "set", "sshd", "unbanip", "192.0.2.7"),
         (CLIENT, "set", "sshd", "addignoreip", "192.0.2.7"),
     ]
-    assert changes.files == () and "no reload" in control.reload().detail  # a reload would drop it again
+    assert changes.files == () and "no reload" in control.reload(changes).detail  # a reload would drop it again
     assert control.facts(observed, desired)["admin_sessions_ignored"] == "192.0.2.7 (admin)"
     # covered by a configured network: nothing to add; the session over: the address the agent added goes
     assert control.diff(_running(control, ("127.0.0.0/8", "::1", "192.0.2.7")), desired) is None

@@ -96,7 +96,7 @@ def test_empty_ruleset_drifts_and_the_plan_tests_before_it_applies(tmp_path: Pat
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
     desired = control.desired(_config(), SSH_ON_22_FOR_2222)
-    observed = control.observe()
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
     assert {i.what for i in drift.items} == {f"chain {CHAIN}", "jump", "policy"}
@@ -119,7 +119,7 @@ def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands: DeclaredCommand
     _declare_nft(commands, {"ipv4": saved, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
     desired = control.desired(_config(), SSH_ON_22_FOR_2222)
-    observed = control.observe()
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
     text = control.plan(observed, desired, drift).commands[0].apply.input_text or ""
@@ -129,7 +129,8 @@ def test_the_jump_goes_after_fail2bans(tmp_path: Path, commands: DeclaredCommand
 def test_a_fake_root_in_the_host_netns_is_blocked(tmp_path: Path, commands: DeclaredCommands) -> None:
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path, host_netns=True)
-    blocked = control.preconditions(control.observe(), control.desired(_config(), SSH_ON_22_FOR_2222))
+    desired = control.desired(_config(), SSH_ON_22_FOR_2222)
+    blocked = control.preconditions(control.observe(desired), desired)
     assert blocked is not None and "host's network namespace" in str(blocked)
 
 
@@ -137,7 +138,7 @@ def test_a_ruleset_that_would_cut_sshd_is_blocked(tmp_path: Path, commands: Decl
     _declare_nft(commands, {"ipv4": SAVED_EMPTY, "ipv6": SAVED_EMPTY})
     control = _control(tmp_path)
     desired = control.desired(_config(), SSH_ON_22_FOR_2222)
-    observed = control.observe()
+    observed = control.observe(desired)
     assert control.preconditions(observed, desired) is None
     # a ruleset planned for fewer ports than sshd listens on (the engine's ports always hold them: a defence)
     short = dataclasses.replace(desired, sshd_listening=frozenset({22, 2200}))

@@ -85,7 +85,8 @@ def test_root_key_counts_only_while_root_may_log_in(fake_root: Path, tmp_path: P
 
 def _held(root: SystemRoot, config: str = "ssh: {port: 2222}") -> tuple[SshdControl, Held | None]:
     control = ssh_guard(root)
-    gate = control.preconditions(control.observe(), control.desired(parse_config(config), NO_SSH))
+    desired = control.desired(parse_config(config), NO_SSH)
+    gate = control.preconditions(control.observe(desired), desired)
     assert gate is None or isinstance(gate, Held)
     return control, gate
 
@@ -205,7 +206,7 @@ def test_no_check_when_the_login_rules_do_not_change(tmp_path: Path, commands: D
     (root.prefix / "etc/ssh/sshd_config.d/10-admin.conf").write_text("PermitRootLogin no\nPasswordAuthentication no\n")
     control = ssh_guard(root)
     desired = control.desired(parse_config("ssh: {port: 2222}"), NO_SSH)
-    assert control.preconditions(control.observe(), desired) is None
+    assert control.preconditions(control.observe(desired), desired) is None
 
 
 def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(
@@ -216,7 +217,7 @@ def test_a_port_move_in_flight_keeps_both_ports_while_passwords_wait(
     control = ssh_guard(root)
     config = parse_config("ssh: {port: 2222}")
     control.moves.on_config(config, frozenset({22}), 1000.0)
-    gate = control.preconditions(control.observe(), control.desired(config, NO_SSH))
+    gate = control.preconditions(control.observe(control.desired(config, NO_SSH)), control.desired(config, NO_SSH))
     assert isinstance(gate, Held)
     ports = [value for keyword, value in gate.desired.settings if keyword == "Port"]
     assert ports == ["22", "2222"] and "Port 22\nPort 2222\n" in gate.desired.dropin_text

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.controls.base import ReloadOutcome
+from agent.controls.base import Changes, ReloadOutcome
 from agent.engine import recovery
 from agent.events import null_events
 from agent.system import backups, fs
@@ -21,9 +21,11 @@ class Reloads:
 
     def __init__(self) -> None:
         self.count = 0
+        self.units: list[tuple[str, ...]] = []
 
-    def reload(self) -> ReloadOutcome:
+    def reload(self, changes: Changes) -> ReloadOutcome:
         self.count += 1
+        self.units.append(changes.reload.units)
         return ReloadOutcome(True, "reloaded")
 
 
@@ -38,6 +40,21 @@ def killed_mid_heal(store: backups.BackupStore, target: Path, undo: Sequence[dic
 
 def actions(events: Any) -> list[dict[str, Any]]:
     return [e for e in events.sinks.recent(100) if e["event"]["action"] == "transaction-recovered"]
+
+
+def test_a_set_whose_heal_restarts_a_socket_restarts_it_again_when_rolled_back(tmp_path: Path) -> None:
+    """ssh.socket's drop-in restored at start-up: the intent record names the unit, so the old ListenStream= is
+    the one systemd listens on again (the reload alone would leave the new port's socket)."""
+    target = tmp_path / "listen.conf"
+    target.write_text("ListenStream=22\n")
+    store = backups.BackupStore(tmp_path / "backups", keep=5)
+    backup = store.begin("demo", "abc123def456")
+    backup.save(target)
+    backup.intend((), restart=("ssh.socket",))
+    fs.atomic_write(target, b"ListenStream=2222\n")
+    control = Reloads()
+    [result] = recovery.recover(store, {"demo": control}, null_events())  # type: ignore[dict-item]
+    assert target.read_text() == "ListenStream=22\n" and control.units == [("ssh.socket",)], result
 
 
 def test_a_pending_set_is_rolled_back_byte_for_byte_and_named(tmp_path: Path, commands: Any) -> None:

@@ -262,7 +262,7 @@ def test_heals_towards_a_new_aim_are_not_flapping_but_undoing_them_still_is(runn
 class FileControlWithFinding(FileControl):
     """The demo control plus a finding (reported, never changed by the agent) while /etc/finding exists."""
 
-    def diff(self, observed: object, desired: object) -> Drift | None:
+    def diff(self, observed: str | None, desired: str) -> Drift | None:
         drift = super().diff(observed, desired)
         if not self.root.path("/etc/finding").exists():
             return drift
@@ -333,7 +333,7 @@ def test_a_finding_left_after_a_heal_keeps_the_control_drifted(finding_runner: C
 class FileControlWithTwoFindings(FileControl):
     """A finding per file that exists of /etc/finding-a and /etc/finding-b."""
 
-    def diff(self, observed: object, desired: object) -> Drift | None:
+    def diff(self, observed: str | None, desired: str) -> Drift | None:
         drift = super().diff(observed, desired)
         found = tuple(
             DriftItem(f"finding {x}", f"/etc/finding-{x}", "absent", "is there", None, FINDING, "remove it by hand")
@@ -506,7 +506,7 @@ def test_heals_that_follow_the_systems_own_change_never_count_towards_flapping(
 ) -> None:
     original = file_control(runner).diff
 
-    def undamped(observed: object, desired: object) -> Drift | None:
+    def undamped(observed: str | None, desired: str) -> Drift | None:
         drift = original(observed, desired)
         if drift is None:
             return None

@@ -27,8 +27,8 @@ def control(fake_root: Path, commands: DeclaredCommands) -> SshdControl:
 
 
 def drift_of(control: SshdControl) -> tuple[SshdObserved, SshdDesired, Drift]:
-    observed = control.observe()
     desired = control.desired(CONFIG, NO_SSH)
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
     return observed, desired, drift
@@ -126,8 +126,8 @@ def test_agreeing_directive_elsewhere_is_left_alone(control: SshdControl, fake_r
 def test_prohibit_password_and_without_password_are_the_same_value(control: SshdControl, fake_root: Path) -> None:
     config = parse_config("ssh: {port: 22, permit_root_login: prohibit-password, password_authentication: false}")
     (fake_root / "etc/ssh/sshd_config.d/50-x.conf").write_text("PermitRootLogin without-password\n")
-    observed = control.observe()
     desired = control.desired(config, NO_SSH)
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
     assert not any(i.where.endswith("50-x.conf") for i in drift.items)
@@ -181,7 +181,7 @@ def test_compliant_after_the_plan_is_applied(control: SshdControl) -> None:
     observed, desired, drift = drift_of(control)
     for change in control.plan(observed, desired, drift).files:
         change.path.write_bytes(text_of(change).encode())
-    assert control.diff(control.observe(), desired) is None
+    assert control.diff(control.observe(desired), desired) is None
 
 
 def test_invalid_current_config_is_an_observe_error_naming_file_and_line(
@@ -192,7 +192,8 @@ def test_invalid_current_config_is_an_observe_error_naming_file_and_line(
     root = SystemRoot.at(fake_root)
     fake_sshd.install(commands, root, reject="/etc/ssh/sshd_config line 3: Bad configuration option: \\377garbage")
     with pytest.raises(ObserveError, match="sshd_config line 3"):
-        ssh_guard(root).observe()
+        guard = ssh_guard(root)
+        guard.observe(guard.desired(CONFIG, NO_SSH))
 
 
 def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, commands: DeclaredCommands) -> None:
@@ -203,7 +204,8 @@ def test_oversized_sshd_config_is_refused_before_sshd_reads_it(fake_root: Path, 
     with open(fake_root / "etc/ssh/sshd_config", "a") as handle:
         handle.write("# padding\n" * 1_100_000)
     with pytest.raises(ObserveError, match="over the 1048576-byte limit"):
-        ssh_guard(root).observe()
+        guard = ssh_guard(root)
+        guard.observe(guard.desired(CONFIG, NO_SSH))
 
 
 # ---- Ubuntu 22.10+: sshd started by ssh.socket -----------------------------------------------------
@@ -265,12 +267,11 @@ def test_a_changed_socket_is_reloaded_through_systemd(fake_root: Path, commands:
     commands.expect(["systemctl"])
     _socket_activated(fake_root)
     control = ssh_guard(root)
-    observed = control.observe()
     desired = control.desired(CONFIG, NO_SSH)
+    observed = control.observe(desired)
     drift = control.diff(observed, desired)
     assert drift is not None
-    control.plan(observed, desired, drift)
-    outcome = control.reload()
+    outcome = control.reload(control.plan(observed, desired, drift))
     systemctl = [c for c in commands.calls if c[0] == "systemctl"]
     assert systemctl[:2] == [["systemctl", "daemon-reload"], ["systemctl", "restart", "ssh.socket"]]
     assert outcome.ok and "ssh.socket restarted" in outcome.detail

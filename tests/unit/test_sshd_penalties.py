@@ -41,7 +41,7 @@ def test_a_live_admin_sessions_address_is_exempt_while_it_lasts(tmp_path: Path, 
     (root.prefix / "run/systemd/sessions/4").unlink()
     plain = control.desired(CONFIG, NO_SSH)
     root.sshd_dropin.write_text(plain.dropin_text)
-    drift = control.diff(control.observe(), desired)
+    drift = control.diff(control.observe(desired), desired)
     assert drift is not None and drift.items and all(not item.damped for item in drift.items), drift
 
 
@@ -52,7 +52,7 @@ def test_a_tampered_dropin_is_damped_as_ever_with_an_exempt_list(tmp_path: Path,
     session(root.prefix, "3", "admin", "192.0.2.7")
     desired = control.desired(CONFIG, NO_SSH)
     root.sshd_dropin.write_text(desired.dropin_text.replace("PermitRootLogin no", "PermitRootLogin yes"))
-    drift = control.diff(control.observe(), desired)
+    drift = control.diff(control.observe(desired), desired)
     assert drift is not None and any(item.damped for item in drift.items)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import parse_config
-from agent.controls.base import NEEDS_CHANGE
+from agent.controls.base import NEEDS_CHANGE, Drift
 from agent.controls.strict import MODULES, StrictControl, blacklist_text
 from agent.paths import SystemRoot
 from tests.guards import NO_SSH
@@ -22,10 +22,15 @@ def guard(tmp_path: Path, modules: str | None = "ext4 1 2 - Live 0x0\n") -> Stri
     return StrictControl(root)
 
 
+def drift_now(control: StrictControl) -> Drift | None:
+    desired = control.desired(STRICT, NO_SSH)
+    return control.diff(control.observe(desired), desired)
+
+
 def converge(control: StrictControl) -> None:
     """What the transaction does with the plan: write each file (the guard's own doors are the transaction's)."""
     desired = control.desired(STRICT, NO_SSH)
-    observed = control.observe()
+    observed = control.observe(desired)
     held = control.preconditions(observed, desired)
     if held is not None:
         desired = held.desired
@@ -44,7 +49,7 @@ def test_only_strict_enables_it(tmp_path: Path) -> None:
 
 def test_a_fresh_host_gets_the_three_files_and_is_then_compliant(tmp_path: Path) -> None:
     control = guard(tmp_path)
-    drift = control.diff(control.observe(), control.desired(STRICT, NO_SSH))
+    drift = drift_now(control)
     assert drift is not None and [item.actual for item in drift.items] == ["missing"] * 3
     converge(control)
     root = control.root
@@ -54,18 +59,18 @@ def test_a_fresh_host_gets_the_three_files_and_is_then_compliant(tmp_path: Path)
     for name in ("dccp", "sctp", "rds", "tipc", "usb-storage", "firewire-core"):
         assert f"\nblacklist {name}\ninstall {name} /bin/false\n" in blacklist
     assert "squashfs" not in blacklist and "vfat" not in blacklist
-    assert control.diff(control.observe(), control.desired(STRICT, NO_SSH)) is None
+    assert drift_now(control) is None
 
 
 def test_an_edit_is_drift_the_plan_reverts(tmp_path: Path) -> None:
     control = guard(tmp_path)
     converge(control)
     control.root.core_limits.write_text("* hard core unlimited\n")
-    drift = control.diff(control.observe(), control.desired(STRICT, NO_SSH))
+    drift = drift_now(control)
     assert drift is not None and [(i.what, i.actual) for i in drift.items] == [("limits", "modified")]
     assert "-* hard core unlimited" in drift.diff
     converge(control)
-    assert control.diff(control.observe(), control.desired(STRICT, NO_SSH)) is None
+    assert drift_now(control) is None
 
 
 def test_a_symlink_planted_at_a_path_is_replaced_not_followed(tmp_path: Path) -> None:
@@ -74,15 +79,16 @@ def test_a_symlink_planted_at_a_path_is_replaced_not_followed(tmp_path: Path) ->
     target.write_text("precious\n")
     control.root.coredump_dropin.parent.mkdir(parents=True)
     control.root.coredump_dropin.symlink_to(target)
-    drift = control.diff(control.observe(), control.desired(STRICT, NO_SSH))
+    drift = drift_now(control)
     assert drift is not None and "symlink" in drift.items[0].actual
     assert target.read_text() == "precious\n"
 
 
 def test_a_loaded_module_is_held_back_with_the_reason_and_the_rest_applies(tmp_path: Path) -> None:
     control = guard(tmp_path, "sctp 409600 4 - Live 0x0\nusb_storage 77824 1 uas, Live 0x0\next4 1 2 - Live 0x0\n")
-    observed = control.observe()
-    held = control.preconditions(observed, control.desired(STRICT, NO_SSH))
+    desired = control.desired(STRICT, NO_SSH)
+    observed = control.observe(desired)
+    held = control.preconditions(observed, desired)
     assert held is not None and held.blocked
     assert [item.setting for item in held.settings] == ["install sctp /bin/false", "install usb-storage /bin/false"]
     assert all(item.needs == NEEDS_CHANGE and "is loaded now" in item.reason for item in held.settings)
@@ -95,9 +101,10 @@ def test_a_loaded_module_is_held_back_with_the_reason_and_the_rest_applies(tmp_p
 
 def test_without_a_module_list_nothing_can_be_loaded_to_break(tmp_path: Path) -> None:
     control = guard(tmp_path, modules=None)
-    observed = control.observe()
-    assert observed.loaded is None and control.preconditions(observed, control.desired(STRICT, NO_SSH)) is None
-    assert control.facts(observed, None) == {"modules": "this kernel lists none (/proc/modules absent)"}
+    desired = control.desired(STRICT, NO_SSH)
+    observed = control.observe(desired)
+    assert observed.loaded is None and control.preconditions(observed, desired) is None
+    assert control.facts(observed, desired) == {"modules": "this kernel lists none (/proc/modules absent)"}
 
 
 def test_the_blacklist_never_names_what_a_vps_boots_or_updates_from() -> None:

@@ -59,7 +59,7 @@ def guard(tmp_path: Path, commands: DeclaredCommands, **proof: Any) -> SshdContr
 
 def held_of(control: SshdControl, config: Any = STRICT) -> tuple[Held | None, Any]:
     desired = control.desired(config, NO_SSH)
-    return control.preconditions(control.observe(), desired), desired
+    return control.preconditions(control.observe(desired), desired), desired
 
 
 # --- the config key ------------------------------------------------------------------------------------
@@ -154,9 +154,9 @@ def test_held_strict_settings_are_still_drift_once_the_rest_is_in_place(
     held, desired = held_of(control)
     assert held is not None
     control.root.sshd_dropin.write_text(held.desired.dropin_text)
-    drift = control.diff(control.observe(), control.desired(STRICT, NO_SSH))
+    drift = control.diff(control.observe(control.desired(STRICT, NO_SSH)), control.desired(STRICT, NO_SSH))
     assert drift is not None and {"maxauthtries", "ciphers"} <= {item.what for item in drift.items}
-    again = control.preconditions(control.observe(), control.desired(STRICT, NO_SSH))
+    again = control.preconditions(control.observe(control.desired(STRICT, NO_SSH)), control.desired(STRICT, NO_SSH))
     assert again is not None and again.desired.dropin_text == held.desired.dropin_text
 
 

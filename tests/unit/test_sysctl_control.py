@@ -12,7 +12,7 @@ import pytest
 
 from agent.config import SYSCTL_DEFAULTS, Config, parse_config
 from agent.controls.base import FINDING, FIX, WARNING
-from agent.controls.sysctl import SysctlControl, SysctlObserved
+from agent.controls.sysctl import SysctlControl, SysctlDesired, SysctlObserved
 from agent.engine import transaction as tx
 from agent.engine.runner import FLAPPING, ControlRunner
 from agent.events import Events, EventSinks
@@ -357,9 +357,9 @@ def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path
     looks: list[float] = []
     observe = host.control.observe
 
-    def counted() -> SysctlObserved:
+    def counted(desired: SysctlDesired) -> SysctlObserved:
         looks.append(time.monotonic())
-        return observe()
+        return observe(desired)
 
     host.control.observe = counted  # type: ignore[method-assign]
     runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)

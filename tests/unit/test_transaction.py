@@ -24,6 +24,7 @@ from agent.controls.base import (
     HeldSetting,
     Invocation,
     ReloadOutcome,
+    ReloadPlan,
     SshPorts,
     ValidationError,
     WatchSpec,
@@ -35,7 +36,7 @@ from agent.system import backups, fs
 from tests.guards import NO_SSH
 
 
-class FileControl(Control):
+class FileControl(Control[str | None, str]):
     """Wants one file to hold one text; knobs make validation, reload or preconditions fail."""
 
     name = "demo"
@@ -51,29 +52,33 @@ class FileControl(Control):
         self.sabotage_after_apply = False
         self.bug_in: str | None = None  # "validate", "reload" or "diff": raises TypeError there, after the write
         self.commands: tuple[CommandChange, ...] = ()
+        self.reload_plan = ReloadPlan()
+        self.plan_facts: tuple[tuple[str, str], ...] = ()
+        self.reload_facts: dict[str, Any] = {}
+        self.reloaded_with: list[Changes] = []
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return [WatchSpec(self.file.parent)]
 
-    def observe(self) -> str | None:
+    def observe(self, desired: str) -> str | None:
         data = fs.read_regular(self.file)
         return None if data is None else data.decode(errors="surrogateescape")
 
     def desired(self, config: Config, ssh: SshPorts) -> str:
         return self.want
 
-    def diff(self, observed: Any, desired: Any) -> Drift | None:
+    def diff(self, observed: str | None, desired: str) -> Drift | None:
         if self.bug_in == "diff" and self.reloads:
             raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
         if observed == desired:
             return None
         return Drift(self.name, (DriftItem("content", "/etc/demo.conf", desired, str(observed)),), "")
 
-    def plan(self, observed: Any, desired: Any, drift: Drift) -> Changes:
+    def plan(self, observed: str | None, desired: str, drift: Drift) -> Changes:
         files = (FileChange(self.file, "/etc/demo.conf", desired.encode(), None, "rewrite"),)
-        return Changes(files, ("rewrite",), commands=self.commands)
+        return Changes(files, ("rewrite",), commands=self.commands, reload=self.reload_plan, facts=self.plan_facts)
 
-    def preconditions(self, observed: Any, desired: Any) -> Blocked | Held | None:
+    def preconditions(self, observed: str | None, desired: str) -> Blocked | Held | None:
         return self.blocked
 
     def validate(self, changes: Changes) -> None:
@@ -84,13 +89,14 @@ class FileControl(Control):
         if self.sabotage_after_apply:
             self.file.write_text("someone else\n")
 
-    def reload(self) -> ReloadOutcome:
+    def reload(self, changes: Changes) -> ReloadOutcome:
         self.reloads += 1
+        self.reloaded_with.append(changes)
         if (
             self.bug_in == "reload" and self.reloads == 1
         ) or self.bug_in == "reload-twice":  # twice: the rollback's too
             raise TypeError("reload() got an unexpected keyword argument")
-        return ReloadOutcome(self.reload_ok, "reloaded" if self.reload_ok else "reload refused")
+        return ReloadOutcome(self.reload_ok, "reloaded" if self.reload_ok else "reload refused", self.reload_facts)
 
 
 @pytest.fixture
@@ -123,6 +129,30 @@ def test_heal_writes_backs_up_the_pre_change_file_and_reports(setup: Any) -> Non
     assert saved["existed"] is True and saved["mode"] == "0o640"
     reverted = ctx.events.sinks.recent(1)[0]
     assert reverted["transaction"]["id"] == outcome.transaction_id and reverted["duration_ms"] >= 0
+
+
+def test_the_reload_gets_the_plan_and_a_rollback_the_same_but_the_live_values(setup: Any) -> None:
+    """reload(changes): how to reload is the plan's data, not state the control kept since plan(). A rollback
+    reloads the same way (the socket restarted again for the restored drop-in) but writes no live value."""
+    control, ctx = setup
+    control.reload_plan = ReloadPlan(units=("ssh.socket",), live=(("kernel.sysrq", "0"),))
+    control.reload_ok = False
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
+    assert outcome.status == tx.FAILED and control.file.read_text() == "tampered\n"
+    forward, back = (changes.reload for changes in control.reloaded_with)
+    assert forward == control.reload_plan
+    assert back.units == ("ssh.socket",) and back.live == ()
+    [backup] = ctx.backups.list("demo")
+    assert json.loads((backup / "manifest.json").read_text())["restart"] == ["ssh.socket"]  # for recovery
+
+
+def test_a_heals_facts_add_what_the_plan_and_the_reload_saw(setup: Any) -> None:
+    control, ctx = setup
+    control.plan_facts = (("admin_sessions_ignored", "192.0.2.7 (admin)"),)
+    control.reload_facts = {"service": "active", "banned": 3}
+    outcome = tx.converge(control, default_config(), ctx, ssh=NO_SSH, reason="test")
+    assert outcome.status == tx.HEALED
+    assert outcome.facts == {"admin_sessions_ignored": "192.0.2.7 (admin)", "service": "active", "banned": 3}
 
 
 def test_compliant_state_writes_and_says_nothing(setup: Any) -> None:

@@ -47,13 +47,11 @@ from agent.paths import SystemRoot
 from agent.system import apt, fs
 
 
-class AccountsControl(Control):
+class AccountsControl(Control[AccountsObserved, AccountsDesired]):
     name = "accounts"
 
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
-        # observe() looks at the admin the config names: the transaction calls desired() first
-        self._desired = self.desired(Config(), SshPorts())
 
     def enabled(self, config: Config) -> bool:
         return config.accounts.enabled
@@ -65,15 +63,13 @@ class AccountsControl(Control):
 
     def desired(self, config: Config, ssh: SshPorts) -> AccountsDesired:
         wanted = config.accounts
-        self._desired = AccountsDesired(
-            wanted.admin_user, wanted.create_admin, wanted.admin_keys, baseline_policy(config.ssh)
-        )
-        return self._desired
+        return AccountsDesired(wanted.admin_user, wanted.create_admin, wanted.admin_keys, baseline_policy(config.ssh))
 
-    def observe(self) -> AccountsObserved:
+    def observe(self, desired: AccountsDesired) -> AccountsObserved:
+        """The accounts files, and the admin the config names."""
         facts = accounts.read_facts(self.root)
-        policy = self._desired.policy
-        admin = self._admin_state(facts, self._desired.admin_user) if self._desired.admin_user else None
+        policy = desired.policy
+        admin = self._admin_state(facts, desired.admin_user, desired.policy) if desired.admin_user else None
         return AccountsObserved(
             facts,
             accounts.install_date(self.root),
@@ -82,14 +78,14 @@ class AccountsControl(Control):
             SUDO_GROUP in facts.group_members,
         )
 
-    def _admin_state(self, facts: accounts.AccountsFacts, name: str) -> AdminState:
+    def _admin_state(self, facts: accounts.AccountsFacts, name: str, policy: accounts.AccessPolicy) -> AdminState:
         account = facts.accounts.get(name)
         if account is None:
             home = f"{self.root.system_name(self.root.home_base)}/{name}"
             exists = os.path.lexists(self.root.path(home))
             new_id = accounts.free_account_id(self.root, facts)
             return AdminState(name, None, None, False, home, exists, None, None, new_id)
-        found = accounts.access(self.root, account, facts, self._desired.policy)
+        found = accounts.access(self.root, account, facts, policy)
         in_group = name in facts.group_members.get(SUDO_GROUP, frozenset())
         home_exists = self.root.path(account.home).is_dir() if account.home.startswith("/") else False
         text, unwritable = self._keys_file(account)
@@ -245,8 +241,8 @@ class AccountsControl(Control):
     def validate(self, changes: Changes) -> None:
         return None  # the transaction reads the account files again: the admin must now be there
 
-    def reload(self) -> ReloadOutcome:
+    def reload(self, changes: Changes) -> ReloadOutcome:
         return ReloadOutcome(True, "nothing to reload: sshd, sudo and login read the account files at each login")
 
-    def facts(self, observed: AccountsObserved, desired: object) -> dict[str, Any]:
-        return describe(observed, self._desired)
+    def facts(self, observed: AccountsObserved, desired: AccountsDesired) -> dict[str, Any]:
+        return describe(observed, desired)

@@ -26,6 +26,7 @@ from agent.controls.base import (
     Invocation,
     ObserveError,
     ReloadOutcome,
+    ReloadPlan,
     SshPorts,
     ValidationError,
     WatchSpec,
@@ -54,6 +55,7 @@ from agent.controls.fail2ban.jail import (
     render_jail,
     runtime_drift,
     seconds,
+    session_text,
 )
 from agent.paths import AGENT_JAIL_NAME, SystemRoot
 from agent.system import apt, dpkg, fs, netfilter
@@ -78,7 +80,7 @@ def wait_until_banning(timeout: float | None = None, pause: float = 0.2) -> str 
         time.sleep(pause)
 
 
-class Fail2banControl(Control):
+class Fail2banControl(Control[Fail2banObserved, Fail2banDesired]):
     name = "fail2ban"
 
     def __init__(
@@ -91,15 +93,9 @@ class Fail2banControl(Control):
         super().__init__(root)
         # whether sshd takes passwords (None: unknown): what the SSH guard holds it to, or the effective setting
         self._password_logins = password_logins
-        self._files_changed = True  # the transaction in flight rewrites a file: fail2ban must reload
-        self._keep_ignored: tuple[str, ...] = ()  # live admin sessions' addresses, to add again after a reload
-        self._renames_action = ""  # "old -> new" when the transaction in flight changes the ban action's name
-        self._sessions_seen: tuple[accounts.SshSession, ...] | None = None  # for a heal's facts (-t -d has none)
         self.services = services or ServiceManager(root)
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
-        self._install = False  # from the config desired() last saw: observe() takes no config
-        self._after_reload: tuple[bool, int | None] | None = None  # (running, banned) the last reload saw
 
     def enabled(self, config: Config) -> bool:
         return config.fail2ban.enabled
@@ -132,14 +128,13 @@ class Fail2banControl(Control):
 
     # observe ------------------------------------------------------------------------------------------
 
-    def observe(self) -> Fail2banObserved:
-        self._after_reload = None
+    def observe(self, desired: Fail2banDesired) -> Fail2banObserved:
         agent_file, problem = self._read_agent_file()
         later = self._later_files()
         jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
         result = run([CLIENT, "-d"], timeout=30)
         if result.returncode == 127:
-            if not self._install:
+            if not desired.install:
                 raise ObserveError(f"fail2ban is not installed ({CLIENT} not found): {self._not_installing()}")
             return Fail2banObserved(None, agent_file, problem, later, jail_conf, False, installed=False)
         if result.ok:
@@ -162,7 +157,6 @@ class Fail2banControl(Control):
             runtime_ignore = parse_ignore_list(ignore.stdout) if ignore.ok else None
             found = accounts.admin_sessions(self.root, accounts.read_facts(self.root))
             sessions = tuple(found) if found is not None else None
-        self._sessions_seen = sessions
         return Fail2banObserved(
             effective,
             agent_file,
@@ -208,7 +202,6 @@ class Fail2banControl(Control):
 
     def desired(self, config: Config, ssh: SshPorts) -> Fail2banDesired:
         f2b = config.fail2ban
-        self._install = f2b.install and self.root.is_host
         values = {
             "enabled": "true",
             "port": ",".join(str(p) for p in ssh.ports),
@@ -223,7 +216,7 @@ class Fail2banControl(Control):
             values["journalmatch"] = JOURNALMATCH
         if self._password_logins(config) is False:
             values["mode"] = "aggressive"  # with passwords on, the admin's own choice of mode stays
-        return Fail2banDesired(values, render_jail(values))
+        return Fail2banDesired(values, render_jail(values), install=f2b.install and self.root.is_host)
 
     # diff ---------------------------------------------------------------------------------------------
 
@@ -307,13 +300,22 @@ class Fail2banControl(Control):
             back = Invocation((CLIENT, "set", JAIL, undo, address), timeout=15) if undo else None
             commands.append(CommandChange(apply, back, reason=expected))
             notes.append(f"fail2ban-client set {JAIL} {verb} {address} ({expected})")
-        self._files_changed = bool(files) or not observed.installed or observed.running is False
         was = (observed.effective or {}).get("banaction", "")
         want = desired.effective.get("banaction", "")
-        self._renames_action = f"{was} -> {want}" if files and was and want and was != want else ""
         sessions = observed.admin_sessions or ()
-        self._keep_ignored = tuple(dict.fromkeys(session.address for session in sessions))
-        return Changes(tuple(files), tuple(notes), "".join(diffs), tuple(commands))
+        reload = ReloadPlan(
+            # only the running jail's ignore list changed (fail2ban-client set ...): a reload would undo it
+            needed=bool(files) or not observed.installed or observed.running is False,
+            # fail2ban 1.1's reload (Debian 13) drops the old ban action and never adds the renamed one
+            restart=f"the ban action changes: {was} -> {want}" if files and was and want and was != want else "",
+            # the reload resets the running jail's ignore list to the files': the live admin sessions again
+            again=tuple(
+                Invocation((CLIENT, "set", JAIL, "addignoreip", address), timeout=15)
+                for address in dict.fromkeys(session.address for session in sessions)
+            ),
+        )
+        facts = (("admin_sessions_ignored", session_text(sessions)),) if sessions else ()
+        return Changes(tuple(files), tuple(notes), "".join(diffs), tuple(commands), reload, facts)
 
     # preconditions ------------------------------------------------------------------------------------
 
@@ -334,30 +336,30 @@ class Fail2banControl(Control):
         # running stays unknown here: the reload that follows starts fail2ban when it was down
         return Fail2banObserved(parse_dump(result.stdout), agent_file, problem, self._later_files(), jail_conf, None)
 
-    def reload(self) -> ReloadOutcome:
-        if not self._files_changed:
-            # only the running jail's ignore list changed (fail2ban-client set ...): a reload would undo it
+    def reload(self, changes: Changes) -> ReloadOutcome:
+        plan = changes.reload
+        if not plan.needed:
             return ReloadOutcome(True, "the running sshd jail's ignore list updated; no reload needed")
         if not self.root.is_host:
             return ReloadOutcome(True, "a fake root: fail2ban is never started or reloaded")
         if not self.services.is_active(UNIT):
             started = self.services.enable_now(UNIT)
-            self._after_reload = (started.ok, None)
+            facts = {"service": "active" if started.ok else "not active"}
             if started.ok and self.services.use_systemd:
                 problem = wait_until_banning()
                 if problem:
-                    return ReloadOutcome(False, f"{started.detail}: {problem}", {"service_action": started.action})
-            return ReloadOutcome(started.ok, started.detail, {"service_action": started.action})
-        if self._renames_action:
+                    return ReloadOutcome(False, f"{started.detail}: {problem}", facts)
+            return ReloadOutcome(started.ok, started.detail, facts)
+        if plan.restart:
             # fail2ban 1.1's reload (Debian 13) drops the old ban action and never adds the renamed one:
             # `No actions for jail sshd`, nothing banned, until a restart. Bans outlive it (fail2ban's db).
-            outcome = self._restart(f"the ban action changes: {self._renames_action}")
+            outcome = self._restart(plan.restart)
         else:
             result = run([CLIENT, "reload"], timeout=60)
             if not result.ok:
                 return ReloadOutcome(False, f"fail2ban-client reload: {result.error_text()}")
             problem = wait_until_banning()
-            outcome = ReloadOutcome(True, "fail2ban-client reload", {"service_action": "reload"})
+            outcome = ReloadOutcome(True, "fail2ban-client reload")
             if problem:  # whatever the cause, a restart is what gives the jail its action back
                 outcome = self._restart(f"fail2ban-client reload: {problem}")
         if not outcome.ok:
@@ -365,9 +367,9 @@ class Fail2banControl(Control):
         status = run([CLIENT, "status", JAIL], timeout=15)
         if not status.ok:
             return ReloadOutcome(False, f"the {JAIL} jail does not run after the reload: {status.error_text()}")
-        self._after_reload = (True, parse_status(status.stdout))
-        for address in self._keep_ignored:  # the reload reset the running jail's ignore list to the files'
-            run([CLIENT, "set", JAIL, "addignoreip", address], timeout=15)
+        outcome.facts = {"service": "active", "banned": parse_status(status.stdout)}
+        for again in plan.again:
+            run(list(again.argv), timeout=again.timeout)
         return outcome
 
     def _restart(self, why: str) -> ReloadOutcome:
@@ -377,7 +379,7 @@ class Fail2banControl(Control):
         problem = wait_until_banning() if restarted.ok else None
         if problem:
             detail = f"{detail}: {problem}"
-        return ReloadOutcome(restarted.ok and problem is None, detail, {"service_action": restarted.action})
+        return ReloadOutcome(restarted.ok and problem is None, detail)
 
-    def facts(self, observed: Fail2banObserved, desired: object) -> dict[str, Any]:
-        return jail_facts(observed, self._after_reload, self._sessions_seen)
+    def facts(self, observed: Fail2banObserved, desired: Fail2banDesired) -> dict[str, Any]:
+        return jail_facts(observed)

@@ -89,6 +89,7 @@ class Fail2banObserved:
 class Fail2banDesired:
     effective: dict[str, str]  # key -> value as `fail2ban-client -d` prints it
     text: str  # the agent's jail file
+    install: bool = False  # fail2ban may be installed when missing (fail2ban.install, on the host)
 
 
 def render_jail(values: dict[str, str]) -> str:
@@ -255,13 +256,14 @@ def neutralised(
     return [(jail_file, "".join(lines)) for jail_file, lines in edits.values()], notes
 
 
-def jail_facts(
-    observed: Fail2banObserved,
-    after_reload: tuple[bool, int | None] | None,
-    sessions_seen: Sequence[accounts.SshSession] | None,
-) -> dict[str, Any]:
-    """What status shows of the jail. after_reload: (running, banned) as the last reload left them, for a
-    heal's observe-again (the -t -d) that came before it; sessions_seen: the admin sessions last ignored."""
+def session_text(sessions: Sequence[accounts.SshSession]) -> str:
+    """The live admin sessions the jail ignores, as status shows them."""
+    return ", ".join(f"{s.address} ({s.user})" for s in sessions)
+
+
+def jail_facts(observed: Fail2banObserved) -> dict[str, Any]:
+    """What status shows of the jail. After a heal, the observe-again (the -t -d) knows neither the service
+    nor the sessions: the plan's facts and the reload's add them (the transaction merges the three)."""
     effective = observed.effective or {}
     facts: dict[str, Any] = {
         "jail": JAIL if observed.effective is not None else f"{JAIL} (disabled)",
@@ -269,18 +271,14 @@ def jail_facts(
         "backend": effective.get("backend", ""),
         "banaction": effective.get("banaction", ""),
     }
-    running, banned = observed.running, observed.banned
-    if running is None and after_reload is not None:
-        running, banned = after_reload
-    if running is not None:
-        facts["service"] = "active" if running else "not active"
-    if banned is not None:
-        facts["banned"] = banned
+    if observed.running is not None:
+        facts["service"] = "active" if observed.running else "not active"
+    if observed.banned is not None:
+        facts["banned"] = observed.banned
     if observed.effective is not None and "mode" in observed.effective:
         facts["mode"] = observed.effective["mode"]
-    sessions = observed.admin_sessions if observed.admin_sessions is not None else sessions_seen
-    if sessions:
-        facts["admin_sessions_ignored"] = ", ".join(f"{s.address} ({s.user})" for s in sessions)
+    if observed.admin_sessions:
+        facts["admin_sessions_ignored"] = session_text(observed.admin_sessions)
     return facts
 
 

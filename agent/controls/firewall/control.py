@@ -17,6 +17,7 @@ printed right after the agent applied the same table (learned, like iptables-sav
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,7 +32,9 @@ from agent.controls.base import (
     Control,
     Drift,
     DriftItem,
+    FileChange,
     Invocation,
+    Lesson,
     NetlinkGroup,
     ObserveError,
     ReloadOutcome,
@@ -69,7 +72,7 @@ from agent.system.netfilter import FAMILIES, NFT_TABLE, Backend
 from agent.system.run import concurrently
 
 
-class FirewallControl(Control):
+class FirewallControl(Control[FirewallObserved, FirewallDesired]):
     name = "firewall"
 
     def __init__(
@@ -81,8 +84,6 @@ class FirewallControl(Control):
         super().__init__(root)
         self._in_host_netns = in_host_netns
         self._backend: Backend | None = None
-        self._canonical: dict[str, list[str]] | None = None  # key -> the chain as iptables-save prints it
-        self._planned: FirewallDesired | None = None  # what the transaction in flight applies
         self._would_cut = would_cut  # in report mode: the listeners enforcing would cut off (exposure.py)
 
     def enabled(self, config: Config) -> bool:
@@ -111,7 +112,7 @@ class FirewallControl(Control):
 
     # observe ------------------------------------------------------------------------------------------
 
-    def observe(self) -> FirewallObserved:
+    def observe(self, desired: FirewallDesired) -> FirewallObserved:
         backend = self.backend
         if backend.name == "nftables":
             result = netfilter.nft_list_table()
@@ -141,60 +142,63 @@ class FirewallControl(Control):
         rules = {family: render_rules(family, ports, fw.allow_tcp, fw.allow_udp) for family in FAMILIES}
         open_tcp = {family: open_ports(rules[family]) for family in FAMILIES}
         nft_rules = render_nft(ports, fw.allow_tcp, fw.allow_udp)
-        return FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules, ssh.listening, fw)
+        made = FirewallDesired(rules, ports, open_tcp, fw.mode, nft_rules, ssh.listening, fw)
+        return dataclasses.replace(made, learned=self._learned(made))
 
     # canonical form -----------------------------------------------------------------------------------
 
-    def _key(self, family: str, rules: tuple[str, ...]) -> str:
-        digest = hashlib.sha256("\n".join(rules).encode()).hexdigest()[:24]
-        return f"{self.backend.version} {family} {digest}"
+    def _keys(self, desired: FirewallDesired) -> dict[str, str]:
+        """Where the store keeps each spelling: the tool's version, the family and a digest of our rules."""
+        rules = {**desired.rules, "inet": desired.nft_rules}
+        return {
+            where: f"{self.backend.version} {where} {hashlib.sha256(chr(10).join(r).encode()).hexdigest()[:24]}"
+            for where, r in rules.items()
+        }
 
-    def _canonical_store(self) -> dict[str, list[str]]:
-        if self._canonical is None:
-            try:
-                data = json.loads(fs.read_regular(self.root.firewall_canonical) or b"{}")
-            except (OSError, ValueError, fs.UnsafeFile):
-                data = {}
-            self._canonical = {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
-        return self._canonical
+    def _learned(self, desired: FirewallDesired) -> dict[str, tuple[str, ...]]:
+        try:
+            kept = fs.read_regular(self.root.firewall_canonical)
+            data = json.loads(kept) if kept else None
+        except (OSError, ValueError, fs.UnsafeFile):
+            data = None
+        if not isinstance(data, dict):
+            return {}  # nothing learned yet (or a store the agent rewrites at its next heal)
+        store = data
+        found = {where: store.get(key) for where, key in self._keys(desired).items()}
+        return {where: tuple(lines) for where, lines in found.items() if isinstance(lines, list)}
 
-    def expected_chain(self, family: str, rules: tuple[str, ...]) -> tuple[str, ...]:
+    def expected_chain(self, family: str, desired: FirewallDesired) -> tuple[str, ...]:
         """The chain as iptables-save prints it, once learned; until then, as the agent writes it
         (which differs, so the first converge re-applies the same ruleset once and learns)."""
-        learned = self._canonical_store().get(self._key(family, rules))
-        return tuple(learned) if learned is not None else rules
+        return desired.learned.get(family, desired.rules[family])
 
     def expected_nft(self, desired: FirewallDesired) -> tuple[str, ...]:
         """Our table as `nft list table` prints it, once learned; until then as the agent writes it."""
-        learned = self._canonical_store().get(self._key("inet", desired.nft_rules))
-        return tuple(learned) if learned is not None else nft_table_lines(desired.nft_rules)
+        return desired.learned.get("inet", nft_table_lines(desired.nft_rules))
 
-    def _learn(self, observed: FirewallObserved, desired: FirewallDesired) -> None:
-        store = self._canonical_store()
-        changed = False
-        if observed.nft is not None:
-            keys = {self._key("inet", desired.nft_rules)}
-            key = next(iter(keys))
-            table = observed.nft
-            # only right after our own atomic apply, and only when nothing else slipped in
-            if table.lines is not None and len(table.rules) == len(desired.nft_rules) and key not in store:
-                store[key] = list(table.lines)
-                changed = True
+    def learned(self, after: FirewallObserved, desired: FirewallDesired) -> Lesson[FirewallDesired] | None:
+        """How the tool printed the ruleset just applied, for the transaction to keep: only right after our own
+        atomic apply, and only when nothing else slipped in (as many rules as the agent wrote)."""
+        seen: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]]
+        if after.nft is not None:
+            ours = {"inet": desired.nft_rules}
+            seen = {"inet": (after.nft.lines, after.nft.rules)}
         else:
-            keys = {self._key(family, desired.rules[family]) for family in FAMILIES}
-        for family in FAMILIES if observed.nft is None else ():
-            seen = observed.family(family)
-            key = self._key(family, desired.rules[family])
-            # only right after our own atomic apply, and only when nothing else slipped in
-            if seen.chain is not None and len(seen.chain) == len(desired.rules[family]) and key not in store:
-                store[key] = list(seen.chain)
-                changed = True
-        for stale in [k for k in store if k not in keys]:
-            del store[stale]
-            changed = True
-        if changed:
-            fs.ensure_dir(self.root.state_dir, 0o755)
-            fs.atomic_write(self.root.firewall_canonical, json.dumps(store, indent=1).encode(), mode=0o644)
+            ours = {family: desired.rules[family] for family in FAMILIES}
+            seen = {f: (after.family(f).chain, after.family(f).chain or ()) for f in FAMILIES}
+        learned = {
+            where: desired.learned.get(where)
+            or (lines if lines is not None and len(rules) == len(ours[where]) else None)
+            for where, (lines, rules) in seen.items()
+        }
+        if all(desired.learned.get(where) == lines for where, lines in learned.items()):
+            return None
+        keys = self._keys(desired)
+        known = {where: lines for where, lines in learned.items() if lines is not None}
+        store = {keys[where]: list(lines) for where, lines in known.items()}
+        path = self.root.firewall_canonical
+        keep = FileChange(path, self.root.system_name(path), json.dumps(store, indent=1).encode(), 0o644, "learned")
+        return Lesson(dataclasses.replace(desired, learned=known), keep)
 
     # diff ---------------------------------------------------------------------------------------------
 
@@ -230,7 +234,7 @@ class FirewallControl(Control):
         for family in FAMILIES:
             seen = observed.family(family)
             where = f"{family} filter"
-            want = self.expected_chain(family, desired.rules[family])
+            want = self.expected_chain(family, desired)
             if seen.chain is None:
                 items.append(DriftItem(f"chain {CHAIN}", where, "present", "missing"))
             elif seen.chain != want:
@@ -260,7 +264,6 @@ class FirewallControl(Control):
     # plan ---------------------------------------------------------------------------------------------
 
     def plan(self, observed: FirewallObserved, desired: FirewallDesired, drift: Drift) -> Changes:
-        self._planned = desired
         if observed.nft is not None:
             table = nft_table_lines(desired.nft_rules)
             change = CommandChange(
@@ -277,7 +280,7 @@ class FirewallControl(Control):
         notes: list[str] = []
         for family in FAMILIES:
             seen = observed.family(family)
-            want = self.expected_chain(family, desired.rules[family])
+            want = self.expected_chain(family, desired)
             if seen.chain == want and seen.jumps and seen.policy == POLICY:
                 continue
             apply = restore_input(desired.rules[family], POLICY, jump_position(seen) if not seen.jumps else None)
@@ -330,16 +333,12 @@ class FirewallControl(Control):
 
     # validate / reload --------------------------------------------------------------------------------
 
-    def validate(self, changes: Changes) -> FirewallObserved:
-        """The rulesets are live once applied (`iptables-restore --test` ran before, as each command's
-        check): observe them, learn how iptables-save prints the agent's rules, and hand the
-        observation back as the transaction's observe-again."""
-        observed = self.observe()
-        if self._planned is not None:
-            self._learn(observed, self._planned)
-        return observed
+    def validate(self, changes: Changes) -> None:
+        """The rulesets are live once applied (`iptables-restore --test` ran before, as each command's check):
+        the transaction's observe-again looks at them, and learned() keeps how the tool printed them."""
+        return None
 
-    def reload(self) -> ReloadOutcome:
+    def reload(self, changes: Changes) -> ReloadOutcome:
         return ReloadOutcome(True, "the kernel applies a restored ruleset at once")
 
     def facts(self, observed: FirewallObserved, desired: FirewallDesired) -> dict[str, Any]:

@@ -83,6 +83,9 @@ class FirewallDesired:
     nft_rules: tuple[str, ...] = ()  # the same policy as nft rules for `table inet vps_agent`
     sshd_listening: frozenset[int] = frozenset()  # what sshd listens on now (the engine's SshPorts)
     config: FirewallConfig = field(default_factory=FirewallConfig)  # the section it came from (status facts)
+    # "ipv4"/"ipv6" (a chain) or "inet" (our nft table) -> as the tool prints what the agent applied, once
+    # learned (agent state, read by desired(); not part of the intent)
+    learned: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
 
 
 def render_rules(

@@ -29,6 +29,7 @@ from agent.controls.base import (
     HeldSetting,
     ObserveError,
     ReloadOutcome,
+    ReloadPlan,
     SshPorts,
     ValidationError,
     WatchSpec,
@@ -69,8 +70,10 @@ from agent.system import fs
 from agent.system.run import run
 from agent.system.services import Service, ServiceManager
 
+SOCKET_UNIT = "ssh.socket"
 
-class SshdControl(Control):
+
+class SshdControl(Control[SshdObserved, SshdDesired]):
     name = "ssh"
 
     def __init__(
@@ -86,7 +89,6 @@ class SshdControl(Control):
         self.services = services or ServiceManager(root)
         self.moves = moves
         self.keylogins = keylogins
-        self._socket_changed = False  # the transaction in flight rewrites ssh.socket's drop-in
         self._normalised: dict[tuple[tuple[str, str], ...], Mapping[str, tuple[str, ...]]] = {}
         self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
         self._sshd_defaults: Mapping[str, tuple[str, ...]] | None = None  # sshd -T -f /dev/null; None: not asked
@@ -112,7 +114,7 @@ class SshdControl(Control):
 
     # observe ------------------------------------------------------------------------------------------
 
-    def observe(self) -> SshdObserved:
+    def observe(self, desired: SshdDesired) -> SshdObserved:
         ensure_privsep_dir(self.root)
         graph = read_graph(self.root)
         if not include_present(self.root, graph, self._dropin_system_path):
@@ -338,15 +340,16 @@ class SshdControl(Control):
             diffs.insert(0, unified(current, desired.dropin_text, self._dropin_system_path))
             notes.insert(0, f"write {self._dropin_system_path}")
         socket_text = (observed.socket_dropin or b"").decode("utf-8", "replace")
-        self._socket_changed = observed.socket_activated and socket_text != desired.socket_text
-        if self._socket_changed:
+        reload = ReloadPlan()
+        if observed.socket_activated and socket_text != desired.socket_text:
             where = self.root.system_name(self.root.ssh_socket_dropin)
             files.append(FileChange(self.root.ssh_socket_dropin, where, desired.socket_text.encode(), 0o644, "socket"))
             diffs.append(unified(socket_text, desired.socket_text, where))
-            notes.append(f"write {where}, then systemctl daemon-reload and restart ssh.socket")
+            notes.append(f"write {where}, then systemctl daemon-reload and restart {SOCKET_UNIT}")
+            reload = ReloadPlan(units=(SOCKET_UNIT,))
         if observed.running is False:
             notes.append("start ssh.service")
-        return Changes(tuple(files), tuple(notes), "".join(diffs))
+        return Changes(tuple(files), tuple(notes), "".join(diffs), reload=reload)
 
     # preconditions ------------------------------------------------------------------------------------
 
@@ -380,17 +383,14 @@ class SshdControl(Control):
         effective = parse_effective(result.stdout)
         return SshdObserved(effective, read_graph(self.root), dropin, problem, None, socket, socket_dropin)
 
-    def reload(self) -> ReloadOutcome:
-        if self._socket_changed and self.services.use_systemd:
-            # systemd owns the listening socket: the new ListenStream= needs a daemon-reload and a
-            # restart of the socket (established sessions belong to sshd's processes and stay)
-            for argv in (["systemctl", "daemon-reload"], ["systemctl", "restart", "ssh.socket"]):
-                result = run(argv, timeout=60)
-                if not result.ok:
-                    return ReloadOutcome(False, f"{' '.join(argv)}: {result.error_text()}")
+    def reload(self, changes: Changes) -> ReloadOutcome:
+        # systemd owns the listening socket: a new ListenStream= needs a daemon-reload and a restart of the
+        # socket (established sessions belong to sshd's processes and stay)
+        socket = self.services.restart_units(changes.reload.units)
+        if not socket.ok:
+            return ReloadOutcome(False, socket.detail)
         outcome = self.services.reload(self._service())
-        detail = outcome.detail + ("; ssh.socket restarted" if self._socket_changed else "")
-        return ReloadOutcome(outcome.ok, detail, {"service_action": outcome.action})
+        return ReloadOutcome(outcome.ok, "; ".join(filter(None, (outcome.detail, socket.detail))))
 
-    def facts(self, observed: SshdObserved, desired: object) -> dict[str, Any]:
+    def facts(self, observed: SshdObserved, desired: SshdDesired) -> dict[str, Any]:
         return describe(observed)
