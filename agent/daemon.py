@@ -241,7 +241,7 @@ class Daemon:
             selected = self._select(args)
             for runner in selected:
                 runner.resume()
-                self.events.emit(ev.RESUMED, outcome="success", control=runner.name, message=f"{runner.name}: resumed")
+                self.events.of(runner.name).emit(ev.RESUMED, "resumed", outcome="success")
             return {"resumed": [r.name for r in selected]}
         if verb == "converge":
             outcomes = {}
@@ -331,11 +331,10 @@ class Daemon:
         for runner in self._select(args):
             runner.pause(until)
             names.append(runner.name)
-            self.events.emit(
+            self.events.of(runner.name).emit(
                 ev.PAUSED,
+                "paused " + ("until resumed" if until == float("inf") else f"for {duration}"),
                 outcome="success",
-                control=runner.name,
-                message=f"{runner.name}: paused " + ("until resumed" if until == float("inf") else f"for {duration}"),
                 paused_until=None if until == float("inf") else until,
             )
         return {"paused": names, "until": None if until == float("inf") else until}

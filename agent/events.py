@@ -301,6 +301,27 @@ class Events:
         method = getattr(self._logger(), level if level in _LEVELS else "info")
         method(action, outcome=outcome, message=message, control=control, **clean)
 
+    def of(self, control: str, transaction_id: str | None = None) -> ControlEvents:
+        """The events of one control (within a converge, of one transaction), every one named one way."""
+        return ControlEvents(self, control, transaction_id)
+
+
+class ControlEvents:
+    """The one helper for a control's events: `control` and `transaction.id` set, the message prefixed with
+    the control's name ("ssh: drift reverted in 4 ms ..."), as the transaction, the runner's reports, the
+    daemon's pause and resume, the proofs thread and start-up recovery all emit them."""
+
+    def __init__(self, events: Events, control: str, transaction_id: str | None = None) -> None:
+        self.events = events
+        self.control = control
+        self.transaction_id = transaction_id
+
+    def emit(self, action: str, message: str, *, outcome: str = "unknown", level: str = "info", **fields: Any) -> None:
+        fields.setdefault("transaction_id", self.transaction_id)
+        self.events.emit(
+            action, outcome=outcome, control=self.control, level=level, message=f"{self.control}: {message}", **fields
+        )
+
 
 def null_events() -> Events:
     """Events that go only to the ring buffer (for `check` and tests)."""

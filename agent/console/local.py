@@ -43,11 +43,12 @@ def local_outcomes(args: argparse.Namespace) -> tuple[Config, list[tx.Outcome]] 
     ssh = shared.ports_now(config)  # one read for every guard this check looks at
 
     def outcome(control: Control) -> tx.Outcome:
-        if not control.enabled(config):
+        meta = control.meta(config)
+        if not meta.enabled:
             return tx.Outcome(control.name, DISABLED, "disabled in the config")
         result = tx.converge(control, config, ctx, ssh=ssh, reason="check", heal=False)
         # report mode: what the daemon's status says too (for the firewall: what enforcing would cut off)
-        note = "" if control.remediates(config) else control.report_note(result.facts)
+        note = "" if meta.remediates else control.report_note(result.facts)
         return dataclasses.replace(result, detail=note) if note else result
 
     # independent, and mostly waiting for their tools (sshd -T, iptables-save, fail2ban-client -d): at once

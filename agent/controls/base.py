@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from agent.config import Config
 from agent.paths import SystemRoot
@@ -238,6 +238,27 @@ class ReloadOutcome:
     facts: dict[str, Any] = field(default_factory=dict)  # what the reload saw, for status (a heal's facts)
 
 
+class GuardSection(Protocol):
+    """A config section a guard reads (ssh:, firewall:, ...): every one has `enabled`; some a `mode`."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The engine's policies for one guard (mgmt's meta-params): whether it runs at all, and whether it changes
+    anything (enforce) or only observes and reports (report). The engine reads them; no guard implements them."""
+
+    enabled: bool = True
+    remediates: bool = True  # False: report mode, drift is reported and never changed
+
+    @classmethod
+    def of(cls, section: GuardSection) -> Meta:
+        """A guard's section as its policies: `enabled`, and `mode: enforce|report` where the section has one."""
+        return cls(section.enabled, getattr(section, "mode", "enforce") == "enforce")
+
+
 Observed = TypeVar("Observed")
 Desired = TypeVar("Desired")
 
@@ -299,19 +320,17 @@ class Control(ABC, Generic[Observed, Desired]):
         control reads the kept file back in desired()."""
         return None
 
-    def enabled(self, config: Config) -> bool:
-        return True
-
-    def remediates(self, config: Config) -> bool:
-        """False: observe and report drift, never change anything (a report-only mode)."""
-        return True
+    @abstractmethod
+    def meta(self, config: Config) -> Meta:
+        """This guard's policies from its config section (`Meta.of(config.firewall)`)."""
 
     def netlink_groups(self, config: Config) -> Sequence[NetlinkGroup]:
         """Netlink groups whose messages may signal a change (state that lives in the kernel)."""
         return ()
 
     def poll_interval(self, config: Config) -> float | None:
-        """Converge at least this often (seconds) when nothing can signal a change; None: no polling."""
+        """Converge at least this often (seconds) when nothing can signal a change; None: no polling (the
+        engine never polls a guard its meta disables or a pause holds)."""
         return None
 
     def poll_fingerprint(self, config: Config) -> object | None:

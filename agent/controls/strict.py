@@ -28,6 +28,7 @@ from agent.controls.base import (
     FileChange,
     Held,
     HeldSetting,
+    Meta,
     ReloadOutcome,
     SshPorts,
     WatchSpec,
@@ -83,8 +84,8 @@ class StrictControl(Control[StrictObserved, StrictDesired]):
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
 
-    def enabled(self, config: Config) -> bool:
-        return config.profile == "strict"
+    def meta(self, config: Config) -> Meta:
+        return Meta(enabled=config.profile == "strict")  # no section of its own: the profile turns it on
 
     def _paths(self) -> dict[str, Path]:
         return {

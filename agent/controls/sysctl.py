@@ -30,6 +30,7 @@ from agent.controls.base import (
     Drift,
     DriftItem,
     FileChange,
+    Meta,
     ReloadOutcome,
     ReloadPlan,
     SshPorts,
@@ -92,14 +93,11 @@ class SysctlControl(Control[SysctlObserved, SysctlDesired]):
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (value, the kernel's answer)
         self._assessed: tuple[SysctlObserved, SysctlDesired, dict[str, tuple[str, str]], Assessment] | None = None
 
-    def enabled(self, config: Config) -> bool:
-        return config.sysctl.enabled
-
-    def remediates(self, config: Config) -> bool:
-        return config.sysctl.mode == "enforce"
+    def meta(self, config: Config) -> Meta:
+        return Meta.of(config.sysctl)
 
     def poll_interval(self, config: Config) -> float | None:
-        return config.sysctl.poll_interval if config.sysctl.enabled else None
+        return config.sysctl.poll_interval
 
     def poll_fingerprint(self, config: Config) -> object | None:
         """The kept keys' live values and the network interfaces (a new bridge, WireGuard or Docker link

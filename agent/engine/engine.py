@@ -98,8 +98,8 @@ class Engine:
         if runner is None:
             return False
         config = self.config()
-        control = runner.control
-        return control.enabled(config) and control.remediates(config) and runner.state.paused_until is None
+        meta = runner.control.meta(config)
+        return meta.enabled and meta.remediates and runner.state.paused_until is None
 
     def _healed(self, name: str) -> None:
         """A heal of one guard can change another's desired state (FOLLOWS). The agent's own writes are no
@@ -120,7 +120,7 @@ class Engine:
         config = self.config()
         for name, runner in self.runners.items():
             control = runner.control
-            enabled = control.enabled(config)
+            enabled = control.meta(config).enabled
             directories = control.watches(config) if enabled else []
             self.watcher.set_watches(name, directories, runner.trigger)
             self.netlink.set_watches(name, control.netlink_groups(config) if enabled else [], runner.trigger)

@@ -163,22 +163,18 @@ def _txid(directory: os.PathLike[str]) -> str:
 
 def _report(events: ev.Events, result: Recovered, what: str) -> None:
     ok = not result.problem
-    message = (
-        f"{result.control}: transaction {result.transaction_id} never committed (the daemon stopped mid-heal): {what}"
-    )
+    message = f"transaction {result.transaction_id} never committed (the daemon stopped mid-heal): {what}"
     if result.restored:
         message += f"; restored {', '.join(result.restored)}"
     if result.undone:
         message += f"; undone: {'; '.join(result.undone)}"
     if result.problem:
         message += f": {result.problem}"
-    events.emit(
+    events.of(result.control, result.transaction_id).emit(
         ev.TRANSACTION_RECOVERED,
+        message,
         outcome="success" if ok else "failure",
         level="warning" if ok else "error",
-        control=result.control,
-        message=message,
-        transaction_id=result.transaction_id,
         backup=result.directory,
         file_path=result.restored[0] if result.restored else None,
         restored=result.restored,

@@ -18,7 +18,7 @@ from agent.engine.flaps import Flap
 class OutcomeReporter:
     def __init__(self, name: str, events: ev.Events, clock: Callable[[], float]) -> None:
         self.name = name
-        self._events = events
+        self._events = events.of(name)
         self._clock = clock
         self._findings = FindingsReporter()
         self._reported_hold = ""  # the blocked or held state last reported: a re-check of the same says nothing
@@ -26,7 +26,7 @@ class OutcomeReporter:
 
     def emit(self, action: str, outcome: str, message: str, **fields: Any) -> None:
         """One event of this control: `message` is prefixed with the control's name."""
-        self._events.emit(action, outcome=outcome, control=self.name, message=f"{self.name}: {message}", **fields)
+        self._events.emit(action, message, outcome=outcome, **fields)
 
     def hold(self, outcome: tx.Outcome) -> None:
         """A blocked control, or settings held back: one event when the state or its reasons change,

@@ -217,7 +217,8 @@ class ControlRunner:
             last = self.state.last_converge_at  # None until the start-up reconcile, which is explicit
             reconcile_due = last + config.engine.reconcile_interval if last is not None else float("inf")
             # a control whose changes nothing can signal (iptables-legacy, /proc/sys) is polled instead
-            poll = self.control.poll_interval(config) if self.state.paused_until is None else None
+            polls = self.state.paused_until is None and self.control.meta(config).enabled
+            poll = self.control.poll_interval(config) if polls else None
             poll_due = max(last, self._last_poll) + poll if poll and last is not None else float("inf")
             due = min(reconcile_due, poll_due)
             wake_at = min(due, self._deadline) if self._pending is not None else due
@@ -249,7 +250,7 @@ class ControlRunner:
         """While dpkg changes the system, a guard does not fight it: the converge is put off (looking
         again every DPKG_RECHECK) and runs once dpkg is done. True: put off."""
         config = self.get_config()
-        if not self.control.enabled(config) or self.state.paused_until is not None:
+        if not self.control.meta(config).enabled or self.state.paused_until is not None:
             return False  # nothing will be written: observe and report now
         holder = self.ctx.package_manager_busy()
         now = self._clock()
@@ -280,14 +281,15 @@ class ControlRunner:
 
     def _run_once(self, reason: str, admin: bool = False) -> None:
         config = self.get_config()
-        if not self.control.enabled(config):
+        meta = self.control.meta(config)  # the engine's policies for this guard, from its config section
+        if not meta.enabled:
             with self._cond:
                 self._set_status(DISABLED, "disabled in the config")
                 self.state.last_converge_at = self._clock()
             self._release_waiters(None)
             return
         paused = self.state.paused_until is not None
-        report_only = not paused and not self.control.remediates(config)
+        report_only = not paused and not meta.remediates
         backing_off = self.flaps.backing_off()
         polled = self._fingerprint(config)  # read before the converge looks: a later change is the next poll's
         ssh, heal = self._ssh_ports(config), not paused and not report_only
@@ -307,14 +309,10 @@ class ControlRunner:
             left = outcome.remaining if outcome.status == tx.HEALED else outcome.drift  # a heal leaves only these
             self.state.drift = [i.describe() for i in left.items] if left else []
             held = outcome.held
-            self.state.held = (
-                [
-                    {"setting": h.setting, "reason": h.reason, "unblock": h.unblock, "needs": h.needs}
-                    for h in held.settings
-                ]
-                if held
-                else []
-            )
+            settings = held.settings if held else ()
+            self.state.held = [
+                {"setting": h.setting, "reason": h.reason, "unblock": h.unblock, "needs": h.needs} for h in settings
+            ]
             if paused:
                 drifted = outcome.status not in (tx.COMPLIANT,)
                 self._set_status(PAUSED, "paused by the admin" + (f"; drift: {outcome.detail}" if drifted else ""))

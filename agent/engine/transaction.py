@@ -120,17 +120,8 @@ def _converge(
     def elapsed() -> float:
         return round((time.monotonic() - started) * 1000, 2)
 
-    def report(action: str, message: str, outcome: str = "failure", level: str = "error", **fields: Any) -> None:
-        """Every event of this transaction: the control, its id and its outcome, named one way."""
-        ctx.events.emit(
-            action,
-            outcome=outcome,
-            control=control.name,
-            level=level,
-            message=f"{control.name}: {message}",
-            transaction_id=txid,
-            **fields,
-        )
+    # every event of this transaction: the control, its id and its outcome, named one way
+    report = functools.partial(ctx.events.of(control.name, txid).emit, outcome="failure", level="error")
 
     try:
         desired = control.desired(config, ssh)

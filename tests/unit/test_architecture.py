@@ -170,6 +170,26 @@ def test_no_control_keeps_state_from_one_step_for_the_next() -> None:
                                 )
 
 
+def test_the_engine_reads_each_guards_policies_from_one_meta_record() -> None:
+    """enabled and enforce/report are the engine's (Control.meta -> Meta.of(section)), not each guard's code."""
+    for path in set((AGENT / "controls").rglob("*.py")) - {AGENT / "controls/base.py"}:  # (GuardSection's)
+        defined = set(re.findall(r"^    def (enabled|remediates)\(", path.read_text(), re.M))
+        assert not defined, f"{path}: defines {defined}: return Meta.of(config.<section>) from meta() instead"
+    assert not re.search(r"\.(enabled|remediates)\(config\)", "".join(p.read_text() for p in AGENT.rglob("*.py")))
+
+
+def test_a_controls_events_go_through_the_one_helper() -> None:
+    """events.of(control, txid).emit(...) names the control, its transaction and the message prefix one way;
+    no call site assembles those fields by hand."""
+    for path in AGENT.rglob("*.py"):
+        if path.name == "events.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "emit":
+                named = {keyword.arg for keyword in node.keywords}
+                assert "control" not in named, f"{path}:{node.lineno}: use events.of(control).emit"
+
+
 def test_no_control_imports_another_control() -> None:
     controls = control_names()
     assert {"ssh", "firewall", "fail2ban", "accounts"} <= controls

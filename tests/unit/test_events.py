@@ -40,6 +40,20 @@ def test_every_event_carries_the_documented_fields(tmp_path: Path) -> None:
     assert event["log"]["level"] == "info"
 
 
+def test_a_controls_events_name_it_and_its_transaction_one_way(tmp_path: Path) -> None:
+    """events.of(control, txid): what the transaction, the runner, pause/resume, the proofs and recovery emit."""
+    events, path = make(tmp_path)
+    ssh = events.of("ssh")
+    ssh.emit(ev.PORT_MOVE_STARTED, "port move 22 -> 2222 started", outcome="success", new_port=2222)
+    events.of("firewall", "abc123").emit(ev.DRIFT_REVERTED, "drift reverted in 3 ms", outcome="success")
+    ssh.emit(ev.DRIFT_DETECTED, "drift detected", transaction_id="def456")  # a converge's own id wins
+    first, second, third = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["control"] == "ssh" and first["message"] == "ssh: port move 22 -> 2222 started"
+    assert "transaction" not in first and first["new_port"] == 2222 and first["event"]["outcome"] == "success"
+    assert second["message"] == "firewall: drift reverted in 3 ms" and second["transaction"]["id"] == "abc123"
+    assert third["transaction"]["id"] == "def456" and third["event"]["outcome"] == "unknown"
+
+
 def test_reopen_after_logrotate_moves_the_file(tmp_path: Path) -> None:
     events, path = make(tmp_path)
     events.emit(ev.AGENT_STARTED, outcome="success")

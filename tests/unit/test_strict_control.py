@@ -44,7 +44,7 @@ def converge(control: StrictControl) -> None:
 
 def test_only_strict_enables_it(tmp_path: Path) -> None:
     control = guard(tmp_path)
-    assert control.enabled(STRICT) and not control.enabled(parse_config(""))
+    assert control.meta(STRICT).enabled and not control.meta(parse_config("")).enabled
 
 
 def test_a_fresh_host_gets_the_three_files_and_is_then_compliant(tmp_path: Path) -> None:

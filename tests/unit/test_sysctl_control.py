@@ -107,7 +107,7 @@ def test_report_mode_and_check_change_nothing(host: Harness) -> None:
     outcome = host.converge(heal=False)
     assert outcome.status == tx.DRIFTED
     assert not (host.root / DROPIN).exists() and live(host.root, "kernel.sysrq") == "438"
-    assert not SysctlControl(SystemRoot.at(host.root)).remediates(parse_config("sysctl:\n  mode: report\n"))
+    assert not SysctlControl(SystemRoot.at(host.root)).meta(parse_config("sysctl:\n  mode: report\n")).remediates
 
 
 def test_a_later_file_overriding_a_key_is_neutralised_and_its_other_lines_stay_byte_identical(host: Harness) -> None:
@@ -324,7 +324,7 @@ def test_unset_and_disabled(host: Harness) -> None:
     config = parse_config("sysctl:\n  unset: [kernel.sysrq]\n")
     host.converge(config)
     assert live(host.root, "kernel.sysrq") == "438" and "kernel.sysrq" not in (host.root / DROPIN).read_text()
-    assert not host.control.enabled(parse_config("sysctl:\n  enabled: false\n"))
+    assert not host.control.meta(parse_config("sysctl:\n  enabled: false\n")).enabled
     assert host.control.poll_interval(Config()) == 2.0
 
 

@@ -23,6 +23,7 @@ from agent.controls.base import (
     Held,
     HeldSetting,
     Invocation,
+    Meta,
     ReloadOutcome,
     ReloadPlan,
     SshPorts,
@@ -56,6 +57,9 @@ class FileControl(Control[str | None, str]):
         self.plan_facts: tuple[tuple[str, str], ...] = ()
         self.reload_facts: dict[str, Any] = {}
         self.reloaded_with: list[Changes] = []
+
+    def meta(self, config: Config) -> Meta:
+        return Meta()  # no config section: always on, enforcing
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return [WatchSpec(self.file.parent)]

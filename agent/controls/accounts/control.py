@@ -38,6 +38,7 @@ from agent.controls.base import (
     Control,
     Drift,
     Invocation,
+    Meta,
     ReloadOutcome,
     SshPorts,
     WatchSpec,
@@ -53,8 +54,8 @@ class AccountsControl(Control[AccountsObserved, AccountsDesired]):
     def __init__(self, root: SystemRoot) -> None:
         super().__init__(root)
 
-    def enabled(self, config: Config) -> bool:
-        return config.accounts.enabled
+    def meta(self, config: Config) -> Meta:
+        return Meta.of(config.accounts)
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return accounts.watches(self.root)

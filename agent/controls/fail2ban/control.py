@@ -24,6 +24,7 @@ from agent.controls.base import (
     DriftItem,
     FileChange,
     Invocation,
+    Meta,
     ObserveError,
     ReloadOutcome,
     ReloadPlan,
@@ -97,8 +98,8 @@ class Fail2banControl(Control[Fail2banObserved, Fail2banDesired]):
         self._detect_backend = detect_backend
         self._backend: Backend | None = None
 
-    def enabled(self, config: Config) -> bool:
-        return config.fail2ban.enabled
+    def meta(self, config: Config) -> Meta:
+        return Meta.of(config.fail2ban)
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         names = frozenset({"jail.conf", "jail.local", "jail.d", "fail2ban.conf", "fail2ban.local"})

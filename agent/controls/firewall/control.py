@@ -35,6 +35,7 @@ from agent.controls.base import (
     FileChange,
     Invocation,
     Lesson,
+    Meta,
     NetlinkGroup,
     ObserveError,
     ReloadOutcome,
@@ -86,11 +87,8 @@ class FirewallControl(Control[FirewallObserved, FirewallDesired]):
         self._backend: Backend | None = None
         self._would_cut = would_cut  # in report mode: the listeners enforcing would cut off (exposure.py)
 
-    def enabled(self, config: Config) -> bool:
-        return config.firewall.enabled
-
-    def remediates(self, config: Config) -> bool:
-        return config.firewall.mode == "enforce"
+    def meta(self, config: Config) -> Meta:
+        return Meta.of(config.firewall)
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
         return ()

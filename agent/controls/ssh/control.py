@@ -27,6 +27,7 @@ from agent.controls.base import (
     FileChange,
     Held,
     HeldSetting,
+    Meta,
     ObserveError,
     ReloadOutcome,
     ReloadPlan,
@@ -93,8 +94,8 @@ class SshdControl(Control[SshdObserved, SshdDesired]):
         self._passwords_held = False  # the last lockout check kept PasswordAuthentication yes
         self._sshd_defaults: Mapping[str, tuple[str, ...]] | None = None  # sshd -T -f /dev/null; None: not asked
 
-    def enabled(self, config: Config) -> bool:
-        return config.ssh.enabled
+    def meta(self, config: Config) -> Meta:
+        return Meta.of(config.ssh)
 
     def password_logins_held_to(self, config: Config) -> bool:
         """Whether the guard holds sshd to taking passwords: the config's password_authentication, or yes while

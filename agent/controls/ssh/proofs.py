@@ -35,7 +35,7 @@ class Proofs:
         stopping: threading.Event,
     ) -> None:
         self.root = root
-        self.events = events
+        self.ssh_events = events.of("ssh")  # every event here is the SSH guard's
         self.engine = engine
         self.moves = moves
         self.keylogins = keylogins
@@ -54,11 +54,10 @@ class Proofs:
         if change is not None:
             action, message = change
             state = self.moves.current()
-            self.events.emit(
+            self.ssh_events.emit(
                 ev.PORT_MOVE_STARTED if action == portmove.STARTED else ev.PORT_MOVE_CANCELLED,
+                message,
                 outcome="success",
-                control="ssh",
-                message=message,
                 old_ports=state.old if state else None,
                 new_port=state.new if state else config.ssh.port,
                 deadline=state.deadline if state else None,
@@ -73,13 +72,8 @@ class Proofs:
     def _state_problem(self, action: str, state_file: Path, problem: str | None) -> None:
         """A state file of the proofs was unreadable (so it starts afresh) or could not be saved."""
         if problem:
-            self.events.emit(
-                action,
-                outcome="failure",
-                level="warning",
-                control="ssh",
-                file_path=self.root.system_name(state_file),
-                message=problem,
+            self.ssh_events.emit(
+                action, problem, outcome="failure", level="warning", file_path=self.root.system_name(state_file)
             )
 
     def confirm(self) -> dict[str, Any]:
@@ -116,11 +110,10 @@ class Proofs:
         told = "password logins may go off"
         if known is not None and known.fingerprint == proof.fingerprint:  # only facts of its client are new
             told = "what its client offers and negotiates is recorded (profile: strict)"
-        self.events.emit(
+        self.ssh_events.emit(
             ev.KEY_LOGIN_PROVEN,
+            f"{proof.user}'s key login proven by {proof.how}: {told}",
             outcome="success",
-            control="ssh",
-            message=f"ssh: {proof.user}'s key login proven by {proof.how}: {told}",
             user_name=proof.user,
             key_fingerprint=proof.fingerprint or None,
             file_path=self.root.system_name(self.root.key_logins_state),
@@ -129,25 +122,23 @@ class Proofs:
 
     def report_key_state_problem(self) -> None:
         for proof in self.keylogins.take_forgotten():
-            self.events.emit(
+            self.ssh_events.emit(
                 ev.KEY_LOGIN_FORGOTTEN,
+                f"the key that proved {proof.user}'s login is gone from authorized_keys: password "
+                "logins that are on stay on until a key logs in again",
                 outcome="success",
                 level="warning",
-                control="ssh",
-                message=f"ssh: the key that proved {proof.user}'s login is gone from authorized_keys: password "
-                "logins that are on stay on until a key logs in again",
                 user_name=proof.user,
                 key_fingerprint=proof.fingerprint or None,
             )
         self._state_problem(ev.KEY_LOGIN_FORGOTTEN, self.root.key_logins_state, self.keylogins.take_problem())
 
     def port_move_done(self, action: str, message: str, move: portmove.MoveState) -> None:
-        self.events.emit(
+        self.ssh_events.emit(
             action,
+            message,
             outcome="success" if action == ev.PORT_MOVE_CONFIRMED else "failure",
             level="info" if action == ev.PORT_MOVE_CONFIRMED else "warning",
-            control="ssh",
-            message=message,
             old_ports=move.old,
             new_port=move.new,
         )
@@ -189,12 +180,11 @@ class Proofs:
                 if awaiting and self.root.is_host:
                     self._look_for_key_logins(awaiting)
             except Exception as exc:  # the deadline must still be kept: log and look again
-                self.events.emit(
+                self.ssh_events.emit(
                     ev.REMEDIATION_FAILED,
+                    f"reading sshd's logins: {type(exc).__name__}: {exc}",
                     outcome="unknown",
                     level="error",
-                    control="ssh",
-                    message=f"ssh: reading sshd's logins: {type(exc).__name__}: {exc}",
                 )
             self.wake.wait(2.0)
             self.wake.clear()
