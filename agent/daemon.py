@@ -23,7 +23,7 @@ from agent.engine.engine import Engine
 from agent.ipc import IpcError, IpcServer, Request
 from agent.paths import SystemRoot
 from agent.sinks.outputs import Outputs
-from agent.system import fs, namespace
+from agent.system import fs, namespace, outside
 from agent.system.sdnotify import Notifier
 from agent.updates import UpgradeScheduler
 from agent.wiring import SshShared, build_controls, transaction_context
@@ -362,7 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         "--root", default="/", metavar="DIR", help="guard the system under DIR instead of / (tests, demos)"
     )
     run.add_argument("--config", metavar="FILE", help="config file (default: ROOT/etc/vps-agent/config.yaml)")
+    write = sub.add_parser(
+        "write-file",
+        help="(internal) write /etc/login.defs, /etc/issue or /etc/issue.net for the daemon, outside its sandbox",
+    )
+    write.add_argument("path", metavar="PATH", help="one of the files the strict guard edits in /etc")
+    write.add_argument("--mode", default="644", help="octal file mode (default 644)")
+    write.add_argument("--owner", default="0:0", metavar="UID:GID", help="owner (default 0:0)")
     args = parser.parse_args(argv)
+    if args.command == "write-file":  # the new content, base64, on stdin (agent/system/outside.py)
+        return outside.write_file_main(args.path, args.mode, args.owner)
     root = SystemRoot.at(args.root)
     config_path = Path(args.config) if args.config else root.config_file
     try:

@@ -11,6 +11,12 @@ AGENT_DROPIN_NAME = "00-vps-agent.conf"
 AGENT_JAIL_NAME = "zz-vps-agent.local"
 # sysctl.d files apply in name order, later ones win: "60-" after the distribution's 10-/50- files
 AGENT_SYSCTL_NAME = "60-vps-agent.conf"
+# files directly in /etc that profile: strict edits: vps-agent.service cannot write /etc itself, so
+# agent/system/outside.py writes them, outside the unit's sandbox (and only them)
+LOGIN_DEFS = "/etc/login.defs"
+ISSUE = "/etc/issue"
+ISSUE_NET = "/etc/issue.net"
+WRITTEN_OUTSIDE_SANDBOX = frozenset({LOGIN_DEFS, ISSUE, ISSUE_NET})
 
 
 @dataclass(frozen=True)
@@ -182,8 +188,8 @@ class SystemRoot:
 
     @property
     def login_defs(self) -> Path:
-        """shadow's defaults for new accounts (UID_MIN, UID_MAX, GID_MIN, GID_MAX)."""
-        return self.path("/etc/login.defs")
+        """shadow's defaults for new accounts (UID_MIN, UID_MAX, GID_MIN, GID_MAX; strict: UMASK, rounds)."""
+        return self.path(LOGIN_DEFS)
 
     @property
     def home_base(self) -> Path:
@@ -261,6 +267,17 @@ class SystemRoot:
     @property
     def modprobe_blacklist(self) -> Path:
         return self.path("/etc/modprobe.d/vps-agent-blacklist.conf")
+
+    # ... and the files it edits in place (login_defs above too; agent/system/outside.py writes them)
+    @property
+    def issue(self) -> Path:
+        """What getty shows before a console login."""
+        return self.path(ISSUE)
+
+    @property
+    def issue_net(self) -> Path:
+        """What sshd shows before an SSH login (Banner), under profile: strict."""
+        return self.path(ISSUE_NET)
 
     @property
     def proc_modules(self) -> Path:

@@ -13,12 +13,14 @@ each load.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.controls import login_files
 from agent.controls.base import (
     NEEDS_CHANGE,
     Changes,
@@ -42,6 +44,10 @@ NEVER = frozenset({"squashfs", "vfat"})  # what a VPS boots or updates from
 COREDUMP = "coredump"
 LIMITS = "limits"
 MODPROBE = "modprobe"
+LOGIN_DEFS = "login.defs"  # edited in place (agent/controls/login_files.py), like the two banners:
+ISSUE = "issue"
+ISSUE_NET = "issue.net"
+EDITED = (LOGIN_DEFS, ISSUE, ISSUE_NET)
 _HEADER = "# Managed by vps-agent (profile: strict); edits here are reverted. See docs/strict-profile.md.\n"
 _COREDUMP_TEXT = (
     _HEADER
@@ -88,14 +94,40 @@ class StrictControl(Control[StrictObserved, StrictDesired]):
         return Meta(enabled=config.profile == "strict")  # no section of its own: the profile turns it on
 
     def _paths(self) -> dict[str, Path]:
+        """The files the guard owns whole, then those it edits (EDITED)."""
         return {
             COREDUMP: self.root.coredump_dropin,
             LIMITS: self.root.core_limits,
             MODPROBE: self.root.modprobe_blacklist,
+            LOGIN_DEFS: self.root.login_defs,
+            ISSUE: self.root.issue,
+            ISSUE_NET: self.root.issue_net,
         }
 
     def watches(self, config: Config) -> Sequence[WatchSpec]:
-        return [WatchSpec(path.parent, frozenset({path.name})) for path in self._paths().values()]
+        by_directory: dict[Path, set[str]] = {}
+        for path in self._paths().values():
+            by_directory.setdefault(path.parent, set()).add(path.name)
+        return [WatchSpec(directory, frozenset(names)) for directory, names in by_directory.items()]
+
+    def _wanted(self, observed: StrictObserved, desired: StrictDesired, stamp: str) -> dict[str, tuple[str, str]]:
+        """what -> (the file's text now, the text the guard wants), for every file that differs."""
+        found: dict[str, tuple[str, str]] = {}
+        for what, text in desired.files().items():
+            current = observed.files.get(what)
+            if observed.problems.get(what) or current != text.encode():
+                found[what] = ((current or b"").decode("utf-8", "replace"), text)
+        defs = observed.files.get(LOGIN_DEFS)
+        if defs is not None and not observed.problems.get(LOGIN_DEFS):  # no login.defs: nothing of shadow's to edit
+            text = defs.decode("utf-8", "replace")
+            if login_files.login_defs_wrong(text):
+                found[LOGIN_DEFS] = (text, login_files.login_defs_fixed(text, stamp))
+        for what in (ISSUE, ISSUE_NET):
+            banner = observed.files.get(what)
+            if not observed.problems.get(what) and banner != login_files.BANNER.encode():
+                if login_files.banner_replaced(banner):
+                    found[what] = ((banner or b"").decode("utf-8", "replace"), login_files.BANNER)
+        return found
 
     def desired(self, config: Config, ssh: SshPorts) -> StrictDesired:
         return StrictDesired(tuple(name for name in MODULES if name not in NEVER))
@@ -122,13 +154,17 @@ class StrictControl(Control[StrictObserved, StrictDesired]):
     def diff(self, observed: StrictObserved, desired: StrictDesired) -> Drift | None:
         items: list[DriftItem] = []
         diffs: list[str] = []
-        for what, text in desired.files().items():
+        for what, (before, after) in self._wanted(observed, desired, "now").items():
             where = self.root.system_name(self._paths()[what])
-            current = observed.files.get(what)
-            if observed.problems.get(what) or current != text.encode():
+            if what == LOGIN_DEFS:
+                for line, key, actual in login_files.login_defs_wrong(before):
+                    items.append(DriftItem(key, where, dict(login_files.LOGIN_DEFS)[key], actual, line or None))
+            else:
+                current = observed.files.get(what)
                 actual = observed.problems.get(what) or ("missing" if current is None else "modified")
-                items.append(DriftItem(what, where, "the agent's content", actual))
-                diffs.append(unified((current or b"").decode("utf-8", "replace"), text, where))
+                expected = "a legal banner" if what in (ISSUE, ISSUE_NET) else "the agent's content"
+                items.append(DriftItem(what, where, expected, actual))
+            diffs.append(unified(before, after, where))
         if not items:
             return None
         return Drift(self.name, tuple(items), "".join(diffs))
@@ -136,11 +172,15 @@ class StrictControl(Control[StrictObserved, StrictDesired]):
     def plan(self, observed: StrictObserved, desired: StrictDesired, drift: Drift) -> Changes:
         files: list[FileChange] = []
         notes: list[str] = []
-        for what, text in desired.files().items():
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for what, (_, after) in self._wanted(observed, desired, stamp).items():
             path = self._paths()[what]
-            if observed.problems.get(what) or observed.files.get(what) != text.encode():
-                files.append(FileChange(path, self.root.system_name(path), text.encode(), 0o644, what))
-                notes.append(f"write {self.root.system_name(path)}")
+            if what in EDITED and path.is_symlink():
+                raise fs.UnsafeFile(path, "is a symlink; the agent edits files in place and does not follow links")
+            mode = None if what == LOGIN_DEFS else 0o644  # login.defs keeps its own mode
+            files.append(FileChange(path, self.root.system_name(path), after.encode(), mode, what))
+            verb = "edit" if what == LOGIN_DEFS else "write"
+            notes.append(f"{verb} {self.root.system_name(path)}")
         return Changes(tuple(files), tuple(notes), drift.diff)
 
     def preconditions(self, observed: StrictObserved, desired: StrictDesired) -> Held | None:

@@ -292,7 +292,18 @@ def atomic_write(
     if existing is not None and stat.S_ISREG(existing.st_mode):
         mode = stat.S_IMODE(existing.st_mode) if mode is None else mode
         owner = (existing.st_uid, existing.st_gid) if owner is None else owner
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=directory)
+    except OSError as exc:
+        from agent.system import outside
+
+        if exc.errno != errno.EROFS or not outside.available(path):
+            raise
+        # /etc itself is read-only to the service (ProtectSystem=strict): the helper writes it, outside
+        outside.write(path, content, 0o644 if mode is None else mode, owner or (0, 0))
+        if echo is not None:
+            echo.expect(path, Fingerprint.of(path))
+        return
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)

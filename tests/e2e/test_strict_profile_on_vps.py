@@ -147,6 +147,11 @@ def strict_row(vps: Sandbox) -> dict[str, object]:
     return found
 
 
+def active_login_defs(vps: Sandbox) -> list[str]:
+    found = vps.exec(["grep", "-E", "^(UMASK|SHA_CRYPT_M(IN|AX)_ROUNDS)[[:space:]]", "/etc/login.defs"], check=False)
+    return found.stdout.splitlines()
+
+
 def test_3b_the_strict_guard_turns_core_dumps_off_and_blacklists_the_unused_modules(vps: Sandbox) -> None:
     # the VPS is a container: /proc/modules is absent or the host's; a module loaded there is held back
     wait_for(
@@ -162,6 +167,16 @@ def test_3b_the_strict_guard_turns_core_dumps_off_and_blacklists_the_unused_modu
     held = {str(item["setting"]) for item in strict_row(vps).get("held") or []}  # type: ignore[attr-defined]
     for name in ("dccp", "sctp", "rds", "tipc", "usb-storage", "firewire-core"):
         assert f"install {name} /bin/false" in blacklist or f"install {name} /bin/false" in held
+    # login.defs and the banners, written through the helper outside the unit's sandbox (/etc is read-only to it)
+    kept = ["UMASK\t027", "SHA_CRYPT_MIN_ROUNDS\t65536", "SHA_CRYPT_MAX_ROUNDS\t65536"]
+    assert active_login_defs(vps) == kept, vps.exec(["tail", "-5", "/etc/login.defs"]).stdout
+    for banner in ("/etc/issue", "/etc/issue.net"):
+        assert "monitored and logged" in vps.exec(["cat", banner]).stdout
+    assert sshd_effective(vps)["banner"] == ["/etc/issue.net"]
+    vps.exec(["sed", "-i", "s/^UMASK\t027$/UMASK 022/", "/etc/login.defs"])  # an admin's sed -i (a rename)
+    healed = lambda: sorted(active_login_defs(vps)) == sorted(kept)  # noqa: E731 (UMASK again, at the end)
+    wait_for("login.defs healed", healed, 30, lambda: status_text(vps))
+    assert "022" in vps.exec(["grep", "neutralised, the agent keeps UMASK 027", "/etc/login.defs"]).stdout
     # a tamper is reverted by the installed service
     vps.exec(["sh", "-c", "echo '* hard core unlimited' > /etc/security/limits.d/vps-agent-core.conf"])
     wait_for(

@@ -47,6 +47,35 @@ def test_strict_writes_and_keeps_its_files(tmp_path: Path, start_agent: StartAge
     assert "install dccp /bin/false" in (root / FILES[2]).read_text()
 
 
+def test_login_defs_and_the_banners_are_edited_and_a_sed_i_is_reverted(tmp_path: Path, start_agent: StartAgent) -> None:
+    root = strict_root(tmp_path / "root")
+    debian = (Path(__file__).parent.parent / "data/login.defs.debian12").read_text()
+    (root / "etc/login.defs").write_text(debian)
+    (root / "etc/issue").write_text("Debian GNU/Linux 12 \\n \\l\n\n")
+    agent = start_agent(root)
+    kept = ["UMASK\t027", "SHA_CRYPT_MIN_ROUNDS\t65536", "SHA_CRYPT_MAX_ROUNDS\t65536"]
+
+    def active() -> list[str]:
+        lines = (root / "etc/login.defs").read_text().splitlines()
+        return [
+            line
+            for line in lines
+            if line.split()[:1] and line.split()[0] in ("UMASK", "SHA_CRYPT_MIN_ROUNDS", "SHA_CRYPT_MAX_ROUNDS")
+        ]
+
+    wait_for(lambda: active() == kept and row(agent)["status"] in ("healed", "compliant"), 10, "login.defs kept")
+    assert "monitored and logged" in (root / "etc/issue").read_text()
+    assert "monitored and logged" in (root / "etc/issue.net").read_text()
+    mark = agent.mark()
+    text = (root / "etc/login.defs").read_text().replace("UMASK\t027\n", "UMASK\t022\n")
+    staged = root / "etc/.login.defs.sed"
+    staged.write_text(text)
+    staged.rename(root / "etc/login.defs")  # sed -i: a new file renamed over the old
+    reverted = agent.wait_event("drift-reverted", mark, control="strict")
+    assert reverted["file"]["path"] == "/etc/login.defs" and sorted(active()) == sorted(kept)
+    assert (root / "etc/login.defs").read_text().startswith(debian.split("UMASK")[0])  # the admin's lines stay
+
+
 def test_a_loaded_module_blocks_only_its_lines(tmp_path: Path, start_agent: StartAgent) -> None:
     root = strict_root(tmp_path / "root")
     (root / "proc").mkdir(exist_ok=True)

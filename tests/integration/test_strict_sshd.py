@@ -26,6 +26,7 @@ FIXED = {
     "compression": ["no"],
     "allowtcpforwarding": ["local"],
     "loglevel": ["VERBOSE"],
+    "banner": ["/etc/issue.net"],
 }
 CHACHA = [["cipher", "chacha20-poly1305@openssh.com"], ["kex", "curve25519-sha256"], ["mac", "<implicit>"]]
 

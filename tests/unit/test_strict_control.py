@@ -37,7 +37,7 @@ def converge(control: StrictControl) -> None:
     drift = control.diff(observed, desired)
     assert drift is not None
     for change in control.plan(observed, desired, drift).files:
-        assert change.content is not None and change.mode == 0o644
+        assert change.content is not None and change.mode in (0o644, None)  # None: login.defs keeps its own
         change.path.parent.mkdir(parents=True, exist_ok=True)
         change.path.write_bytes(change.content)
 
@@ -50,7 +50,8 @@ def test_only_strict_enables_it(tmp_path: Path) -> None:
 def test_a_fresh_host_gets_the_three_files_and_is_then_compliant(tmp_path: Path) -> None:
     control = guard(tmp_path)
     drift = drift_now(control)
-    assert drift is not None and [item.actual for item in drift.items] == ["missing"] * 3
+    assert drift is not None and [item.actual for item in drift.items] == ["missing"] * 5
+    assert [item.what for item in drift.items][3:] == ["issue", "issue.net"]
     converge(control)
     root = control.root
     assert "[Coredump]\nStorage=none\nProcessSizeMax=0\n" in root.coredump_dropin.read_text()
@@ -110,3 +111,59 @@ def test_without_a_module_list_nothing_can_be_loaded_to_break(tmp_path: Path) ->
 def test_the_blacklist_never_names_what_a_vps_boots_or_updates_from() -> None:
     assert not {"squashfs", "vfat"} & set(MODULES)
     assert blacklist_text(MODULES).count("install ") == len(MODULES)
+
+
+DEBIAN_LOGIN_DEFS = (Path(__file__).parent.parent / "data/login.defs.debian12").read_bytes()
+
+
+def test_login_defs_gets_umask_027_and_the_hashing_rounds_every_other_line_byte_for_byte(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    converge(control)  # the owned files and the banners first: this test is about login.defs
+    defs = control.root.login_defs
+    defs.write_bytes(DEBIAN_LOGIN_DEFS)
+    drift = drift_now(control)
+    assert drift is not None
+    umask_line = DEBIAN_LOGIN_DEFS.decode().splitlines().index("UMASK\t\t022") + 1
+    assert [(i.what, i.actual, i.line) for i in drift.items] == [
+        ("UMASK", "022", umask_line),
+        ("SHA_CRYPT_MIN_ROUNDS", "unset", None),
+        ("SHA_CRYPT_MAX_ROUNDS", "unset", None),
+    ]
+    assert all(i.where == "/etc/login.defs" for i in drift.items)
+    converge(control)
+    after = defs.read_text().splitlines()
+    before = DEBIAN_LOGIN_DEFS.decode().splitlines()
+    assert after[umask_line - 1].startswith("# [vps-agent ") and after[umask_line - 1].endswith(
+        "neutralised, the agent keeps UMASK 027: UMASK\t\t022"
+    )
+    assert [line for n, line in enumerate(after[: len(before)]) if n != umask_line - 1] == [
+        line for n, line in enumerate(before) if n != umask_line - 1
+    ]
+    assert after[len(before) + 1 :] == ["UMASK\t027", "SHA_CRYPT_MIN_ROUNDS\t65536", "SHA_CRYPT_MAX_ROUNDS\t65536"]
+    assert drift_now(control) is None
+    # an admin who sets it again, or twice, is drift; the agent's block is not written twice
+    defs.write_text(defs.read_text() + "UMASK 022\n")
+    drift = drift_now(control)
+    assert drift is not None and [(i.what, i.actual) for i in drift.items] == [("UMASK", "022")]
+    converge(control)
+    assert drift_now(control) is None and defs.read_text().count("profile: strict keeps these") == 1
+
+
+def test_no_login_defs_is_nothing_to_edit(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    converge(control)
+    assert not control.root.login_defs.exists() and drift_now(control) is None
+
+
+def test_debians_stock_banner_becomes_a_legal_one_and_an_admins_own_warning_is_kept(tmp_path: Path) -> None:
+    control = guard(tmp_path)
+    converge(control)
+    root = control.root
+    root.issue.write_text("Debian GNU/Linux 12 \\n \\l\n\n")
+    root.issue_net.write_text("Authorized users only. Disconnect now if you are not one.\n")
+    drift = drift_now(control)
+    assert drift is not None and [(i.what, i.expected) for i in drift.items] == [("issue", "a legal banner")]
+    converge(control)
+    assert "monitored and logged" in root.issue.read_text() and "prohibited" in root.issue.read_text()
+    assert root.issue_net.read_text().startswith("Authorized users only.")  # the admin's words stay
+    assert drift_now(control) is None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from agent import accounts
 from agent.controls.base import NEEDS_CHANGE, WAITS_FOR_PROOF, HeldSetting
 from agent.controls.ssh.keylogins import KeyLogins, KeyProof
-from agent.paths import SystemRoot
+from agent.paths import ISSUE_NET, SystemRoot
 
 FIXED: tuple[tuple[str, str], ...] = (
     ("X11Forwarding", "no"),
@@ -31,6 +31,7 @@ FIXED: tuple[tuple[str, str], ...] = (
     ("Compression", "no"),
     ("AllowTcpForwarding", "local"),  # ssh -L and -D stay (databases, consoles); -R listeners go
     ("LogLevel", "VERBOSE"),
+    ("Banner", ISSUE_NET),  # the legal banner the strict guard keeps there (agent/controls/login_files.py)
 )
 MAX_AUTH_TRIES = 3  # what Lynis (SSH-7408) and CIS ask, raised to fit the admin's client
 SSHD_DEFAULT_TRIES = 6
