@@ -294,7 +294,9 @@ class ControlRunner:
         polled = self._fingerprint(config)  # read before the converge looks: a later change is the next poll's
         ssh, heal = self._ssh_ports(config), not paused and not report_only
         outcome = tx.converge(self.control, config, self.ctx, ssh=ssh, reason=reason, heal=heal)
-        self._polled = polled
+        # a heal changed what the poll looks at: its look from before is stale (the same tamper again must not
+        # read as "nothing changed"), so the next poll converges once and looks afresh
+        self._polled = None if outcome.status in (tx.HEALED, tx.PENDING) else polled
         # a heal towards a changed aim (the admin's key login proven, a move confirmed, a reload) applies the
         # agent's own new intent: nobody undid anything, so it does not count towards flapping
         new_intent = bool(outcome.intent) and self._last_intent not in ("", outcome.intent)

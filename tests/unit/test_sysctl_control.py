@@ -350,6 +350,26 @@ def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_p
         runner.stop()
 
 
+def test_the_same_tamper_again_right_after_a_heal_is_healed_again(tmp_path: Path) -> None:
+    """`sysctl -w kernel.sysrq=1` in a loop: the poll's last look (taken before the heal) saw 1, and sees 1
+    again; that is the attacker's value back, not "nothing changed" (the bench found every heal after the
+    first missed until the periodic reconcile)."""
+    host = Harness(tmp_path)
+    config = parse_config("sysctl: {poll_interval: 100ms}\nengine: {debounce: 10ms, reconcile_interval: 1h}\n")
+    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
+    runner.start()
+    try:
+        runner.trigger("start-up")
+        assert wait_until(lambda: runner.state.heals == 1)
+        sysrq = host.root / "proc/sys/kernel/sysrq"
+        for n in range(3):
+            sysrq.write_text("1\n")  # the same value each time, at once after the heal
+            assert wait_until(lambda n=n: runner.state.heals == n + 2, 2.0), (n, runner.state.why)
+            assert live(host.root, "kernel.sysrq") == "0"
+    finally:
+        runner.stop()
+
+
 def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path) -> None:
     # the 2 s poll reads the kept keys' values; only a change (or the periodic reconcile) costs a converge
     host = Harness(tmp_path)
