@@ -130,10 +130,12 @@ class Fail2banControl(Control[Fail2banObserved, Fail2banDesired]):
     # observe ------------------------------------------------------------------------------------------
 
     def observe(self, desired: Fail2banDesired) -> Fail2banObserved:
+        # the tool first, the files after it: a file saved while fail2ban reads is then in the files too, so the
+        # plan neutralises whatever the tool saw (files listed first could miss what the tool then read)
+        result = run([CLIENT, "-d"], timeout=30)
         agent_file, problem = self._read_agent_file()
         later = self._later_files()
         jail_conf = fs.read_regular(self.root.fail2ban_dir / "jail.conf")
-        result = run([CLIENT, "-d"], timeout=30)
         if result.returncode == 127:
             if not desired.install:
                 raise ObserveError(f"fail2ban is not installed ({CLIENT} not found): {self._not_installing()}")
