@@ -3,9 +3,10 @@ sysctl.d files, /sys/class/net and /proc/net routes; converged through the real 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -328,17 +329,26 @@ def test_unset_and_disabled(host: Harness) -> None:
     assert host.control.poll_interval(Config()) == 2.0
 
 
+@contextlib.contextmanager
+def started(host: Harness, config: Config) -> Iterator[ControlRunner]:
+    """The guard's runner, its start-up heal done; stopped afterwards."""
+    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
+    runner.start()
+    try:
+        runner.trigger("start-up")
+        assert wait_until(lambda: runner.state.heals == 1)
+        yield runner
+    finally:
+        runner.stop()
+
+
 def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_path: Path) -> None:
     host = Harness(tmp_path)
     config = parse_config(
         "sysctl: {poll_interval: 100ms}\n"
         "engine: {debounce: 10ms, flap_max_heals: 3, flap_window: 1m, flap_backoff: 5m, reconcile_interval: 1h}\n"
     )
-    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
-    runner.start()
-    try:
-        runner.trigger("start-up")
-        assert wait_until(lambda: runner.state.heals == 1)
+    with started(host, config) as runner:
         sysrq = host.root / "proc/sys/kernel/sysrq"
         for n in range(3):  # nothing triggers the runner: /proc/sys sends no events, the poll finds each
             sysrq.write_text(f"{n + 1}\n")
@@ -346,8 +356,6 @@ def test_a_runtime_change_is_found_by_the_poll_alone_and_a_fight_is_damped(tmp_p
             assert live(host.root, "kernel.sysrq") == "0"
         assert runner.state.status == FLAPPING  # four heals in the window, three allowed: backing off
         assert host.actions().count("flapping") == 1
-    finally:
-        runner.stop()
 
 
 def test_the_same_tamper_again_right_after_a_heal_is_healed_again(tmp_path: Path) -> None:
@@ -356,18 +364,12 @@ def test_the_same_tamper_again_right_after_a_heal_is_healed_again(tmp_path: Path
     first missed until the periodic reconcile)."""
     host = Harness(tmp_path)
     config = parse_config("sysctl: {poll_interval: 100ms}\nengine: {debounce: 10ms, reconcile_interval: 1h}\n")
-    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
-    runner.start()
-    try:
-        runner.trigger("start-up")
-        assert wait_until(lambda: runner.state.heals == 1)
+    with started(host, config) as runner:
         sysrq = host.root / "proc/sys/kernel/sysrq"
         for n in range(3):
             sysrq.write_text("1\n")  # the same value each time, at once after the heal
             assert wait_until(lambda n=n: runner.state.heals == n + 2, 2.0), (n, runner.state.why)
             assert live(host.root, "kernel.sysrq") == "0"
-    finally:
-        runner.stop()
 
 
 def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path) -> None:
@@ -382,19 +384,13 @@ def test_a_poll_that_finds_every_value_as_it_was_runs_no_converge(tmp_path: Path
         return observe(desired)
 
     host.control.observe = counted  # type: ignore[method-assign]
-    runner = ControlRunner(host.control, lambda: config, host.ctx, no_ssh_ports)
-    runner.start()
-    try:
-        runner.trigger("start-up")
-        assert wait_until(lambda: runner.state.heals == 1)
+    with started(host, config) as runner:
         time.sleep(1.0)  # 10 polls
         # the start-up heal (observe, and again after the writes), then one converge for the values it wrote
         assert len(looks) <= 4, len(looks)
         (host.root / "proc/sys/kernel/sysrq").write_text("1\n")
         assert wait_until(lambda: runner.state.heals == 2), runner.state.why
         assert live(host.root, "kernel.sysrq") == "0"
-    finally:
-        runner.stop()
 
 
 def wait_until(predicate: Callable[..., object], timeout: float = 5.0) -> bool:
